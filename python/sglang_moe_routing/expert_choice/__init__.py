@@ -1,0 +1,21 @@
+"""Expert-choice routing: experts pick their top-capacity tokens.
+
+``reference.py`` is the spec (plain PyTorch, CPU path). ``expert_choice_topk`` dispatches to
+the fastest available implementation (CUDA C++ > Triton > reference) for the input's device.
+"""
+
+from sglang_moe_routing.expert_choice.reference import (
+    expert_choice_topk_reference,
+    token_choice_topk_reference,
+)
+from sglang_moe_routing.expert_choice.stats import ExpertLoadStats, expert_load, routing_fidelity
+from sglang_moe_routing.expert_choice.dispatch import expert_choice_topk
+
+__all__ = [
+    "expert_choice_topk",
+    "expert_choice_topk_reference",
+    "token_choice_topk_reference",
+    "ExpertLoadStats",
+    "expert_load",
+    "routing_fidelity",
+]

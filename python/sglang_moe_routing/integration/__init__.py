@@ -1,0 +1,1 @@
+"""SGLang integration (the only subpackage that imports sglang)."""

@@ -1,0 +1,72 @@
+"""Process-wide plugin configuration.
+
+Every feature owns one section (a frozen dataclass). The sections are parsed from the CLI
+in the launcher process, validated there (bad values fail at start-up), and attached to
+the ``ServerArgs`` record as the bookkeeping attribute ``_moe_routing`` (a dict of
+sections). ``ServerArgs.__reduce__`` pickles its ``__dict__``, so the sections reach the
+scheduler subprocesses with the record; there ``get_section`` finds them through
+``sglang.srt.runtime_context.get_server_args()``.
+
+Tests and the demo can bypass the record with ``set_sections``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Optional
+
+SERVER_ARGS_ATTR = "_moe_routing"
+
+_lock = threading.Lock()
+_override: Optional[Dict[str, Any]] = None
+_cache: Optional[Dict[str, Any]] = None
+_cache_key: Optional[int] = None
+
+
+def set_sections(sections: Optional[Dict[str, Any]]) -> None:
+    """Force the active sections for this process (``None`` goes back to the record)."""
+    global _override, _cache, _cache_key
+    with _lock:
+        _override = dict(sections) if sections is not None else None
+        _cache, _cache_key = None, None
+
+
+def attach_to_server_args(server_args: Any, sections: Dict[str, Any]) -> None:
+    """Store ``sections`` on a ServerArgs record (a bookkeeping attribute, pickled)."""
+    server_args.__dict__[SERVER_ARGS_ATTR] = dict(sections)
+
+
+def sections_from_server_args(server_args: Any) -> Optional[Dict[str, Any]]:
+    d = getattr(server_args, "__dict__", {})
+    return d.get(SERVER_ARGS_ATTR)
+
+
+def _published_server_args() -> Any:
+    try:
+        from sglang.srt.runtime_context import get_server_args
+    except Exception:  # pragma: no cover - sglang missing or very different
+        return None
+    try:
+        return get_server_args()
+    except Exception:
+        return None
+
+
+def get_sections() -> Dict[str, Any]:
+    """All sections in effect in this process ({} when nothing was configured)."""
+    global _cache, _cache_key
+    if _override is not None:
+        return _override
+    sa = _published_server_args()
+    key = id(sa) if sa is not None else None
+    if _cache is not None and _cache_key == key:
+        return _cache
+    found = sections_from_server_args(sa) if sa is not None else None
+    with _lock:
+        _cache = dict(found) if found else {}
+        _cache_key = key
+    return _cache
+
+
+def get_section(name: str, default: Any = None) -> Any:
+    return get_sections().get(name, default)

@@ -1,0 +1,447 @@
+"""Expert-choice routing inside SGLang's ``TopK`` layer.
+
+One AROUND hook on ``sglang.srt.layers.moe.topk.select_experts`` (the function every
+``TopK.forward_*`` calls on the standard-output path). When expert choice is enabled and the
+layer's config is one EC supports, the hook computes EC routing and then runs upstream's own
+post-processing (``_post_process_topk_ids``: logical->physical EPLB mapping, routed-experts
+capture, padding-row masking) and feeds upstream's expert distribution recorder, exactly as
+standard routing does. Otherwise it calls upstream untouched. Every MoE model built on
+``TopK`` (Qwen2/3-MoE, Mixtral, DeepSeek V2/V3, DBRX, OLMoE, ...) is covered without edits.
+
+Opt-ins (any one enables it): ``--enable-expert-choice``, ``SGLANG_EXPERT_CHOICE=1``, or
+``use_expert_choice: true`` in the model's HF config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from sglang_moe_routing.expert_choice import expert_choice_topk
+from sglang_moe_routing.expert_choice.dispatch import BACKENDS
+from sglang_moe_routing.integration import config
+
+logger = logging.getLogger("sglang_moe_routing")
+
+ENV_ENABLE = "SGLANG_EXPERT_CHOICE"
+ENV_CAPACITY = "SGLANG_EXPERT_CAPACITY_FACTOR"
+ENV_MIN_TOKENS = "SGLANG_EXPERT_CHOICE_MIN_TOKENS"
+HF_CONFIG_KEY = "use_expert_choice"
+HF_CONFIG_CAPACITY_KEY = "expert_capacity_factor"
+
+DEFAULT_CAPACITY_FACTOR = 1.25
+DEFAULT_MIN_TOKENS = 32
+SECTION = "expert_choice"
+
+
+@dataclass(frozen=True)
+class ExpertChoiceConfig:
+    enabled: bool = False
+    capacity_factor: float = DEFAULT_CAPACITY_FACTOR
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    backend: str = "auto"
+    stats_interval: int = 0
+    source: str = "default"
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "expert-choice routing: off (standard token-choice routing)"
+        return (
+            f"expert-choice routing: ON (source={self.source}, capacity_factor="
+            f"{self.capacity_factor}, min_tokens={self.min_tokens}: batches with fewer valid "
+            f"tokens use standard routing, backend={self.backend}, load stats every "
+            f"{self.stats_interval or 'never'} forward passes)"
+        )
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _env_truthy(value: Optional[str]) -> bool:
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _parse_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(out) or out <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return out
+
+
+def _parse_int(name: str, value: Any, minimum: int = 0) -> int:
+    try:
+        out = int(str(value).strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def add_cli_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--enable-expert-choice",
+        action="store_true",
+        default=False,
+        help="Expert-choice MoE routing (sglang-moe-routing): each expert takes its "
+        "top-capacity tokens, so expert load is balanced. Also enabled by "
+        f"{ENV_ENABLE}=1 or '{HF_CONFIG_KEY}: true' in the model config. Changes the model's "
+        "outputs (a token's experts depend on its batch); see docs/expert_choice.md.",
+    )
+    group.add_argument(
+        "--expert-capacity-factor",
+        type=str,
+        default=None,
+        help="Expert capacity C = min(T, ceil(factor * T * top_k / num_experts)); "
+        f"must be > 0 (default {DEFAULT_CAPACITY_FACTOR}; env {ENV_CAPACITY}).",
+    )
+    group.add_argument(
+        "--expert-choice-min-tokens",
+        type=str,
+        default=None,
+        help="Batches with fewer valid tokens than this use standard routing (decided on the "
+        f"GPU, CUDA-graph safe; default {DEFAULT_MIN_TOKENS}; env {ENV_MIN_TOKENS}).",
+    )
+    group.add_argument(
+        "--expert-choice-backend",
+        type=str,
+        default="auto",
+        choices=list(BACKENDS),
+        help="Expert-choice implementation: auto (fastest available), cuda, triton, reference.",
+    )
+    group.add_argument(
+        "--expert-choice-stats-interval",
+        type=str,
+        default="0",
+        help="Log per-layer expert load (tokens per expert, std, max/mean) every N forward "
+        "passes of layer 0 (0 = off; off costs nothing).",
+    )
+
+
+def config_from_values(
+    enable: bool,
+    capacity_factor: Any,
+    min_tokens: Any,
+    backend: str = "auto",
+    stats_interval: Any = 0,
+    environ: Optional[Dict[str, str]] = None,
+) -> ExpertChoiceConfig:
+    """Merge CLI values with the environment; raise ``ValueError`` on bad values."""
+    env = os.environ if environ is None else environ
+    source = "cli" if enable else ("env" if _env_truthy(env.get(ENV_ENABLE)) else "default")
+    if capacity_factor is None:
+        capacity_factor = env.get(ENV_CAPACITY, DEFAULT_CAPACITY_FACTOR)
+    if min_tokens is None:
+        min_tokens = env.get(ENV_MIN_TOKENS, DEFAULT_MIN_TOKENS)
+    errors: List[str] = []
+    cfg: Dict[str, Any] = {}
+    for key, fn in (
+        ("capacity_factor", lambda: _parse_float("--expert-capacity-factor", capacity_factor)),
+        ("min_tokens", lambda: _parse_int("--expert-choice-min-tokens", min_tokens)),
+        ("stats_interval", lambda: _parse_int("--expert-choice-stats-interval", stats_interval)),
+    ):
+        try:
+            cfg[key] = fn()
+        except ValueError as e:
+            errors.append(str(e))
+    if backend not in BACKENDS:
+        errors.append(f"--expert-choice-backend must be one of {BACKENDS}, got {backend!r}")
+    if errors:
+        raise ValueError("; ".join(errors))
+    return ExpertChoiceConfig(
+        enabled=source != "default", backend=backend, source=source, **cfg
+    )
+
+
+def parse_section(args: argparse.Namespace) -> Dict[str, Any]:
+    return {
+        SECTION: config_from_values(
+            getattr(args, "enable_expert_choice", False),
+            getattr(args, "expert_capacity_factor", None),
+            getattr(args, "expert_choice_min_tokens", None),
+            getattr(args, "expert_choice_backend", "auto"),
+            getattr(args, "expert_choice_stats_interval", 0),
+        )
+    }
+
+
+# ------------------------------------------------------------------- the active config
+
+_model_opt_in: Optional[Dict[str, Any]] = None  # set from the HF config of the loaded model
+_env_fallback: Optional[ExpertChoiceConfig] = None
+
+
+def active_config() -> ExpertChoiceConfig:
+    """The EC config in effect in this process.
+
+    Order: the section carried by ServerArgs (CLI + env, validated at start-up); else the
+    environment alone (e.g. ``sglang.Engine(...)`` built without the CLI); then a model whose
+    HF config says ``use_expert_choice: true`` turns it on.
+    """
+    global _env_fallback
+    cfg = config.get_section(SECTION)
+    if cfg is None:
+        if _env_fallback is None:
+            _env_fallback = config_from_values(False, None, None)
+        cfg = _env_fallback
+    if not cfg.enabled and _model_opt_in is not None:
+        cfg = replace(
+            cfg,
+            enabled=True,
+            source="model-config",
+            capacity_factor=_model_opt_in.get("capacity_factor", cfg.capacity_factor),
+        )
+    return cfg
+
+
+def _after_model_config_init(result, model_config, *args, **kwargs):
+    """Record a model-config opt-in (``use_expert_choice`` in the HF config)."""
+    global _model_opt_in
+    hf = getattr(model_config, "hf_config", None)
+    if hf is None or not getattr(hf, HF_CONFIG_KEY, False):
+        return result
+    opt: Dict[str, Any] = {}
+    cf = getattr(hf, HF_CONFIG_CAPACITY_KEY, None)
+    if cf is not None:
+        opt["capacity_factor"] = _parse_float(f"model config '{HF_CONFIG_CAPACITY_KEY}'", cf)
+    if _model_opt_in != opt:
+        _model_opt_in = opt
+        logger.info("sglang-moe-routing: %s", active_config().describe())
+    return result
+
+
+# --------------------------------------------------------------------- load statistics
+
+
+class LoadStatsCollector:
+    """Per-layer tokens-per-expert counters, accumulated on the device (no host sync).
+
+    Only used when expert choice is on and ``--expert-choice-stats-interval`` > 0; the
+    counters are read (one sync) when a log line is due.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Dict[int, torch.Tensor] = {}
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def add(self, layer_id: int, topk_ids: torch.Tensor, num_experts: int,
+            num_token_non_padded: Optional[torch.Tensor]) -> None:
+        from sglang_moe_routing.expert_choice.stats import expert_load
+
+        load = expert_load(topk_ids, num_experts, num_token_non_padded)
+        with self._lock:
+            buf = self.counts.get(layer_id)
+            if buf is None or buf.shape[0] != num_experts or buf.device != load.device:
+                self.counts[layer_id] = load.clone()
+            else:
+                buf.add_(load)
+
+    def summary(self) -> Dict[int, Dict[str, Any]]:
+        """``{layer_id: {tokens_per_expert, std, max_over_mean}}`` (reads the device)."""
+        out = {}
+        with self._lock:
+            items = sorted(self.counts.items())
+        for layer_id, counts in items:
+            c = counts.double().cpu()
+            mean = c.mean().item()
+            out[layer_id] = {
+                "tokens_per_expert": c.long().tolist(),
+                "std": c.std(unbiased=False).item(),
+                "max_over_mean": (c.max().item() / mean) if mean > 0 else float("nan"),
+            }
+        return out
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.calls = 0
+
+
+_stats = LoadStatsCollector()
+
+
+def get_expert_choice_load_stats() -> Dict[int, Dict[str, Any]]:
+    """Per-layer load of the expert-choice calls since the last reset (public API)."""
+    return _stats.summary()
+
+
+def reset_expert_choice_load_stats() -> None:
+    _stats.reset()
+
+
+def _maybe_log_stats(cfg: ExpertChoiceConfig, layer_id: Optional[int]) -> None:
+    if layer_id != 0:
+        return
+    _stats.calls += 1
+    if _stats.calls % cfg.stats_interval != 0:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    for lid, s in _stats.summary().items():
+        logger.info(
+            "expert-choice load layer %d: std=%.2f max/mean=%.2f tokens/expert=%s",
+            lid, s["std"], s["max_over_mean"], s["tokens_per_expert"],
+        )
+    _stats.reset()
+
+
+# ------------------------------------------------------------------ the routing hook
+
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("sglang-moe-routing: %s", msg)
+
+
+def unsupported_reason(topk_config: Any, dynamic_expert_bias, router_logits_partials) -> Optional[str]:
+    """Why EC cannot route this call (``None`` when it can)."""
+    if dynamic_expert_bias is not None:
+        return "per-token dynamic expert bias"
+    if router_logits_partials is not None:
+        return "split-K router logits partials"
+    if topk_config.custom_routing_function is not None:
+        return "a custom routing function"
+    if topk_config.num_shared_topk_slots:
+        return "fused shared-expert top-k slots"
+    if topk_config.scoring_func not in ("softmax", "sigmoid"):
+        return f"scoring_func={topk_config.scoring_func!r}"
+    if getattr(topk_config, "sqrtsoftplus_log1p", False):
+        return "sqrtsoftplus routing"
+    return None
+
+
+def _routing_simulation_on() -> bool:
+    from sglang.srt.environ import envs
+
+    return bool(
+        envs.SGLANG_SIMULATE_UNIFORM_EXPERTS.get()
+        or envs.SGLANG_SIMULATE_ROUND_ROBIN_EXPERTS.get()
+    )
+
+
+def _around_select_experts(
+    original,
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_config: Any,
+    *,
+    layer_id: Optional[int] = None,
+    num_token_non_padded: Optional[torch.Tensor] = None,
+    expert_location_dispatch_info: Any = None,
+    dynamic_expert_bias: Optional[torch.Tensor] = None,
+    router_logits_partials: Optional[torch.Tensor] = None,
+):
+    kwargs = dict(
+        layer_id=layer_id,
+        num_token_non_padded=num_token_non_padded,
+        expert_location_dispatch_info=expert_location_dispatch_info,
+        dynamic_expert_bias=dynamic_expert_bias,
+        router_logits_partials=router_logits_partials,
+    )
+    cfg = active_config()
+    if not cfg.enabled:
+        return original(hidden_states, router_logits, topk_config, **kwargs)
+    reason = unsupported_reason(topk_config, dynamic_expert_bias, router_logits_partials)
+    if reason is None and _routing_simulation_on():
+        reason = "SGLANG_SIMULATE_*_EXPERTS routing simulation"
+    if reason is not None:
+        _warn_once(reason, f"expert choice skipped (standard routing) for {reason}")
+        return original(hidden_states, router_logits, topk_config, **kwargs)
+    # Host-side shortcut on the static row count (free); T' < min_tokens with T >= min_tokens
+    # is handled on the device by the kernel (capacity = T' gives exactly token choice).
+    if router_logits.shape[0] < cfg.min_tokens:
+        return original(hidden_states, router_logits, topk_config, **kwargs)
+    return route_expert_choice(
+        cfg, hidden_states, router_logits, topk_config,
+        layer_id=layer_id, num_token_non_padded=num_token_non_padded,
+        expert_location_dispatch_info=expert_location_dispatch_info,
+    )
+
+
+def route_expert_choice(
+    cfg: ExpertChoiceConfig,
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_config: Any,
+    *,
+    layer_id: Optional[int],
+    num_token_non_padded: Optional[torch.Tensor],
+    expert_location_dispatch_info: Any,
+):
+    """EC routing followed by upstream's standard post-processing; returns StandardTopKOutput."""
+    from sglang.srt.eplb import expert_location_dispatch
+    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+    from sglang.srt.layers.moe import topk as sgl_topk
+
+    if layer_id not in _warned:
+        _warned.add(layer_id)
+        logger.info(
+            "sglang-moe-routing: layer %s routes with expert choice (E=%d, top_k=%d, cf=%s)",
+            layer_id, router_logits.shape[-1], topk_config.top_k, cfg.capacity_factor,
+        )
+    router_logits, correction_bias = expert_location_dispatch.transform_select_experts_inputs(
+        router_logits=router_logits,
+        correction_bias=topk_config.correction_bias,
+        info=expert_location_dispatch_info,
+    )
+    grouped = bool(topk_config.use_grouped_topk)
+    topk_weights, topk_ids = expert_choice_topk(
+        router_logits,
+        topk_config.top_k,
+        cfg.capacity_factor,
+        renormalize=topk_config.renormalize,
+        scoring_func=topk_config.scoring_func,
+        num_expert_group=topk_config.num_expert_group if grouped else None,
+        topk_group=topk_config.topk_group if grouped else None,
+        correction_bias=correction_bias,
+        routed_scaling_factor=topk_config.routed_scaling_factor,
+        apply_routed_scaling_factor_on_output=bool(
+            topk_config.apply_routed_scaling_factor_on_output
+        ),
+        num_token_non_padded=num_token_non_padded,
+        min_tokens=cfg.min_tokens,
+        backend=cfg.backend,
+    )
+    if cfg.stats_interval > 0 and layer_id is not None:
+        _stats.add(layer_id, topk_ids, router_logits.shape[-1], num_token_non_padded)
+        _maybe_log_stats(cfg, layer_id)
+    topk_ids, topk_weights, recorder_topk_ids = sgl_topk._post_process_topk_ids(
+        topk_ids=topk_ids,
+        topk_weights=topk_weights,
+        topk_config=topk_config,
+        router_logits=router_logits,
+        num_token_non_padded=num_token_non_padded,
+        layer_id=layer_id,
+        expert_location_dispatch_info=expert_location_dispatch_info,
+        padded_rows_masked=False,
+    )
+    if recorder_topk_ids is not None:
+        get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_topk_ids)
+    return sgl_topk.StandardTopKOutput(topk_weights, topk_ids, router_logits)
+
+
+def register_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(
+        "sglang.srt.layers.moe.topk.select_experts", _around_select_experts, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.configs.model_config.ModelConfig.__init__",
+        _after_model_config_init,
+        HookType.AFTER,
+    )
