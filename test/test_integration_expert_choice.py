@@ -1,0 +1,271 @@
+"""Expert choice inside the real installed sglang: plugin discovery, flags, TopK layer."""
+
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sglang = pytest.importorskip("sglang")
+
+from sglang.srt.plugins import load_plugins  # noqa: E402
+from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
+
+from sglang_moe_routing.expert_choice import (  # noqa: E402
+    expert_choice_topk_reference,
+    token_choice_topk_reference,
+)
+from sglang_moe_routing.integration import config  # noqa: E402
+from sglang_moe_routing.integration import expert_choice_hooks as ech  # noqa: E402
+
+from sgl_helpers import published_args  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins_loaded():
+    load_plugins()  # discovers our entry point and applies every hook
+    yield
+
+
+def test_plugin_discovered_through_entry_point():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "moe_routing"]
+    assert eps and eps[0].value == "sglang_moe_routing.integration.plugin:register"
+    assert "sglang.srt.layers.moe.topk.select_experts" in HookRegistry._patched
+    from sglang.srt.layers.moe import topk
+
+    assert topk.select_experts.__wrapped__ is not None  # our AROUND wrapper is installed
+
+
+def test_flags_in_help():
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = parser.format_help()
+    for flag in ("--enable-expert-choice", "--expert-capacity-factor", "--expert-choice-min-tokens"):
+        assert flag in text
+
+
+@pytest.mark.slow
+def test_launch_server_help_lists_flags():
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--help"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--enable-expert-choice" in out.stdout
+    assert "--expert-capacity-factor" in out.stdout
+
+
+def test_flags_reach_server_args_and_survive_pickling():
+    from sglang.srt.server_args import prepare_server_args
+
+    sa = prepare_server_args(
+        ["--model-path", "dummy", "--enable-expert-choice", "--expert-capacity-factor", "2",
+         "--expert-choice-min-tokens", "8"]
+    )
+    sec = config.sections_from_server_args(sa)["expert_choice"]
+    assert sec.enabled and sec.capacity_factor == 2.0 and sec.min_tokens == 8
+    assert sec.source == "cli"
+    # scheduler subprocesses receive the record pickled
+    sa2 = pickle.loads(pickle.dumps(sa))
+    assert config.sections_from_server_args(sa2)["expert_choice"] == sec
+    # defaults: off, 1.25, 32
+    d = config.sections_from_server_args(prepare_server_args(["--model-path", "dummy"]))
+    assert d["expert_choice"] == ech.ExpertChoiceConfig(enabled=False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--expert-capacity-factor", "0"], "must be a finite number > 0"),
+        (["--expert-capacity-factor", "-1.5"], "must be a finite number > 0"),
+        (["--expert-capacity-factor", "abc"], "must be a number"),
+        (["--expert-capacity-factor", "inf"], "finite"),
+        (["--expert-choice-min-tokens", "x"], "must be an integer"),
+        (["--expert-choice-min-tokens", "-3"], ">= 0"),
+    ],
+)
+def test_bad_values_fail_at_startup(argv, message):
+    from sglang.srt.server_args import prepare_server_args
+
+    with pytest.raises(ValueError, match=message):
+        prepare_server_args(["--model-path", "dummy", "--enable-expert-choice", *argv])
+
+
+def test_env_var_opt_in(monkeypatch):
+    from sglang.srt.server_args import prepare_server_args
+
+    monkeypatch.setenv("SGLANG_EXPERT_CHOICE", "1")
+    monkeypatch.setenv("SGLANG_EXPERT_CAPACITY_FACTOR", "1.5")
+    sec = config.sections_from_server_args(prepare_server_args(["--model-path", "dummy"]))[
+        "expert_choice"
+    ]
+    assert sec.enabled and sec.source == "env" and sec.capacity_factor == 1.5
+    monkeypatch.setenv("SGLANG_EXPERT_CAPACITY_FACTOR", "-2")
+    with pytest.raises(ValueError, match="> 0"):
+        prepare_server_args(["--model-path", "dummy"])
+
+
+def _make_topk(**kw):
+    from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
+
+    return TopK(layer_id=kw.pop("layer_id", 0), output_format=TopKOutputFormat.STANDARD, **kw)
+
+
+def _upstream_select_experts():
+    from sglang.srt.layers.moe import topk
+
+    return topk.select_experts.__wrapped__
+
+
+def test_topk_layer_routes_expert_choice_when_enabled():
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    x[:, :2] += 2.0
+    h = torch.randn(128, 32)
+    with published_args("--enable-expert-choice", "--expert-capacity-factor", "1.25"):
+        layer = _make_topk(top_k=4, renormalize=True)
+        out = layer(h, x)
+        w_ref, ids_ref = expert_choice_topk_reference(x, 4, 1.25, min_tokens=32)
+        assert torch.equal(out.topk_ids, ids_ref)
+        torch.testing.assert_close(out.topk_weights, w_ref)
+        assert out.router_logits is x
+        # small batches (T < min_tokens) keep standard routing
+        out_small = layer(h[:8], x[:8])
+        _, ids_tc = token_choice_topk_reference(x[:8], 4)
+        assert torch.equal(out_small.topk_ids.sort(-1).values, ids_tc.sort(-1).values)
+
+
+def test_topk_layer_off_is_identical_to_upstream():
+    torch.manual_seed(1)
+    x = torch.randn(96, 8)
+    h = torch.randn(96, 32)
+    with published_args():
+        layer = _make_topk(top_k=2, renormalize=True)
+        ours = layer(h, x)
+        layer.topk_config.torch_native = True
+        ups = _upstream_select_experts()(
+            hidden_states=h, router_logits=x, topk_config=layer.topk_config, layer_id=0
+        )
+        assert torch.equal(ours.topk_ids, ups.topk_ids)
+        assert torch.equal(ours.topk_weights, ups.topk_weights)
+        # and that is token choice, not expert choice
+        _, ids_ec = expert_choice_topk_reference(x, 2, 1.25)
+        assert not torch.equal(ours.topk_ids.sort(-1).values, ids_ec.sort(-1).values)
+
+
+def test_deepseek_style_grouped_biased_sigmoid():
+    torch.manual_seed(2)
+    e, k = 64, 6
+    bias = torch.randn(e) * 0.05
+    x = torch.randn(200, e)
+    h = torch.randn(200, 32)
+    kw = dict(top_k=k, use_grouped_topk=True, num_expert_group=8, topk_group=3,
+              renormalize=True, scoring_func="sigmoid", correction_bias=bias,
+              routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
+    with published_args("--enable-expert-choice"):
+        out = _make_topk(**kw)(h, x)
+    w_ref, ids_ref = expert_choice_topk_reference(
+        x, k, 1.25, scoring_func="sigmoid", num_expert_group=8, topk_group=3,
+        correction_bias=bias, routed_scaling_factor=2.5,
+        apply_routed_scaling_factor_on_output=True,
+    )
+    assert torch.equal(out.topk_ids, ids_ref)
+    torch.testing.assert_close(out.topk_weights, w_ref)
+    torch.testing.assert_close(out.topk_weights.sum(-1), torch.full((200,), 2.5))
+
+
+def test_padding_rows_masked_like_upstream():
+    torch.manual_seed(3)
+    x = torch.randn(64, 8)
+    h = torch.randn(64, 32)
+    n = torch.tensor(40)
+    with published_args("--enable-expert-choice"):
+        out = _make_topk(top_k=2)(h, x, num_token_non_padded=n)
+    _, ids_ref = expert_choice_topk_reference(x[:40], 2, 1.25)
+    assert torch.equal(out.topk_ids[:40], ids_ref)
+    assert (out.topk_ids[40:] == -1).all()  # upstream's padding mask ran
+
+
+def test_eplb_logical_to_physical_and_recorder():
+    from sglang.srt.eplb import expert_distribution
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    torch.manual_seed(4)
+    e = 8
+    perm = torch.randperm(e).to(torch.int32)
+    info = ExpertLocationDispatchInfo(
+        ep_dispatch_algorithm="static",
+        partial_logical_to_rank_dispatch_physical_map=perm,
+        partial_logical_to_all_physical_map=perm.view(e, 1),
+        partial_logical_to_all_physical_map_num_valid=torch.ones(e, dtype=torch.int32),
+        num_physical_experts=e,
+    )
+    seen = []
+
+    class Recorder:
+        def on_select_experts(self, topk_ids):
+            seen.append(topk_ids.clone())
+
+    x = torch.randn(64, e)
+    with published_args("--enable-expert-choice"):  # the recorder lives in the runtime context
+        expert_distribution.set_global_expert_distribution_recorder(Recorder())
+        out = _make_topk(top_k=2)(torch.randn(64, 4), x, expert_location_dispatch_info=info)
+    _, ids_ref = expert_choice_topk_reference(x, 2, 1.25, min_tokens=32)
+    assert torch.equal(out.topk_ids, perm[ids_ref.long()])
+    assert len(seen) == 1 and torch.equal(seen[0], out.topk_ids)
+
+
+def test_model_config_opt_in(tmp_path):
+    """``use_expert_choice: true`` in the HF config turns EC on (real ModelConfig)."""
+    import json
+
+    from sglang.srt.configs.model_config import ModelConfig
+
+    cfg = {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 1, "num_experts": 8,
+        "num_experts_per_tok": 2, "vocab_size": 128, "max_position_embeddings": 64,
+        "use_expert_choice": True, "expert_capacity_factor": 2.0, "torch_dtype": "float32",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    old = ech._model_opt_in
+    try:
+        with published_args():
+            assert not ech.active_config().enabled
+            ModelConfig(model_path=str(tmp_path))
+            active = ech.active_config()
+            assert active.enabled and active.source == "model-config"
+            assert active.capacity_factor == 2.0
+    finally:
+        ech._model_opt_in = old
+
+
+def test_load_stats_logged(caplog):
+    import logging
+
+    torch.manual_seed(5)
+    x = torch.randn(64, 8)
+    x[:, 0] += 3
+    ech.reset_expert_choice_load_stats()
+    with published_args("--enable-expert-choice", "--expert-choice-stats-interval", "2"):
+        layer = _make_topk(top_k=2)
+        # prepare_server_args re-configures the root logger (force=True): listen on ours
+        logging.getLogger("sglang_moe_routing").addHandler(caplog.handler)
+        with caplog.at_level(logging.INFO, logger="sglang_moe_routing"):
+            layer(torch.randn(64, 4), x)
+            stats = ech.get_expert_choice_load_stats()
+            assert stats[0]["tokens_per_expert"] == torch.bincount(
+                expert_choice_topk_reference(x, 2, 1.25)[1].flatten().long(), minlength=8
+            ).tolist()
+            layer(torch.randn(64, 4), x)
+        logging.getLogger("sglang_moe_routing").removeHandler(caplog.handler)
+    assert any("expert-choice load layer 0" in r.message for r in caplog.records)
