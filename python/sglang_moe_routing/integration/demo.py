@@ -13,7 +13,11 @@ import os
 import sys
 from typing import List
 
+import warnings
+
 os.environ.setdefault("SGLANG_LOGGING_LEVEL", "WARNING")
+# sglang warns at import about quantization kernels a CPU machine lacks; not relevant here.
+warnings.filterwarnings("ignore", message="Only CUDA", category=UserWarning)
 
 
 def _parse(argv: List[str]) -> argparse.Namespace:
