@@ -1,0 +1,686 @@
+"""The Doge model file (``integration/models/doge.py``) against transformers' Doge, on CPU.
+
+Our model runs through SGLang's real layers, KV pools (``ReqToTokenPool``,
+``MHATokenToKVPool``), ``ForwardBatch`` and ``LogitsProcessor``, in a single-process gloo
+"distributed" environment. The reference is transformers' ``DogeForCausalLM`` with the same
+weights, loaded into ours through ``load_weights``.
+
+transformers' ``DogeCDMoE`` mixes tokens (``router_gate(h).view(2, bsz * seq_len, n)``, see
+docs/omni_router.md, "Model integration (Doge)"); it routes per token only when a forward
+holds one token. The MoE references are therefore (a) transformers run token by token with
+its KV cache (unmodified code, one token per forward) and (b) transformers' full-sequence
+forward with ``DogeCDMoE.forward`` applied to one token at a time. The dense variant has no
+such issue and is compared with transformers' full-sequence forward directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+pytest.importorskip("transformers.models.doge")
+
+from transformers import DogeConfig  # noqa: E402
+from transformers import DogeForCausalLM as HFDoge  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+from transformers.models.doge import modeling_doge  # noqa: E402
+
+from sglang_moe_routing.integration import config  # noqa: E402
+from sglang_moe_routing.integration import omni_hooks  # noqa: E402
+from sglang_moe_routing.integration.omni_hooks import OmniConfig  # noqa: E402
+
+# numpy warns about NaN arithmetic in masked lanes of interpreted Triton kernels
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+VOCAB = 128
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sgl_env():
+    """Published server args + single-rank gloo TP/PP groups, as a scheduler process has."""
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+    from sglang.srt.server_args import prepare_server_args
+
+    server_args = prepare_server_args(["--model-path", "dummy", "--device", "cpu"])
+    reset_context()
+    publish(server_args, role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
+    config.set_sections(None)
+    owns_world = not torch.distributed.is_initialized()
+    ps.init_distributed_environment(
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+        backend="gloo",
+    )
+    ps.initialize_model_parallel()
+    try:
+        yield server_args
+    finally:
+        ps.destroy_model_parallel()
+        if owns_world:
+            ps.destroy_distributed_environment()
+        reset_context()
+        config.set_sections(None)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def tiny_config(**overrides) -> DogeConfig:
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        is_moe=True,
+        num_experts=64,
+        num_experts_per_tok=8,
+        max_position_embeddings=256,
+        keep_window_size=6,  # sequences below are longer: DMA's top-k window is exercised
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=VOCAB - 1,
+    )
+    kw.update(overrides)
+    return DogeConfig(**kw)
+
+
+def make_hf(cfg: DogeConfig, seed: int = 0) -> HFDoge:
+    """transformers' model with the parameters its init leaves trivial made non-trivial:
+    ``A`` (zero: the dynamic mask would be a constant), residual scales and norms (ones)."""
+    torch.manual_seed(seed)
+    cfg._attn_implementation = "eager"
+    model = HFDoge(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".A"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith("_residual") or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "router_gate" in name:
+                p.mul_(20.0)  # well separated expert scores
+    return model
+
+
+def make_ours(cfg: DogeConfig, hf: HFDoge = None):
+    from sglang_moe_routing.integration.models.doge import DogeForCausalLM
+
+    model = DogeForCausalLM(cfg).eval()
+    if hf is not None:
+        loaded = model.load_weights(hf.state_dict().items())
+        assert loaded == set(dict(model.named_parameters()).keys())
+    return model
+
+
+# ----------------------------------------------------------------------------- SGLang batches
+
+
+class SglRunner:
+    """Drives our model through SGLang's pools and ForwardBatch, one request id per sequence."""
+
+    def __init__(self, cfg: DogeConfig, num_slots: int = 512, max_len: int = 128):
+        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.req_to_token = ReqToTokenPool(
+            size=8, max_context_len=max_len, device="cpu", enable_memory_saver=False
+        )
+        self.kv = MHATokenToKVPool(
+            size=num_slots,
+            page_size=1,
+            dtype=torch.float32,
+            head_num=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            layer_num=cfg.num_hidden_layers,
+            device="cpu",
+            enable_memory_saver=False,
+        )
+        runner = types.SimpleNamespace(
+            device="cpu", req_to_token_pool=self.req_to_token, token_to_kv_pool=self.kv
+        )
+        self.backend = TorchNativeAttnBackend(runner)
+        self.next_slot = 1  # slot 0 is SGLang's padding slot
+        self.lens = {}  # request row -> tokens in cache
+        # scatter slots over the pool so a request's keys are not contiguous
+        self.slot_order = torch.randperm(num_slots - 1, generator=torch.Generator().manual_seed(7)) + 1
+
+    def _alloc(self, row: int, n: int) -> torch.Tensor:
+        slots = self.slot_order[self.next_slot - 1 : self.next_slot - 1 + n].long()
+        self.next_slot += n
+        start = self.lens.get(row, 0)
+        self.req_to_token.req_to_token[row, start : start + n] = slots.int()
+        self.lens[row] = start + n
+        return slots
+
+    def _run(self, model, fb, ids, positions, full_logits: bool):
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+        with forward_context(ForwardContext(attn_backend=self.backend)), torch.no_grad():
+            if full_logits:
+                hidden = model.model(ids, positions, fb)
+                return hidden @ model.lm_head.weight.t()
+            return model(ids, positions, fb).next_token_logits
+
+    def extend(self, model, reqs, full_logits: bool = True, mode: str = "EXTEND") -> torch.Tensor:
+        """``reqs``: [(row, new token ids)]; returns logits of every new token, in order.
+        ``mode="MIXED"`` is SGLang's chunked prefill + decode batch (decode rows: 1 token)."""
+        from sglang.srt.model_executor.forward_batch_info import (
+            CaptureHiddenMode,
+            ForwardBatch,
+            ForwardMode,
+        )
+
+        prefix = [self.lens.get(r, 0) for r, _ in reqs]
+        new = [len(t) for _, t in reqs]
+        slots = torch.cat([self._alloc(r, len(t)) for r, t in reqs])
+        ids = torch.tensor([tok for _, t in reqs for tok in t], dtype=torch.long)
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new)])
+        seq = [p + n for p, n in zip(prefix, new)]
+        starts = torch.tensor([0] + new[:-1]).cumsum(0)
+        fb = ForwardBatch(
+            forward_mode=getattr(ForwardMode, mode),
+            batch_size=len(reqs),
+            input_ids=ids,
+            req_pool_indices=torch.tensor([r for r, _ in reqs]),
+            seq_lens=torch.tensor(seq),
+            seq_lens_cpu=torch.tensor(seq),
+            out_cache_loc=slots,
+            seq_lens_sum=sum(seq),
+            positions=positions,
+            extend_num_tokens=sum(new),
+            extend_seq_lens=torch.tensor(new),
+            extend_prefix_lens=torch.tensor(prefix),
+            extend_start_loc=starts,
+            extend_seq_lens_cpu=new,
+            extend_prefix_lens_cpu=prefix,
+            extend_logprob_start_lens_cpu=new,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+        )
+        return self._run(model, fb, ids, positions, full_logits)
+
+    def decode(self, model, reqs) -> torch.Tensor:
+        """``reqs``: [(row, token id)]; returns ``[len(reqs), vocab]``."""
+        from sglang.srt.model_executor.forward_batch_info import (
+            CaptureHiddenMode,
+            ForwardBatch,
+            ForwardMode,
+        )
+
+        slots = torch.cat([self._alloc(r, 1) for r, _ in reqs])
+        seq = [self.lens[r] for r, _ in reqs]
+        ids = torch.tensor([t for _, t in reqs], dtype=torch.long)
+        positions = torch.tensor(seq) - 1
+        fb = ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=len(reqs),
+            input_ids=ids,
+            req_pool_indices=torch.tensor([r for r, _ in reqs]),
+            seq_lens=torch.tensor(seq),
+            seq_lens_cpu=torch.tensor(seq),
+            out_cache_loc=slots,
+            seq_lens_sum=sum(seq),
+            positions=positions,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+        )
+        return self._run(model, fb, ids, positions, full_logits=False)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def hf_incremental_logits(hf: HFDoge, ids) -> torch.Tensor:
+    """transformers, unmodified, one token per forward with its KV cache: ``[L, vocab]``."""
+    cache = DynamicCache(config=hf.config)
+    out = []
+    with torch.no_grad():
+        for t in ids:
+            out.append(hf(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1])
+    return torch.stack(out)
+
+
+def hf_full_logits(hf: HFDoge, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+@contextlib.contextmanager
+def hf_cdmoe_per_token():
+    """transformers' own ``DogeCDMoE.forward`` applied to one token at a time."""
+    original = modeling_doge.DogeCDMoE.forward
+
+    def per_token(self, hidden_states, **kwargs):
+        b, l, h = hidden_states.shape
+        flat = hidden_states.reshape(b * l, 1, 1, h)
+        outs = [original(self, tok, **kwargs)[0] for tok in flat]
+        return torch.cat(outs).reshape(b, l, h), None
+
+    modeling_doge.DogeCDMoE.forward = per_token
+    try:
+        yield
+    finally:
+        modeling_doge.DogeCDMoE.forward = original
+
+
+def tokens(n: int, seed: int):
+    """Distinct token ids: a repeated token has the same value vector in layer 0, hence the
+    same dynamic-mask bias, and a tie at the ``keep_window_size`` cut, which transformers
+    breaks arbitrarily (``torch.topk``; its prefill and decoding can disagree there)."""
+    perm = torch.randperm(VOCAB - 2, generator=torch.Generator().manual_seed(seed)) + 1
+    return perm[:n].tolist()
+
+
+def assert_close(a, b, what, atol=2e-5, rtol=1e-4):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_load_weights_maps_every_checkpoint_tensor(sgl_env, tmp_path):
+    cfg = tiny_config(num_experts=70, norm_topk_prob=True)  # n = floor(sqrt(70)) = 8
+    hf = make_hf(cfg)
+    hf.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    ours = make_ours(cfg)
+    loaded = ours.load_weights(load_file(tmp_path / "model.safetensors").items())
+    assert loaded == set(dict(ours.named_parameters()).keys())
+
+    layer, hf_layer = ours.model.layers[1], hf.model.layers[1]
+    attn, hf_attn = layer.self_attn, hf_layer.self_attn
+    qkv = torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight, hf_attn.v_proj.weight])
+    assert torch.equal(attn.qkv_proj.weight, qkv)
+    assert torch.equal(attn.A, hf_attn.A) and torch.equal(attn.dt_proj.weight, hf_attn.dt_proj.weight)
+    gate_up = torch.cat([hf_layer.mlp.gate_proj.weight, hf_layer.mlp.up_proj.weight])
+    assert torch.equal(layer.mlp.gate_up_proj.weight, gate_up)
+    assert torch.equal(layer.mlp.router_gate.weight, hf_layer.mlp.router_gate.weight)
+    assert torch.equal(layer.mlp.down_embed.weight, hf_layer.mlp.down_embed.weight)
+    assert layer.mlp.num_keys == 8 and layer.mlp.down_embed.weight.shape[0] == 70
+    assert torch.equal(layer.post_attention_residual, hf_layer.post_attention_residual)
+    assert torch.equal(ours.lm_head.weight, hf.lm_head.weight)
+
+    with pytest.raises(ValueError, match="unexpected checkpoint tensor"):
+        ours.load_weights([("model.layers.0.mlp.not_a_weight", torch.zeros(1))])
+
+
+def test_tied_embeddings(sgl_env):
+    cfg = tiny_config(tie_word_embeddings=True, is_moe=False)
+    hf = make_hf(cfg)
+    ours = make_ours(cfg, hf)
+    assert ours.lm_head is ours.model.embed_tokens
+    ids = tokens(9, seed=3)
+    got = SglRunner(cfg).extend(ours, [(1, ids)])
+    assert_close(got, hf_full_logits(hf, ids), "tied embeddings")
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize("num_experts,norm_topk", [(64, False), (70, True)])
+def test_cdmoe_block_matches_transformers_per_token(sgl_env, num_experts, norm_topk):
+    cfg = tiny_config(num_experts=num_experts, norm_topk_prob=norm_topk)
+    hf = make_hf(cfg)
+    ours = make_ours(cfg, hf)
+    block, hf_block = ours.model.layers[0].mlp, hf.model.layers[0].mlp
+    h = torch.randn(11, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = block(h)
+        ref = torch.cat([hf_block(t.view(1, 1, -1))[0].view(1, -1) for t in h])
+        # one token per call is transformers' per-token routing; check the ids too
+        w, ids = block.route(h)
+        logits = hf_block.router_gate(h[3].view(1, 1, -1)).view(2, 1, -1)
+        n = block.num_keys
+        scores = (logits[0, 0][:, None] + logits[1, 0][None, :]).reshape(-1)
+        assert set(ids[3].tolist()) == set(scores.topk(cfg.num_experts_per_tok).indices.tolist())
+        assert int(ids.max()) < n * n
+    assert_close(got, ref, "CDMoE block")
+
+
+def test_dense_mlp_block_matches_transformers(sgl_env):
+    cfg = tiny_config(is_moe=False)
+    hf = make_hf(cfg)
+    ours = make_ours(cfg, hf)
+    h = torch.randn(2, 7, cfg.hidden_size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = ours.model.layers[0].mlp(h.reshape(14, -1)).reshape(2, 7, -1)
+        ref = hf.model.layers[0].mlp(h)
+    assert_close(got, ref, "dense MLP")
+
+
+def test_sglang_rope_and_pytorch_fallback_agree(sgl_env, monkeypatch):
+    """On this CPU host SGLang's RotaryEmbedding cannot be built (its constructor imports
+    ``vllm._custom_ops`` unless ``SGLANG_USE_CPU_ENGINE=1``) and the model falls back to
+    ``NeoxRotaryEmbedding``; both must agree where SGLang's can be built."""
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.layers.rotary_embedding import get_rope
+
+    from sglang_moe_routing.integration.models.doge import NeoxRotaryEmbedding
+
+    monkeypatch.setattr(rope_base, "_is_cpu", True)  # skip the GPU-kernel import, native path
+    sgl = get_rope(16, rotary_dim=16, max_position=64, base=500.0, is_neox_style=True)
+    ours = NeoxRotaryEmbedding(16, 500.0)
+    pos = torch.tensor([0, 3, 17, 63, 5])
+    q, k = torch.randn(5, 4 * 16), torch.randn(5, 2 * 16)
+    q1, k1 = sgl.forward_native(pos, q.clone(), k.clone())
+    q2, k2 = ours(pos, q.clone(), k.clone())
+    assert_close(q2, q1, "rope q", atol=1e-5)
+    assert_close(k2, k1, "rope k", atol=1e-5)
+
+
+def test_dynamic_mask_attention_equals_sglang_torch_native_when_mask_is_inert(sgl_env):
+    """With zero bias and no top-k window the dynamic mask is plain causal attention:
+    compare with SGLang's own torch_native backend on the same pools."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    from sglang_moe_routing.integration.models.doge import dynamic_mask_attention
+
+    cfg = tiny_config()
+    runner = SglRunner(cfg)
+    g = torch.Generator().manual_seed(9)
+    H, G, D, L = 4, 2, 16, 13
+    layer = RadixAttention(H, D, D**-0.5, num_kv_heads=G, layer_id=0)
+    q, k, v = torch.randn(L, H, D, generator=g), torch.randn(L, G, D, generator=g), torch.randn(L, G, D, generator=g)
+    slots = runner._alloc(2, L)
+    fb = ForwardBatch(
+        forward_mode=ForwardMode.EXTEND, batch_size=1, input_ids=torch.zeros(L, dtype=torch.long),
+        req_pool_indices=torch.tensor([2]), seq_lens=torch.tensor([L]), out_cache_loc=slots,
+        seq_lens_sum=L, extend_seq_lens=torch.tensor([L - 4]), extend_prefix_lens=torch.tensor([4]),
+        seq_lens_cpu=torch.tensor([L]), extend_seq_lens_cpu=[L - 4], extend_prefix_lens_cpu=[4],
+    )
+    runner.kv.set_kv_buffer(layer, slots, k, v)  # the prefix is cached
+    with forward_context(ForwardContext(attn_backend=runner.backend)):
+        ref = runner.backend.forward_extend(
+            q[4:].reshape(L - 4, -1), k[4:], v[4:], layer, fb, save_kv_cache=False
+        ).view(L - 4, H, D)
+    got = dynamic_mask_attention(
+        q[4:], k, v, torch.zeros(L, G), scaling=D**-0.5, query_start=4, keep_window_size=L
+    )
+    assert_close(got, ref, "attention vs torch_native", atol=1e-5)
+
+
+def test_dynamic_mask_keep_window_and_ties():
+    """Keys outside each query's top-``keep_window_size`` bias are dropped; equal biases at
+    the cut keep the later key (so with a constant bias the window is the most recent keys)."""
+    from sglang_moe_routing.integration.models.doge import dynamic_mask_attention
+
+    g = torch.Generator().manual_seed(10)
+    L, keep, D = 10, 4, 8
+    q, k, v = torch.randn(L, 2, D, generator=g), torch.randn(L, 1, D, generator=g), torch.randn(L, 1, D, generator=g)
+    bias = torch.randn(L, 1, generator=g)
+
+    def naive(bias_row, i):  # query i attends to its top-`keep` visible keys by bias
+        vis = torch.arange(i + 1)
+        kept = vis if i + 1 <= keep else vis[bias_row[vis].topk(keep).indices]
+        s = (q[i, :, None, :] * k[kept, 0][None]).sum(-1) * D**-0.5 + bias_row[kept][None]
+        return torch.softmax(s, -1) @ v[kept, 0]
+
+    got = dynamic_mask_attention(q, k, v, bias, scaling=D**-0.5, query_start=0, keep_window_size=keep)
+    for i in range(L):
+        assert_close(got[i], naive(bias[:, 0], i), f"query {i}", atol=1e-5)
+    const = torch.full((L, 1), 0.5)
+    got = dynamic_mask_attention(q, k, v, const, scaling=D**-0.5, query_start=0, keep_window_size=keep)
+    for i in range(L):
+        kept = torch.arange(max(0, i + 1 - keep), i + 1)  # the most recent `keep` keys
+        s = (q[i, :, None, :] * k[kept, 0][None]).sum(-1) * D**-0.5
+        assert_close(got[i], torch.softmax(s, -1) @ v[kept, 0], f"tie, query {i}", atol=1e-5)
+    with pytest.raises(ValueError, match="must end the sequence"):
+        dynamic_mask_attention(q[:3], k, v, bias, scaling=1.0, query_start=0, keep_window_size=keep)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def test_dense_model_logits_match_transformers(sgl_env):
+    """Dense Doge (no CDMoE): transformers' full-sequence forward is per token, so the
+    comparison is direct; sliding window + DMA top-k window both active."""
+    for overrides in ({}, {"sliding_window": 4}):
+        cfg = tiny_config(is_moe=False, **overrides)
+        hf = make_hf(cfg, seed=1)
+        ours = make_ours(cfg, hf)
+        ids = tokens(12, seed=11)
+        got = SglRunner(cfg).extend(ours, [(1, ids)])
+        assert_close(got, hf_full_logits(hf, ids), f"dense Doge {overrides}")
+
+
+def test_moe_model_logits_match_transformers_single_sequence(sgl_env):
+    cfg = tiny_config()
+    hf = make_hf(cfg, seed=2)
+    ours = make_ours(cfg, hf)
+    ids = tokens(12, seed=12)
+    runner = SglRunner(cfg)
+    got = runner.extend(ours, [(1, ids)])
+    # (a) unmodified transformers, one token per forward (per-token routing)
+    assert_close(got, hf_incremental_logits(hf, ids), "vs transformers token by token")
+    # (b) transformers' full-sequence forward with its CDMoE applied per token
+    with hf_cdmoe_per_token():
+        assert_close(got, hf_full_logits(hf, ids), "vs transformers full forward, per-token CDMoE")
+    # the LogitsProcessor path returns the last position's logits
+    runner2 = SglRunner(cfg)
+    last = runner2.extend(ours, [(1, ids)], full_logits=False)
+    assert_close(last[0], got[-1], "LogitsProcessor next-token logits")
+
+
+def test_batched_prefix_cached_and_decode_requests_are_independent(sgl_env):
+    """Two requests batched together, a cached prefix extended, then batched decoding: each
+    request's logits equal transformers' for that request alone."""
+    cfg = tiny_config()
+    hf = make_hf(cfg, seed=3)
+    ours = make_ours(cfg, hf)
+    a, b = tokens(11, seed=21), tokens(9, seed=22)
+    ref_a, ref_b = hf_incremental_logits(hf, a), hf_incremental_logits(hf, b)
+    runner = SglRunner(cfg)
+    step1 = runner.extend(ours, [(3, a[:8]), (5, b[:4])])  # prefill both
+    assert_close(step1[:8], ref_a[:8], "A prefill in a batch")
+    assert_close(step1[8:], ref_b[:4], "B prefill in a batch")
+    step2 = runner.extend(ours, [(5, b[4:8])])  # B's first 4 tokens are a cached prefix
+    assert_close(step2, ref_b[4:8], "B extend over a cached prefix")
+    out = runner.decode(ours, [(3, a[8]), (5, b[8])])  # batched decode
+    assert_close(out[0], ref_a[8], "A decode")
+    assert_close(out[1], ref_b[8], "B decode")
+    c = tokens(6, seed=23)
+    out = runner.extend(ours, [(3, [a[9]]), (6, c)], mode="MIXED")  # decode A + prefill C
+    assert_close(out[0], ref_a[9], "A decode in a mixed batch")
+    assert_close(out[1:], hf_incremental_logits(hf, c), "C prefill in a mixed batch")
+    out = runner.decode(ours, [(3, a[10])])
+    assert_close(out[0], ref_a[10], "A decode after the mixed batch")
+    with pytest.raises(NotImplementedError, match="TARGET_VERIFY"):
+        runner.extend(ours, [(6, [1])], mode="TARGET_VERIFY")
+
+
+def test_transformers_cdmoe_mixes_tokens_and_ours_does_not(sgl_env):
+    """Documents transformers' behaviour (docs: "Model integration (Doge)"): its CDMoE output
+    for a token depends on other tokens of the forward (later ones, other sequences)."""
+    cfg = tiny_config()
+    hf = make_hf(cfg, seed=4)
+    ours = make_ours(cfg, hf)
+    hf_block, block = hf.model.layers[0].mlp, ours.model.layers[0].mlp
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(2, 5, cfg.hidden_size, generator=g)
+    h2 = h.clone()
+    h2[1] = torch.randn(5, cfg.hidden_size, generator=g)  # change only the second sequence
+    with torch.no_grad():
+        hf_1, hf_2 = hf_block(h)[0], hf_block(h2)[0]
+        ours_1, ours_2 = block(h.reshape(10, -1)), block(h2.reshape(10, -1))
+    assert not torch.allclose(hf_1[0], hf_2[0], atol=1e-4), (
+        "transformers' DogeCDMoE no longer mixes sequences: update docs/omni_router.md"
+    )
+    assert torch.equal(ours_1[:5], ours_2[:5])
+    # and transformers' own prefill disagrees with its own token-by-token decoding
+    ids = tokens(12, seed=13)
+    diff = (hf_full_logits(hf, ids) - hf_incremental_logits(hf, ids)).abs().max()
+    assert diff > 1e-3
+
+
+# ----------------------------------------------------------------------------- backend flag
+
+
+def test_omni_cli_args_and_section():
+    parser = argparse.ArgumentParser()
+    omni_hooks.add_cli_args(parser.add_argument_group("x"))
+    assert omni_hooks.parse_section(parser.parse_args([])) == {"omni": OmniConfig("auto")}
+    for b in ("auto", "triton", "torch"):
+        args = parser.parse_args(["--omni-router-backend", b])
+        section = omni_hooks.parse_section(args)["omni"]
+        assert section.backend == b and b in section.describe()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--omni-router-backend", "cuda"])
+    with pytest.raises(ValueError, match="--omni-router-backend"):
+        omni_hooks.parse_section(argparse.Namespace(omni_router_backend="cuda"))
+    with pytest.raises(ValueError, match="--omni-router-backend"):
+        OmniConfig("reference")
+    with pytest.raises(Exception):
+        OmniConfig("auto").backend = "torch"  # frozen
+
+
+def test_model_reads_backend_from_section_and_backends_agree(sgl_env):
+    cfg = tiny_config()
+    hf = make_hf(cfg, seed=5)
+    ids = tokens(10, seed=14)
+    seen, logits = [], {}
+    try:
+        for backend in ("auto", "torch", "triton"):
+            config.set_sections({"omni": OmniConfig(backend)} if backend != "auto" else None)
+            ours = make_ours(cfg, hf)
+            block = ours.model.layers[0].mlp
+            assert block.backend == backend
+            real = block._omni_router
+
+            def spy(*a, _real=real, **kw):
+                seen.append(kw["backend"])
+                return _real(*a, **kw)
+
+            block._omni_router = spy
+            logits[backend] = SglRunner(cfg).extend(ours, [(1, ids)])
+    finally:
+        config.set_sections(None)
+    assert seen[0] == "auto" and "torch" in seen and "triton" in seen
+    assert_close(logits["torch"], logits["auto"], "torch vs auto")
+    assert_close(logits["triton"], logits["torch"], "triton (interpreter) vs torch")
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_plugin_registers_doge_with_sglang(sgl_env, tmp_path):
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.models.registry import import_model_classes
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_moe_routing.integration.models.doge import DogeForCausalLM
+
+    load_plugins()
+    assert omni_hooks.GET_MODEL_ARCHITECTURE in HookRegistry._patched
+    # SGLang has no Doge of its own: without us it would fall back to transformers
+    assert "DogeForCausalLM" not in import_model_classes("sglang.srt.models")
+    assert import_model_classes(omni_hooks.MODEL_PACKAGE) == {"DogeForCausalLM": DogeForCausalLM}
+
+    make_hf(tiny_config()).save_pretrained(tmp_path)
+    from sglang.srt.model_loader import utils as loader_utils
+
+    cls, arch = loader_utils.get_model_architecture(ModelConfig(str(tmp_path)))
+    assert cls is DogeForCausalLM and arch == "DogeForCausalLM"
+
+    sa = prepare_server_args(["--model-path", "dummy", "--omni-router-backend", "torch"])
+    assert config.sections_from_server_args(sa)["omni"] == OmniConfig("torch")
+    parser = argparse.ArgumentParser()
+    from sglang.srt.server_args import ServerArgs
+
+    ServerArgs.add_cli_args(parser)
+    assert "--omni-router-backend" in parser.format_help()
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _hf_greedy(hf: HFDoge, prompt, n_new):
+    cache, out = DynamicCache(config=hf.config), []
+    with torch.no_grad():
+        logits = None
+        for t in prompt:
+            logits = hf(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        for _ in range(n_new):
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            logits = hf(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return out
+
+
+@pytest.mark.slow
+def test_launch_server_on_cpu_generates_transformers_tokens(tmp_path):
+    """``python -m sglang.launch_server`` with a tiny random Doge-MoE on CPU (torch_native
+    attention, no CUDA graphs): our class serves it and greedy tokens equal transformers'."""
+    cfg = tiny_config(keep_window_size=16)
+    hf = make_hf(cfg, seed=6)
+    model_dir = tmp_path / "tiny_doge_moe"
+    hf.save_pretrained(model_dir)
+    prompts = [tokens(12, seed=31), tokens(5, seed=32)]
+    expected = [_hf_greedy(hf, p, 10) for p in prompts]
+
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_USE_CPU_ENGINE"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
+             "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+             "--dtype", "float32", "--skip-tokenizer-init", "--max-total-tokens", "4096",
+             "--host", "127.0.0.1", "--port", str(port), "--omni-router-backend", "torch"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        deadline = time.time() + 400
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "server did not come up:\n" + log_path.read_text()[-4000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except Exception:
+                time.sleep(2)
+        body = json.dumps({"input_ids": prompts,
+                           "sampling_params": {"max_new_tokens": 10, "temperature": 0}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+        out = json.loads(urllib.request.urlopen(req, timeout=300).read())
+        assert [o["output_ids"] for o in out] == expected
+        text = log_path.read_text()
+        assert "type=DogeForCausalLM" in text and "TransformersForCausalLM" not in text
+        assert "omni router: backend=torch" in text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
