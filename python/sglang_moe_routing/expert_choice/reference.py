@@ -124,7 +124,9 @@ def mask_groups(
     """Grouped top-k: experts outside each token's best ``topk_group`` groups get ``-inf``.
 
     Group score as upstream SGLang: max of the group's scores (``grouped_topk``), or the sum
-    of its two best biased scores (``biased_grouped_topk``).
+    of its two best biased scores (``biased_grouped_topk``). Groups are ranked best first;
+    equal group scores go to the lower group index (upstream's ``torch.topk`` leaves that
+    unspecified) and a NaN group score ranks as ``+inf``.
 
     Args:
         select_scores: ``[T, E]`` fp32.
@@ -137,7 +139,14 @@ def mask_groups(
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
     else:
         group_scores = grouped.max(dim=-1).values
-    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False).indices
+    # Deterministic group choice (torch.topk leaves ties unspecified): best first, equal
+    # scores -> lower group index; a NaN group score ranks as +inf.
+    group_key = torch.nan_to_num(
+        group_scores, nan=float("inf"), posinf=float("inf"), neginf=float("-inf")
+    )
+    group_idx = torch.sort(group_key, dim=-1, descending=True, stable=True).indices[
+        :, :topk_group
+    ]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool)
     group_mask.scatter_(1, group_idx, True)
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, e)
@@ -169,8 +178,12 @@ def num_valid_tokens(
     device: torch.device,
 ) -> torch.Tensor:
     """``T'`` as a 0-d int64 tensor on ``device``, clamped to ``[0, T]``."""
+    # torch.full is a device fill (capturable); torch.tensor(int, device=cuda) would be a
+    # host-to-device copy, which CUDA-graph capture rejects.
     if num_token_non_padded is None:
-        return torch.tensor(num_tokens, dtype=torch.int64, device=device)
+        return torch.full((), num_tokens, dtype=torch.int64, device=device)
+    if not isinstance(num_token_non_padded, torch.Tensor):
+        num_token_non_padded = torch.full((), int(num_token_non_padded), dtype=torch.int64, device=device)
     tv = torch.as_tensor(num_token_non_padded, device=device).reshape(()).to(torch.int64)
     return tv.clamp(0, num_tokens)
 

@@ -1,0 +1,207 @@
+// Expert-choice routing: device helpers shared by the score, select and route kernels.
+//
+// Exactness: the ids must equal the reference bit for bit, so every selection score is
+// computed with the same float operations, in the same order, as PyTorch's CUDA kernels
+// that the reference runs (torch.softmax -> the persistent warp softmax for E <= 1024,
+// torch.sigmoid -> 1 / (1 + expf(-x))). Build WITHOUT --use_fast_math / -ftz.
+//
+// Row layout (the layout of PyTorch's softmax_warp_forward): a row is handled by a segment
+// of WS = min(next_pow2(E), 32) lanes; lane `sub` holds experts it * WS + sub for
+// it < ITER = next_pow2(E) / WS. A warp holds 32 / WS rows at once.
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "ec_params.h"
+
+namespace ec {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float load_f(const float* p) { return *p; }
+__device__ __forceinline__ float load_f(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+// Monotone map float -> uint32 (larger float, larger key); -0.0 is folded onto +0.0 so
+// that equal floats give equal keys. Never called on NaN.
+__device__ __forceinline__ uint32_t order_key(float f) {
+  uint32_t u = __float_as_uint(f);
+  if (u == 0x80000000u) u = 0u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Composite pick key: score key in the high word, ~t in the low word, so that a larger
+// composite means "better score, then lower token index" and all composites are distinct.
+__device__ __forceinline__ unsigned long long pick_composite(uint32_t key, int t) {
+  return (static_cast<unsigned long long>(key) << 32) |
+         static_cast<unsigned long long>(0xffffffffu - static_cast<uint32_t>(t));
+}
+
+// T' clamped to [0, T].
+__device__ __forceinline__ long long num_valid_rows(const Params& p) {
+  long long tv = p.ntnp_host;
+  if (p.ntnp != nullptr) {
+    tv = p.ntnp_is64 ? *reinterpret_cast<const long long*>(p.ntnp)
+                     : static_cast<long long>(*reinterpret_cast<const int*>(p.ntnp));
+  }
+  return tv < 0 ? 0 : (tv > p.T ? static_cast<long long>(p.T) : tv);
+}
+
+// C = min(T', ceil(T' * (cf * k / E) - 1e-9)) in double, without FMA contraction (as the
+// reference's separate torch ops round it); C = T' when T' < min_tokens (hybrid mode).
+__device__ __forceinline__ long long capacity_of(const Params& p, long long tv) {
+  const double tvd = static_cast<double>(tv);
+  const double c = ceil(__dsub_rn(__dmul_rn(tvd, p.cap_factor), 1e-9));
+  const double m = c < tvd ? c : tvd;
+  if (tv < p.min_tokens) return tv;
+  return static_cast<long long>(m);
+}
+
+// Max over the WS lanes of a segment.
+template <int WS>
+__device__ __forceinline__ uint32_t segment_max(uint32_t v) {
+  if constexpr (WS == 32) {
+    return __reduce_max_sync(kFull, v);
+  } else {
+#pragma unroll
+    for (int off = WS / 2; off > 0; off >>= 1) {
+      const uint32_t o = __shfl_xor_sync(kFull, v, off, WS);
+      v = v > o ? v : o;
+    }
+    return v;
+  }
+}
+
+// Per-segment scratch for grouped top-k (shared memory), sized P entries each.
+struct GroupScratch {
+  float* sel;
+  uint32_t* gkey;
+  unsigned char* gsel;
+};
+
+// Scores of one row (token t) in the segment layout.
+//   s     : weight score (softmax / sigmoid), fp32
+//   rkey  : row-order key of nan_to_num(select, nan=-inf) (0 for padding lanes e >= E)
+//   pkey  : pick key: order_key(select) if the token is valid and select > -inf, else 0
+// All lanes of the warp must call this together (shuffles and __syncwarp inside).
+template <int WS, int ITER, typename scalar_t>
+__device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool row_in,
+                                           bool tok_valid, const GroupScratch& scr,
+                                           float (&s)[ITER], uint32_t (&rkey)[ITER],
+                                           uint32_t (&pkey)[ITER]) {
+  const scalar_t* x = reinterpret_cast<const scalar_t*>(p.logits);
+  float v[ITER];
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    const int e = it * WS + sub;
+    v[it] = -INFINITY;
+    if (row_in && e < p.E) {
+      v[it] = load_f(x + static_cast<long long>(t) * p.stride_t +
+                     static_cast<long long>(e) * p.stride_e);
+    }
+  }
+  if (p.scoring == 0) {
+    // PyTorch softmax_warp_forward: lane max, butterfly max, exp, lane sum in `it` order,
+    // butterfly sum, divide.
+    float m = v[0];
+#pragma unroll
+    for (int it = 1; it < ITER; ++it) m = (m > v[it]) ? m : v[it];
+#pragma unroll
+    for (int off = WS / 2; off > 0; off >>= 1) {
+      const float o = __shfl_xor_sync(kFull, m, off, WS);
+      m = (m < o) ? o : m;
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      s[it] = expf(v[it] - m);
+      sum += s[it];
+    }
+#pragma unroll
+    for (int off = WS / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off, WS);
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) s[it] = s[it] / sum;
+  } else {
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) s[it] = 1.0f / (1.0f + expf(-v[it]));
+  }
+
+  float sel[ITER];
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    const int e = it * WS + sub;
+    sel[it] = s[it];
+    if (p.bias != nullptr && e < p.E) sel[it] = s[it] + p.bias[e];
+  }
+
+  if (p.num_groups > 0) {
+    // Grouped top-k: group score = max (no bias) or sum of the two best biased scores;
+    // NaN anywhere in a group makes its score NaN, which ranks as +inf; ties -> lower group.
+    const int ng = p.num_groups;
+    const int gs = p.E / ng;
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const int e = it * WS + sub;
+      if (e < p.E) scr.sel[e] = sel[it];
+    }
+    __syncwarp();
+    for (int g = sub; g < ng; g += WS) {
+      const float* q = scr.sel + g * gs;
+      bool has_nan = false;
+      float a = -INFINITY, b = -INFINITY;
+      for (int j = 0; j < gs; ++j) {
+        const float y = q[j];
+        if (y != y) {
+          has_nan = true;
+        } else if (y > a) {
+          b = a;
+          a = y;
+        } else if (y > b) {
+          b = y;
+        }
+      }
+      const float score = (p.bias != nullptr && gs >= 2) ? a + b : a;
+      scr.gkey[g] = has_nan ? order_key(INFINITY) : order_key(score);
+    }
+    __syncwarp();
+    for (int g = sub; g < ng; g += WS) {
+      const uint32_t kg = scr.gkey[g];
+      int rank = 0;
+      for (int g2 = 0; g2 < ng; ++g2) {
+        const uint32_t k2 = scr.gkey[g2];
+        rank += (k2 > kg) || (k2 == kg && g2 < g);
+      }
+      scr.gsel[g] = rank < p.topk_group ? 1 : 0;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const int e = it * WS + sub;
+      if (e < p.E && scr.gsel[e / gs] == 0) sel[it] = -INFINITY;
+    }
+    __syncwarp();
+  }
+
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    const int e = it * WS + sub;
+    const float q = sel[it];
+    // torch.nan_to_num(q, nan=-inf): NaN -> -inf, +inf -> FLT_MAX, -inf -> -FLT_MAX.
+    const float qn = (q != q) ? -INFINITY
+                              : (q == INFINITY ? FLT_MAX : (q == -INFINITY ? -FLT_MAX : q));
+    rkey[it] = (e < p.E) ? order_key(qn) : 0u;
+    const bool elig = tok_valid && (e < p.E) && (q > -INFINITY);
+    pkey[it] = elig ? order_key(q) : 0u;
+  }
+}
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+}  // namespace ec

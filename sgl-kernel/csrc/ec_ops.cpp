@@ -1,0 +1,128 @@
+// PyTorch binding of the expert-choice routing kernels.
+//
+// ec_topk(...) -> [topk_weights fp32 [T, k], topk_ids int32 [T, k], keysT, thr]
+// Argument checking that needs Python context (capacity factor, groups) is done by the
+// Python wrapper (python/sglang_moe_routing/expert_choice/cuda.py); this layer checks
+// what would otherwise be memory-unsafe.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "ec_params.h"
+
+namespace {
+
+int scalar_kind(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ec::kFloat32;
+    case at::kHalf: return ec::kFloat16;
+    case at::kBFloat16: return ec::kBFloat16;
+    default: TORCH_CHECK(false, "expert choice CUDA kernel: logits must be fp32/fp16/bf16, got ",
+                         t.scalar_type());
+  }
+  return -1;
+}
+
+int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& num_valid, int64_t num_valid_host,
+                                int64_t top_k, double cap_factor, bool renormalize,
+                                int64_t scoring, int64_t num_groups, int64_t topk_group,
+                                double scale, bool apply_scale, bool token_choice, bool pdl,
+                                int64_t variant, int64_t min_tokens) {
+  TORCH_CHECK(logits.is_cuda(), "expert choice CUDA kernel: logits must be a CUDA tensor");
+  TORCH_CHECK(logits.dim() == 2, "expert choice CUDA kernel: logits must be [T, E]");
+  const int kind = scalar_kind(logits);
+  const int64_t T = logits.size(0);
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(E >= 1 && E <= 512, "expert choice CUDA kernel: E must be in [1, 512], got ", E);
+  TORCH_CHECK(top_k >= 1 && top_k <= E && top_k <= 32,
+              "expert choice CUDA kernel: top_k must be in [1, min(E, 32)], got ", top_k);
+  TORCH_CHECK(T * E < (int64_t(1) << 31), "expert choice CUDA kernel: T * E must be < 2^31");
+  TORCH_CHECK(scoring == 0 || scoring == 1, "expert choice CUDA kernel: bad scoring id");
+  if (num_groups > 0) {
+    TORCH_CHECK(E % num_groups == 0 && topk_group >= 1 && topk_group <= num_groups,
+                "expert choice CUDA kernel: bad grouped top-k config");
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto opts = logits.options();
+  at::Tensor out_w = at::empty({T, top_k}, opts.dtype(at::kFloat));
+  at::Tensor out_ids = at::empty({T, top_k}, opts.dtype(at::kInt));
+  at::Tensor keys = at::empty({token_choice ? 0 : E, token_choice ? 0 : T}, opts.dtype(at::kInt));
+  at::Tensor thr = at::empty({token_choice ? 0 : E}, opts.dtype(at::kLong));
+  if (T == 0) return {out_w, out_ids, keys, thr};
+
+  ec::Params p{};
+  p.logits = logits.data_ptr();
+  p.stride_t = logits.stride(0);
+  p.stride_e = logits.stride(1);
+  p.T = static_cast<int>(T);
+  p.E = static_cast<int>(E);
+  p.bias = nullptr;
+  if (bias.has_value()) {
+    const at::Tensor& b = bias.value();
+    TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == E &&
+                    b.device() == logits.device(),
+                "expert choice CUDA kernel: correction_bias must be a contiguous fp32 [E] tensor "
+                "on the logits' device");
+    p.bias = b.data_ptr<float>();
+  }
+  p.ntnp = nullptr;
+  p.ntnp_is64 = 0;
+  p.ntnp_host = num_valid_host;
+  if (num_valid.has_value()) {
+    const at::Tensor& n = num_valid.value();
+    TORCH_CHECK(n.is_cuda() && n.device() == logits.device() && n.numel() == 1 &&
+                    (n.scalar_type() == at::kInt || n.scalar_type() == at::kLong),
+                "expert choice CUDA kernel: num_token_non_padded must be a 1-element int32/int64 "
+                "tensor on the logits' device");
+    p.ntnp = n.data_ptr();
+    p.ntnp_is64 = n.scalar_type() == at::kLong ? 1 : 0;
+  }
+  p.scoring = static_cast<int>(scoring);
+  p.num_groups = static_cast<int>(num_groups > 0 ? num_groups : 0);
+  p.topk_group = static_cast<int>(topk_group);
+  p.top_k = static_cast<int>(top_k);
+  p.cap_factor = cap_factor;
+  p.min_tokens = min_tokens;
+  p.renormalize = renormalize ? 1 : 0;
+  p.apply_scale = apply_scale ? 1 : 0;
+  p.scale = static_cast<float>(scale);
+  p.token_choice = token_choice ? 1 : 0;
+  p.variant = static_cast<int>(variant);
+  p.keysT = token_choice ? nullptr : reinterpret_cast<uint32_t*>(keys.data_ptr<int>());
+  p.thr = token_choice ? nullptr : reinterpret_cast<unsigned long long*>(thr.data_ptr<int64_t>());
+  p.out_w = out_w.data_ptr<float>();
+  p.out_ids = out_ids.data_ptr<int>();
+
+  const int pow2 = next_pow2(static_cast<int>(E));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  if (!token_choice) {
+    ec::launch_score(p, kind, pow2, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ec::launch_select(p, pdl, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  ec::launch_route(p, kind, pow2, pdl && !token_choice, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out_w, out_ids, keys, thr};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sglang-moe-routing: fused expert-choice routing kernels";
+  m.def("ec_topk", &ec_topk, "expert-choice top-k (score -> select -> route)",
+        py::arg("logits"), py::arg("bias"), py::arg("num_valid"), py::arg("num_valid_host"),
+        py::arg("top_k"), py::arg("cap_factor"), py::arg("renormalize"), py::arg("scoring"),
+        py::arg("num_groups"), py::arg("topk_group"), py::arg("scale"), py::arg("apply_scale"),
+        py::arg("token_choice"), py::arg("pdl"), py::arg("variant") = 15, py::arg("min_tokens") = 0);
+}

@@ -1,0 +1,271 @@
+// Expert-choice step 3: each expert's capacity threshold, by radix select.
+//
+// One CTA per expert. The column keysT[e, :] gives each token a distinct 64-bit composite
+// (pick key << 32 | ~t). The expert's picks are its C largest composites with a non-zero
+// key, i.e. exactly the composites >= the C-th largest, which is found MSB-first a digit at
+// a time with a shared-memory histogram: no sort, no host sync, C read on the device.
+// After each digit the search stops as soon as the whole selected bin is taken (then the
+// threshold is the bin's smallest possible value). The first passes stream the column from
+// global memory; once the candidate bin holds <= CAP tokens they are kept in shared memory.
+#include "ec_device.cuh"
+
+namespace ec {
+
+constexpr int kSelectCap = 4096;       // candidates kept in shared memory (default)
+constexpr int kSelectCapLarge = 16384; // variant bit 2, few experts: 128 KB of candidates
+
+// U: column elements each thread loads before using them (memory-level parallelism).
+template <int BITS, int THREADS, int U>
+__global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int cand_cap) {
+  constexpr int NB = 1 << BITS;
+  constexpr int BPT = NB / THREADS;  // bins per thread in the scan
+  constexpr int NW = THREADS / 32;
+  static_assert(BPT >= 1, "need at least one bin per thread");
+  __shared__ uint32_t hist[NB];
+  extern __shared__ unsigned long long cand[];  // [cand_cap]
+  __shared__ uint32_t warp_tot[NW];
+  __shared__ int s_ncand;
+  __shared__ uint32_t s_bin, s_above, s_cnt;
+
+  grid_dependency_wait();
+  const int e = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const uint32_t* col = p.keysT + static_cast<long long>(e) * p.T;
+  const long long tv = num_valid_rows(p);
+  const long long cap = capacity_of(p, tv);
+  if (cap <= 0) {
+    if (tid == 0) p.thr[e] = ~0ull;  // nothing is picked
+    return;
+  }
+  if (tid == 0) s_ncand = 0;
+
+  unsigned long long prefix = 0ull, pmask = 0ull;
+  uint32_t r = static_cast<uint32_t>(cap);  // rank (1-based) still wanted inside the prefix
+  bool cached = false;
+  bool collect = p.T <= cand_cap;
+  int shift = 64;
+  while (true) {
+    const int width = shift < BITS ? shift : BITS;
+    shift -= width;
+    const unsigned long long dmask = (1ull << width) - 1ull;
+    for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
+    __syncthreads();
+    if (cached) {
+      const int n = s_ncand;
+      for (int i0 = 0; i0 < n; i0 += THREADS) {
+        const int i = i0 + tid;
+        uint32_t bin = 0xffffffffu;
+        if (i < n) {
+          const unsigned long long c = cand[i];
+          if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+        }
+        const unsigned peers = __match_any_sync(kFull, bin);
+        if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+      }
+    } else {
+      for (int t0 = 0; t0 < p.T; t0 += THREADS * U) {
+        uint32_t kk[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = t0 + u * THREADS + tid;
+          kk[u] = t < p.T ? col[t] : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = t0 + u * THREADS + tid;
+          uint32_t bin = 0xffffffffu;
+          unsigned long long c = 0ull;
+          if (t < p.T) {
+            c = pick_composite(kk[u], t);
+            if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+          }
+          const unsigned peers = __match_any_sync(kFull, bin);
+          if (bin != 0xffffffffu) {
+            if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+            if (collect) cand[atomicAdd(&s_ncand, 1)] = c;
+          }
+        }
+      }
+    }
+    __syncthreads();
+    if (collect) cached = true;
+    collect = false;
+
+    // Bin holding the r-th largest: scan the histogram from the top bin down.
+    uint32_t loc[BPT];
+    uint32_t lsum = 0;
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) {
+      loc[j] = hist[NB - 1 - (tid * BPT + j)];
+      lsum += loc[j];
+    }
+    uint32_t incl = lsum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint32_t o = __shfl_up_sync(kFull, incl, off);
+      if (lane >= off) incl += o;
+    }
+    if (lane == 31) warp_tot[warp] = incl;
+    __syncthreads();
+    uint32_t run = incl - lsum;
+    for (int w = 0; w < warp; ++w) run += warp_tot[w];
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) {
+      if (run < r && r <= run + loc[j]) {
+        s_bin = static_cast<uint32_t>(NB - 1 - (tid * BPT + j));
+        s_above = run;
+        s_cnt = loc[j];
+      }
+      run += loc[j];
+    }
+    __syncthreads();
+    const uint32_t bin = s_bin, above = s_above, cnt = s_cnt;
+    r -= above;
+    prefix |= static_cast<unsigned long long>(bin) << shift;
+    pmask |= dmask << shift;
+    if (r == cnt || shift == 0) break;  // the whole bin is taken: threshold = its minimum
+    if (!cached && cnt <= static_cast<uint32_t>(cand_cap)) collect = true;
+    __syncthreads();
+  }
+  if (tid == 0) p.thr[e] = prefix;
+}
+
+// Small T (variant bit 1): one warp per expert, the column in registers, 8-bit digits,
+// per-warp histograms; no block-wide barriers.
+template <int PER>
+__global__ void __launch_bounds__(256) ec_select_warp_kernel(const Params p) {
+  __shared__ uint32_t hist_all[8][256];
+  grid_dependency_wait();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int e = blockIdx.x * 8 + warp;
+  if (e >= p.E) return;  // whole warp
+  uint32_t* h = hist_all[warp];
+  const uint32_t* col = p.keysT + static_cast<long long>(e) * p.T;
+  const long long tv = num_valid_rows(p);
+  const long long cap = capacity_of(p, tv);
+  if (cap <= 0) {
+    if (lane == 0) p.thr[e] = ~0ull;
+    return;
+  }
+  unsigned long long comp[PER];
+  bool in[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int t = lane + 32 * j;
+    in[j] = t < p.T;
+    comp[j] = in[j] ? pick_composite(col[t], t) : 0ull;
+  }
+  unsigned long long prefix = 0ull, pmask = 0ull;
+  uint32_t r = static_cast<uint32_t>(cap);
+  int shift = 64;
+  while (true) {
+    shift -= 8;
+    for (int b = lane; b < 256; b += 32) h[b] = 0u;
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      uint32_t bin = 0xffffffffu;
+      if (in[j] && (comp[j] & pmask) == prefix) bin = static_cast<uint32_t>((comp[j] >> shift) & 255ull);
+      const unsigned peers = __match_any_sync(kFull, bin);
+      if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&h[bin], __popc(peers));
+    }
+    __syncwarp();
+    uint32_t loc[8];
+    uint32_t lsum = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      loc[i] = h[255 - (lane * 8 + i)];
+      lsum += loc[i];
+    }
+    uint32_t incl = lsum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint32_t o = __shfl_up_sync(kFull, incl, off);
+      if (lane >= off) incl += o;
+    }
+    uint32_t run = incl - lsum;
+    int fb = -1;
+    uint32_t fa = 0, fc = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (run < r && r <= run + loc[i]) {
+        fb = 255 - (lane * 8 + i);
+        fa = run;
+        fc = loc[i];
+      }
+      run += loc[i];
+    }
+    const unsigned who = __ballot_sync(kFull, fb >= 0);
+    const int src = __ffs(who) - 1;
+    const uint32_t bin = static_cast<uint32_t>(__shfl_sync(kFull, fb, src));
+    const uint32_t above = __shfl_sync(kFull, fa, src);
+    const uint32_t cnt = __shfl_sync(kFull, fc, src);
+    r -= above;
+    prefix |= static_cast<unsigned long long>(bin) << shift;
+    pmask |= 255ull << shift;
+    if (r == cnt || shift == 0) break;
+    __syncwarp();
+  }
+  if (lane == 0) p.thr[e] = prefix;
+}
+
+struct LaunchCfg {
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[1];
+  LaunchCfg(dim3 grid, dim3 block, size_t smem, bool pdl, cudaStream_t stream) : cfg{} {
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+  }
+};
+
+template <int BITS, int THREADS, int U>
+static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
+  const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
+  if (smem > 48 * 1024) {
+    // Once per process (normally before any CUDA-graph capture: the first call is eager).
+    static int opted_in = 0;
+    if (opted_in < static_cast<int>(smem)) {
+      cudaFuncSetAttribute(ec_select_kernel<BITS, THREADS, U>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      opted_in = static_cast<int>(smem);
+    }
+  }
+  LaunchCfg lc(dim3(p.E), dim3(THREADS), smem, pdl, stream);
+  cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U>, p, cand_cap);
+}
+
+void launch_select(const Params& p, bool pdl, cudaStream_t stream) {
+  if ((p.variant & 2) && p.T <= 256) {
+    LaunchCfg lc(dim3((p.E + 7) / 8), dim3(256), 0, pdl, stream);
+    cudaLaunchKernelEx(&lc.cfg, ec_select_warp_kernel<8>, p);
+    return;
+  }
+  if (p.variant & 4) {
+    // Batched loads; with few experts (< one CTA per SM) wider CTAs and 4x the candidates.
+    const bool few = p.E < 132 && p.T > kSelectCap;
+    if (p.T <= 4096) {
+      launch_select_t<8, 256, 4>(p, pdl, stream, kSelectCap);
+    } else if (few) {
+      launch_select_t<11, 1024, 4>(p, pdl, stream, kSelectCapLarge);
+    } else {
+      launch_select_t<11, 512, 4>(p, pdl, stream, kSelectCap);
+    }
+    return;
+  }
+  if (p.T <= 4096) {
+    launch_select_t<8, 256, 1>(p, pdl, stream, kSelectCap);
+  } else {
+    launch_select_t<11, 512, 1>(p, pdl, stream, kSelectCap);
+  }
+}
+
+}  // namespace ec

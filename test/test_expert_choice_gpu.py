@@ -1,0 +1,296 @@
+"""Expert-choice CUDA and Triton kernels vs the reference on a GPU (marked ``gpu``).
+
+Ids must equal the reference bit for bit and weights agree to 1e-6, over
+T in {0, 1, 2, 31, 128, 1000, 8192, 65536} x E in {2, 3, 8, 60, 64, 128, 256, 384, 512},
+the three input dtypes, non-contiguous inputs, grouped top-k + correction bias + sigmoid,
+padding rows, exact ties, NaN/inf logits, and CUDA-graph capture and replay with a changing
+``num_token_non_padded`` device tensor. On a mismatch the message says whether the
+kernel's selection keys differ from the reference's (a scoring difference) or not (a
+selection difference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_moe_routing.expert_choice.dispatch import expert_choice_topk, resolve_backend
+from sglang_moe_routing.expert_choice.reference import (
+    compute_scores,
+    expert_choice_topk_reference,
+    mask_groups,
+    token_choice_topk_reference,
+)
+
+pytestmark = pytest.mark.gpu
+
+BACKENDS = ["cuda", "triton"]
+# "cuda" checks every implementation variant of the CUDA path (see cuda.DEFAULT_VARIANT):
+# all must give the reference's answer.
+CUDA_VARIANTS = (15, 0, 1, 2, 4, 8)
+T_VALUES = [0, 1, 2, 31, 128, 1000, 8192, 65536]
+E_TO_K = {2: 1, 3: 2, 8: 2, 60: 4, 64: 8, 128: 8, 256: 8, 384: 12, 512: 16}
+DTYPES = [torch.bfloat16, torch.float32, torch.float16]
+
+
+def _ec(backend, logits, k, cf=1.25, **kw):
+    if backend.startswith("cuda"):
+        from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
+
+        variant = int(backend[6:]) if backend.startswith("cuda_v") else None
+        return expert_choice_topk_cuda(logits, k, cf, variant=variant, **kw)
+    from sglang_moe_routing.expert_choice.triton_kernel import expert_choice_topk_triton
+
+    return expert_choice_topk_triton(logits, k, cf, **kw)
+
+
+def _tc(backend, logits, k, **kw):
+    if backend == "cuda":
+        from sglang_moe_routing.expert_choice.cuda import token_choice_topk_cuda
+
+        return token_choice_topk_cuda(logits, k, **kw)
+    from sglang_moe_routing.expert_choice.triton_kernel import token_choice_topk_triton
+
+    return token_choice_topk_triton(logits, k, **kw)
+
+
+def _order_keys(sel: torch.Tensor) -> torch.Tensor:
+    """Order-preserving uint32 of fp32 (as int64), 0 where not eligible (-inf / NaN)."""
+    bits = sel.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = torch.where(bits == 0x80000000, torch.zeros_like(bits), bits)
+    key = torch.where(bits >= 2**31, (~bits) & 0xFFFFFFFF, bits | 2**31)
+    return torch.where(sel > float("-inf"), key, torch.zeros_like(key))
+
+
+def _key_report(backend, logits, k, cf, kw) -> str:
+    """Say whether the kernel's selection keys equal the reference's (diagnostic only)."""
+    try:
+        out = _ec(backend, logits, k, cf, **kw, return_intermediates=True)
+    except Exception as exc:  # noqa: BLE001
+        return f"(no intermediates: {exc})"
+    keys = out[2]
+    _, sel = compute_scores(logits, kw.get("scoring_func", "softmax"), kw.get("correction_bias"))
+    if kw.get("num_expert_group") is not None:
+        sel = mask_groups(sel, kw["num_expert_group"], kw["topk_group"],
+                          biased=kw.get("correction_bias") is not None)
+    t = logits.shape[0]
+    n = kw.get("num_token_non_padded")
+    n = t if n is None else int(torch.as_tensor(n).reshape(()).item())
+    want = _order_keys(sel)
+    want[min(max(n, 0), t):] = 0
+    got = (keys.to(torch.int64) & 0xFFFFFFFF).t()
+    diff = got != want
+    return (f"selection keys differ at {int(diff.sum())} of {diff.numel()} entries"
+            f" (max |d| = {int((got - want).abs().max()) if diff.any() else 0} ulp)")
+
+
+def _check(backend, logits, k, cf=1.25, **kw):
+    """Compare ``backend`` (for "cuda": each variant) with one reference computation."""
+    ref_w, ref_ids = expert_choice_topk_reference(logits, k, cf, **kw)
+    names = [f"cuda_v{v}" for v in CUDA_VARIANTS] if backend == "cuda" else [backend]
+    out = None
+    for name in names:
+        w, ids = _ec(name, logits, k, cf, **kw)
+        assert ids.dtype == torch.int32 and w.dtype == torch.float32
+        assert ids.shape == ref_ids.shape == w.shape
+        bad = (ids != ref_ids).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            rows = bad[:3].tolist()
+            raise AssertionError(
+                f"{name}: T={logits.shape[0]} E={logits.shape[1]} k={k} {logits.dtype} "
+                f"{ {a: b for a, b in kw.items() if not isinstance(b, torch.Tensor)} }: "
+                f"{bad.numel()} rows differ, e.g. rows {rows}: got {ids[rows].tolist()} "
+                f"want {ref_ids[rows].tolist()}; {_key_report(name, logits, k, cf, kw)}"
+            )
+        torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=0, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+        out = out if out is not None else (w, ids)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("E", list(E_TO_K))
+def test_shape_matrix(backend, E):
+    k = E_TO_K[E]
+    dtype = DTYPES[list(E_TO_K).index(E) % 3]
+    g = torch.Generator(device="cuda").manual_seed(E)
+    for T in T_VALUES:
+        logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(dtype)
+        _check(backend, logits, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes(backend, dtype):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = (torch.randn(1000, 64, device="cuda", generator=g) * 3).to(dtype)
+    _check(backend, logits, 8)
+    _check(backend, logits, 8, scoring_func="sigmoid", renormalize=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selection_keys_bit_exact(backend):
+    """The kernels' selection scores are torch's, bit for bit (softmax and sigmoid + bias)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for E, kw in [
+        (60, {}),
+        (512, {}),
+        (256, dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4,
+                   correction_bias=torch.randn(256, device="cuda", generator=g) * 0.01)),
+    ]:
+        logits = (torch.randn(777, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
+        report = _key_report(backend, logits, 8, 1.25, kw)
+        assert report.startswith("selection keys differ at 0 of"), report
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 128, 8192, 65536])
+def test_deepseek_grouped_bias_sigmoid(backend, T):
+    g = torch.Generator(device="cuda").manual_seed(T)
+    logits = torch.randn(T, 256, device="cuda", generator=g).to(torch.bfloat16)
+    bias = torch.randn(256, device="cuda", generator=g) * 0.05
+    _check(backend, logits, 8, scoring_func="sigmoid", correction_bias=bias,
+           num_expert_group=8, topk_group=4, routed_scaling_factor=2.5,
+           apply_routed_scaling_factor_on_output=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_softmax_variants(backend):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(1000, 64, device="cuda", generator=g)
+    _check(backend, logits, 6, num_expert_group=8, topk_group=3)
+    _check(backend, logits, 6, num_expert_group=8, topk_group=3, renormalize=False,
+           correction_bias=torch.randn(64, device="cuda", generator=g) * 0.02)
+    logits = torch.randn(500, 384, device="cuda", generator=g).to(torch.bfloat16)
+    _check(backend, logits, 8, num_expert_group=1, topk_group=1, scoring_func="sigmoid")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    g = torch.Generator(device="cuda").manual_seed(4)
+    wide = torch.randn(1000, 80, device="cuda", generator=g).to(torch.bfloat16)
+    _check(backend, wide[:, 8:72], 8)  # column slice
+    tall = torch.randn(64, 1000, device="cuda", generator=g)
+    _check(backend, tall.t(), 8)  # transposed storage
+    _check(backend, wide[::3, :60], 4)  # row stride, odd E
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_rows(backend):
+    g = torch.Generator(device="cuda").manual_seed(5)
+    logits = torch.randn(1000, 64, device="cuda", generator=g).to(torch.bfloat16)
+    for n in [torch.tensor([700], device="cuda"), torch.tensor(1, dtype=torch.int32, device="cuda"), 0, 999]:
+        w, ids = _check(backend, logits, 8, num_token_non_padded=n)
+        nv = int(torch.as_tensor(n).reshape(()).item())
+        tc_w, tc_ids = token_choice_topk_reference(logits, 8)
+        assert torch.equal(ids[nv:], tc_ids[nv:])
+        other = logits.clone()
+        other[nv:] = torch.randn_like(other[nv:], dtype=torch.float32).to(other.dtype) * 4
+        _, ids2 = _ec(backend, other, 8, num_token_non_padded=n)
+        assert torch.equal(ids2[:nv], ids[:nv])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_ties(backend):
+    g = torch.Generator(device="cuda").manual_seed(6)
+    q = (torch.randint(-6, 7, (8192, 64), device="cuda", generator=g).float() / 4).to(torch.bfloat16)
+    _check(backend, q, 8, scoring_func="sigmoid")  # massive ties: lower token/expert index wins
+    rows = torch.randn(64, 128, device="cuda", generator=g)
+    _check(backend, rows.repeat(64, 1), 8)  # 4096 tokens, each repeated 64 times
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_inf(backend):
+    g = torch.Generator(device="cuda").manual_seed(7)
+    logits = torch.randn(300, 64, device="cuda", generator=g)
+    logits[5] = float("nan")
+    logits[9, 3] = float("nan")
+    logits[11, :10] = float("-inf")
+    logits[13] = float("-inf")
+    logits[17, 4] = float("inf")
+    _check(backend, logits, 8)
+    _check(backend, logits, 8, scoring_func="sigmoid", num_expert_group=8, topk_group=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capacity_extremes(backend):
+    g = torch.Generator(device="cuda").manual_seed(8)
+    logits = torch.randn(1000, 64, device="cuda", generator=g)
+    _check(backend, logits, 8, cf=100.0)
+    _check(backend, logits, 8, cf=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_min_tokens_hybrid(backend):
+    """T' < min_tokens: capacity T', i.e. exactly token choice (decided on the device)."""
+    g = torch.Generator(device="cuda").manual_seed(12)
+    logits = torch.randn(512, 64, device="cuda", generator=g).to(torch.bfloat16)
+    for n in (20, 400):
+        n_dev = torch.tensor([n], device="cuda")
+        w, ids = _check(backend, logits, 8, min_tokens=32, num_token_non_padded=n_dev)
+        if n < 32:
+            _, tc_ids = token_choice_topk_reference(logits, 8)
+            assert torch.equal(ids, tc_ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_choice_yardstick(backend):
+    g = torch.Generator(device="cuda").manual_seed(9)
+    logits = torch.randn(2000, 256, device="cuda", generator=g).to(torch.bfloat16)
+    w, ids = _tc(backend, logits, 8)
+    rw, rids = token_choice_topk_reference(logits, 8)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_sync(backend):
+    g = torch.Generator(device="cuda").manual_seed(10)
+    logits = torch.randn(512, 64, device="cuda", generator=g).to(torch.bfloat16)
+    n = torch.tensor([300], device="cuda")
+    _ec(backend, logits, 8, num_token_non_padded=n)  # warm-up (build / compile)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _ec(backend, logits, 8, num_token_non_padded=n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto", "cuda_v0"])
+def test_cuda_graph_replay_changing_num_valid(backend):
+    T, E, k = 256, 64, 8
+    g = torch.Generator(device="cuda").manual_seed(11)
+    static = torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16)
+    n_dev = torch.tensor([T], dtype=torch.int32, device="cuda")
+
+    def run():
+        if backend == "auto":
+            return expert_choice_topk(static, k, num_token_non_padded=n_dev)
+        return _ec(backend, static, k, num_token_non_padded=n_dev)
+
+    if backend == "auto":
+        assert resolve_backend(static, k) == "cuda"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w, ids = run()
+    for n in [T, 100, 1, 0, 37, 255, T]:
+        static.copy_(torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16))
+        n_dev.fill_(n)
+        graph.replay()
+        torch.cuda.synchronize()
+        rw, rids = expert_choice_topk_reference(static, k, num_token_non_padded=n)
+        assert torch.equal(ids, rids), f"replay with T'={n}"
+        torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
