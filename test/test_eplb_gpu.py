@@ -1,0 +1,89 @@
+"""ExpertComputeProfiler with real CUDA events (core code only; no sglang)."""
+
+import pytest
+import torch
+
+from sglang_moe_routing.eplb.profiler import ExpertComputeProfiler
+
+pytestmark = pytest.mark.gpu
+
+
+def _busy(ms: float = 50.0) -> None:
+    """Keep the GPU busy for a while without the host waiting."""
+    if hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(int(ms * 1e6))  # ~1 GHz cycles
+    else:  # pragma: no cover
+        x = torch.randn(4096, 4096, device="cuda")
+        for _ in range(int(ms)):
+            x = x @ x
+            x /= x.norm()
+
+
+def _experts(num_experts, hidden, inter, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(hidden, inter, device="cuda", dtype=dtype, generator=g) / hidden**0.5 for _ in range(num_experts)]
+
+
+def test_cuda_events_are_not_waited_for():
+    prof = ExpertComputeProfiler(1, 4, warmup_steps=0)
+    w = _experts(4, 256, 256, torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with prof.kernel(0, torch.ones(4, device="cuda", dtype=torch.int32)):  # warm the pinned-memory cache
+        x @ w[0]
+    torch.cuda.synchronize()
+    assert prof.poll() == 1
+    prof.reset_statistics()
+    # made before the GPU is busy: a blocking host-to-device copy would wait for the sleep
+    counts = torch.tensor([64, 0, 64, 64], device="cuda", dtype=torch.int32)
+    torch.cuda.synchronize()
+    prof.begin_step()
+    _busy(200)
+    with prof.kernel(0, counts):
+        for e in (0, 2, 3):
+            x @ w[e]
+    prof.end_step()  # polls: the GPU is still sleeping, so nothing may be read yet
+    assert prof.num_pending == 1
+    assert prof.get_statistics_summary()["samples"] == 0
+    torch.cuda.synchronize()
+    assert prof.poll() == 1
+    s = prof.get_statistics_summary()
+    assert s["tokens"][0].tolist() == [64.0, 0.0, 64.0, 64.0]  # counts came back from the device
+
+
+def test_fitted_costs_track_real_kernel_times():
+    """Two expert classes (hidden 1024 vs 2048 weights, run as separate launches): the fitted
+    per-token cost of the bigger class is clearly larger, and predictions follow measurements."""
+    torch.manual_seed(0)
+    E = 8
+    prof = ExpertComputeProfiler(1, E, warmup_steps=3, num_classes=2, tile_sizes=(1, 64, 128))
+    prof.set_expert_classes(0, [0] * 4 + [1] * 4)
+    w = {0: _experts(4, 1024, 1024, torch.bfloat16), 1: _experts(4, 2048, 2048, torch.bfloat16)}
+    xs = {0: torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16),
+          1: torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)}
+    def run(cls, c):
+        for j in range(4):
+            n = int(c[j])
+            if n:
+                xs[cls][:n] @ w[cls][j]
+
+    for step in range(43):
+        profiled = prof.begin_step()
+        counts = torch.randint(0, 4096, (E,))
+        counts[torch.rand(E) < 0.2] = 0
+        for cls in (0, 1):
+            ids = torch.arange(4) + 4 * cls
+            c = counts[ids]
+            if profiled:  # as the MoE hook does: events only on profiled passes
+                with prof.kernel(0, c.cuda(), expert_ids=ids.cuda(), expert_class=cls):
+                    run(cls, c)
+            else:
+                run(cls, c)
+        prof.end_step()
+    torch.cuda.synchronize()
+    prof.poll(block=True)
+    models = prof.get_cost_model(0)
+    assert models[0].samples == 40 and models[1].samples == 40  # warm-up passes skipped
+    per_tok = {c: models[c].b_ms / models[c].tile for c in (0, 1)}
+    assert per_tok[1] > 2.0 * per_tok[0], models  # 4x the FLOPs per token
+    w_share = prof.get_expert_compute_weights(0, torch.full((E,), 2048.0))
+    assert float(w_share[4:].sum()) > 0.7
