@@ -1,6 +1,7 @@
 """ExpertComputeProfiler: statistics and fitted cost models on synthetic event timings."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -320,3 +321,89 @@ def test_noise_does_not_turn_linear_costs_into_padded_ones():
     cost = prof.get_adjusted_expert_load(tokens).double()
     ratio = cost[tokens > 0] / tokens[tokens > 0]
     assert float(ratio.max() - ratio.min()) <= 1e-6 * float(ratio.mean())
+
+
+class _Timeline:
+    """A host clock and one device stream (ms): launches start when both the host has issued
+    them and the stream is free; ``sync`` makes the host wait for the stream."""
+
+    def __init__(self):
+        self.host = 0.0
+        self.stream = 0.0
+
+    def launch(self, device_ms, host_ms):
+        self.host += host_ms
+        self.stream = max(self.stream, self.host) + device_ms
+
+    def sync(self):
+        self.host = max(self.host, self.stream)
+
+    def event_class(self):
+        tl = self
+
+        class TimelineEvent:
+            def __init__(self, enable_timing=True):
+                self.t = None
+
+            def record(self, stream=None):
+                tl.host += 0.002
+                self.t = tl.stream = max(tl.stream, tl.host)
+
+            def query(self):
+                return self.t is not None and self.t <= tl.host
+
+            def synchronize(self):
+                tl.host = max(tl.host, self.t)
+
+            def elapsed_time(self, end):
+                assert self.query() and end.query(), "read before completion"
+                return end.t - self.t
+
+        return TimelineEvent
+
+
+@pytest.mark.parametrize("host_ahead", [True, False])
+def test_pipeline_on_device_timeline_and_host_bound_regions(host_ahead):
+    """The GPU test's loop on a simulated stream: per-pass records -> poll -> fit. With the
+    host ahead of the device the events time kernels only and the fit is exact; with the
+    stream drained before each region (a host sync) the events also time the host's launches
+    and stalls, every sample is flagged host-bound, and the per-token cost is lost."""
+    tl = _Timeline()
+    g = torch.Generator().manual_seed(0)
+    E, per_tok = 8, {0: 4e-6, 1: 16e-6}  # ms per token; 3 us per launch on the device
+    prof = ExpertComputeProfiler(
+        1, E, warmup_steps=3, num_classes=2, tile_sizes=(1, 64, 128), event_factory=tl.event_class()
+    )
+    prof.set_expert_classes(0, [0] * 4 + [1] * 4)
+    for step in range(43):
+        profiled = prof.begin_step()
+        if host_ahead:
+            tl.launch(25.0, 0.01)  # earlier work keeps the device busy
+        counts = torch.randint(0, 4096, (E,), generator=g)
+        counts[torch.rand(E, generator=g) < 0.2] = 0
+        for cls in (0, 1):
+            ids = torch.arange(4) + 4 * cls
+            if not host_ahead:
+                tl.sync()
+            with prof.kernel(0, counts[ids], expert_ids=ids, expert_class=cls) if profiled else nullcontext():
+                for j, n in enumerate(counts[ids].tolist()):
+                    if n:  # launch overhead, and now and then a first-call stall of milliseconds
+                        tl.launch(0.003 + per_tok[cls] * n, 0.015 + (5.0 if (step + j) % 7 == 0 else 0.0))
+        prof.end_step()
+        if host_ahead and profiled:
+            assert prof.num_pending > 0  # the device is behind: nothing waited for
+    tl.sync()
+    prof.poll(block=True)
+    s = prof.get_statistics_summary()
+    m = prof.get_cost_model(0)
+    assert m[0].samples == m[1].samples == 40
+    if host_ahead:
+        assert s["host_bound"] == 0
+        for c in (0, 1):
+            assert m[c].tile == 1
+            assert m[c].b_ms == pytest.approx(per_tok[c], rel=1e-6)
+            assert m[c].a_ms == pytest.approx(0.003, rel=1e-6)
+    else:
+        assert s["host_bound"] == 80
+        assert m[1].b_ms / m[1].tile < 2.0 * m[0].b_ms / m[0].tile + 1e-9  # the GPU test's failure
+    assert ("host_bound=%d" % s["host_bound"]) in prof.format_summary()

@@ -32,6 +32,21 @@ at the end of each forward pass) reads only samples whose copy event reports don
 ``interval`` after ``warmup_steps`` passes. Samples pending for too long (more than
 ``max_pending``) are dropped and counted, never waited for.
 
+What an event pair measures
+---------------------------
+The time between two events is the device's timeline between them: kernel time *plus any
+time the device sat idle waiting for the host* to enqueue the next launch. When the host is
+ahead of the device (the usual case in a loaded server) the region's launches are all queued
+before the device reaches the start event and the time is pure kernel time. When the stream
+was drained just before the region (a host sync: ``.item()``, a pageable ``.cuda()`` copy,
+``torch.cuda.synchronize()``), the time also counts the host's work inside the region: Python
+and launch overhead, caching-allocator ``cudaMalloc``, first-call cuBLAS heuristics and lazy
+kernel loading (milliseconds). Right after the end event is recorded :meth:`record_kernel`
+asks the start event (``query()``, no wait) whether the device has already passed it; such
+samples are counted as ``host_bound`` in :meth:`get_statistics_summary`. They are still fitted:
+a constant launch overhead only moves ``c``, but many host-bound samples mean the fitted costs
+follow the host, not the kernels.
+
 Statistics are additive tensors (normal equations and per-expert sums), so ranks merge them
 with one all-reduce (:meth:`all_reduced`) and every rank then derives identical costs.
 """
@@ -116,6 +131,7 @@ class _Pending:
     ready: Any
     counts: torch.Tensor
     expert_ids: Optional[torch.Tensor]
+    host_bound: bool = False
 
 
 def _check_int(name: str, v: Any, lo: int, hi: Optional[int] = None) -> int:
@@ -187,6 +203,7 @@ class ExpertComputeProfiler:
 
         self._pending: Deque[_Pending] = deque()
         self._dropped = 0
+        self._host_bound = 0
         self._step = 0
         self._profiled_steps = 0
         self._active = False
@@ -271,8 +288,10 @@ class ExpertComputeProfiler:
     ) -> None:
         """Queue a sample whose time is ``start_event.elapsed_time(end_event)``.
 
-        The token counts (and ids) are copied to host memory asynchronously; a third event
-        marks the copy done. Nothing here waits for the device.
+        Call it right after recording ``end_event``: the sample is marked host-bound when the
+        device has already passed ``start_event`` (see the module docstring). The token counts
+        (and ids) are copied to host memory asynchronously; a third event marks the copy done.
+        Nothing here waits for the device.
         """
         _check_int("layer", layer, 0, self.num_layers)
         _check_int("expert_class", expert_class, 0, self.num_classes)
@@ -288,12 +307,13 @@ class ExpertComputeProfiler:
                 f"expert_ids shape {tuple(expert_ids.shape)} != token_counts shape "
                 f"{tuple(token_counts.shape)}"
             )
+        host_bound = _device_reached(start_event)
         counts_host = _to_host_async(token_counts)
         ids_host = _to_host_async(expert_ids) if expert_ids is not None else None
         ready = self.new_event(False)
         ready.record()
         self._pending.append(
-            _Pending(layer, expert_class, start_event, end_event, ready, counts_host, ids_host)
+            _Pending(layer, expert_class, start_event, end_event, ready, counts_host, ids_host, host_bound)
         )
         while len(self._pending) > self.max_pending:
             self._pending.popleft()
@@ -312,6 +332,7 @@ class ExpertComputeProfiler:
                 rec.ready.synchronize()
             ms = float(rec.start.elapsed_time(rec.end))
             self._pending.popleft()
+            self._host_bound += int(rec.host_bound)
             ids = rec.expert_ids if rec.expert_ids is not None else torch.arange(self.num_experts)
             g = rec.counts.numel()
             batches.setdefault(g, []).append((rec.layer, rec.expert_class, ms, rec.counts, ids))
@@ -623,6 +644,7 @@ class ExpertComputeProfiler:
             "samples": int(self._nsamp.sum()),
             "pending": len(self._pending),
             "dropped": self._dropped,
+            "host_bound": self._host_bound,
             "fits": {
                 l: {c: fits[(l, c)] for c in range(self.num_classes)} for l in range(self.num_layers)
             },
@@ -642,7 +664,7 @@ class ExpertComputeProfiler:
         fitted = [f for d in s["fits"].values() for f in d.values() if f.source != "default"]
         head = (
             f"steps={s['steps']} profiled={s['profiled_steps']} samples={s['samples']} "
-            f"pending={s['pending']} dropped={s['dropped']}"
+            f"pending={s['pending']} dropped={s['dropped']} host_bound={s['host_bound']}"
         )
         if not fitted:
             return head + " (no fit yet: costs = token counts)"
@@ -658,6 +680,7 @@ class ExpertComputeProfiler:
             t.zero_()
         self._pending.clear()
         self._dropped = 0
+        self._host_bound = 0
         self._profiled_steps = 0
         self._fit_cache = None
 
@@ -695,6 +718,14 @@ class ExpertComputeProfiler:
         if off != flat.numel():
             raise ValueError(f"statistics size mismatch: {flat.numel()} != {off}")
         return other
+
+
+def _device_reached(start_event: Any) -> bool:
+    """Whether the device has already passed ``start_event`` (non-blocking ``query()``).
+    Host-clock events measure host time by construction and are never flagged."""
+    if isinstance(start_event, HostEvent):
+        return False
+    return bool(start_event.query())
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:
