@@ -10,6 +10,12 @@ n=512, T=4096, k=8, and writes ``bench_omni.png`` / ``.csv`` / ``.json`` to ``--
   python3 benchmark/bench_omni.py --out /tmp/omni_bench            # everything
   python3 benchmark/bench_omni.py --quick                          # goal shape only
   python3 benchmark/bench_omni.py --autotune --precompile 14       # tuned configs
+  SGLANG_MOE_OMNI_FWD_VARIANT=reg python3 benchmark/bench_omni.py --quick   # reg as 'ours'
+
+``--quick`` (and ``--variants``) first prints a forward-variants table: the default
+heuristic kernel vs the persistent register variant (MODE_REG) in several configs, beside a
+no-op graph replay and a memory yardstick kernel (read x, y, write outputs) timed the same
+way, at n=512/k=8 (T=4096, 16384, 128), n=1024/k=32 and n=128/k=8.
 
 Our kernels run with the heuristic (default) configs; ``--autotune`` times every
 candidate config per shape instead (``SGLANG_MOE_OMNI_AUTOTUNE=1``, CUDA-graph replay)
@@ -244,6 +250,79 @@ def tuning_report(log, detail_shapes) -> Dict[str, list]:
     return out
 
 
+# ----------------------------------------------------------------------------- forward variants
+
+# MODE_REG configs timed beside the default (block_t, num_warps, progs_per_sm, pruned grid);
+# test_omni_gpu.py checks the same list against the reference.
+REG_VARIANTS = [(1, 1, 16, True), (1, 1, 8, True), (2, 1, 8, True), (1, 1, 16, False)]
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _yardstick_kernel(x_ptr, y_ptr, w_ptr, ids_ptr, T, n, stride, K: tl.constexpr,
+                          BLOCK_T: tl.constexpr, NP: tl.constexpr):
+        """Memory yardstick: read x and y once, write [T, K] weights and ids once (row max,
+        no selection): the best time any forward can reach under this timing method."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, NP)
+        m = (rows < T)[:, None] & (cols < n)[None, :]
+        off = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+        v = tl.max(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32), axis=1)
+        v += tl.max(tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32), axis=1)
+        kk = tl.arange(0, K)[None, :]
+        om = (rows < T)[:, None] & (kk < K)
+        o = rows.to(tl.int64)[:, None] * K + kk
+        tl.store(w_ptr + o, (v[:, None] + kk).to(w_ptr.dtype.element_ty), mask=om)
+        tl.store(ids_ptr + o, (v[:, None] + kk).to(tl.int64), mask=om)
+except Exception:  # pragma: no cover
+    _yardstick_kernel = None
+
+
+def variants_table(log, shapes) -> List[dict]:
+    """Forward only, preallocated outputs, one kernel per CUDA graph, L2 flushed: the
+    default heuristic config vs the MODE_REG configs; plus a no-op graph (fixed cost of
+    a replay under this timing method) and the memory yardstick kernel."""
+    rows = []
+    log("\nforward variants (us; CUDA graph of one kernel, L2 flushed, median); bf16; "
+        "floor = HBM bytes / 3.0 TB/s; yard = read x, y + write outputs, no selection")
+    log(f"{'n':>5} {'k':>3} {'T':>6} | {'noop':>5} {'yard':>5} {'floor':>5} | {'variant':<44} "
+        f"{'us':>6} {'/floor':>6} {'/yard':>6}")
+    for n, k, T in shapes:
+        x, y = make_inputs(T, n)
+        w = torch.empty(T, k, dtype=x.dtype, device="cuda")
+        ids = torch.empty(T, k, dtype=torch.int64, device="cuda")
+        dev = x.device
+        noop_t = time_ms(graphed(lambda: ids[:1, :1].zero_())[0]) * 1e3
+        yard_t = None
+        if _yardstick_kernel is not None:
+            NP = max(16, triton.next_power_of_2(n))
+            bt = max(1, min(16, 4096 // NP))
+            grid = (triton.cdiv(T, bt),)
+            yard = lambda: _yardstick_kernel[grid](x, y, w, ids, T, n, x.stride(0), K=k, BLOCK_T=bt, NP=NP)
+            yard()
+            yard_t = time_ms(graphed(yard)[0]) * 1e3
+        floor = hbm_floor_us(T, n, k)[0]
+        cfgs = [("default " + str(tk.fwd_config(n, k, T, dev)), tk.fwd_config(n, k, T, dev))]
+        for bt, nw, pps, pr in REG_VARIANTS:
+            c = tk.fwd_config_reg(n, k, T, dev, block_t=bt, num_warps=nw, progs_per_sm=pps, pruned=pr)
+            cfgs.append((f"reg bt={bt} nw={nw} pps={pps} {'pruned' if pr else 'fullgrid'}", c))
+        for name, cfg in cfgs:
+            try:
+                fn = lambda c=cfg: tk._launch_fwd(x, y, k, False, w, ids, c)
+                fn()
+                torch.cuda.synchronize()
+                tt = time_ms(graphed(fn)[0]) * 1e3
+            except Exception as exc:  # report and go on
+                log(f"  {name}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            rows.append(dict(n=n, k=k, T=T, variant=name, us=tt, noop_us=noop_t, yard_us=yard_t, floor_us=floor))
+            log(f"{n:>5} {k:>3} {T:>6} | {noop_t:5.2f} {fmt(yard_t):>5} {floor:5.2f} | {name[:44]:<44} "
+                f"{tt:6.2f} {tt / floor:5.2f}x {ratio(tt, yard_t):>6}")
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -294,6 +373,9 @@ def main() -> int:
                     help="compile all kernels first in this many processes")
     ap.add_argument("--max-seconds", type=float, default=1e9, help="stop measuring after this long")
     ap.add_argument("--impls", default="naive,pruned,triton")
+    ap.add_argument("--variants", action="store_true",
+                    help="time the forward variants (default vs MODE_REG configs); on with --quick")
+    ap.add_argument("--variants-goal-only", action="store_true", help="variants table at the goal shape only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_omni.py needs a CUDA GPU")
@@ -322,6 +404,11 @@ def main() -> int:
     shapes = [goal] if args.quick else [goal] + [s for s in itertools.product(NS, KS, TS) if s != goal]
     if args.precompile:
         precompile(needed_specs(shapes, args.autotune), args.precompile)
+
+    variants = []
+    if args.quick or args.variants:  # first: this table decides the default forward variant
+        vshapes = [goal, (512, 8, 16384), (512, 8, 128), (1024, 32, 4096), (128, 8, 4096)]
+        variants = variants_table(log, vshapes[:1] if args.variants_goal_only else vshapes)
 
     impls = args.impls.split(",")
     results = []
@@ -369,7 +456,7 @@ def main() -> int:
         log(f"  backward / forward: {'-' if br is None else f'{br:.2f}'} (goal <= 1.5) "
             f"{'PASS' if br is not None and br <= 1.5 else 'FAIL'}")
     with open(os.path.join(args.out, "bench_omni.json"), "w") as f:
-        json.dump(dict(device=props.name, results=results, sweeps=sweeps), f, indent=1)
+        json.dump(dict(device=props.name, results=results, sweeps=sweeps, variants=variants), f, indent=1)
     if results:
         with open(os.path.join(args.out, "bench_omni.csv"), "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(results[0].keys()))

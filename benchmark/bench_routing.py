@@ -9,7 +9,11 @@ Methods (same GPU, same bf16 logits, each captured in its own CUDA graph and rep
   ec_ref        the dense expert-choice algorithm in torch (``reference.py``)
   ec_triton     our expert-choice Triton kernels
   ec_cuda       our expert-choice CUDA kernels (default variant, programmatic dependent launch)
-  ec_cuda_vN    the same with implementation variant N (see cuda.DEFAULT_VARIANT)
+  ec_cuda_vN    the same with implementation variant N (see cuda.DEFAULT_VARIANT); by default
+                N in 31 (one launch, cluster of 8), 63 (cluster of 16), 79 (three launches,
+                short-column warp select), 143 (FAST select), 223 (one launch for T <= 1024,
+                else short-column select, else FAST select);
+                ``--variants 31,79`` or ``$SGLANG_MOE_EC_BENCH_VARIANTS`` to change
 
 Timing: 20 back-to-back calls (5 at T > 8192) are captured in one CUDA graph, as a model's
 layers sit in one decode graph; the graph is replayed in a timed loop and the median over 5
@@ -45,6 +49,7 @@ T_VALUES = [1, 32, 128, 1024, 8192, 32768]
 E_VALUES = [8, 64, 128, 256]
 K_VALUES = [2, 8]
 CF = 1.25
+VARIANTS = (31, 63, 79, 143, 223)
 
 
 def torch_token_choice(logits: torch.Tensor, k: int):
@@ -105,7 +110,7 @@ def time_graph(fn, inner: int = 20, min_ms: float = 10.0, repeats: int = 5) -> f
     return statistics.median(samples)
 
 
-def build_methods(logits, k, skip):
+def build_methods(logits, k, skip, variants=VARIANTS):
     from sglang_moe_routing.expert_choice import cuda as ec_cuda
     from sglang_moe_routing.expert_choice import triton_kernel as ec_triton
 
@@ -127,7 +132,7 @@ def build_methods(logits, k, skip):
     m["ec_cuda"] = lambda: ec_cuda.expert_choice_topk_cuda(
         logits, k, CF, num_token_non_padded=n_dev)
     # Implementation variants (cuda.DEFAULT_VARIANT documents the bits).
-    for v in (0, 7):
+    for v in variants:
         m[f"ec_cuda_v{v}"] = (lambda v=v: ec_cuda.expert_choice_topk_cuda(
             logits, k, CF, num_token_non_padded=n_dev, variant=v))
     return m
@@ -197,6 +202,9 @@ def main():
     ap.add_argument("--out", default="benchmark/out")
     ap.add_argument("--quick", action="store_true", help="fewer points (T<=8192, E in 64, 256)")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--variants", default=os.environ.get("SGLANG_MOE_EC_BENCH_VARIANTS"),
+                    help="comma-separated CUDA variants timed as extra columns (default "
+                         + ",".join(map(str, VARIANTS)) + ")")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG from a results file")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -207,6 +215,8 @@ def main():
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"# device: {dev}; torch {torch.__version__}")
+    variants = VARIANTS if not args.variants else tuple(
+        int(v) for v in args.variants.split(",") if v.strip())
     t_values = [t for t in T_VALUES if not args.quick or t <= 8192]
     e_values = [e for e in E_VALUES if not args.quick or e in (64, 256)]
     results = []
@@ -217,7 +227,7 @@ def main():
                 logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
                 row = {"T": T, "E": E, "k": k, "us": {}}
                 inner = 20 if T <= 8192 else 5
-                for name, fn in build_methods(logits, k, skip=()).items():
+                for name, fn in build_methods(logits, k, skip=(), variants=variants).items():
                     try:
                         row["us"][name] = time_graph(fn, inner=inner)
                     except Exception as exc:  # noqa: BLE001
@@ -250,6 +260,32 @@ def main():
         goals["within_1.2x_fused_tc"].append((r["T"], r["E"], r["k"], c <= 1.2 * ft))
     table = "\n".join(lines)
     print("\n" + table)
+
+    # Variant columns: which implementation setting should become the default, per point.
+    vnames = ["ec_cuda"] + [f"ec_cuda_v{v}" for v in variants]
+    vlines = ["| T | E | k | fused TC | " + " | ".join(vnames) + " | best | best/fusedTC |",
+              "|" + "---|" * (len(vnames) + 6)]
+    vgoals = {n: [0, 0, 0] for n in vnames}  # (within 1.2x fused TC, <= default, points)
+    for r in results:
+        u = r["us"]
+        ft = u.get("fused_tc", float("nan"))
+        have = {n: u[n] for n in vnames if n in u}
+        if not have:
+            continue
+        best = min(have, key=have.get)
+        for n, v in have.items():
+            vgoals[n][0] += v <= 1.2 * ft
+            vgoals[n][1] += v <= u.get("ec_cuda", float("inf")) * 1.02
+            vgoals[n][2] += 1
+        vlines.append(f"| {r['T']} | {r['E']} | {r['k']} | {ft:.1f} | "
+                      + " | ".join(f"{u[n]:.1f}" if n in u else "-" for n in vnames)
+                      + f" | {best.replace('ec_cuda_', '') if best != 'ec_cuda' else 'default'}"
+                      + f" | {have[best] / ft:.2f} |")
+    vtable = "\n".join(vlines)
+    print("\n# CUDA implementation variants (us; default = cuda.DEFAULT_VARIANT)\n" + vtable)
+    for n, (w12, le, npts) in vgoals.items():
+        print(f"{n}: within 1.2x fused TC at {w12}/{npts}; no slower than default (+2%) at {le}/{npts}")
+    table = table + "\n\n" + vtable
     print("\n# goals (EC CUDA kernel)")
     summary = {}
     for name, checks in goals.items():

@@ -26,8 +26,11 @@ pytestmark = pytest.mark.gpu
 
 BACKENDS = ["cuda", "triton"]
 # "cuda" checks every implementation variant of the CUDA path (see cuda.DEFAULT_VARIANT):
-# all must give the reference's answer.
-CUDA_VARIANTS = (15, 0, 1, 2, 4, 8)
+# all must give the reference's answer. Bits 0-3 (run 3) are checked together (15) and off
+# (0); new: 31 one launch (thread-block cluster of 8) for T <= 1024; 63 the same with 16
+# CTAs; 79 three launches with the short-column warp select (T <= 1024); 143 the FAST
+# select of ec_select.cu; 223 one launch, else short-column select, else FAST select.
+CUDA_VARIANTS = (15, 0, 31, 63, 79, 143, 223)
 T_VALUES = [0, 1, 2, 31, 128, 1000, 8192, 65536]
 E_TO_K = {2: 1, 3: 2, 8: 2, 60: 4, 64: 8, 128: 8, 256: 8, 384: 12, 512: 16}
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
@@ -263,8 +266,13 @@ def test_no_host_sync(backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["auto", "cuda_v0"])
-def test_cuda_graph_replay_changing_num_valid(backend):
+@pytest.mark.parametrize("min_tokens", [0, 32])
+@pytest.mark.parametrize(
+    "backend",
+    BACKENDS + ["auto", "cuda_v0", "cuda_v31", "cuda_v63", "cuda_v79", "cuda_v143", "cuda_v223"],
+)
+def test_cuda_graph_replay_changing_num_valid(backend, min_tokens):
+    """One captured graph replayed with T' crossing min_tokens (hybrid switch on the device)."""
     T, E, k = 256, 64, 8
     g = torch.Generator(device="cuda").manual_seed(11)
     static = torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16)
@@ -272,8 +280,8 @@ def test_cuda_graph_replay_changing_num_valid(backend):
 
     def run():
         if backend == "auto":
-            return expert_choice_topk(static, k, num_token_non_padded=n_dev)
-        return _ec(backend, static, k, num_token_non_padded=n_dev)
+            return expert_choice_topk(static, k, num_token_non_padded=n_dev, min_tokens=min_tokens)
+        return _ec(backend, static, k, num_token_non_padded=n_dev, min_tokens=min_tokens)
 
     if backend == "auto":
         assert resolve_backend(static, k) == "cuda"
@@ -286,11 +294,41 @@ def test_cuda_graph_replay_changing_num_valid(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         w, ids = run()
-    for n in [T, 100, 1, 0, 37, 255, T]:
+    for n in [T, 100, 1, 0, 37, 255, 31, 32, 20, T]:
         static.copy_(torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16))
         n_dev.fill_(n)
         graph.replay()
         torch.cuda.synchronize()
-        rw, rids = expert_choice_topk_reference(static, k, num_token_non_padded=n)
-        assert torch.equal(ids, rids), f"replay with T'={n}"
+        rw, rids = expert_choice_topk_reference(
+            static, k, num_token_non_padded=n, min_tokens=min_tokens)
+        assert torch.equal(ids, rids), f"replay with T'={n}, min_tokens={min_tokens}"
         torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", [31, 63, 223])
+def test_one_launch_limits(variant):
+    """The one-launch kernel at its edges: T = fused_max_t and just above (three launches
+    then), every E at a T where each CTA holds a single row or none, grouped sigmoid + bias
+    at the largest E whose shared memory still fits, and a keysT diagnostic equal to the
+    three-launch path's."""
+    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(13)
+    cases = [(1024, 8, 2, {}), (1025, 8, 2, {}), (300, 64, 8, dict(fused_max_t=300)),
+             (301, 64, 8, dict(fused_max_t=300)), (9, 512, 16, {}), (5, 3, 2, {}),
+             (17, 256, 8, dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4))]
+    for T, E, k, kw in cases:
+        logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
+        kw = dict(kw)
+        if "num_expert_group" in kw:
+            kw["correction_bias"] = torch.randn(E, device="cuda", generator=g) * 0.05
+        fmt = kw.pop("fused_max_t", None)
+        rw, rids = expert_choice_topk_reference(logits, k, 1.25, **kw)
+        w, ids, keys, _ = expert_choice_topk_cuda(logits, k, 1.25, variant=variant,
+                                                  fused_max_t=fmt, return_intermediates=True,
+                                                  **kw)
+        assert torch.equal(ids, rids), (T, E, k, variant)
+        torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
+        _, _, keys15, _ = expert_choice_topk_cuda(logits, k, 1.25, variant=15,
+                                                  return_intermediates=True, **kw)
+        assert torch.equal(keys, keys15), (T, E, k, variant)

@@ -518,3 +518,69 @@ def test_heuristic_configs_are_valid():
                 assert NP // cfg.chunk >= K  # the chunk maxima hold K of them
         assert (tk.fwd_config(n, k, 4096, cpu).mode == tk.MODE_DENSE) == (n < 128)
     assert math.isfinite(tk._t_bucket(10**9))
+
+
+# ----------------------------------------------------------------------------- MODE_REG
+
+REG_CASES = [
+    # (T, n, k, dtype): the persistent register variant (several blocks per program here)
+    (9, 128, 8, torch.float32),
+    (7, 200, 8, torch.bfloat16),
+    (5, 256, 16, torch.float16),
+    (6, 130, 3, torch.float32),
+    (5, 31, 8, torch.bfloat16),
+    (3, 7, 3, torch.float32),
+    (2, 1, 1, torch.float32),
+    (3, 64, 32, torch.bfloat16),  # K > 16: scratch grid either way
+]
+
+
+@pytest.mark.parametrize("T,n,k,dtype", REG_CASES)
+def test_triton_reg_variant_matches_reference(T, n, k, dtype):
+    """MODE_REG, both grids (pruned scratch / full register) and ``lists=1`` (chunk lists
+    run dry at once: the exact fallback path): the reference's answer."""
+    x, y = make_logits(T, n, dtype, device=DEV, seed=T * n + k)
+    rids = omni_router_reference(x, y, k)[1]
+    for lists, pruned in ((4, True), (4, False), (1, True)):
+        cfg = tk.fwd_config_reg(n, k, T, x.device, lists=lists, pruned=pruned)
+        assert cfg.mode == tk.MODE_REG
+        for renorm in (False, True) if (lists, pruned) == (4, True) else (False,):
+            w = torch.full((T, k), float("nan"), device=DEV, dtype=dtype)
+            ids = torch.full((T, k), -1, device=DEV, dtype=torch.int64)
+            tk._launch_fwd(x, y, k, renorm, w, ids, cfg)
+            check_routing(x, y, k, w, ids, renormalize=renorm, ref_ids=rids)
+
+
+def test_triton_reg_variant_chunk_exhaustion_and_nan():
+    """Adversarial rows: the top 8 of x (and y) all in one chunk of 8 columns, so the
+    chunk's 4-entry list runs dry: the program must take the exact fallback. Also a NaN
+    row and ids equal to the default kernel's on every other row."""
+    T, n, k = 6, 128, 8
+    x, y = make_logits(T, n, torch.float32, device=DEV, seed=21)
+    x[0, 16:24] = 10.0 + torch.arange(8, dtype=torch.float32)
+    y[0, 40:48] = 5.0 + torch.arange(8, dtype=torch.float32)
+    x[2, 0:8] = 3.0 + torch.arange(8, dtype=torch.float32) * 0.1
+    x[4, 7] = float("nan")
+    cfg = tk.fwd_config_reg(n, k, T, x.device)
+    assert cfg.chunk == 8
+    w, ids = tk.omni_router_fwd_triton(x, y, k, False, torch.int64, config=cfg)
+    keep = [0, 1, 2, 3, 5]
+    check_routing(x[keep], y[keep], k, w[keep], ids[keep], ref_ids=omni_router_reference(x[keep], y[keep], k)[1])
+    assert bool(torch.isnan(w[4]).all()) and ids[4].unique().numel() == k
+    assert bool(((ids // n)[0] >= 16).all() and ((ids // n)[0] < 24).all())
+    _, dids = tk.omni_router_fwd_triton(x, y, k, False, torch.int64, config=tk.fwd_config(n, k, T, x.device))
+    assert torch.equal(ids[keep], dids[keep])
+
+
+def test_fwd_variant_env_switch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(tk.FWD_VARIANT_ENV, "reg")
+    assert tk.fwd_config(512, 8, 4096, cpu).mode == tk.MODE_REG
+    x, y = make_logits(5, 130, torch.bfloat16, device=DEV, seed=5)
+    w, ids = omni_router(x, y, 8, backend="triton")  # through the custom op
+    check_routing(x, y, 8, w, ids, ref_ids=omni_router_reference(x, y, 8)[1])
+    monkeypatch.setenv(tk.FWD_VARIANT_ENV, "default")
+    assert tk.fwd_config(512, 8, 4096, cpu).mode == tk.MODE_ITER
+    monkeypatch.setenv(tk.FWD_VARIANT_ENV, "fast")
+    with pytest.raises(ValueError, match="SGLANG_MOE_OMNI_FWD_VARIANT"):
+        tk.fwd_config(512, 8, 4096, cpu)

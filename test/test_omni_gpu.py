@@ -198,3 +198,50 @@ def test_auto_backend_is_triton_on_cuda():
     assert resolve_backend(x, 4) == "triton"
     assert resolve_backend(x.double(), 4) == "torch"
     assert resolve_backend(x, 65) == "torch"
+
+
+REG_CONFIGS = [  # (block_t, num_warps, progs_per_sm, pruned): what bench_omni.py --quick times
+    (1, 1, 16, True),
+    (1, 1, 8, True),
+    (2, 1, 8, True),
+    (1, 1, 16, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [1, 8, 32])
+@pytest.mark.parametrize("n", [31, 128, 512, 1024])
+def test_reg_variant_grid(n, k, dtype):
+    """MODE_REG (persistent register variant) == reference for T in TS, poisoned outputs."""
+    if k > n * n:
+        pytest.skip()
+    for T in TS:
+        x, y = make_logits(T, n, dtype, device="cuda", seed=n * 17 + k + T)
+        rids = reference_ids_chunked(x, y, k)
+        for bt, nw, pps, pruned in REG_CONFIGS if (n, dtype) == (512, torch.bfloat16) else REG_CONFIGS[:1]:
+            cfg = tk.fwd_config_reg(n, k, T, x.device, block_t=bt, num_warps=nw, progs_per_sm=pps,
+                                    pruned=pruned)
+            w = torch.full((T, k), float("nan"), device="cuda", dtype=dtype)
+            ids = torch.full((T, k), -1, device="cuda", dtype=torch.int64)
+            tk._launch_fwd(x, y, k, True, w, ids, cfg)
+            check_routing(x, y, k, w, ids, renormalize=True, ref_ids=rids)
+
+
+def test_reg_variant_env_switch_graph_and_fallback(monkeypatch):
+    """SGLANG_MOE_OMNI_FWD_VARIANT=reg through omni_router (custom op) in a CUDA graph;
+    rows built to exhaust a chunk list (exact fallback) mixed with random rows."""
+    monkeypatch.setenv(tk.FWD_VARIANT_ENV, "reg")
+    T, n, k = 4096, 512, 8
+    x, y = make_logits(T, n, torch.bfloat16, device="cuda", seed=77)
+    x[::97, 64:72] = 8.0 + torch.arange(8, device="cuda", dtype=torch.bfloat16)
+    w, ids = omni_router(x, y, k, backend="triton")
+    check_routing(x, y, k, w, ids, ref_ids=reference_ids_chunked(x, y, k))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gw, gids = omni_router(x, y, k, backend="triton")
+    nx, ny = make_logits(T, n, torch.bfloat16, device="cuda", seed=78)
+    x.copy_(nx)
+    y.copy_(ny)
+    g.replay()
+    torch.cuda.synchronize()
+    check_routing(x, y, k, gw, gids, ref_ids=reference_ids_chunked(x, y, k))

@@ -8,6 +8,7 @@
 // threshold is the bin's smallest possible value). The first passes stream the column from
 // global memory; once the candidate bin holds <= CAP tokens they are kept in shared memory.
 #include "ec_device.cuh"
+#include "ec_warp_select.cuh"
 
 namespace ec {
 
@@ -15,7 +16,11 @@ constexpr int kSelectCap = 4096;       // candidates kept in shared memory (defa
 constexpr int kSelectCapLarge = 16384; // variant bit 2, few experts: 128 KB of candidates
 
 // U: column elements each thread loads before using them (memory-level parallelism).
-template <int BITS, int THREADS, int U>
+// FAST (variant bit 7): one min/max pass first, then the radix starts below the bits every
+// eligible key shares (and skips the constant top bits of ~t), so the first digit already
+// spreads; histograms with plain shared atomics instead of __match_any_sync; warp-aggregated
+// candidate appends.
+template <int BITS, int THREADS, int U, bool FAST>
 __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int cand_cap) {
   constexpr int NB = 1 << BITS;
   constexpr int BPT = NB / THREADS;  // bins per thread in the scan
@@ -46,8 +51,56 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
   bool cached = false;
   bool collect = p.T <= cand_cap;
   int shift = 64;
+  int low_bits = 32;  // FAST: bits of ~t that vary over t < T
+  if constexpr (FAST) {
+    __shared__ uint32_t s_mx[NW], s_mn[NW], s_ne[NW];
+    ColStats st;
+    for (int t0 = 0; t0 < p.T; t0 += THREADS * U) {
+      uint32_t kk[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int t = t0 + u * THREADS + tid;
+        kk[u] = t < p.T ? col[t] : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) st.add(kk[u]);
+    }
+    const uint32_t wmx = __reduce_max_sync(kFull, st.mx);
+    const uint32_t wmn = __reduce_min_sync(kFull, st.mn);
+    const uint32_t wne = __reduce_add_sync(kFull, st.ne);
+    if (lane == 0) {
+      s_mx[warp] = wmx;
+      s_mn[warp] = wmn;
+      s_ne[warp] = wne;
+    }
+    __syncthreads();
+    uint32_t mx = 0u, mn = 0xffffffffu, ne = 0u;
+    for (int w = 0; w < NW; ++w) {
+      mx = s_mx[w] > mx ? s_mx[w] : mx;
+      mn = s_mn[w] < mn ? s_mn[w] : mn;
+      ne += s_ne[w];
+    }
+    if (cap >= static_cast<long long>(ne)) {
+      if (tid == 0) p.thr[e] = 1ull;  // every eligible token is picked
+      return;
+    }
+    const int L = (mx == mn) ? 32 : __clz(mx ^ mn);
+    prefix = L == 0 ? 0ull : (static_cast<unsigned long long>(mx >> (32 - L)) << (64 - L));
+    pmask = L == 0 ? 0ull : (~0ull << (64 - L));
+    shift = 64 - L;
+    low_bits = p.T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(p.T - 1));
+  }
   while (true) {
-    const int width = shift < BITS ? shift : BITS;
+    if (FAST && shift == 32) {
+      const unsigned long long fix =
+          low_bits >= 32 ? 0ull : ((0xffffffffull >> low_bits) << low_bits);
+      prefix |= fix;
+      pmask |= fix;
+      shift = low_bits;
+      if (shift == 0) break;
+    }
+    const int lo = (FAST && shift > 32) ? 32 : 0;  // FAST: digits never straddle the words
+    const int width = (shift - lo) < BITS ? (shift - lo) : BITS;
     shift -= width;
     const unsigned long long dmask = (1ull << width) - 1ull;
     for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
@@ -61,8 +114,12 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
           const unsigned long long c = cand[i];
           if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
         }
-        const unsigned peers = __match_any_sync(kFull, bin);
-        if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        if constexpr (FAST) {
+          if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+        } else {
+          const unsigned peers = __match_any_sync(kFull, bin);
+          if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        }
       }
     } else {
       for (int t0 = 0; t0 < p.T; t0 += THREADS * U) {
@@ -81,10 +138,21 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
             c = pick_composite(kk[u], t);
             if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
           }
-          const unsigned peers = __match_any_sync(kFull, bin);
-          if (bin != 0xffffffffu) {
-            if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-            if (collect) cand[atomicAdd(&s_ncand, 1)] = c;
+          if constexpr (FAST) {
+            if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+            if (collect) {  // warp-aggregated append (collect is block-uniform)
+              const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
+              int base = 0;
+              if (want != 0u && lane == __ffs(want) - 1) base = atomicAdd(&s_ncand, __popc(want));
+              base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
+              if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
+            }
+          } else {
+            const unsigned peers = __match_any_sync(kFull, bin);
+            if (bin != 0xffffffffu) {
+              if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+              if (collect) cand[atomicAdd(&s_ncand, 1)] = c;
+            }
           }
         }
       }
@@ -227,26 +295,38 @@ struct LaunchCfg {
   }
 };
 
-template <int BITS, int THREADS, int U>
+template <int BITS, int THREADS, int U, bool FAST = false>
 static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
   if (smem > 48 * 1024) {
     // Once per process (normally before any CUDA-graph capture: the first call is eager).
     static int opted_in = 0;
     if (opted_in < static_cast<int>(smem)) {
-      cudaFuncSetAttribute(ec_select_kernel<BITS, THREADS, U>,
+      cudaFuncSetAttribute(ec_select_kernel<BITS, THREADS, U, FAST>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       opted_in = static_cast<int>(smem);
     }
   }
   LaunchCfg lc(dim3(p.E), dim3(THREADS), smem, pdl, stream);
-  cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U>, p, cand_cap);
+  cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U, FAST>, p, cand_cap);
 }
 
 void launch_select(const Params& p, bool pdl, cudaStream_t stream) {
   if ((p.variant & 2) && p.T <= 256) {
     LaunchCfg lc(dim3((p.E + 7) / 8), dim3(256), 0, pdl, stream);
     cudaLaunchKernelEx(&lc.cfg, ec_select_warp_kernel<8>, p);
+    return;
+  }
+  if ((p.variant & 128) && (p.variant & 4)) {
+    // Variant bit 7: the FAST select (same shapes as bit 2).
+    const bool few = p.E < 132 && p.T > kSelectCap;
+    if (p.T <= 4096) {
+      launch_select_t<8, 256, 4, true>(p, pdl, stream, kSelectCap);
+    } else if (few) {
+      launch_select_t<11, 1024, 4, true>(p, pdl, stream, kSelectCapLarge);
+    } else {
+      launch_select_t<11, 512, 4, true>(p, pdl, stream, kSelectCap);
+    }
     return;
   }
   if (p.variant & 4) {

@@ -29,8 +29,8 @@ import torch
 from sglang_moe_routing.expert_choice.reference import validate_routing_args
 
 _EXT_NAME = "sglang_moe_routing_ec_cuda"
-_SOURCES = ("ec_ops.cpp", "ec_score.cu", "ec_select.cu", "ec_route.cu")
-_DEPS = ("ec_params.h", "ec_device.cuh")
+_SOURCES = ("ec_ops.cpp", "ec_score.cu", "ec_select.cu", "ec_route.cu", "ec_fused.cu")
+_DEPS = ("ec_params.h", "ec_device.cuh", "ec_warp_select.cuh")
 _LOCK = threading.Lock()
 _MODULE = None
 _LOAD_ERROR: Optional[BaseException] = None
@@ -145,11 +145,30 @@ def _pdl_default() -> bool:
 #   bit 1: warp-per-expert select for T <= 256
 #   bit 2: select with batched column loads and a larger candidate buffer for few experts
 #   bit 3: route kernel picks the winning lane with one warp reduction (E >= 32)
+#   bit 4: ONE launch for T <= fused_max_t (``ec_fused.cu``: a thread-block cluster of 8 CTAs
+#          does score -> select -> route with cluster barriers and distributed shared
+#          memory; Hopper only; falls back to the three launches where it does not fit)
+#   bit 5: that cluster has 16 CTAs (non-portable cluster size)
+#   bit 6: three-launch path, T <= 1024: one warp per expert column, private histograms,
+#          common key prefix skipped (``ec_warp_select.cuh``) instead of ``ec_select.cu``
+#   bit 7: with bit 2, ``ec_select.cu``'s FAST select for the longer columns (one min/max pass,
+#          radix starts below the key bits every eligible token shares, plain shared atomics
+#          instead of ``__match_any_sync``, warp-aggregated candidate appends)
+#   bit 8: (set internally with ``return_intermediates``) the one-launch kernel writes keysT
+# To be measured (bench_routing.py columns): 31 = 15 + one launch; 63 = 31 with 16 CTAs;
+# 79 = 15 + short-column select; 143 = 15 + FAST select; 223 = one launch, else
+# short-column select (T <= 1024), else FAST select.
 DEFAULT_VARIANT = 15
+VARIANT_BITS = 0xFF  # bits a caller may set
 
 
 def _variant_default() -> int:
     return int(os.environ.get("SGLANG_MOE_EC_VARIANT", DEFAULT_VARIANT))
+
+
+def _fused_max_t_default() -> int:
+    """Largest T that variant bit 4 runs in one launch (``SGLANG_MOE_EC_FUSED_MAX_T``)."""
+    return int(os.environ.get("SGLANG_MOE_EC_FUSED_MAX_T", 1024))
 
 
 def prepare_num_valid(
@@ -244,13 +263,22 @@ def expert_choice_topk_cuda(
     min_tokens: int = 0,
     pdl: Optional[bool] = None,
     variant: Optional[int] = None,
+    fused_max_t: Optional[int] = None,
     return_intermediates: bool = False,
 ):
     """Expert-choice top-k on the CUDA kernels; same arguments/output as the reference.
 
     ``return_intermediates=True`` also returns ``(keysT [E, T] int32 (uint32 bits),
     thr [E] int64 (uint64 bits))`` for tests.
+    ``variant`` / ``fused_max_t``: implementation switches (identical results), see
+    ``DEFAULT_VARIANT``; default from ``SGLANG_MOE_EC_VARIANT`` / ``SGLANG_MOE_EC_FUSED_MAX_T``.
     """
+    variant = _variant_default() if variant is None else int(variant)
+    if not 0 <= variant <= VARIANT_BITS:
+        raise ValueError(f"expert choice CUDA kernel: variant must be in [0, {VARIANT_BITS}], got {variant}")
+    if return_intermediates:
+        variant |= 256  # the one-launch kernel keeps keysT in shared memory otherwise
+    fused_max_t = _fused_max_t_default() if fused_max_t is None else int(fused_max_t)
     check_common_args(
         router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
         correction_bias, MAX_TOP_K, min_tokens,
@@ -274,7 +302,7 @@ def expert_choice_topk_cuda(
         int(num_expert_group or 0), int(topk_group or 0),
         float(scale), bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
         False, _pdl_default() if pdl is None else bool(pdl),
-        _variant_default() if variant is None else int(variant), int(min_tokens),
+        variant, int(min_tokens), fused_max_t,
     )
     if return_intermediates:
         return w, ids, keys, thr
@@ -314,6 +342,6 @@ def token_choice_topk_cuda(
         0 if scoring_func == "softmax" else 1,
         int(num_expert_group or 0), int(topk_group or 0),
         float(scale), bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
-        True, False, 0, 0,
+        True, False, 0, 0, 0,
     )
     return w, ids

@@ -62,6 +62,10 @@ __all__ = [
     "BwdConfig",
     "triton_supported",
     "fwd_config",
+    "fwd_config_reg",
+    "fwd_variant",
+    "FWD_VARIANT_ENV",
+    "MODE_REG",
     "bwd_config",
     "fwd_config_candidates",
     "bwd_config_candidates",
@@ -99,7 +103,11 @@ def triton_supported(x: torch.Tensor, top_k: int) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- configs
 
-MODE_DENSE, MODE_CHUNK, MODE_ITER = 0, 1, 2
+MODE_DENSE, MODE_CHUNK, MODE_ITER, MODE_REG = 0, 1, 2, 3
+
+#: forward variant switch: unset or ``default`` = the heuristic below; ``reg`` = the
+#: persistent register variant (MODE_REG) for every shape. For side-by-side timing.
+FWD_VARIANT_ENV = "SGLANG_MOE_OMNI_FWD_VARIANT"
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,9 @@ class FwdConfig:
     large n, 1 chunk (bitonic over chunk maxima, then over the best chunks) and 2 iter
     (k pops from the chunk maxima with chunk reloads); ``chunk``: S, columns per chunk
     (modes 1, 2); ``pruned``: top-k over only the ``(a+1)(b+1) <= k`` grid cells (else
-    all ``K x K``).
+    all ``K x K``). Mode 3 (``MODE_REG``, :func:`fwd_config_reg`): persistent programs
+    (``progs_per_sm`` per SM) with register prefetch of the next token block, per-chunk
+    sorted lists of ``lists`` keys and pops without memory reloads (``chunk`` = S).
     """
 
     block_t: int  # tokens per program
@@ -118,6 +128,8 @@ class FwdConfig:
     mode: int = MODE_DENSE
     chunk: int = 2
     pruned: bool = True
+    progs_per_sm: int = 0  # MODE_REG: resident programs per SM of the persistent grid
+    lists: int = 4  # MODE_REG: sorted keys kept per chunk (M = min(K, lists))
 
 
 @dataclass(frozen=True)
@@ -194,13 +206,58 @@ def _shrink_for_occupancy(block_t: int, T: int, sms: int) -> int:
     return block_t
 
 
+def fwd_variant() -> str:
+    """The forward variant picked by ``SGLANG_MOE_OMNI_FWD_VARIANT`` (``default``|``reg``)."""
+    v = os.environ.get(FWD_VARIANT_ENV, "default").strip().lower() or "default"
+    if v not in ("default", "reg"):
+        raise ValueError(f"{FWD_VARIANT_ENV} must be 'default' or 'reg', got {v!r}")
+    return v
+
+
+def _reg_chunk(n: int, top_k: int) -> int:
+    """Chunk size S of MODE_REG: 8 columns (one 16-byte bf16 vector) and at most 64
+    chunks per row (the pop is a max over the chunk heads)."""
+    NP, _ = _dims(n, top_k)
+    return min(NP, max(8, NP // 64))
+
+
+def fwd_config_reg(
+    n: int,
+    top_k: int,
+    T: int,
+    device: torch.device,
+    block_t: int = 1,
+    num_warps: int = 1,
+    progs_per_sm: int = 16,
+    lists: int = 4,
+    pruned: bool = True,
+) -> FwdConfig:
+    """MODE_REG configuration. Default: one token per one-warp program iteration, 16
+    resident programs per SM (16 warps/SM: room for <= 128 registers per thread), so a
+    T=4096 batch is ~2 iterations per program (the second block's rows are in flight
+    while the first is selected). ``pruned``: grid of the ``(a+1)(b+1) <= k`` cells via
+    a per-token scratch (static SASS, bf16 n=512 k=8: 1016 instructions, 128 registers)
+    rather than the full ``K x K`` register grid (1888, 134 registers; only K <= 16)."""
+    NP, K = _dims(n, top_k)
+    if _interpreting():  # several tokens per block and few programs: the loop runs
+        return FwdConfig(min(4, _next_pow2(max(T, 1))), 4, MODE_REG, _reg_chunk(n, top_k),
+                         pruned, progs_per_sm=1, lists=lists)
+    return FwdConfig(block_t, num_warps, MODE_REG, _reg_chunk(n, top_k), pruned,
+                     progs_per_sm=progs_per_sm, lists=lists)
+
+
 def fwd_config(n: int, top_k: int, T: int, device: torch.device) -> FwdConfig:
     """Heuristic forward configuration (used when autotuning is off).
+
+    ``SGLANG_MOE_OMNI_FWD_VARIANT=reg`` returns :func:`fwd_config_reg` instead (every
+    shape), for side-by-side timing of the persistent register variant.
 
     ``n < 128``: dense variant; ``n >= 128``: the split variant MODE_ITER. Block sizes
     come from static SASS counts (notes in ``benchmark/NOTES_omni.md``): the per-token
     tensors are small, so few warps per program and a few tokens per program are best.
     """
+    if fwd_variant() == "reg":
+        return fwd_config_reg(n, top_k, T, device)
     NP, K = _dims(n, top_k)
     mode = MODE_DENSE if n < 128 else MODE_ITER
     chunk = _default_chunk(n, top_k, mode)
@@ -234,6 +291,7 @@ def fwd_config_candidates(n: int, top_k: int, T: int, device: torch.device) -> L
         out += [FwdConfig(bt, nw, MODE_ITER, s_it, pruned) for bt in (1, 2, 4) for nw in nws]
         out += [FwdConfig(bt, 1, MODE_CHUNK, s_ch, pruned) for bt in (1, 2)]
         out += [FwdConfig(2, 1, MODE_ITER, s, pruned) for s in (s_it // 2, s_it * 2) if 2 <= s <= NP]
+        out += [fwd_config_reg(n, top_k, T, device)]
     else:
         out += [FwdConfig(bt, nw, MODE_DENSE, 2, pruned) for bt in (4, 8, 16) for nw in (1, 2, 4)]
         s_it = _default_chunk(n, top_k, MODE_ITER)
@@ -250,7 +308,7 @@ def _fits_registers(cfg: FwdConfig, NP: int, P: int) -> bool:
     """Keep candidates whose largest per-program tile stays within ~64 32-bit registers
     per thread (the int64 grid keys count twice): bigger ones spill and can take ptxas
     minutes to compile."""
-    row = NP if cfg.mode == MODE_DENSE else NP // 2
+    row = NP if cfg.mode in (MODE_DENSE, MODE_REG) else NP // 2
     return cfg.block_t * max(row, 2 * P) <= 64 * 32 * cfg.num_warps
 
 
@@ -571,6 +629,238 @@ if HAS_TRITON:
         tl.store(w_ptr + rows[:, None] * stride_w + slot, w.to(w_ptr.dtype.element_ty), mask=om)
         tl.store(ids_ptr + rows[:, None] * stride_ids + slot, ids.to(ids_ptr.dtype.element_ty), mask=om)
 
+    # ------------------------------------------------------------------ MODE_REG (3)
+    # Sentinels of the register variant: the type minimum (so max/min with an unused
+    # list entry folds away) and the "list exhausted, the chunk may hold more" marker.
+    _RMIN32 = tl.constexpr(-2147483648)
+    _REXH32 = tl.constexpr(-2147483647)
+    _RMIN64 = tl.constexpr(-9223372036854775808)
+    _REXH64 = tl.constexpr(-9223372036854775807)
+
+    @triton.jit
+    def _merge_top2(a1, a2, b1, b2):
+        """Top 2 (sorted) of two sorted 2-lists: the r-th largest of the union is
+        ``max over i + j = r of min(a_i, b_j)`` (``a_0 = b_0 = +inf``)."""
+        return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+    @triton.jit
+    def _merge_top4(a1, a2, a3, a4, b1, b2, b3, b4):
+        """Top 4 (sorted) of two sorted 4-lists (same rule as :func:`_merge_top2`)."""
+        c1 = tl.maximum(a1, b1)
+        c2 = tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+        c3 = tl.maximum(tl.maximum(a3, b3), tl.maximum(tl.minimum(a1, b2), tl.minimum(a2, b1)))
+        c4 = tl.maximum(
+            tl.maximum(a4, b4),
+            tl.maximum(tl.minimum(a1, b3), tl.maximum(tl.minimum(a2, b2), tl.minimum(a3, b1))),
+        )
+        return c1, c2, c3, c4
+
+    @triton.jit
+    def _reg_keys(v, m, col, IS16: tl.constexpr, IS_BF16: tl.constexpr, MINK: tl.constexpr):
+        """Packed keys of a ``[BLOCK_T, W, S]`` tile (``MINK`` where masked) and the
+        per-token NaN flag."""
+        if IS16:
+            if IS_BF16:
+                INF: tl.constexpr = 0x7F80
+            else:
+                INF: tl.constexpr = 0x7C00
+        else:
+            INF: tl.constexpr = 0x7F800000
+        key, mag = _keys_of(v, _col_lo(col, IS16), IS16)
+        key = tl.where(m, key, MINK)
+        row_nan = tl.max(tl.max(tl.where(m, mag, 0), axis=2), axis=1) > INF
+        return key, row_nan
+
+    @triton.jit
+    def _reg_lists(key, M: tl.constexpr, K: tl.constexpr, MINK: tl.constexpr, EXH: tl.constexpr):
+        """Per chunk (axis 2 of ``key [BLOCK_T, W, S]``, in-thread): the ``M`` largest
+        keys sorted, ``h1 >= h2 >= h3 >= h4`` (``[BLOCK_T, W]``, unused entries
+        ``MINK``), and ``more``: the value that enters the list once its ``M`` entries
+        are popped (``EXH`` if the chunk may hold further keys, i.e. the list is full and
+        ``M < K``; else ``MINK``)."""
+        lo = tl.full(key.shape, MINK, key.dtype)
+        lo2 = tl.full([key.shape[0], key.shape[1]], MINK, key.dtype)
+        if M == 1:
+            h1 = tl.max(key, axis=2)
+            h2 = lo2
+            h3 = lo2
+            h4 = lo2
+            hm = h1
+        elif M == 2:
+            h1, h2 = tl.reduce((key, lo), 2, _merge_top2)
+            h3 = lo2
+            h4 = lo2
+            hm = h2
+        else:
+            h1, h2, h3, h4 = tl.reduce((key, lo, lo, lo), 2, _merge_top4)
+            hm = h4
+        if M >= K:
+            more = lo2
+        else:
+            more = tl.where(hm > MINK, EXH, MINK)
+        return h1, h2, h3, h4, more
+
+    @triton.jit
+    def _reg_pop(h1, h2, h3, h4, more, M: tl.constexpr):
+        """Pop the best key of each token (max of the chunk heads, a warp reduction),
+        shift that chunk's list up by one."""
+        best = tl.max(h1, axis=1)
+        hit = h1 == best[:, None]  # keys are unique: one chunk per token
+        if M == 1:
+            h1 = tl.where(hit, more, h1)
+        elif M == 2:
+            h1 = tl.where(hit, h2, h1)
+            h2 = tl.where(hit, more, h2)
+        else:
+            h1 = tl.where(hit, h2, h1)
+            h2 = tl.where(hit, h3, h2)
+            h3 = tl.where(hit, h4, h3)
+            h4 = tl.where(hit, more, h4)
+        return best, h1, h2, h3, h4
+
+    @triton.jit
+    def _reg_exact(key, kk, npop, MINK: tl.constexpr, K: tl.constexpr):
+        """Exact per-axis top-K by ``npop`` pops over the whole register tile (the rare
+        path taken when a chunk list ran dry)."""
+        out = tl.full([key.shape[0], K], MINK, key.dtype)
+        for r in range(0, npop):
+            best = tl.max(tl.max(key, axis=2), axis=1)
+            key = tl.where(key == best[:, None, None], MINK, key)
+            out = tl.where(kk == r, best[:, None], out)
+        return out
+
+    @triton.jit(do_not_specialize=["T", "k"])
+    def _omni_fwd_reg_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        ids_ptr,
+        scr_ptr,
+        pair_ptr,
+        T,
+        n,
+        k,
+        stride_x,
+        stride_y,
+        stride_w,
+        stride_ids,
+        IS16: tl.constexpr,
+        IS_BF16: tl.constexpr,
+        RENORM: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        NP: tl.constexpr,
+        K: tl.constexpr,
+        S: tl.constexpr,
+        M: tl.constexpr,
+        FULL_GRID: tl.constexpr,
+        P: tl.constexpr,
+    ):
+        """MODE_REG forward: persistent programs, no memory round trip in the select chain.
+
+        * Persistent: program ``pid`` handles token blocks ``pid, pid + G, ...`` (``G`` =
+          grid size ~ SMs x resident programs); the next block's rows are loaded into
+          registers *before* the current block is processed (software pipelining), so
+          HBM latency overlaps the select chain.
+        * Per axis: the row is a ``[W, S]`` register tile of contiguous chunks (``S``
+          columns, in-thread). Each chunk keeps its ``M = min(K, 4)`` best keys sorted
+          (in-thread min/max merges); ``K`` pops take the max of the ``W`` chunk heads
+          (a warp reduction) and shift the popped chunk's list. Exact unless a chunk gives
+          more than ``M`` of the top K (then its head shows ``EXH``): that token's lists
+          are recomputed by exact pops over the register tile (rare: ~1e-5 per token row
+          for random logits, n=512, W=64).
+        * Grid (``K <= 16``): the full ``K x K`` grid in registers, cells with
+          ``(a+1)(b+1) > k`` masked, one bitonic top-K; no scratch, no CTA barrier.
+          ``K > 16``: the pruned scratch/pair-table grid of the default kernel.
+        """
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        nblk = tl.cdiv(T, BLOCK_T)
+        W: tl.constexpr = NP // S
+        if IS16:
+            MINK: tl.constexpr = _RMIN32
+            EXH: tl.constexpr = _REXH32
+        else:
+            MINK: tl.constexpr = _RMIN64
+            EXH: tl.constexpr = _REXH64
+        tt = tl.arange(0, BLOCK_T)
+        col = (tl.arange(0, W)[:, None] * S + tl.arange(0, S)[None, :])[None, :, :]  # [1, W, S]
+        cm = col < n
+        kk = tl.arange(0, K)[None, :]
+        slot = kk
+        npop = tl.minimum(k, n)
+
+        rows = pid * BLOCK_T + tt
+        r64 = rows.to(tl.int64)[:, None, None]
+        m0 = (rows < T)[:, None, None] & cm
+        xv = tl.load(x_ptr + r64 * stride_x + col, mask=m0, other=0.0)
+        yv = tl.load(y_ptr + r64 * stride_y + col, mask=m0, other=0.0)
+        for blk in range(pid, nblk, nprog):
+            rows = blk * BLOCK_T + tt
+            rmask = rows < T
+            m = rmask[:, None, None] & cm
+            # prefetch the next block (registers; consumed next iteration)
+            nrows = rows + nprog * BLOCK_T
+            n64 = nrows.to(tl.int64)[:, None, None]
+            nm = (nrows < T)[:, None, None] & cm
+            xn = tl.load(x_ptr + n64 * stride_x + col, mask=nm, other=0.0)
+            yn = tl.load(y_ptr + n64 * stride_y + col, mask=nm, other=0.0)
+
+            xkey, xnan = _reg_keys(xv, m, col, IS16, IS_BF16, MINK)
+            ykey, ynan = _reg_keys(yv, m, col, IS16, IS_BF16, MINK)
+            xh1, xh2, xh3, xh4, xmore = _reg_lists(xkey, M, K, MINK, EXH)
+            yh1, yh2, yh3, yh4, ymore = _reg_lists(ykey, M, K, MINK, EXH)
+            xk = tl.full([BLOCK_T, K], MINK, xh1.dtype)
+            yk = xk
+            for r in range(0, npop):
+                bx, xh1, xh2, xh3, xh4 = _reg_pop(xh1, xh2, xh3, xh4, xmore, M)
+                by, yh1, yh2, yh3, yh4 = _reg_pop(yh1, yh2, yh3, yh4, ymore, M)
+                xk = tl.where(kk == r, bx[:, None], xk)
+                yk = tl.where(kk == r, by[:, None], yk)
+            if M < K:
+                xbad = tl.max((xh1 == EXH).to(tl.int32), axis=1) > 0
+                ybad = tl.max((yh1 == EXH).to(tl.int32), axis=1) > 0
+                if tl.max((xbad | ybad).to(tl.int32), axis=0) > 0:  # program-uniform, rare
+                    xk = tl.where(xbad[:, None], _reg_exact(xkey, kk, npop, MINK, K), xk)
+                    yk = tl.where(ybad[:, None], _reg_exact(ykey, kk, npop, MINK, K), yk)
+
+            if FULL_GRID:
+                aa = tl.arange(0, K)[:, None]
+                bb = tl.arange(0, K)[None, :]
+                g = _grid_keys(xk[:, :, None], yk[:, None, :], n, IS16, IS_BF16, MINK)
+                g = tl.where(((aa + 1) * (bb + 1) <= k)[None, :, :], g, _MIN64)
+                top = _topk_desc(tl.reshape(g, [BLOCK_T, K * K]), K)
+            else:
+                r2 = rows.to(tl.int64)
+                sel = scr_ptr + r2[:, None] * (2 * K)
+                tl.store(sel + kk, xk, mask=rmask[:, None])
+                tl.store(sel + K + kk, yk, mask=rmask[:, None])
+                tl.debug_barrier()
+                ab = tl.load(pair_ptr + tl.arange(0, P))
+                pm = (ab >= 0)[None, :] & rmask[:, None]
+                a = tl.where(ab >= 0, ab // K, 0)[None, :]
+                b = tl.where(ab >= 0, ab % K, 0)[None, :]
+                xa = tl.load(sel + a, mask=pm, other=MINK)
+                yb = tl.load(sel + K + b, mask=pm, other=MINK)
+                top = _topk_desc(_grid_keys(xa, yb, n, IS16, IS_BF16, MINK), K)
+
+            valid = (top > _MIN64) & (slot < k)
+            tb = (top >> 32).to(tl.int32)
+            score = (tb ^ ((tb >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            ids = 2147483647 - (top & 2147483647)  # int64
+            score = tl.where(valid, score, float("-inf"))
+            smax = tl.max(score, axis=1)
+            e = tl.where(valid, tl.exp(score - smax[:, None]), 0.0)
+            w = e / tl.sum(e, axis=1)[:, None]
+            if RENORM:
+                w = w / tl.sum(w, axis=1)[:, None]
+            w = tl.where((xnan | ynan)[:, None], float("nan"), w)
+            orow = rows.to(tl.int64)[:, None]
+            om = rmask[:, None] & (slot < k)
+            tl.store(w_ptr + orow * stride_w + slot, w.to(w_ptr.dtype.element_ty), mask=om)
+            tl.store(ids_ptr + orow * stride_ids + slot, ids.to(ids_ptr.dtype.element_ty), mask=om)
+            xv = xn
+            yv = yn
+
     @triton.jit(do_not_specialize=["T", "k"])
     def _omni_bwd_kernel(
         x_ptr,
@@ -699,7 +989,40 @@ def _pick(key, cands, launch) -> object:
 # ----------------------------------------------------------------------------- launchers
 
 
+def _launch_fwd_reg(x, y, top_k, renormalize, w, ids, cfg: FwdConfig) -> None:
+    """MODE_REG launch: a persistent grid of ``min(blocks, SMs * progs_per_sm)``."""
+    T, n = x.shape
+    NP, K = _dims(n, top_k)
+    key_dtype = torch.int32 if x.element_size() == 2 else torch.int64
+    full_grid = K <= 16 and not cfg.pruned  # pruned: 20-cell scratch grid (k=8)
+    if full_grid:
+        scratch = torch.empty((1,), dtype=key_dtype, device=x.device)
+        pairs, P = scratch, 1
+    else:
+        scratch = torch.empty((T, 2 * K), dtype=key_dtype, device=x.device)
+        pairs, P = _pair_table(top_k, x.device)
+    nblk = triton.cdiv(T, cfg.block_t)
+    grid = (max(1, min(nblk, _num_sms(x.device) * max(1, cfg.progs_per_sm))),)
+    _omni_fwd_reg_kernel[grid](
+        x, y, w, ids, scratch, pairs, T, n, top_k,
+        x.stride(0), y.stride(0), w.stride(0), ids.stride(0),
+        IS16=x.element_size() == 2,
+        IS_BF16=x.dtype == torch.bfloat16,
+        RENORM=bool(renormalize),
+        BLOCK_T=cfg.block_t,
+        NP=NP,
+        K=K,
+        S=cfg.chunk,
+        M=min(K, 4 if cfg.lists >= 4 else (2 if cfg.lists >= 2 else 1)),
+        FULL_GRID=full_grid,
+        P=P,
+        num_warps=cfg.num_warps,
+    )
+
+
 def _launch_fwd(x, y, top_k, renormalize, w, ids, cfg: FwdConfig) -> None:
+    if cfg.mode == MODE_REG:
+        return _launch_fwd_reg(x, y, top_k, renormalize, w, ids, cfg)
     T, n = x.shape
     NP, K = _dims(n, top_k)
     key_dtype = torch.int32 if x.element_size() == 2 else torch.int64

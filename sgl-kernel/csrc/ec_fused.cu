@@ -1,0 +1,403 @@
+// Expert-choice routing in ONE launch for small T (variant bit 4), and the short-column
+// select of the three-launch path (variant bit 6).
+//
+// Single launch: one thread-block cluster of CS = 8 (or 16, bit 5) CTAs of 16 warps on
+// Hopper. CTA `rank` owns rows [rank * R, rank * R + R), R = ceil(T / CS).
+//   phase 1 (score): each warp scores its rows (ec_device.cuh row_scores, the same float
+//     operations as the three-launch path) and keeps, in its CTA's shared memory, the pick
+//     keys transposed keys[e][r], the weight scores s[r][e] and the row-order keys rkey[r][e];
+//   cluster barrier;
+//   phase 2 (select): expert e is owned by CTA e % CS, one warp per expert: the warp gathers
+//     the expert's column from every CTA's shared memory (distributed shared memory), finds
+//     the threshold (ec_warp_select.cuh) and stores it into every CTA's shared memory;
+//   cluster barrier;
+//   phase 3 (route): each warp routes the rows it scored, from shared memory (no second read
+//     of the logits, no recomputation).
+// No global workspace is touched except thr (kept for tests) and, with bit 8, keysT.
+#include <cooperative_groups.h>
+
+#include "ec_device.cuh"
+#include "ec_warp_select.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace ec {
+
+constexpr int kFusedWarps = 16;
+constexpr int kShortMaxT = 1024;  // short-column select: column <= 4 KB of shared memory
+
+struct FusedLayout {
+  int R;    // rows per CTA
+  int LD;   // leading dimension of keys[e][r] (odd: conflict-free column reads)
+  int nsw;  // warps per CTA that own experts in phase 2
+  size_t off_thr, off_hist, off_keys, off_s, off_rk, off_col, off_grp, total;
+};
+
+__host__ __device__ __forceinline__ size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
+
+__host__ __device__ __forceinline__ FusedLayout fused_layout(int T, int E, int CS, int iter,
+                                                             bool groups) {
+  FusedLayout L;
+  L.R = (T + CS - 1) / CS;
+  L.LD = L.R | 1;
+  const int per = (E + CS - 1) / CS;
+  L.nsw = per < kFusedWarps ? per : kFusedWarps;
+  size_t o = 0;
+  L.off_thr = o;
+  o = align16(o + sizeof(unsigned long long) * E);
+  L.off_hist = o;
+  o = align16(o + sizeof(uint32_t) * 256 * L.nsw);
+  L.off_keys = o;
+  o = align16(o + sizeof(uint32_t) * static_cast<size_t>(E) * L.LD);
+  L.off_s = o;
+  o = align16(o + sizeof(float) * static_cast<size_t>(L.R) * E);
+  L.off_rk = o;
+  o = align16(o + sizeof(uint32_t) * static_cast<size_t>(L.R) * E);
+  L.off_col = o;
+  o = align16(o + sizeof(uint32_t) * static_cast<size_t>(L.nsw) * T);
+  L.off_grp = o;
+  if (groups) o = align16(o + static_cast<size_t>(kFusedWarps) * 32 * iter * 9);
+  L.total = o;
+  return L;
+}
+
+template <int WS, int ITER, typename scalar_t>
+__global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Params p) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  constexpr int RPW = 32 / WS;
+  constexpr int NW = kFusedWarps;
+  constexpr int PW = 32 * ITER;
+  extern __shared__ __align__(16) unsigned char smem[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int CS = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const FusedLayout L = fused_layout(p.T, p.E, CS, ITER, p.num_groups > 0);
+  unsigned long long* thr_s = reinterpret_cast<unsigned long long*>(smem + L.off_thr);
+  uint32_t* hist_all = reinterpret_cast<uint32_t*>(smem + L.off_hist);
+  uint32_t* keys = reinterpret_cast<uint32_t*>(smem + L.off_keys);
+  float* srow = reinterpret_cast<float*>(smem + L.off_s);
+  uint32_t* rk = reinterpret_cast<uint32_t*>(smem + L.off_rk);
+  uint32_t* colbuf = reinterpret_cast<uint32_t*>(smem + L.off_col);
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int seg = lane / WS;
+  const int sub = lane % WS;
+  const int seg_base = seg * WS;
+  const unsigned seg_mask = (WS == 32) ? kFull : (((1u << WS) - 1u) << seg_base);
+  const int E = p.E;
+  const int R = L.R;
+  const int LD = L.LD;
+  const int tbase = rank * R;
+
+  GroupScratch scr{nullptr, nullptr, nullptr};
+  if (p.num_groups > 0) {
+    unsigned char* base = smem + L.off_grp;
+    float* sel = reinterpret_cast<float*>(base) + warp * PW + seg * (WS * ITER);
+    uint32_t* gk = reinterpret_cast<uint32_t*>(base + sizeof(float) * NW * PW) + warp * PW +
+                   seg * (WS * ITER);
+    unsigned char* gs = base + 8 * NW * PW + warp * PW + seg * (WS * ITER);
+    scr = GroupScratch{sel, gk, gs};
+  }
+
+  const long long tv = num_valid_rows(p);
+
+  // Phase 1: scores of this CTA's rows into shared memory.
+  for (int r0 = warp * RPW; r0 < R; r0 += NW * RPW) {
+    const int r = r0 + seg;
+    const int t = tbase + r;
+    const bool row_in = (r < R) && (t < p.T);
+    float s[ITER];
+    uint32_t rkey[ITER], pkey[ITER];
+    row_scores<WS, ITER, scalar_t>(p, t, sub, row_in, row_in && t < tv, scr, s, rkey, pkey);
+    if (r < R) {
+#pragma unroll
+      for (int it = 0; it < ITER; ++it) {
+        const int e = it * WS + sub;
+        if (e < E) {
+          keys[e * LD + r] = pkey[it];
+          srow[r * E + e] = s[it];
+          rk[r * E + e] = rkey[it];
+          if ((p.variant & 256) && row_in) p.keysT[static_cast<long long>(e) * p.T + t] = pkey[it];
+        }
+      }
+    }
+  }
+  cluster.sync();
+
+  // Phase 2: one warp per expert; expert e lives on CTA e % CS.
+  if (warp < L.nsw) {
+    const long long cap = capacity_of(p, tv);
+    uint32_t* col = colbuf + warp * p.T;
+    uint32_t* h = hist_all + warp * 256;
+    for (int e = rank + CS * warp; e < E; e += CS * L.nsw) {
+      ColStats st;
+      // Gather the column, 8 remote loads in flight per lane.
+      for (int t0 = 0; t0 < p.T; t0 += 256) {
+        uint32_t v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int t = t0 + u * 32 + lane;
+          v[u] = 0u;
+          if (t < p.T) {
+            const int c = t / R;
+            const uint32_t* src = cluster.map_shared_rank(keys, c);
+            v[u] = src[e * LD + (t - c * R)];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int t = t0 + u * 32 + lane;
+          if (t < p.T) {
+            col[t] = v[u];
+            st.add(v[u]);
+          }
+        }
+      }
+      __syncwarp();
+      const unsigned long long th = warp_select_threshold(col, p.T, cap, st, h, lane);
+      if (lane < CS) cluster.map_shared_rank(thr_s, lane)[e] = th;
+      if (lane == 0) p.thr[e] = th;
+      __syncwarp();
+    }
+  }
+  cluster.sync();
+
+  // Phase 3: route this CTA's rows.
+  unsigned long long thr[ITER];
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    const int e = it * WS + sub;
+    thr[it] = e < E ? thr_s[e] : ~0ull;
+  }
+  const int k = p.top_k;
+  for (int r0 = warp * RPW; r0 < R; r0 += NW * RPW) {
+    const int r = r0 + seg;
+    const int t = tbase + r;
+    const bool row_ok = r < R;
+    const bool row_in = row_ok && (t < p.T);
+    uint32_t rkey[ITER], cur[ITER];
+    bool picked[ITER];
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const int e = it * WS + sub;
+      const bool ok = row_ok && e < E;
+      rkey[it] = ok ? rk[r * E + e] : 0u;
+      const uint32_t pk = ok ? keys[e * LD + r] : 0u;
+      picked[it] = pk != 0u && pick_composite(pk, t) >= thr[it];
+      cur[it] = picked[it] ? rkey[it] : 0u;
+    }
+    bool fallback = false;
+    int my_id = 0;
+    float my_w = 0.0f, wsum = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      uint32_t lm = cur[0];
+#pragma unroll
+      for (int it = 1; it < ITER; ++it) lm = lm > cur[it] ? lm : cur[it];
+      uint32_t m = segment_max<WS>(lm);
+      const bool switch_now = (m == 0u) && !fallback;
+      if (__any_sync(kFull, switch_now)) {
+        if (switch_now) {
+          fallback = true;
+#pragma unroll
+          for (int it = 0; it < ITER; ++it) cur[it] = picked[it] ? 0u : rkey[it];
+        }
+        lm = cur[0];
+#pragma unroll
+        for (int it = 1; it < ITER; ++it) lm = lm > cur[it] ? lm : cur[it];
+        m = segment_max<WS>(lm);
+      }
+      // Lowest expert id holding m: lowest `it`, then lowest lane.
+      int win_it = -1, win_sub = 0;
+      if (WS == 32 && (p.variant & 8)) {
+        uint32_t cand = 0xffffffffu;
+#pragma unroll
+        for (int it = ITER - 1; it >= 0; --it) {
+          if (cur[it] == m) cand = static_cast<uint32_t>(it * 32 + sub);
+        }
+        const uint32_t wid = __reduce_min_sync(kFull, cand);
+        win_it = static_cast<int>(wid >> 5);
+        win_sub = static_cast<int>(wid & 31u);
+      } else {
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+          const unsigned bb = __ballot_sync(kFull, cur[it] == m) & seg_mask;
+          if (win_it < 0 && bb != 0u) {
+            win_it = it;
+            win_sub = __ffs(bb) - 1 - seg_base;
+          }
+        }
+      }
+      if (sub == win_sub) {
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+          if (it == win_it) cur[it] = 0u;
+        }
+      }
+      const int win_e = win_it * WS + win_sub;
+      // Rows past R (the last CTA's tail) read a valid address and are never written.
+      const float w = srow[(row_ok ? r : 0) * E + (win_e < E ? win_e : 0)];
+      if (sub == j) {
+        my_id = win_e;
+        my_w = w;
+      }
+      wsum += w;
+    }
+    if (row_in && sub < k) {
+      float w = p.renormalize ? my_w / wsum : my_w;
+      if (p.apply_scale) w = w * p.scale;
+      p.out_w[static_cast<long long>(t) * k + sub] = w;
+      p.out_ids[static_cast<long long>(t) * k + sub] = my_id;
+    }
+  }
+#endif
+}
+
+// Three-launch path, short columns (variant bit 6): one warp per expert, 8 per CTA; the
+// column is copied into shared memory once, then ec_warp_select.cuh.
+__global__ void __launch_bounds__(256) ec_select_short_kernel(const Params p) {
+  __shared__ __align__(16) uint32_t hist_all[8][256];
+  __shared__ uint32_t col_all[8][kShortMaxT];
+  grid_dependency_wait();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int e = blockIdx.x * 8 + warp;
+  if (e >= p.E) return;  // whole warp
+  const long long tv = num_valid_rows(p);
+  const long long cap = capacity_of(p, tv);
+  if (cap <= 0) {
+    if (lane == 0) p.thr[e] = ~0ull;
+    return;
+  }
+  const uint32_t* src = p.keysT + static_cast<long long>(e) * p.T;
+  uint32_t* col = col_all[warp];
+  ColStats st;
+  for (int t0 = 0; t0 < p.T; t0 += 256) {
+    uint32_t v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int t = t0 + u * 32 + lane;
+      v[u] = t < p.T ? src[t] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int t = t0 + u * 32 + lane;
+      if (t < p.T) {
+        col[t] = v[u];
+        st.add(v[u]);
+      }
+    }
+  }
+  __syncwarp();
+  const unsigned long long th = warp_select_threshold(col, p.T, cap, st, hist_all[warp], lane);
+  if (lane == 0) p.thr[e] = th;
+}
+
+bool launch_select_short(const Params& p, bool pdl, cudaStream_t stream) {
+  if (p.T > kShortMaxT) return false;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((p.E + 7) / 8);
+  cfg.blockDim = dim3(256);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, ec_select_short_kernel, p);
+  return true;
+}
+
+namespace {
+
+struct DeviceInfo {
+  int major = 0;
+  int smem_optin = 0;
+};
+
+DeviceInfo device_info() {
+  // Per device (at most 64 devices), read once; host-side queries only (capture-safe).
+  static DeviceInfo cache[64];
+  static bool have[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return DeviceInfo{};
+  if (!have[dev]) {
+    DeviceInfo d;
+    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cache[dev] = d;
+    have[dev] = true;
+  }
+  return cache[dev];
+}
+
+}  // namespace
+
+template <int WS, int ITER, typename scalar_t>
+static bool launch_fused_t(const Params& p, const DeviceInfo& dev, cudaStream_t stream) {
+  const int CS = (p.variant & 32) ? 16 : 8;
+  const FusedLayout L = fused_layout(p.T, p.E, CS, ITER, p.num_groups > 0);
+  if (L.total > static_cast<size_t>(dev.smem_optin)) return false;
+  auto kernel = ec_fused_kernel<WS, ITER, scalar_t>;
+  static bool configured = false;  // per instantiation, once per process (before capture)
+  if (!configured) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    configured = true;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(CS);
+  cfg.blockDim = dim3(kFusedWarps * 32);
+  cfg.dynamicSmemBytes = L.total;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (CS > 8) {
+    // A 16-CTA cluster needs one GPC with 16 free SMs for this shared-memory size.
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+      (void)cudaGetLastError();
+      return false;
+    }
+  }
+  cudaLaunchKernelEx(&cfg, kernel, p);
+  return true;
+}
+
+template <typename scalar_t>
+static bool launch_fused_pow2(const Params& p, int pow2, const DeviceInfo& dev,
+                              cudaStream_t stream) {
+  switch (pow2) {
+    case 1: return launch_fused_t<1, 1, scalar_t>(p, dev, stream);
+    case 2: return launch_fused_t<2, 1, scalar_t>(p, dev, stream);
+    case 4: return launch_fused_t<4, 1, scalar_t>(p, dev, stream);
+    case 8: return launch_fused_t<8, 1, scalar_t>(p, dev, stream);
+    case 16: return launch_fused_t<16, 1, scalar_t>(p, dev, stream);
+    case 32: return launch_fused_t<32, 1, scalar_t>(p, dev, stream);
+    case 64: return launch_fused_t<32, 2, scalar_t>(p, dev, stream);
+    case 128: return launch_fused_t<32, 4, scalar_t>(p, dev, stream);
+    case 256: return launch_fused_t<32, 8, scalar_t>(p, dev, stream);
+    case 512: return launch_fused_t<32, 16, scalar_t>(p, dev, stream);
+    default: return false;
+  }
+}
+
+bool launch_fused(const Params& p, int kind, int pow2, int max_t, cudaStream_t stream) {
+  if (p.token_choice || p.T < 1 || p.T > max_t) return false;
+  const DeviceInfo dev = device_info();
+  if (dev.major < 9) return false;  // thread-block clusters: Hopper and later
+  switch (kind) {
+    case kFloat32: return launch_fused_pow2<float>(p, pow2, dev, stream);
+    case kFloat16: return launch_fused_pow2<__half>(p, pow2, dev, stream);
+    case kBFloat16: return launch_fused_pow2<__nv_bfloat16>(p, pow2, dev, stream);
+    default: return false;
+  }
+}
+
+}  // namespace ec
