@@ -158,12 +158,27 @@ def _pdl_default() -> bool:
 # To be measured (bench_routing.py columns): 31 = 15 + one launch; 63 = 31 with 16 CTAs;
 # 79 = 15 + short-column select; 143 = 15 + FAST select; 223 = one launch, else
 # short-column select (T <= 1024), else FAST select.
-DEFAULT_VARIANT = 15
+DEFAULT_VARIANT = 15  # the three-launch path of runs 1-3 (``SGLANG_MOE_EC_VARIANT=15``)
 VARIANT_BITS = 0xFF  # bits a caller may set
 
+# Chosen per shape from run 4 (H100, 2026-11-23, bench_routing.py --quick --variants
+# 31,79,143; docs/benchmarks.md): the one-launch cluster kernel (31) wins for small problems
+# (T <= 128 and T * E <= 8192: 4.5-7.4 us vs 6.7-9.0 us), the FAST select (143) is never
+# slower than 15 elsewhere and 13-15% faster at T >= 8192. Both are bit-identical to the
+# reference in the GPU tests. The shape is static (no host sync, CUDA-graph safe).
+SMALL_PROBLEM_VARIANT = 31
+LARGE_PROBLEM_VARIANT = 143
+SMALL_PROBLEM_MAX_T = 128
+SMALL_PROBLEM_MAX_ELEMENTS = 8192
 
-def _variant_default() -> int:
-    return int(os.environ.get("SGLANG_MOE_EC_VARIANT", DEFAULT_VARIANT))
+
+def _variant_default(num_tokens: int, num_experts: int) -> int:
+    env = os.environ.get("SGLANG_MOE_EC_VARIANT")
+    if env is not None:
+        return int(env)
+    if num_tokens <= SMALL_PROBLEM_MAX_T and num_tokens * num_experts <= SMALL_PROBLEM_MAX_ELEMENTS:
+        return SMALL_PROBLEM_VARIANT
+    return LARGE_PROBLEM_VARIANT
 
 
 def _fused_max_t_default() -> int:
@@ -273,7 +288,9 @@ def expert_choice_topk_cuda(
     ``variant`` / ``fused_max_t``: implementation switches (identical results), see
     ``DEFAULT_VARIANT``; default from ``SGLANG_MOE_EC_VARIANT`` / ``SGLANG_MOE_EC_FUSED_MAX_T``.
     """
-    variant = _variant_default() if variant is None else int(variant)
+    if variant is None:
+        variant = _variant_default(router_logits.shape[0], router_logits.shape[-1])
+    variant = int(variant)
     if not 0 <= variant <= VARIANT_BITS:
         raise ValueError(f"expert choice CUDA kernel: variant must be in [0, {VARIANT_BITS}], got {variant}")
     if return_intermediates:
