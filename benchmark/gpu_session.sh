@@ -2,6 +2,7 @@
 # One device call that checks every GPU feature: build the CUDA extension, run the GPU tests,
 # run the routing and Omni benchmarks in quick mode. Logs go to $OUT (default ./gpu_out).
 # Usage on the GPU machine (repo root, no sglang needed): bash benchmark/gpu_session.sh
+# Takes about 10 minutes at most (stage limits below): give the device call timeout_s=600.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/python:$PWD/test
@@ -9,11 +10,11 @@ nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version_
 stage() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-6}" "$OUT/$name.log"; }
-stage build 120 python3 sgl-kernel/build.py
-stage tests_ec_eplb 170 python3 -m pytest -q -n 8 -p no:cacheprovider test/test_expert_choice_gpu.py test/test_eplb_gpu.py
-stage tests_omni 110 python3 -m pytest -q -n 12 -p no:cacheprovider test/test_omni_gpu.py
+stage build 150 python3 sgl-kernel/build.py
+stage tests_ec_eplb 200 python3 -m pytest -q -n 12 -p no:cacheprovider test/test_expert_choice_gpu.py test/test_eplb_gpu.py
+stage tests_omni 200 python3 -m pytest -q -n 16 -p no:cacheprovider test/test_omni_gpu.py
 # benchmark artefacts stay in /tmp (the device tool brings back at most 8 files); tables are in the logs
-TAIL=30 stage bench_routing 130 python3 benchmark/bench_routing.py --quick --no-profile --out /tmp/bench_routing
+TAIL=40 stage bench_routing 150 python3 benchmark/bench_routing.py --quick --no-profile --variants 15,31,79,143 --out /tmp/bench_routing
 cp /tmp/bench_routing/bench_routing.md "$OUT/" 2>/dev/null
-TAIL=20 stage bench_omni 70 python3 benchmark/bench_omni.py --quick --out /tmp/bench_omni
+TAIL=40 stage bench_omni 220 python3 benchmark/bench_omni.py --quick --out /tmp/bench_omni
 ls "$OUT"
