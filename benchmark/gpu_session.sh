@@ -2,7 +2,8 @@
 # One device call that checks every GPU feature: build the CUDA extension, run the GPU tests,
 # run the routing and Omni benchmarks in quick mode. Logs go to $OUT (default ./gpu_out).
 # Usage on the GPU machine (repo root, no sglang needed): bash benchmark/gpu_session.sh
-# Takes about 10 minutes at most (stage limits below): give the device call timeout_s=600.
+# Typically 6-8 minutes; the stage limits below add up to more than one device call (600 s):
+# if a stage runs long, split the script into two calls (EC+EPLB stages, then Omni stages).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/python:$PWD/test
