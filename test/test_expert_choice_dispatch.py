@@ -33,3 +33,10 @@ def test_cpu_tensors_use_the_reference():
     a = expert_choice_topk(x, 4, 1.25, num_token_non_padded=torch.tensor(33), min_tokens=8)
     b = expert_choice_topk_reference(x, 4, 1.25, num_token_non_padded=torch.tensor(33), min_tokens=8)
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
+def test_prepare_backends_without_cuda_is_reference(monkeypatch):
+    from sglang_moe_routing.expert_choice import dispatch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dispatch.prepare_backends() == "reference"

@@ -103,6 +103,7 @@ def test_launch_server_with_expert_choice_generates(tmp_path):
         text = (tmp_path / "server.log").read_text()
         assert "expert-choice routing: ON" in text
         assert "routes with expert choice" in text
+        assert "expert-choice kernels ready" in text  # built before the first forward
     finally:
         proc.terminate()
         proc.wait(timeout=60)

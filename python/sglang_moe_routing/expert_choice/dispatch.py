@@ -60,6 +60,22 @@ def _triton_backend_available() -> bool:
     return _triton_ok
 
 
+def prepare_backends() -> str:
+    """Load (and JIT-build, on first use) the fastest available GPU backend now, on the host.
+
+    Called once after the model is loaded so that the ~30 s build of the CUDA extension and
+    its loading never happen inside the first forward or a CUDA-graph capture. Returns the
+    backend ``auto`` will use for CUDA inputs ("cuda", "triton" or "reference").
+    """
+    if not torch.cuda.is_available():
+        return "reference"
+    if _cuda_backend_available():
+        return "cuda"
+    if _triton_backend_available():
+        return "triton"
+    return "reference"
+
+
 def resolve_backend(router_logits: torch.Tensor, top_k: int, backend: str = "auto") -> str:
     """The backend ``expert_choice_topk`` will run for these inputs."""
     if backend not in BACKENDS:

@@ -220,6 +220,17 @@ def _after_model_config_init(result, model_config, *args, **kwargs):
     return result
 
 
+def _after_load_model(result, model_runner, *args, **kwargs):
+    """Build/load the EC kernel before the first forward and before CUDA-graph capture."""
+    cfg = active_config()
+    if cfg.enabled:
+        from sglang_moe_routing.expert_choice.dispatch import prepare_backends
+
+        backend = cfg.backend if cfg.backend != "auto" else prepare_backends()
+        logger.info("sglang-moe-routing: expert-choice kernels ready (backend=%s)", backend)
+    return result
+
+
 # --------------------------------------------------------------------- load statistics
 
 
@@ -439,6 +450,11 @@ def register_hooks() -> None:
 
     HookRegistry.register(
         "sglang.srt.layers.moe.topk.select_experts", _around_select_experts, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
+        _after_load_model,
+        HookType.AFTER,
     )
     HookRegistry.register(
         "sglang.srt.configs.model_config.ModelConfig.__init__",
