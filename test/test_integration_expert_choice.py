@@ -269,3 +269,17 @@ def test_load_stats_logged(caplog):
             layer(torch.randn(64, 4), x)
         logging.getLogger("sglang_moe_routing").removeHandler(caplog.handler)
     assert any("expert-choice load layer 0" in r.message for r in caplog.records)
+
+
+def test_load_stats_buffers_are_reset_in_place():
+    """A CUDA graph captured with a counter keeps writing to it: reset must not replace it."""
+    collector = ech.LoadStatsCollector()
+    ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    collector.add(3, ids, 4, None)
+    buf = collector.counts[3]
+    collector.add(3, ids, 4, None)
+    assert buf.tolist() == [2, 4, 2, 0]
+    collector.reset()
+    assert collector.counts[3] is buf and buf.tolist() == [0, 0, 0, 0]
+    collector.add(3, ids, 4, torch.tensor(1))  # padding row 1 ignored
+    assert collector.summary()[3]["tokens_per_expert"] == [1, 1, 0, 0]

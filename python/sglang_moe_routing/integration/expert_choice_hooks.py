@@ -250,13 +250,15 @@ class LoadStatsCollector:
             num_token_non_padded: Optional[torch.Tensor]) -> None:
         from sglang_moe_routing.expert_choice.stats import expert_load
 
-        load = expert_load(topk_ids, num_experts, num_token_non_padded)
         with self._lock:
             buf = self.counts.get(layer_id)
-            if buf is None or buf.shape[0] != num_experts or buf.device != load.device:
-                self.counts[layer_id] = load.clone()
-            else:
-                buf.add_(load)
+            if buf is None or buf.shape[0] != num_experts or buf.device != topk_ids.device:
+                if _capturing():
+                    return  # never allocate inside a graph capture; eager warm-up passes do
+                buf = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device)
+                self.counts[layer_id] = buf
+        # In place, so a captured CUDA graph keeps accumulating into the same buffer on replay.
+        buf.add_(expert_load(topk_ids, num_experts, num_token_non_padded))
 
     def summary(self) -> Dict[int, Dict[str, Any]]:
         """``{layer_id: {tokens_per_expert, std, max_over_mean}}`` (reads the device)."""
@@ -274,9 +276,15 @@ class LoadStatsCollector:
         return out
 
     def reset(self) -> None:
+        """Zero the counters in place (buffers captured in CUDA graphs stay valid)."""
         with self._lock:
-            self.counts.clear()
+            for buf in self.counts.values():
+                buf.zero_()
             self.calls = 0
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 _stats = LoadStatsCollector()
@@ -297,7 +305,7 @@ def _maybe_log_stats(cfg: ExpertChoiceConfig, layer_id: Optional[int]) -> None:
     _stats.calls += 1
     if _stats.calls % cfg.stats_interval != 0:
         return
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if _capturing():
         return
     for lid, s in _stats.summary().items():
         logger.info(
