@@ -26,7 +26,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from sglang_moe_routing.expert_choice.reference import validate_routing_args
+from sglang_moe_routing.expert_choice.reference import validate_inputs
 
 _EXT_NAME = "sglang_moe_routing_ec_cuda"
 _SOURCES = ("ec_ops.cpp", "ec_score.cu", "ec_select.cu", "ec_route.cu", "ec_fused.cu")
@@ -229,20 +229,12 @@ def check_common_args(
     max_top_k: int,
     min_tokens: int = 0,
 ) -> None:
-    """Shape/argument checks shared by the CUDA and Triton wrappers (clear ``ValueError``s)."""
-    if router_logits.dim() != 2:
-        raise ValueError(
-            f"expert choice: router_logits must be [T, E], got shape {tuple(router_logits.shape)}"
-        )
-    if not router_logits.is_floating_point():
-        raise ValueError(
-            f"expert choice: router_logits must be floating point, got {router_logits.dtype}"
-        )
-    num_tokens, num_experts = router_logits.shape
-    validate_routing_args(
-        num_tokens, num_experts, top_k, capacity_factor, scoring_func, num_expert_group,
-        topk_group, min_tokens,
+    """The reference's checks plus the kernels' limits (shared by the CUDA and Triton wrappers)."""
+    validate_inputs(
+        router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
+        correction_bias, min_tokens,
     )
+    num_tokens, num_experts = router_logits.shape
     if num_experts > MAX_EXPERTS:
         raise ValueError(
             f"expert choice kernels support E <= {MAX_EXPERTS}, got E={num_experts}; "
@@ -255,11 +247,6 @@ def check_common_args(
         )
     if num_tokens >= 2**31 // max(num_experts, 1):
         raise ValueError(f"expert choice kernels need T * E < 2**31, got T={num_tokens}")
-    if correction_bias is not None and correction_bias.shape != (num_experts,):
-        raise ValueError(
-            f"expert choice: correction_bias must have shape [{num_experts}], "
-            f"got {tuple(correction_bias.shape)}"
-        )
 
 
 def expert_choice_topk_cuda(

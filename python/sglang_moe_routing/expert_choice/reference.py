@@ -92,6 +92,37 @@ def validate_routing_args(
             )
 
 
+def validate_inputs(
+    router_logits: torch.Tensor,
+    top_k: int,
+    capacity_factor: float,
+    scoring_func: str,
+    num_expert_group: Optional[int],
+    topk_group: Optional[int],
+    correction_bias: Optional[torch.Tensor],
+    min_tokens: int = 0,
+) -> None:
+    """Tensor and argument checks every implementation shares (clear ``ValueError``s)."""
+    if router_logits.dim() != 2:
+        raise ValueError(
+            f"expert choice: router_logits must be [T, E], got shape {tuple(router_logits.shape)}"
+        )
+    if not router_logits.is_floating_point():
+        raise ValueError(
+            f"expert choice: router_logits must be floating point, got {router_logits.dtype}"
+        )
+    num_tokens, num_experts = router_logits.shape
+    validate_routing_args(
+        num_tokens, num_experts, top_k, capacity_factor, scoring_func,
+        num_expert_group, topk_group, min_tokens,
+    )
+    if correction_bias is not None and correction_bias.shape != (num_experts,):
+        raise ValueError(
+            f"expert choice: correction_bias must have shape [{num_experts}], "
+            f"got {tuple(correction_bias.shape)}"
+        )
+
+
 def compute_scores(
     router_logits: torch.Tensor,
     scoring_func: str = "softmax",
@@ -271,24 +302,11 @@ def expert_choice_topk_reference(
     Returns:
         ``(topk_weights [T, k] float32, topk_ids [T, k] int32)``.
     """
-    if router_logits.dim() != 2:
-        raise ValueError(
-            f"expert choice: router_logits must be [T, E], got shape {tuple(router_logits.shape)}"
-        )
-    if not router_logits.is_floating_point():
-        raise ValueError(
-            f"expert choice: router_logits must be floating point, got {router_logits.dtype}"
-        )
-    num_tokens, num_experts = router_logits.shape
-    validate_routing_args(
-        num_tokens, num_experts, top_k, capacity_factor, scoring_func,
-        num_expert_group, topk_group, min_tokens,
+    validate_inputs(
+        router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
+        correction_bias, min_tokens,
     )
-    if correction_bias is not None and correction_bias.shape != (num_experts,):
-        raise ValueError(
-            f"expert choice: correction_bias must have shape [{num_experts}], "
-            f"got {tuple(correction_bias.shape)}"
-        )
+    num_tokens, num_experts = router_logits.shape
     device = router_logits.device
     if num_tokens == 0:
         return (
