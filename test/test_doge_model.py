@@ -60,30 +60,23 @@ def _free_port() -> int:
 def sgl_env():
     """Published server args + single-rank gloo TP/PP groups, as a scheduler process has."""
     from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
-    from sglang.srt.server_args import prepare_server_args
 
-    server_args = prepare_server_args(["--model-path", "dummy", "--device", "cpu"])
-    reset_context()
-    publish(server_args, role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
-    config.set_sections(None)
-    owns_world = not torch.distributed.is_initialized()
-    ps.init_distributed_environment(
-        world_size=1,
-        rank=0,
-        local_rank=0,
-        distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-        backend="gloo",
-    )
-    ps.initialize_model_parallel()
-    try:
-        yield server_args
-    finally:
-        ps.destroy_model_parallel()
-        if owns_world:
-            ps.destroy_distributed_environment()
-        reset_context()
-        config.set_sections(None)
+    with config.published_server_args() as server_args:
+        owns_world = not torch.distributed.is_initialized()
+        ps.init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+            backend="gloo",
+        )
+        ps.initialize_model_parallel()
+        try:
+            yield server_args
+        finally:
+            ps.destroy_model_parallel()
+            if owns_world:
+                ps.destroy_distributed_environment()
 
 
 # ----------------------------------------------------------------------------- models

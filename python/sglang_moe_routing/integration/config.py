@@ -12,8 +12,9 @@ Tests and the demo can bypass the record with ``set_sections``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 SERVER_ARGS_ATTR = "_moe_routing"
 
@@ -70,3 +71,24 @@ def get_sections() -> Dict[str, Any]:
 
 def get_section(name: str, default: Any = None) -> Any:
     return get_sections().get(name, default)
+
+
+@contextlib.contextmanager
+def published_server_args(*argv: str, model_path: str = "dummy") -> Iterator[Any]:
+    """Parse ``argv`` with SGLang's real parser (plugin flags included) and publish the record
+    as this process's server args, as a scheduler process does; reset on exit.
+
+    For the demo and tests that run SGLang layers outside a server (CPU device).
+    """
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+    from sglang.srt.server_args import prepare_server_args
+
+    server_args = prepare_server_args(["--model-path", model_path, "--device", "cpu", *argv])
+    reset_context()
+    publish(server_args, role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
+    set_sections(None)
+    try:
+        yield server_args
+    finally:
+        reset_context()
+        set_sections(None)

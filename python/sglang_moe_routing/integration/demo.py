@@ -8,7 +8,6 @@ vs expert choice, and print the per-expert load, its std and max/mean.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from typing import List
@@ -36,22 +35,6 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
-def _published(argv: List[str]):
-    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
-    from sglang.srt.server_args import prepare_server_args
-
-    sa = prepare_server_args(
-        ["--model-path", "dummy", "--device", "cpu", "--log-level", "warning", *argv]
-    )
-    reset_context()
-    publish(sa, role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
-    try:
-        yield sa
-    finally:
-        reset_context()
-
-
 def _bar(n: int, scale: float) -> str:
     return "#" * max(0, round(n * scale))
 
@@ -66,6 +49,7 @@ def main(argv: List[str] | None = None) -> int:
     from sglang.srt.plugins import load_plugins
 
     from sglang_moe_routing.expert_choice import expert_load, routing_fidelity
+    from sglang_moe_routing.integration import config
 
     load_plugins()
     logging.getLogger().setLevel(logging.WARNING)
@@ -86,7 +70,7 @@ def main(argv: List[str] | None = None) -> int:
     for name, flags in (("token choice", []),
                         ("expert choice", ["--enable-expert-choice", "--expert-capacity-factor",
                                            str(args.capacity_factor)])):
-        with _published(flags):
+        with config.published_server_args("--log-level", "warning", *flags):
             layer = TopK(top_k=k, layer_id=0, output_format=TopKOutputFormat.STANDARD, **kw)
             out = layer(hidden, logits)
         results[name] = out
