@@ -3,17 +3,19 @@
 Methods (same GPU, same bf16 logits, each captured in its own CUDA graph and replayed):
   torch_tc      standard token choice in torch (softmax -> topk -> renormalise), as SGLang's
                 ``fused_topk_torch_native`` does it
-  sglang_tc     SGLang's fused ``topk_softmax`` JIT kernel, when it can be imported
+  sglang_tc     SGLang's fused ``topk_softmax`` JIT kernel: imported from SGLang when installed,
+                else compiled from the sources staged in ``.sgl_yardstick/`` (``--sglang-dir``;
+                stage them with ``python benchmark/sglang_yardstick.py --stage`` where SGLang
+                is installed); the fused-kernel yardstick of the goal check when present
   fused_tc      our fused token-choice kernel (CUDA, one launch, same scoring code as the EC
-                kernels): the fused-kernel yardstick when SGLang's is not importable
+                kernels): the fused-kernel yardstick when SGLang's is unavailable (its ratio is
+                printed either way)
   ec_ref        the dense expert-choice algorithm in torch (``reference.py``)
   ec_triton     our expert-choice Triton kernels
-  ec_cuda       our expert-choice CUDA kernels (default variant, programmatic dependent launch)
-  ec_cuda_vN    the same with implementation variant N (see cuda.DEFAULT_VARIANT); by default
-                N in 31 (one launch, cluster of 8), 63 (cluster of 16), 79 (three launches,
-                short-column warp select), 143 (FAST select), 223 (one launch for T <= 1024,
-                else short-column select, else FAST select);
-                ``--variants 31,79`` or ``$SGLANG_MOE_EC_BENCH_VARIANTS`` to change
+  ec_cuda       our expert-choice CUDA kernels (path chosen by shape, ``cuda.choose_path``)
+  ec_cuda_one_launch / ec_cuda_three_launch
+                the same with the path forced (``--no-paths`` to skip): the columns that
+                decide ``choose_path``'s threshold
 
 Timing: 20 back-to-back calls (5 at T > 8192) are captured in one CUDA graph, as a model's
 layers sit in one decode graph; the graph is replayed in a timed loop and the median over 5
@@ -24,14 +26,13 @@ buffer across calls (at T=32768, E=256 the 16 MB of bf16 logits fit in the 50 MB
 Prints a table (microseconds per call) with ratios,
 checks the goals, and writes bench_routing.{json,md} and bench_routing.png to --out.
 
-    python benchmark/bench_routing.py --out out/ [--quick]
+    python benchmark/bench_routing.py --out out/ [--quick] [--sglang-dir .sgl_yardstick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -49,7 +50,7 @@ T_VALUES = [1, 32, 128, 1024, 8192, 32768]
 E_VALUES = [8, 64, 128, 256]
 K_VALUES = [2, 8]
 CF = 1.25
-VARIANTS = (31, 63, 79, 143, 223)
+PATHS = ("one_launch", "three_launch")
 
 
 def torch_token_choice(logits: torch.Tensor, k: int):
@@ -59,15 +60,43 @@ def torch_token_choice(logits: torch.Tensor, k: int):
     return w, ids.to(torch.int32)
 
 
-def sglang_topk_softmax():
-    """SGLang's fused topk_softmax (needs a full SGLang install), else None."""
+SGLANG_DIR = Path(os.environ.get("SGLANG_MOE_YARDSTICK_DIR", REPO / ".sgl_yardstick"))
+_SGLANG_TC: dict = {}
+
+
+def sglang_topk_softmax(sglang_dir=None):
+    """SGLang's fused topk_softmax, else None (looked up once per directory).
+
+    ``fn(topk_weights, topk_ids, gating_output, renormalize)``: from a full SGLang install
+    when importable, else SGLang's JIT kernel compiled from the sources staged in
+    ``sglang_dir`` (default ``.sgl_yardstick/``) by ``benchmark/sglang_yardstick.py``.
+    """
+    sglang_dir = Path(sglang_dir) if sglang_dir is not None else SGLANG_DIR
+    if sglang_dir in _SGLANG_TC:
+        return _SGLANG_TC[sglang_dir]
+    fn = None
     for mod, name in (("sglang.kernels.ops.moe", "topk_softmax"), ("sgl_kernel", "topk_softmax")):
         try:
             m = __import__(mod, fromlist=[name])
-            return getattr(m, name)
+            fn = getattr(m, name)
+            print(f"# sglang_tc: {mod}.{name}")
+            break
         except Exception:  # noqa: BLE001
             continue
-    return None
+    if fn is None and sglang_dir.is_dir():
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        try:
+            import sglang_yardstick
+
+            fn = sglang_yardstick.load(sglang_dir)
+        except Exception as exc:  # noqa: BLE001
+            print(f"# sglang_tc: staged SGLang kernel failed to load: {exc}")
+        if fn is not None:
+            print(f"# sglang_tc: {fn.source}")
+    if fn is None:
+        print("# sglang_tc: SGLang's topk_softmax unavailable; yardstick = fused_tc (ours)")
+    _SGLANG_TC[sglang_dir] = fn
+    return fn
 
 
 def time_graph(fn, inner: int = 20, min_ms: float = 10.0, repeats: int = 5) -> float:
@@ -110,7 +139,7 @@ def time_graph(fn, inner: int = 20, min_ms: float = 10.0, repeats: int = 5) -> f
     return statistics.median(samples)
 
 
-def build_methods(logits, k, skip, variants=VARIANTS):
+def build_methods(logits, k, skip, paths=PATHS, sglang_dir=None):
     from sglang_moe_routing.expert_choice import cuda as ec_cuda
     from sglang_moe_routing.expert_choice import triton_kernel as ec_triton
 
@@ -118,7 +147,7 @@ def build_methods(logits, k, skip, variants=VARIANTS):
     n_dev = torch.full((1,), logits.shape[0], dtype=torch.int32, device=logits.device)
     m = {}
     m["torch_tc"] = lambda: torch_token_choice(logits, k)
-    sg = sglang_topk_softmax()
+    sg = sglang_topk_softmax(sglang_dir)
     if sg is not None:
         tw = torch.empty(logits.shape[0], k, dtype=torch.float32, device=logits.device)
         ti = torch.empty(logits.shape[0], k, dtype=torch.int32, device=logits.device)
@@ -131,10 +160,9 @@ def build_methods(logits, k, skip, variants=VARIANTS):
         logits, k, CF, num_token_non_padded=n_dev)
     m["ec_cuda"] = lambda: ec_cuda.expert_choice_topk_cuda(
         logits, k, CF, num_token_non_padded=n_dev)
-    # Implementation variants (cuda.DEFAULT_VARIANT documents the bits).
-    for v in variants:
-        m[f"ec_cuda_v{v}"] = (lambda v=v: ec_cuda.expert_choice_topk_cuda(
-            logits, k, CF, num_token_non_padded=n_dev, variant=v))
+    for path in paths:  # both CUDA paths forced (identical results)
+        m[f"ec_cuda_{path}"] = (lambda path=path: ec_cuda.expert_choice_topk_cuda(
+            logits, k, CF, num_token_non_padded=n_dev, path=path))
     return m
 
 
@@ -202,9 +230,11 @@ def main():
     ap.add_argument("--out", default="benchmark/out")
     ap.add_argument("--quick", action="store_true", help="fewer points (T<=8192, E in 64, 256)")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--variants", default=os.environ.get("SGLANG_MOE_EC_BENCH_VARIANTS"),
-                    help="comma-separated CUDA variants timed as extra columns (default "
-                         + ",".join(map(str, VARIANTS)) + ")")
+    ap.add_argument("--no-paths", action="store_true",
+                    help="do not time the two CUDA paths forced (only the shape-chosen one)")
+    ap.add_argument("--sglang-dir", default=str(SGLANG_DIR),
+                    help="staged SGLang topk_softmax sources (sglang_yardstick.py --stage), used "
+                         "for sglang_tc when SGLang is not installed (default %(default)s)")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG from a results file")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -215,8 +245,7 @@ def main():
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"# device: {dev}; torch {torch.__version__}")
-    variants = VARIANTS if not args.variants else tuple(
-        int(v) for v in args.variants.split(",") if v.strip())
+    paths = () if args.no_paths else PATHS
     t_values = [t for t in T_VALUES if not args.quick or t <= 8192]
     e_values = [e for e in E_VALUES if not args.quick or e in (64, 256)]
     results = []
@@ -227,7 +256,9 @@ def main():
                 logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
                 row = {"T": T, "E": E, "k": k, "us": {}}
                 inner = 20 if T <= 8192 else 5
-                for name, fn in build_methods(logits, k, skip=(), variants=variants).items():
+                methods = build_methods(logits, k, skip=(), paths=paths,
+                                        sglang_dir=args.sglang_dir)
+                for name, fn in methods.items():
                     try:
                         row["us"][name] = time_graph(fn, inner=inner)
                     except Exception as exc:  # noqa: BLE001
@@ -238,53 +269,71 @@ def main():
                       flush=True)
     print(f"# measured in {time.time() - t_start:.0f} s")
 
-    # Ratio table and goal checks.
-    hdr = ("| T | E | k | torch TC | fused TC | EC dense ref | EC Triton | EC CUDA | "
-           "CUDA/torchTC | CUDA/fusedTC | ref/CUDA | Triton/torchTC | ref/Triton |")
-    lines = [hdr, "|" + "---|" * 14]
+    # Ratio table and goal checks. The fused token-choice yardstick of the 1.2x goal is
+    # SGLang's topk_softmax (sglang_tc) where it was measured, else our fused_tc; the ratio
+    # to fused_tc is printed either way.
+    nan = float("nan")
+    have_sg = any("sglang_tc" in r["us"] for r in results)
+    yard_label = "SGLang TC" if have_sg else "fused TC"
+    print(f"# fused-TC yardstick of the goal check: {'sglang_tc' if have_sg else 'fused_tc (ours)'}")
+
+    def yard(u):
+        return u.get("sglang_tc", u.get("fused_tc", nan))
+
+    hdr = ("| T | E | k | torch TC | SGLang TC | fused TC | EC dense ref | EC Triton | EC CUDA | "
+           "CUDA/torchTC | CUDA/sglangTC | CUDA/fusedTC | fusedTC/sglangTC | ref/CUDA | "
+           "Triton/torchTC | ref/Triton |")
+    lines = [hdr, "|" + "---|" * 16]
     goals = {"no_slower_than_torch_tc": [], "10x_vs_ref_T>=8192": [], "T128_E64_k8_under_8us": [],
              "within_1.2x_fused_tc": []}
+    if have_sg:
+        goals["within_1.2x_fused_tc_ours"] = []  # informational: our kernel as yardstick
     for r in results:
         u = r["us"]
-        g = lambda n: u.get(n, float("nan"))  # noqa: E731
+        g = lambda n: u.get(n, nan)  # noqa: E731
         c, tt, ft, ref, tri = g("ec_cuda"), g("torch_tc"), g("fused_tc"), g("ec_ref"), g("ec_triton")
+        st = g("sglang_tc")
         lines.append(
-            f"| {r['T']} | {r['E']} | {r['k']} | {tt:.1f} | {ft:.1f} | {ref:.1f} | {tri:.1f} | {c:.1f} | "
-            f"{c / tt:.2f} | {c / ft:.2f} | {ref / c:.1f} | {tri / tt:.2f} | {ref / tri:.1f} |"
+            f"| {r['T']} | {r['E']} | {r['k']} | {tt:.1f} | {st:.1f} | {ft:.1f} | {ref:.1f} | "
+            f"{tri:.1f} | {c:.1f} | {c / tt:.2f} | {c / st:.2f} | {c / ft:.2f} | {ft / st:.2f} | "
+            f"{ref / c:.1f} | {tri / tt:.2f} | {ref / tri:.1f} |"
         )
         goals["no_slower_than_torch_tc"].append((r["T"], r["E"], r["k"], c <= tt))
         if r["T"] >= 8192:
             goals["10x_vs_ref_T>=8192"].append((r["T"], r["E"], r["k"], ref >= 10 * c))
         if (r["T"], r["E"], r["k"]) == (128, 64, 8):
             goals["T128_E64_k8_under_8us"].append((128, 64, 8, c < 8.0))
-        goals["within_1.2x_fused_tc"].append((r["T"], r["E"], r["k"], c <= 1.2 * ft))
+        goals["within_1.2x_fused_tc"].append((r["T"], r["E"], r["k"], c <= 1.2 * yard(u)))
+        if have_sg:
+            goals["within_1.2x_fused_tc_ours"].append((r["T"], r["E"], r["k"], c <= 1.2 * ft))
     table = "\n".join(lines)
     print("\n" + table)
 
-    # Variant columns: which implementation setting should become the default, per point.
-    vnames = ["ec_cuda"] + [f"ec_cuda_v{v}" for v in variants]
-    vlines = ["| T | E | k | fused TC | " + " | ".join(vnames) + " | best | best/fusedTC |",
-              "|" + "---|" * (len(vnames) + 6)]
-    vgoals = {n: [0, 0, 0] for n in vnames}  # (within 1.2x fused TC, <= default, points)
+    # Path columns: which CUDA path should run at each point (cuda.choose_path).
+    vnames = ["ec_cuda"] + [f"ec_cuda_{p}" for p in paths]
+    vlines = [f"| T | E | k | {yard_label} | " + " | ".join(vnames) + f" | best | best/{yard_label.replace(' ', '')} |"
+              + (" best/fusedTC |" if have_sg else ""),
+              "|" + "---|" * (len(vnames) + 6 + have_sg)]
+    vgoals = {n: [0, 0, 0] for n in vnames}  # (within 1.2x yardstick, <= default, points)
     for r in results:
         u = r["us"]
-        ft = u.get("fused_tc", float("nan"))
+        y, ft = yard(u), u.get("fused_tc", nan)
         have = {n: u[n] for n in vnames if n in u}
         if not have:
             continue
         best = min(have, key=have.get)
         for n, v in have.items():
-            vgoals[n][0] += v <= 1.2 * ft
+            vgoals[n][0] += v <= 1.2 * y
             vgoals[n][1] += v <= u.get("ec_cuda", float("inf")) * 1.02
             vgoals[n][2] += 1
-        vlines.append(f"| {r['T']} | {r['E']} | {r['k']} | {ft:.1f} | "
+        vlines.append(f"| {r['T']} | {r['E']} | {r['k']} | {y:.1f} | "
                       + " | ".join(f"{u[n]:.1f}" if n in u else "-" for n in vnames)
                       + f" | {best.replace('ec_cuda_', '') if best != 'ec_cuda' else 'default'}"
-                      + f" | {have[best] / ft:.2f} |")
+                      + f" | {have[best] / y:.2f} |" + (f" {have[best] / ft:.2f} |" if have_sg else ""))
     vtable = "\n".join(vlines)
-    print("\n# CUDA implementation variants (us; default = cuda.DEFAULT_VARIANT)\n" + vtable)
+    print("\n# CUDA paths (us; default = cuda.choose_path by shape)\n" + vtable)
     for n, (w12, le, npts) in vgoals.items():
-        print(f"{n}: within 1.2x fused TC at {w12}/{npts}; no slower than default (+2%) at {le}/{npts}")
+        print(f"{n}: within 1.2x {yard_label} at {w12}/{npts}; no slower than default (+2%) at {le}/{npts}")
     table = table + "\n\n" + vtable
     print("\n# goals (EC CUDA kernel)")
     summary = {}
@@ -292,7 +341,15 @@ def main():
         ok = sum(1 for *_, v in checks if v)
         fails = [f"T={t},E={e},k={k}" for t, e, k, v in checks if not v]
         summary[name] = {"met": ok, "of": len(checks), "missed": fails}
-        print(f"{name}: {ok}/{len(checks)} met" + (f"; missed at {', '.join(fails[:12])}" if fails else ""))
+        note = ""
+        if name == "within_1.2x_fused_tc":
+            summary[name]["yardstick"] = "sglang_tc" if have_sg else "fused_tc"
+            note = f" [yardstick: {summary[name]['yardstick']}]"
+        elif name == "within_1.2x_fused_tc_ours":
+            summary[name]["yardstick"] = "fused_tc"
+            note = " [informational: our fused TC as yardstick]"
+        print(f"{name}{note}: {ok}/{len(checks)} met"
+              + (f"; missed at {', '.join(fails[:12])}" if fails else ""))
     (out_dir / "bench_routing.md").write_text(f"device: {dev}\n\n{table}\n")
     (out_dir / "bench_routing.json").write_text(json.dumps(
         {"device": dev, "torch": torch.__version__, "results": results, "goals": summary}, indent=1))

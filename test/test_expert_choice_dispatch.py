@@ -10,22 +10,27 @@ from sglang_moe_routing.expert_choice import expert_choice_topk, expert_choice_t
 @pytest.mark.parametrize(
     "t, e, expected",
     [
-        (1, 256, ec_cuda.SMALL_PROBLEM_VARIANT),
-        (32, 256, ec_cuda.SMALL_PROBLEM_VARIANT),
-        (128, 64, ec_cuda.SMALL_PROBLEM_VARIANT),
-        (128, 256, ec_cuda.LARGE_PROBLEM_VARIANT),  # T * E > 8192
-        (1024, 8, ec_cuda.LARGE_PROBLEM_VARIANT),  # T > 128
-        (32768, 256, ec_cuda.LARGE_PROBLEM_VARIANT),
+        (1, 256, "one_launch"),
+        (32, 256, "one_launch"),
+        (128, 64, "one_launch"),
+        (128, 128, "one_launch"),  # T * E = 16384
+        (128, 256, "three_launch"),  # T * E > 16384
+        (129, 8, "three_launch"),  # T > 128
+        (32768, 256, "three_launch"),
     ],
 )
-def test_cuda_variant_by_shape(monkeypatch, t, e, expected):
-    monkeypatch.delenv("SGLANG_MOE_EC_VARIANT", raising=False)
-    assert ec_cuda._variant_default(t, e) == expected
+def test_cuda_path_by_shape(monkeypatch, t, e, expected):
+    monkeypatch.delenv("SGLANG_MOE_EC_PATH", raising=False)
+    assert ec_cuda.choose_path(t, e) == expected
 
 
-def test_cuda_variant_env_override(monkeypatch):
-    monkeypatch.setenv("SGLANG_MOE_EC_VARIANT", "15")
-    assert ec_cuda._variant_default(1, 64) == 15
+def test_cuda_path_override(monkeypatch):
+    monkeypatch.setenv("SGLANG_MOE_EC_PATH", "three_launch")
+    assert ec_cuda.choose_path(1, 64) == "three_launch"
+    assert ec_cuda.choose_path(1, 64, "one_launch") == "one_launch"  # the argument wins
+    monkeypatch.setenv("SGLANG_MOE_EC_PATH", "fast")
+    with pytest.raises(ValueError, match="path must be one of"):
+        ec_cuda.choose_path(1, 64)
 
 
 def test_cpu_tensors_use_the_reference():

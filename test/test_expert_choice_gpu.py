@@ -25,12 +25,10 @@ from sglang_moe_routing.expert_choice.reference import (
 pytestmark = pytest.mark.gpu
 
 BACKENDS = ["cuda", "triton"]
-# "cuda" checks every implementation variant of the CUDA path (see cuda.DEFAULT_VARIANT):
-# all must give the reference's answer. Bits 0-3 (run 3) are checked together (15) and off
-# (0); new: 31 one launch (thread-block cluster of 8) for T <= 1024; 63 the same with 16
-# CTAs; 79 three launches with the short-column warp select (T <= 1024); 143 the FAST
-# select of ec_select.cu; 223 one launch, else short-column select, else FAST select.
-CUDA_VARIANTS = (15, 0, 31, 63, 79, 143, 223)
+# "cuda" checks both paths of the CUDA kernels (see cuda.choose_path): the one-launch
+# cluster kernel (T <= 1024; three launches above) and the three launches (one-warp select
+# for T <= 256, block select above). Both must give the reference's answer.
+CUDA_PATHS = ("one_launch", "three_launch")
 T_VALUES = [0, 1, 2, 31, 128, 1000, 8192, 65536]
 E_TO_K = {2: 1, 3: 2, 8: 2, 60: 4, 64: 8, 128: 8, 256: 8, 384: 12, 512: 16}
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
@@ -40,8 +38,8 @@ def _ec(backend, logits, k, cf=1.25, **kw):
     if backend.startswith("cuda"):
         from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
 
-        variant = int(backend[6:]) if backend.startswith("cuda_v") else None
-        return expert_choice_topk_cuda(logits, k, cf, variant=variant, **kw)
+        path = backend[5:] if backend.startswith("cuda_") else None
+        return expert_choice_topk_cuda(logits, k, cf, path=path, **kw)
     from sglang_moe_routing.expert_choice.triton_kernel import expert_choice_topk_triton
 
     return expert_choice_topk_triton(logits, k, cf, **kw)
@@ -88,9 +86,9 @@ def _key_report(backend, logits, k, cf, kw) -> str:
 
 
 def _check(backend, logits, k, cf=1.25, **kw):
-    """Compare ``backend`` (for "cuda": each variant) with one reference computation."""
+    """Compare ``backend`` (for "cuda": each path) with one reference computation."""
     ref_w, ref_ids = expert_choice_topk_reference(logits, k, cf, **kw)
-    names = [f"cuda_v{v}" for v in CUDA_VARIANTS] if backend == "cuda" else [backend]
+    names = [f"cuda_{v}" for v in CUDA_PATHS] if backend == "cuda" else [backend]
     out = None
     for name in names:
         w, ids = _ec(name, logits, k, cf, **kw)
@@ -269,7 +267,7 @@ def test_no_host_sync(backend):
 @pytest.mark.parametrize("min_tokens", [0, 32])
 @pytest.mark.parametrize(
     "backend",
-    BACKENDS + ["auto", "cuda_v0", "cuda_v31", "cuda_v63", "cuda_v79", "cuda_v143", "cuda_v223"],
+    BACKENDS + ["auto", "cuda_one_launch", "cuda_three_launch"],
 )
 def test_cuda_graph_replay_changing_num_valid(backend, min_tokens):
     """One captured graph replayed with T' crossing min_tokens (hybrid switch on the device)."""
@@ -305,30 +303,28 @@ def test_cuda_graph_replay_changing_num_valid(backend, min_tokens):
         torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("variant", [31, 63, 223])
-def test_one_launch_limits(variant):
-    """The one-launch kernel at its edges: T = fused_max_t and just above (three launches
-    then), every E at a T where each CTA holds a single row or none, grouped sigmoid + bias
-    at the largest E whose shared memory still fits, and a keysT diagnostic equal to the
-    three-launch path's."""
+def test_one_launch_limits():
+    """The one-launch kernel at its edges: T = 1024 and just above (three launches then),
+    T at the short/block select boundary of the three-launch path (256/257), every E at a
+    T where each CTA holds a single row or none, grouped sigmoid + bias at the largest E
+    whose shared memory still fits, and a keysT diagnostic equal to the three-launch path's."""
     from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
 
     g = torch.Generator(device="cuda").manual_seed(13)
-    cases = [(1024, 8, 2, {}), (1025, 8, 2, {}), (300, 64, 8, dict(fused_max_t=300)),
-             (301, 64, 8, dict(fused_max_t=300)), (9, 512, 16, {}), (5, 3, 2, {}),
+    cases = [(1024, 8, 2, {}), (1025, 8, 2, {}), (256, 64, 8, {}), (257, 64, 8, {}),
+             (9, 512, 16, {}), (5, 3, 2, {}),
              (17, 256, 8, dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4))]
     for T, E, k, kw in cases:
         logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
         kw = dict(kw)
         if "num_expert_group" in kw:
             kw["correction_bias"] = torch.randn(E, device="cuda", generator=g) * 0.05
-        fmt = kw.pop("fused_max_t", None)
         rw, rids = expert_choice_topk_reference(logits, k, 1.25, **kw)
-        w, ids, keys, _ = expert_choice_topk_cuda(logits, k, 1.25, variant=variant,
-                                                  fused_max_t=fmt, return_intermediates=True,
-                                                  **kw)
-        assert torch.equal(ids, rids), (T, E, k, variant)
-        torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
-        _, _, keys15, _ = expert_choice_topk_cuda(logits, k, 1.25, variant=15,
-                                                  return_intermediates=True, **kw)
-        assert torch.equal(keys, keys15), (T, E, k, variant)
+        keys_by_path = {}
+        for path in ("one_launch", "three_launch"):
+            w, ids, keys, _ = expert_choice_topk_cuda(logits, k, 1.25, path=path,
+                                                      return_intermediates=True, **kw)
+            assert torch.equal(ids, rids), (T, E, k, path)
+            torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
+            keys_by_path[path] = keys
+        assert torch.equal(keys_by_path["one_launch"], keys_by_path["three_launch"]), (T, E, k)

@@ -198,10 +198,108 @@ __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool
   }
 }
 
+// Steps 4-5 for one row (token t) held by a segment of WS lanes; all lanes of the warp call
+// this together. k rounds of a segment-wide max over the row-order keys: first among the
+// picked experts (best first), then, once those are taken, among the rest (best first);
+// equal keys go to the lower expert id. `weight_of(it, sub)` is called by every lane with
+// segment-uniform arguments and returns the weight score s of expert it * WS + sub (the
+// three-launch route kernel shuffles it from registers, the one-launch kernel reads it from
+// shared memory). Lane j < k of the segment writes slot j of row t when row_in.
+template <int WS, int ITER, typename WeightOf>
+__device__ __forceinline__ void route_row(const Params& p, int t, bool row_in, int sub,
+                                          int seg_base, const bool (&picked)[ITER],
+                                          const uint32_t (&rkey)[ITER], WeightOf weight_of) {
+  const unsigned seg_mask = (WS == 32) ? kFull : (((1u << WS) - 1u) << seg_base);
+  uint32_t cur[ITER];
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) cur[it] = picked[it] ? rkey[it] : 0u;
+  bool fallback = false;
+  int my_id = 0;
+  float my_w = 0.0f, wsum = 0.0f;
+  const int k = p.top_k;
+  for (int j = 0; j < k; ++j) {
+    uint32_t lm = cur[0];
+#pragma unroll
+    for (int it = 1; it < ITER; ++it) lm = lm > cur[it] ? lm : cur[it];
+    uint32_t m = segment_max<WS>(lm);
+    // Every picked expert of this row is taken: fill the rest with the best unpicked
+    // experts. Rows of one warp switch at different rounds, so the switch is per segment
+    // but the re-reduction below is executed by the whole warp.
+    const bool switch_now = (m == 0u) && !fallback;
+    if (__any_sync(kFull, switch_now)) {
+      if (switch_now) {
+        fallback = true;
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) cur[it] = picked[it] ? 0u : rkey[it];
+      }
+      lm = cur[0];
+#pragma unroll
+      for (int it = 1; it < ITER; ++it) lm = lm > cur[it] ? lm : cur[it];
+      m = segment_max<WS>(lm);
+    }
+    // Lowest expert id holding m: lowest `it`, then lowest lane.
+    int win_it = -1, win_sub = 0;
+    if constexpr (WS == 32) {
+      uint32_t cand = 0xffffffffu;
+#pragma unroll
+      for (int it = ITER - 1; it >= 0; --it) {
+        if (cur[it] == m) cand = static_cast<uint32_t>(it * 32 + sub);
+      }
+      const uint32_t wid = __reduce_min_sync(kFull, cand);
+      win_it = static_cast<int>(wid >> 5);
+      win_sub = static_cast<int>(wid & 31u);
+    } else {
+#pragma unroll
+      for (int it = 0; it < ITER; ++it) {
+        const unsigned b = __ballot_sync(kFull, cur[it] == m) & seg_mask;
+        if (win_it < 0 && b != 0u) {
+          win_it = it;
+          win_sub = __ffs(b) - 1 - seg_base;
+        }
+      }
+    }
+    const float w = weight_of(win_it, win_sub);
+    if (sub == win_sub) {
+#pragma unroll
+      for (int it = 0; it < ITER; ++it) {
+        if (it == win_it) cur[it] = 0u;
+      }
+    }
+    if (sub == j) {
+      my_id = win_it * WS + win_sub;
+      my_w = w;
+    }
+    wsum += w;
+  }
+  if (row_in && sub < k) {
+    float w = p.renormalize ? my_w / wsum : my_w;
+    if (p.apply_scale) w = w * p.scale;
+    p.out_w[static_cast<long long>(t) * k + sub] = w;
+    p.out_ids[static_cast<long long>(t) * k + sub] = my_id;
+  }
+}
+
 __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+// Launch configuration with optional programmatic dependent launch (PDL: the kernel may
+// start while the previous one in the stream finishes; it waits in grid_dependency_wait).
+struct LaunchCfg {
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[1];
+  LaunchCfg(dim3 grid, dim3 block, size_t smem, bool pdl, cudaStream_t stream) : cfg{} {
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+  }
+};
 
 }  // namespace ec

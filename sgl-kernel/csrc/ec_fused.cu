@@ -1,8 +1,8 @@
-// Expert-choice routing in ONE launch for small T (variant bit 4), and the short-column
-// select of the three-launch path (variant bit 6).
+// Expert-choice routing in ONE launch for small problems (the default for T <= 128 and
+// T * E <= 16384, python/sglang_moe_routing/expert_choice/cuda.py).
 //
-// Single launch: one thread-block cluster of CS = 8 (or 16, bit 5) CTAs of 16 warps on
-// Hopper. CTA `rank` owns rows [rank * R, rank * R + R), R = ceil(T / CS).
+// One thread-block cluster of CS = 8 CTAs of 16 warps on Hopper. CTA `rank` owns rows
+// [rank * R, rank * R + R), R = ceil(T / CS).
 //   phase 1 (score): each warp scores its rows (ec_device.cuh row_scores, the same float
 //     operations as the three-launch path) and keeps, in its CTA's shared memory, the pick
 //     keys transposed keys[e][r], the weight scores s[r][e] and the row-order keys rkey[r][e];
@@ -11,9 +11,9 @@
 //     the expert's column from every CTA's shared memory (distributed shared memory), finds
 //     the threshold (ec_warp_select.cuh) and stores it into every CTA's shared memory;
 //   cluster barrier;
-//   phase 3 (route): each warp routes the rows it scored, from shared memory (no second read
-//     of the logits, no recomputation).
-// No global workspace is touched except thr (kept for tests) and, with bit 8, keysT.
+//   phase 3 (route): each warp routes the rows it scored (ec_device.cuh route_row), from
+//     shared memory (no second read of the logits, no recomputation).
+// No global workspace is touched except thr (kept for tests) and, with write_keys, keysT.
 #include <cooperative_groups.h>
 
 #include "ec_device.cuh"
@@ -24,7 +24,7 @@ namespace cg = cooperative_groups;
 namespace ec {
 
 constexpr int kFusedWarps = 16;
-constexpr int kShortMaxT = 1024;  // short-column select: column <= 4 KB of shared memory
+constexpr int kClusterSize = 8;  // portable cluster size (16 CTAs was measured slower)
 
 struct FusedLayout {
   int R;    // rows per CTA
@@ -83,7 +83,6 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
   const int seg = lane / WS;
   const int sub = lane % WS;
   const int seg_base = seg * WS;
-  const unsigned seg_mask = (WS == 32) ? kFull : (((1u << WS) - 1u) << seg_base);
   const int E = p.E;
   const int R = L.R;
   const int LD = L.LD;
@@ -117,7 +116,7 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
           keys[e * LD + r] = pkey[it];
           srow[r * E + e] = s[it];
           rk[r * E + e] = rkey[it];
-          if ((p.variant & 256) && row_in) p.keysT[static_cast<long long>(e) * p.T + t] = pkey[it];
+          if (p.write_keys && row_in) p.keysT[static_cast<long long>(e) * p.T + t] = pkey[it];
         }
       }
     }
@@ -169,13 +168,12 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
     const int e = it * WS + sub;
     thr[it] = e < E ? thr_s[e] : ~0ull;
   }
-  const int k = p.top_k;
   for (int r0 = warp * RPW; r0 < R; r0 += NW * RPW) {
     const int r = r0 + seg;
     const int t = tbase + r;
     const bool row_ok = r < R;
     const bool row_in = row_ok && (t < p.T);
-    uint32_t rkey[ITER], cur[ITER];
+    uint32_t rkey[ITER];
     bool picked[ITER];
 #pragma unroll
     for (int it = 0; it < ITER; ++it) {
@@ -184,128 +182,16 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
       rkey[it] = ok ? rk[r * E + e] : 0u;
       const uint32_t pk = ok ? keys[e * LD + r] : 0u;
       picked[it] = pk != 0u && pick_composite(pk, t) >= thr[it];
-      cur[it] = picked[it] ? rkey[it] : 0u;
     }
-    bool fallback = false;
-    int my_id = 0;
-    float my_w = 0.0f, wsum = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      uint32_t lm = cur[0];
-#pragma unroll
-      for (int it = 1; it < ITER; ++it) lm = lm > cur[it] ? lm : cur[it];
-      uint32_t m = segment_max<WS>(lm);
-      const bool switch_now = (m == 0u) && !fallback;
-      if (__any_sync(kFull, switch_now)) {
-        if (switch_now) {
-          fallback = true;
-#pragma unroll
-          for (int it = 0; it < ITER; ++it) cur[it] = picked[it] ? 0u : rkey[it];
-        }
-        lm = cur[0];
-#pragma unroll
-        for (int it = 1; it < ITER; ++it) lm = lm > cur[it] ? lm : cur[it];
-        m = segment_max<WS>(lm);
-      }
-      // Lowest expert id holding m: lowest `it`, then lowest lane.
-      int win_it = -1, win_sub = 0;
-      if (WS == 32 && (p.variant & 8)) {
-        uint32_t cand = 0xffffffffu;
-#pragma unroll
-        for (int it = ITER - 1; it >= 0; --it) {
-          if (cur[it] == m) cand = static_cast<uint32_t>(it * 32 + sub);
-        }
-        const uint32_t wid = __reduce_min_sync(kFull, cand);
-        win_it = static_cast<int>(wid >> 5);
-        win_sub = static_cast<int>(wid & 31u);
-      } else {
-#pragma unroll
-        for (int it = 0; it < ITER; ++it) {
-          const unsigned bb = __ballot_sync(kFull, cur[it] == m) & seg_mask;
-          if (win_it < 0 && bb != 0u) {
-            win_it = it;
-            win_sub = __ffs(bb) - 1 - seg_base;
-          }
-        }
-      }
-      if (sub == win_sub) {
-#pragma unroll
-        for (int it = 0; it < ITER; ++it) {
-          if (it == win_it) cur[it] = 0u;
-        }
-      }
+    // The weight score of the winner, from shared memory (rows past R, the last CTA's
+    // tail, read a valid address and are never written).
+    auto weight_of = [&](int win_it, int win_sub) {
       const int win_e = win_it * WS + win_sub;
-      // Rows past R (the last CTA's tail) read a valid address and are never written.
-      const float w = srow[(row_ok ? r : 0) * E + (win_e < E ? win_e : 0)];
-      if (sub == j) {
-        my_id = win_e;
-        my_w = w;
-      }
-      wsum += w;
-    }
-    if (row_in && sub < k) {
-      float w = p.renormalize ? my_w / wsum : my_w;
-      if (p.apply_scale) w = w * p.scale;
-      p.out_w[static_cast<long long>(t) * k + sub] = w;
-      p.out_ids[static_cast<long long>(t) * k + sub] = my_id;
-    }
+      return srow[(row_ok ? r : 0) * E + (win_e < E ? win_e : 0)];
+    };
+    route_row<WS, ITER>(p, t, row_in, sub, seg_base, picked, rkey, weight_of);
   }
 #endif
-}
-
-// Three-launch path, short columns (variant bit 6): one warp per expert, 8 per CTA; the
-// column is copied into shared memory once, then ec_warp_select.cuh.
-__global__ void __launch_bounds__(256) ec_select_short_kernel(const Params p) {
-  __shared__ __align__(16) uint32_t hist_all[8][256];
-  __shared__ uint32_t col_all[8][kShortMaxT];
-  grid_dependency_wait();
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int e = blockIdx.x * 8 + warp;
-  if (e >= p.E) return;  // whole warp
-  const long long tv = num_valid_rows(p);
-  const long long cap = capacity_of(p, tv);
-  if (cap <= 0) {
-    if (lane == 0) p.thr[e] = ~0ull;
-    return;
-  }
-  const uint32_t* src = p.keysT + static_cast<long long>(e) * p.T;
-  uint32_t* col = col_all[warp];
-  ColStats st;
-  for (int t0 = 0; t0 < p.T; t0 += 256) {
-    uint32_t v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int t = t0 + u * 32 + lane;
-      v[u] = t < p.T ? src[t] : 0u;
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int t = t0 + u * 32 + lane;
-      if (t < p.T) {
-        col[t] = v[u];
-        st.add(v[u]);
-      }
-    }
-  }
-  __syncwarp();
-  const unsigned long long th = warp_select_threshold(col, p.T, cap, st, hist_all[warp], lane);
-  if (lane == 0) p.thr[e] = th;
-}
-
-bool launch_select_short(const Params& p, bool pdl, cudaStream_t stream) {
-  if (p.T > kShortMaxT) return false;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.E + 7) / 8);
-  cfg.blockDim = dim3(256);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  cudaLaunchKernelEx(&cfg, ec_select_short_kernel, p);
-  return true;
 }
 
 namespace {
@@ -336,14 +222,13 @@ DeviceInfo device_info() {
 
 template <int WS, int ITER, typename scalar_t>
 static bool launch_fused_t(const Params& p, const DeviceInfo& dev, cudaStream_t stream) {
-  const int CS = (p.variant & 32) ? 16 : 8;
+  constexpr int CS = kClusterSize;
   const FusedLayout L = fused_layout(p.T, p.E, CS, ITER, p.num_groups > 0);
   if (L.total > static_cast<size_t>(dev.smem_optin)) return false;
   auto kernel = ec_fused_kernel<WS, ITER, scalar_t>;
   static bool configured = false;  // per instantiation, once per process (before capture)
   if (!configured) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     configured = true;
   }
   cudaLaunchConfig_t cfg = {};
@@ -358,14 +243,6 @@ static bool launch_fused_t(const Params& p, const DeviceInfo& dev, cudaStream_t 
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (CS > 8) {
-    // A 16-CTA cluster needs one GPC with 16 free SMs for this shared-memory size.
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
-      (void)cudaGetLastError();
-      return false;
-    }
-  }
   cudaLaunchKernelEx(&cfg, kernel, p);
   return true;
 }
@@ -388,8 +265,8 @@ static bool launch_fused_pow2(const Params& p, int pow2, const DeviceInfo& dev,
   }
 }
 
-bool launch_fused(const Params& p, int kind, int pow2, int max_t, cudaStream_t stream) {
-  if (p.token_choice || p.T < 1 || p.T > max_t) return false;
+bool launch_fused(const Params& p, int kind, int pow2, cudaStream_t stream) {
+  if (p.token_choice || p.T < 1 || p.T > kFusedMaxT) return false;
   const DeviceInfo dev = device_info();
   if (dev.major < 9) return false;  // thread-block clusters: Hopper and later
   switch (kind) {

@@ -39,7 +39,7 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
                                 int64_t top_k, double cap_factor, bool renormalize,
                                 int64_t scoring, int64_t num_groups, int64_t topk_group,
                                 double scale, bool apply_scale, bool token_choice, bool pdl,
-                                int64_t variant, int64_t min_tokens, int64_t fused_max_t) {
+                                bool one_launch, int64_t min_tokens, bool write_keys) {
   TORCH_CHECK(logits.is_cuda(), "expert choice CUDA kernel: logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2, "expert choice CUDA kernel: logits must be [T, E]");
   const int kind = scalar_kind(logits);
@@ -99,7 +99,7 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   p.apply_scale = apply_scale ? 1 : 0;
   p.scale = static_cast<float>(scale);
   p.token_choice = token_choice ? 1 : 0;
-  p.variant = static_cast<int>(variant);
+  p.write_keys = write_keys ? 1 : 0;
   p.keysT = token_choice ? nullptr : reinterpret_cast<uint32_t*>(keys.data_ptr<int>());
   p.thr = token_choice ? nullptr : reinterpret_cast<unsigned long long*>(thr.data_ptr<int64_t>());
   p.out_w = out_w.data_ptr<float>();
@@ -107,19 +107,15 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
 
   const int pow2 = next_pow2(static_cast<int>(E));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  if (!token_choice && (variant & 16) &&
-      ec::launch_fused(p, kind, pow2, static_cast<int>(fused_max_t), stream)) {
-    // Variant bit 4: score, select and route in one thread-block-cluster launch.
+  if (!token_choice && one_launch && ec::launch_fused(p, kind, pow2, stream)) {
+    // Score, select and route in one thread-block-cluster launch (ec_fused.cu).
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {out_w, out_ids, keys, thr};
   }
   if (!token_choice) {
     ec::launch_score(p, kind, pow2, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // Variant bit 6: short columns by one warp each (ec_fused.cu), else ec_select.cu.
-    if (!((variant & 64) && ec::launch_select_short(p, pdl, stream))) {
-      ec::launch_select(p, pdl, stream);
-    }
+    ec::launch_select(p, pdl, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   ec::launch_route(p, kind, pow2, pdl && !token_choice, stream);
@@ -133,6 +129,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("bias"), py::arg("num_valid"), py::arg("num_valid_host"),
         py::arg("top_k"), py::arg("cap_factor"), py::arg("renormalize"), py::arg("scoring"),
         py::arg("num_groups"), py::arg("topk_group"), py::arg("scale"), py::arg("apply_scale"),
-        py::arg("token_choice"), py::arg("pdl"), py::arg("variant") = 15, py::arg("min_tokens") = 0,
-        py::arg("fused_max_t") = 1024);
+        py::arg("token_choice"), py::arg("pdl"), py::arg("one_launch") = false,
+        py::arg("min_tokens") = 0, py::arg("write_keys") = false);
 }

@@ -11,6 +11,9 @@ namespace ec {
 
 enum ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+constexpr int kFusedMaxT = 1024;       // largest T the one-launch kernel takes (ec_fused.cu)
+constexpr int kShortSelectMaxT = 256;  // select by one warp per expert up to this T
+
 struct Params {
   // Router logits [T, E], any strides (in elements).
   const void* logits;
@@ -34,17 +37,7 @@ struct Params {
   int apply_scale;
   float scale;
   int token_choice;  // 1 = skip the expert pick (plain fused token-choice top-k)
-  // Implementation switches (results are identical; speed differs), see ec_ops.cpp:
-  // bit 0: score kernel with one row group per warp; bit 1: warp-per-expert select for
-  // T <= 256; bit 2: select with batched loads and a larger candidate buffer; bit 3: route
-  // kernel finds the winning lane with one __reduce_min_sync instead of per-slot ballots.
-  // bit 4: one launch for small T (ec_fused.cu: a thread-block cluster does score, select
-  // and route with cluster barriers; falls back to the three launches where it does not
-  // fit); bit 5: that cluster has 16 CTAs instead of 8; bit 6: three-launch path, short
-  // columns (T <= 1024) selected by ec_warp_select.cuh; bit 7 (with bit 2): ec_select.cu's
-  // FAST select (min/max pass, common key prefix skipped, no __match_any_sync); bit 8: the
-  // single-launch kernel also writes keysT (only for tests' diagnostics).
-  int variant;
+  int write_keys;  // the one-launch kernel also writes keysT (tests' diagnostics only)
   // Workspaces.
   uint32_t* keysT;          // [E, T] order keys of the pick score (0 = not eligible)
   unsigned long long* thr;  // [E] per-expert threshold on (key << 32 | ~t)
@@ -57,10 +50,8 @@ struct Params {
 void launch_score(const Params& p, int kind, int pow2, cudaStream_t stream);
 void launch_select(const Params& p, bool pdl, cudaStream_t stream);
 void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t stream);
-// ec_fused.cu. Single launch (variant bit 4): returns false, launching nothing, where it does
-// not apply (T > max_t, pre-Hopper device, shared memory or cluster too large).
-bool launch_fused(const Params& p, int kind, int pow2, int max_t, cudaStream_t stream);
-// Short-column select (variant bit 6): returns false, launching nothing, when T > 1024.
-bool launch_select_short(const Params& p, bool pdl, cudaStream_t stream);
+// ec_fused.cu, one launch: returns false, launching nothing, where it does not apply
+// (T > kFusedMaxT, pre-Hopper device, shared memory too large).
+bool launch_fused(const Params& p, int kind, int pow2, cudaStream_t stream);
 
 }  // namespace ec

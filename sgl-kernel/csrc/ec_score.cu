@@ -70,10 +70,8 @@ template <int WS, int ITER, typename scalar_t>
 static void launch_score_t(const Params& p, cudaStream_t stream) {
   using Cfg = ScoreTile<WS, ITER>;
   const int blocks = (p.T + Cfg::TILE - 1) / Cfg::TILE;
-  // variant bit 0: one row group per warp (TILE / RPW warps, <= 16) instead of 4 warps
-  // looping over the tile: shorter dependency chains when T is small.
-  const int nwarps = (p.variant & 1) ? Cfg::TILE / Cfg::RPW : 4;
-  int nw = nwarps;
+  // One row group per warp (TILE / RPW warps, 4 to 16): short dependency chains at small T.
+  int nw = Cfg::TILE / Cfg::RPW;
   size_t smem = 0;
   while (true) {
     smem = sizeof(uint32_t) * p.E * (Cfg::TILE + 1);

@@ -7,20 +7,21 @@
 // After each digit the search stops as soon as the whole selected bin is taken (then the
 // threshold is the bin's smallest possible value). The first passes stream the column from
 // global memory; once the candidate bin holds <= CAP tokens they are kept in shared memory.
+// A min/max pass comes first, so the radix starts below the bits every eligible key shares
+// (and skips the constant top bits of ~t): the first digit already spreads the keys.
+// Histograms use plain shared atomics, candidate appends are warp-aggregated.
+// Short columns (T <= kShortSelectMaxT) take one warp per expert instead
+// (ec_warp_select.cuh), which was faster there in the H100 runs.
 #include "ec_device.cuh"
 #include "ec_warp_select.cuh"
 
 namespace ec {
 
 constexpr int kSelectCap = 4096;       // candidates kept in shared memory (default)
-constexpr int kSelectCapLarge = 16384; // variant bit 2, few experts: 128 KB of candidates
+constexpr int kSelectCapLarge = 16384; // few experts: 128 KB of candidates
 
 // U: column elements each thread loads before using them (memory-level parallelism).
-// FAST (variant bit 7): one min/max pass first, then the radix starts below the bits every
-// eligible key shares (and skips the constant top bits of ~t), so the first digit already
-// spreads; histograms with plain shared atomics instead of __match_any_sync; warp-aggregated
-// candidate appends.
-template <int BITS, int THREADS, int U, bool FAST>
+template <int BITS, int THREADS, int U>
 __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int cand_cap) {
   constexpr int NB = 1 << BITS;
   constexpr int BPT = NB / THREADS;  // bins per thread in the scan
@@ -51,8 +52,8 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
   bool cached = false;
   bool collect = p.T <= cand_cap;
   int shift = 64;
-  int low_bits = 32;  // FAST: bits of ~t that vary over t < T
-  if constexpr (FAST) {
+  int low_bits = 32;  // bits of ~t that vary over t < T
+  {
     __shared__ uint32_t s_mx[NW], s_mn[NW], s_ne[NW];
     ColStats st;
     for (int t0 = 0; t0 < p.T; t0 += THREADS * U) {
@@ -91,7 +92,7 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
     low_bits = p.T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(p.T - 1));
   }
   while (true) {
-    if (FAST && shift == 32) {
+    if (shift == 32) {
       const unsigned long long fix =
           low_bits >= 32 ? 0ull : ((0xffffffffull >> low_bits) << low_bits);
       prefix |= fix;
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
       shift = low_bits;
       if (shift == 0) break;
     }
-    const int lo = (FAST && shift > 32) ? 32 : 0;  // FAST: digits never straddle the words
+    const int lo = shift > 32 ? 32 : 0;  // digits never straddle the two words
     const int width = (shift - lo) < BITS ? (shift - lo) : BITS;
     shift -= width;
     const unsigned long long dmask = (1ull << width) - 1ull;
@@ -114,12 +115,7 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
           const unsigned long long c = cand[i];
           if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
         }
-        if constexpr (FAST) {
-          if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-        } else {
-          const unsigned peers = __match_any_sync(kFull, bin);
-          if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-        }
+        if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
       }
     } else {
       for (int t0 = 0; t0 < p.T; t0 += THREADS * U) {
@@ -138,21 +134,13 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
             c = pick_composite(kk[u], t);
             if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
           }
-          if constexpr (FAST) {
-            if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-            if (collect) {  // warp-aggregated append (collect is block-uniform)
-              const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
-              int base = 0;
-              if (want != 0u && lane == __ffs(want) - 1) base = atomicAdd(&s_ncand, __popc(want));
-              base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
-              if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
-            }
-          } else {
-            const unsigned peers = __match_any_sync(kFull, bin);
-            if (bin != 0xffffffffu) {
-              if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-              if (collect) cand[atomicAdd(&s_ncand, 1)] = c;
-            }
+          if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+          if (collect) {  // warp-aggregated append (collect is block-uniform)
+            const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
+            int base = 0;
+            if (want != 0u && lane == __ffs(want) - 1) base = atomicAdd(&s_ncand, __popc(want));
+            base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
+            if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
           }
         }
       }
@@ -200,151 +188,76 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
   if (tid == 0) p.thr[e] = prefix;
 }
 
-// Small T (variant bit 1): one warp per expert, the column in registers, 8-bit digits,
-// per-warp histograms; no block-wide barriers.
-template <int PER>
-__global__ void __launch_bounds__(256) ec_select_warp_kernel(const Params p) {
-  __shared__ uint32_t hist_all[8][256];
+// Short columns: one warp per expert, 8 per CTA; the column is copied into shared memory
+// once, then ec_warp_select.cuh (also used by the one-launch kernel, ec_fused.cu).
+__global__ void __launch_bounds__(256) ec_select_short_kernel(const Params p) {
+  __shared__ __align__(16) uint32_t hist_all[8][256];
+  __shared__ uint32_t col_all[8][kShortSelectMaxT];
   grid_dependency_wait();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int e = blockIdx.x * 8 + warp;
   if (e >= p.E) return;  // whole warp
-  uint32_t* h = hist_all[warp];
-  const uint32_t* col = p.keysT + static_cast<long long>(e) * p.T;
   const long long tv = num_valid_rows(p);
   const long long cap = capacity_of(p, tv);
   if (cap <= 0) {
     if (lane == 0) p.thr[e] = ~0ull;
     return;
   }
-  unsigned long long comp[PER];
-  bool in[PER];
+  const uint32_t* src = p.keysT + static_cast<long long>(e) * p.T;
+  uint32_t* col = col_all[warp];
+  ColStats st;
+  for (int t0 = 0; t0 < p.T; t0 += 256) {
+    uint32_t v[8];  // 8 loads in flight per lane
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const int t = lane + 32 * j;
-    in[j] = t < p.T;
-    comp[j] = in[j] ? pick_composite(col[t], t) : 0ull;
-  }
-  unsigned long long prefix = 0ull, pmask = 0ull;
-  uint32_t r = static_cast<uint32_t>(cap);
-  int shift = 64;
-  while (true) {
-    shift -= 8;
-    for (int b = lane; b < 256; b += 32) h[b] = 0u;
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < PER; ++j) {
-      uint32_t bin = 0xffffffffu;
-      if (in[j] && (comp[j] & pmask) == prefix) bin = static_cast<uint32_t>((comp[j] >> shift) & 255ull);
-      const unsigned peers = __match_any_sync(kFull, bin);
-      if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&h[bin], __popc(peers));
+    for (int u = 0; u < 8; ++u) {
+      const int t = t0 + u * 32 + lane;
+      v[u] = t < p.T ? src[t] : 0u;
     }
-    __syncwarp();
-    uint32_t loc[8];
-    uint32_t lsum = 0;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      loc[i] = h[255 - (lane * 8 + i)];
-      lsum += loc[i];
-    }
-    uint32_t incl = lsum;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const uint32_t o = __shfl_up_sync(kFull, incl, off);
-      if (lane >= off) incl += o;
-    }
-    uint32_t run = incl - lsum;
-    int fb = -1;
-    uint32_t fa = 0, fc = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (run < r && r <= run + loc[i]) {
-        fb = 255 - (lane * 8 + i);
-        fa = run;
-        fc = loc[i];
+    for (int u = 0; u < 8; ++u) {
+      const int t = t0 + u * 32 + lane;
+      if (t < p.T) {
+        col[t] = v[u];
+        st.add(v[u]);
       }
-      run += loc[i];
     }
-    const unsigned who = __ballot_sync(kFull, fb >= 0);
-    const int src = __ffs(who) - 1;
-    const uint32_t bin = static_cast<uint32_t>(__shfl_sync(kFull, fb, src));
-    const uint32_t above = __shfl_sync(kFull, fa, src);
-    const uint32_t cnt = __shfl_sync(kFull, fc, src);
-    r -= above;
-    prefix |= static_cast<unsigned long long>(bin) << shift;
-    pmask |= 255ull << shift;
-    if (r == cnt || shift == 0) break;
-    __syncwarp();
   }
-  if (lane == 0) p.thr[e] = prefix;
+  __syncwarp();
+  const unsigned long long th = warp_select_threshold(col, p.T, cap, st, hist_all[warp], lane);
+  if (lane == 0) p.thr[e] = th;
 }
 
-struct LaunchCfg {
-  cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr[1];
-  LaunchCfg(dim3 grid, dim3 block, size_t smem, bool pdl, cudaStream_t stream) : cfg{} {
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-  }
-};
-
-template <int BITS, int THREADS, int U, bool FAST = false>
+template <int BITS, int THREADS, int U>
 static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
   if (smem > 48 * 1024) {
     // Once per process (normally before any CUDA-graph capture: the first call is eager).
     static int opted_in = 0;
     if (opted_in < static_cast<int>(smem)) {
-      cudaFuncSetAttribute(ec_select_kernel<BITS, THREADS, U, FAST>,
+      cudaFuncSetAttribute(ec_select_kernel<BITS, THREADS, U>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       opted_in = static_cast<int>(smem);
     }
   }
   LaunchCfg lc(dim3(p.E), dim3(THREADS), smem, pdl, stream);
-  cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U, FAST>, p, cand_cap);
+  cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U>, p, cand_cap);
 }
 
 void launch_select(const Params& p, bool pdl, cudaStream_t stream) {
-  if ((p.variant & 2) && p.T <= 256) {
+  if (p.T <= kShortSelectMaxT) {
     LaunchCfg lc(dim3((p.E + 7) / 8), dim3(256), 0, pdl, stream);
-    cudaLaunchKernelEx(&lc.cfg, ec_select_warp_kernel<8>, p);
+    cudaLaunchKernelEx(&lc.cfg, ec_select_short_kernel, p);
     return;
   }
-  if ((p.variant & 128) && (p.variant & 4)) {
-    // Variant bit 7: the FAST select (same shapes as bit 2).
-    const bool few = p.E < 132 && p.T > kSelectCap;
-    if (p.T <= 4096) {
-      launch_select_t<8, 256, 4, true>(p, pdl, stream, kSelectCap);
-    } else if (few) {
-      launch_select_t<11, 1024, 4, true>(p, pdl, stream, kSelectCapLarge);
-    } else {
-      launch_select_t<11, 512, 4, true>(p, pdl, stream, kSelectCap);
-    }
-    return;
-  }
-  if (p.variant & 4) {
-    // Batched loads; with few experts (< one CTA per SM) wider CTAs and 4x the candidates.
-    const bool few = p.E < 132 && p.T > kSelectCap;
-    if (p.T <= 4096) {
-      launch_select_t<8, 256, 4>(p, pdl, stream, kSelectCap);
-    } else if (few) {
-      launch_select_t<11, 1024, 4>(p, pdl, stream, kSelectCapLarge);
-    } else {
-      launch_select_t<11, 512, 4>(p, pdl, stream, kSelectCap);
-    }
-    return;
-  }
+  // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
+  const bool few = p.E < 132 && p.T > kSelectCap;
   if (p.T <= 4096) {
-    launch_select_t<8, 256, 1>(p, pdl, stream, kSelectCap);
+    launch_select_t<8, 256, 4>(p, pdl, stream, kSelectCap);
+  } else if (few) {
+    launch_select_t<11, 1024, 4>(p, pdl, stream, kSelectCapLarge);
   } else {
-    launch_select_t<11, 512, 1>(p, pdl, stream, kSelectCap);
+    launch_select_t<11, 512, 4>(p, pdl, stream, kSelectCap);
   }
 }
 

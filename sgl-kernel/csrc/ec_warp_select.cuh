@@ -1,8 +1,8 @@
 // Expert-choice step 3 for short columns: one warp finds one expert's capacity threshold.
 //
-// Used by the single-launch cluster kernel (ec_fused.cu, variant bit 4) and by the
-// three-launch path's short-column select (ec_fused.cu, variant bit 6). Same result as
-// ec_select.cu (the C-th largest composite `key << 32 | ~t`), cheaper per pass:
+// Used by the single-launch cluster kernel (ec_fused.cu) and by the three-launch path's
+// short-column select (ec_select.cu, T <= kShortSelectMaxT). Same result as ec_select.cu's
+// block-wide select (the C-th largest composite `key << 32 | ~t`), cheaper per pass:
 //   * no __match_any_sync: each warp owns a private 256-bin histogram and adds with plain
 //     shared atomics (the digits below are spread, so same-address conflicts are rare);
 //   * the leading bits every eligible key shares (common prefix of the column's largest and

@@ -1,13 +1,15 @@
 """Expert-choice routing: the CUDA C++ kernels of ``sgl-kernel/csrc`` (JIT-built on first use).
 
-Three launches, no host sync, CUDA-graph capturable:
+No host sync, CUDA-graph capturable. Large problems take three launches:
 
 1. ``ec_score``  (row tiles): scores -> pick keys, stored transposed ``keysT [E, T]``.
-2. ``ec_select`` (one CTA per expert): radix select of the expert's C-th best token on
-   ``(key << 32 | ~t)``; C is computed on the device from ``num_token_non_padded``.
+2. ``ec_select`` (one CTA per expert; one warp per expert for T <= 256): radix select of the
+   expert's C-th best token on ``(key << 32 | ~t)``; C is computed on the device from
+   ``num_token_non_padded``.
 3. ``ec_route``  (rows): recompute scores, mark picks, row top-k, weights.
 
-Steps 2 and 3 use programmatic dependent launch (Hopper) to hide launch gaps.
+Steps 2 and 3 use programmatic dependent launch (Hopper) to hide launch gaps. Small problems
+take one launch of a thread-block cluster (``ec_fused.cu``, see ``choose_path``).
 
 The extension is built with ``torch.utils.cpp_extension.load`` from the sources in
 ``<repo>/sgl-kernel/csrc`` (or ``$SGLANG_MOE_ROUTING_KERNEL_DIR``) into
@@ -140,50 +142,29 @@ def _pdl_default() -> bool:
     return os.environ.get("SGLANG_MOE_EC_PDL", "1") != "0"
 
 
-# Implementation switches of the CUDA path (identical results, different speed):
-#   bit 0: score kernel with one row group per warp (shorter chains at small T)
-#   bit 1: warp-per-expert select for T <= 256
-#   bit 2: select with batched column loads and a larger candidate buffer for few experts
-#   bit 3: route kernel picks the winning lane with one warp reduction (E >= 32)
-#   bit 4: ONE launch for T <= fused_max_t (``ec_fused.cu``: a thread-block cluster of 8 CTAs
-#          does score -> select -> route with cluster barriers and distributed shared
-#          memory; Hopper only; falls back to the three launches where it does not fit)
-#   bit 5: that cluster has 16 CTAs (non-portable cluster size)
-#   bit 6: three-launch path, T <= 1024: one warp per expert column, private histograms,
-#          common key prefix skipped (``ec_warp_select.cuh``) instead of ``ec_select.cu``
-#   bit 7: with bit 2, ``ec_select.cu``'s FAST select for the longer columns (one min/max pass,
-#          radix starts below the key bits every eligible token shares, plain shared atomics
-#          instead of ``__match_any_sync``, warp-aggregated candidate appends)
-#   bit 8: (set internally with ``return_intermediates``) the one-launch kernel writes keysT
-# To be measured (bench_routing.py columns): 31 = 15 + one launch; 63 = 31 with 16 CTAs;
-# 79 = 15 + short-column select; 143 = 15 + FAST select; 223 = one launch, else
-# short-column select (T <= 1024), else FAST select.
-DEFAULT_VARIANT = 15  # the three-launch path of runs 1-3 (``SGLANG_MOE_EC_VARIANT=15``)
-VARIANT_BITS = 0xFF  # bits a caller may set
-
-# Chosen per shape from run 4 (H100, 2026-11-23, bench_routing.py --quick --variants
-# 31,79,143; docs/benchmarks.md): the one-launch cluster kernel (31) wins for small problems
-# (T <= 128 and T * E <= 8192: 4.5-7.4 us vs 6.7-9.0 us), the FAST select (143) is never
-# slower than 15 elsewhere and 13-15% faster at T >= 8192. Both are bit-identical to the
-# reference in the GPU tests. The shape is static (no host sync, CUDA-graph safe).
-SMALL_PROBLEM_VARIANT = 31
-LARGE_PROBLEM_VARIANT = 143
-SMALL_PROBLEM_MAX_T = 128
-SMALL_PROBLEM_MAX_ELEMENTS = 8192
+# Which path runs (identical results, different speed), chosen per static shape (no host
+# sync, CUDA-graph safe) from the H100 runs of 2026-11-23 (docs/benchmarks.md, run 5):
+#   one launch (``ec_fused.cu``: a Hopper thread-block cluster of 8 CTAs does score ->
+#     select -> route with cluster barriers and distributed shared memory) for small
+#     problems: T <= 128 and T * E <= 16384 (4.2-8.7 us there vs 6.5-11.6 us);
+#   three launches (score, select, route with programmatic dependent launch) elsewhere.
+# ``path="one_launch"`` / ``"three_launch"`` or ``$SGLANG_MOE_EC_PATH`` force one; the one-
+# launch kernel falls back to three launches where it does not fit (T > 1024, pre-Hopper
+# GPU, shared memory).
+PATHS = ("one_launch", "three_launch")
+ONE_LAUNCH_MAX_T = 128
+ONE_LAUNCH_MAX_ELEMENTS = 16384
 
 
-def _variant_default(num_tokens: int, num_experts: int) -> int:
-    env = os.environ.get("SGLANG_MOE_EC_VARIANT")
-    if env is not None:
-        return int(env)
-    if num_tokens <= SMALL_PROBLEM_MAX_T and num_tokens * num_experts <= SMALL_PROBLEM_MAX_ELEMENTS:
-        return SMALL_PROBLEM_VARIANT
-    return LARGE_PROBLEM_VARIANT
-
-
-def _fused_max_t_default() -> int:
-    """Largest T that variant bit 4 runs in one launch (``SGLANG_MOE_EC_FUSED_MAX_T``)."""
-    return int(os.environ.get("SGLANG_MOE_EC_FUSED_MAX_T", 1024))
+def choose_path(num_tokens: int, num_experts: int, path: Optional[str] = None) -> str:
+    """The CUDA path for a static shape: ``path``, else ``$SGLANG_MOE_EC_PATH``, else by shape."""
+    path = path or os.environ.get("SGLANG_MOE_EC_PATH") or "auto"
+    if path == "auto":
+        small = num_tokens <= ONE_LAUNCH_MAX_T and num_tokens * num_experts <= ONE_LAUNCH_MAX_ELEMENTS
+        return "one_launch" if small else "three_launch"
+    if path not in PATHS:
+        raise ValueError(f"expert choice CUDA kernel: path must be one of auto, {', '.join(PATHS)}; got {path!r}")
+    return path
 
 
 def prepare_num_valid(
@@ -249,6 +230,32 @@ def check_common_args(
         raise ValueError(f"expert choice kernels need T * E < 2**31, got T={num_tokens}")
 
 
+def _launch(router_logits, top_k, factor, renormalize, scoring_func, num_expert_group,
+            topk_group, correction_bias, routed_scaling_factor,
+            apply_routed_scaling_factor_on_output, *, token_choice, num_token_non_padded=None,
+            pdl=False, one_launch=False, min_tokens=0, write_keys=False):
+    """Prepare the arguments (dtype, bias, T') the same way for both entry points and call
+    the extension; returns ``(weights, ids, keysT, thr)``."""
+    if not router_logits.is_cuda:
+        raise ValueError("expert choice CUDA kernel: router_logits must be a CUDA tensor")
+    mod = load_extension()
+    logits = router_logits
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        logits = logits.float()
+    bias = None
+    if correction_bias is not None:
+        bias = correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+    n_dev, n_host = prepare_num_valid(num_token_non_padded, logits.shape[0], logits.device)
+    scale = routed_scaling_factor if routed_scaling_factor is not None else 1.0
+    return mod.ec_topk(
+        logits, bias, n_dev, n_host, top_k, float(factor), bool(renormalize),
+        0 if scoring_func == "softmax" else 1,
+        int(num_expert_group or 0), int(topk_group or 0),
+        float(scale), bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
+        token_choice, pdl, one_launch, int(min_tokens), write_keys,
+    )
+
+
 def expert_choice_topk_cuda(
     router_logits: torch.Tensor,
     top_k: int,
@@ -264,49 +271,27 @@ def expert_choice_topk_cuda(
     num_token_non_padded: Optional[Union[torch.Tensor, int]] = None,
     min_tokens: int = 0,
     pdl: Optional[bool] = None,
-    variant: Optional[int] = None,
-    fused_max_t: Optional[int] = None,
+    path: Optional[str] = None,
     return_intermediates: bool = False,
 ):
     """Expert-choice top-k on the CUDA kernels; same arguments/output as the reference.
 
-    ``return_intermediates=True`` also returns ``(keysT [E, T] int32 (uint32 bits),
-    thr [E] int64 (uint64 bits))`` for tests.
-    ``variant`` / ``fused_max_t``: implementation switches (identical results), see
-    ``DEFAULT_VARIANT``; default from ``SGLANG_MOE_EC_VARIANT`` / ``SGLANG_MOE_EC_FUSED_MAX_T``.
+    ``path``: ``"one_launch"`` / ``"three_launch"`` / ``None`` (by shape, see ``choose_path``);
+    identical results. ``return_intermediates=True`` also returns ``(keysT [E, T] int32
+    (uint32 bits), thr [E] int64 (uint64 bits))`` for tests.
     """
-    if variant is None:
-        variant = _variant_default(router_logits.shape[0], router_logits.shape[-1])
-    variant = int(variant)
-    if not 0 <= variant <= VARIANT_BITS:
-        raise ValueError(f"expert choice CUDA kernel: variant must be in [0, {VARIANT_BITS}], got {variant}")
-    if return_intermediates:
-        variant |= 256  # the one-launch kernel keeps keysT in shared memory otherwise
-    fused_max_t = _fused_max_t_default() if fused_max_t is None else int(fused_max_t)
     check_common_args(
         router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
         correction_bias, MAX_TOP_K, min_tokens,
     )
-    if not router_logits.is_cuda:
-        raise ValueError("expert choice CUDA kernel: router_logits must be a CUDA tensor")
-    mod = load_extension()
-    logits = router_logits
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        logits = logits.float()
-    num_tokens, num_experts = logits.shape
-    bias = None
-    if correction_bias is not None:
-        bias = correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
-    n_dev, n_host = prepare_num_valid(num_token_non_padded, num_tokens, logits.device)
-    factor = capacity_factor * top_k / num_experts  # same double arithmetic as the reference
-    scale = routed_scaling_factor if routed_scaling_factor is not None else 1.0
-    w, ids, keys, thr = mod.ec_topk(
-        logits, bias, n_dev, n_host, top_k, float(factor), bool(renormalize),
-        0 if scoring_func == "softmax" else 1,
-        int(num_expert_group or 0), int(topk_group or 0),
-        float(scale), bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
-        False, _pdl_default() if pdl is None else bool(pdl),
-        variant, int(min_tokens), fused_max_t,
+    num_tokens, num_experts = router_logits.shape
+    chosen = choose_path(num_tokens, num_experts, path)
+    w, ids, keys, thr = _launch(
+        router_logits, top_k, capacity_factor * top_k / num_experts,  # same double arithmetic as the reference
+        renormalize, scoring_func, num_expert_group, topk_group, correction_bias,
+        routed_scaling_factor, apply_routed_scaling_factor_on_output, token_choice=False,
+        num_token_non_padded=num_token_non_padded, pdl=_pdl_default() if pdl is None else bool(pdl),
+        one_launch=chosen == "one_launch", min_tokens=min_tokens, write_keys=return_intermediates,
     )
     if return_intermediates:
         return w, ids, keys, thr
@@ -333,19 +318,9 @@ def token_choice_topk_cuda(
         router_logits, top_k, 1.0, scoring_func, num_expert_group, topk_group,
         correction_bias, MAX_TOP_K,
     )
-    mod = load_extension()
-    logits = router_logits
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        logits = logits.float()
-    bias = None
-    if correction_bias is not None:
-        bias = correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
-    scale = routed_scaling_factor if routed_scaling_factor is not None else 1.0
-    w, ids, _, _ = mod.ec_topk(
-        logits, bias, None, logits.shape[0], top_k, 1.0, bool(renormalize),
-        0 if scoring_func == "softmax" else 1,
-        int(num_expert_group or 0), int(topk_group or 0),
-        float(scale), bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
-        True, False, 0, 0, 0,
+    w, ids, _, _ = _launch(
+        router_logits, top_k, 1.0, renormalize, scoring_func, num_expert_group, topk_group,
+        correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output,
+        token_choice=True,
     )
     return w, ids

@@ -13,8 +13,13 @@ Tests and the demo can bypass the record with ``set_sections``.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+
+import torch
+
+_T = TypeVar("_T")
 
 SERVER_ARGS_ATTR = "_moe_routing"
 
@@ -92,3 +97,59 @@ def published_server_args(*argv: str, model_path: str = "dummy") -> Iterator[Any
     finally:
         reset_context()
         set_sections(None)
+
+
+# ----------------------------------------------------------------------------- flag values
+# One set of rules for every numeric flag of the plugin (CLI, environment, HF config).
+
+
+def parse_number(name: str, value: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float:
+    """A finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); ``ValueError`` naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    in_range = (out > lo if lo_open else out >= lo) and out <= hi
+    if not math.isfinite(out) or not in_range:
+        if hi == math.inf:
+            want = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+        else:
+            want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return out
+
+
+def parse_integer(name: str, value: Any, minimum: int) -> int:
+    """An int ``>= minimum``; accepts 3, "3", 3.0 and "3.0", rejects booleans and fractions."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(str(value).strip())
+        if not math.isfinite(x) or x != int(x):
+            raise ValueError
+        out = int(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def collect(errors: List[str], default: _T, parse: Callable[[], _T]) -> _T:
+    """``parse()``, or ``default`` with its ``ValueError`` appended to ``errors`` (so that a
+    start-up check can report every bad flag at once)."""
+    try:
+        return parse()
+    except ValueError as exc:
+        errors.append(str(exc))
+        return default
+
+
+def capturing_cuda_graph() -> bool:
+    """True while the current CUDA stream is capturing a graph (no host syncs allowed)."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # noqa: BLE001 - a broken CUDA setup is "not capturing"
+        return False

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Dict, Optional, Tuple
@@ -178,31 +177,10 @@ def parse_section(args: argparse.Namespace) -> Dict[str, EplbComputeConfig]:
         errors.append(f"--eplb-algorithm {algorithm!r} is unknown; choose from {', '.join(known)}")
 
     def number(flag: str, name: str, default: float, lo: float, hi: float) -> float:
-        v = _get(args, name, default)
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            errors.append(f"{flag} must be a number, got {v!r}")
-            return default
-        if not math.isfinite(x) or not lo <= x <= hi:
-            errors.append(f"{flag} must be in [{lo:g}, {hi:g}], got {v!r}")
-            return default
-        return x
+        return config.collect(errors, default, lambda: config.parse_number(flag, _get(args, name, default), lo, hi))
 
     def integer(flag: str, name: str, default: int, lo: int) -> int:
-        v = _get(args, name, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            try:
-                if isinstance(v, bool) or float(v) != int(v):
-                    raise ValueError
-                v = int(v)
-            except (TypeError, ValueError):
-                errors.append(f"{flag} must be an integer, got {v!r}")
-                return default
-        if v < lo:
-            errors.append(f"{flag} must be >= {lo}, got {v}")
-            return default
-        return v
+        return config.collect(errors, default, lambda: config.parse_integer(flag, _get(args, name, default), lo))
 
     alpha = number("--eplb-compute-cost-alpha", "eplb_compute_cost_alpha", DEFAULT_ALPHA, 0.0, 1.0)
     threshold = number(
@@ -553,11 +531,7 @@ def _around_model_runner_forward(original, self, *args, **kwargs):
         prof.end_step()
 
 
-def _capturing() -> bool:
-    try:
-        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    except Exception:
-        return False
+_capturing = config.capturing_cuda_graph
 
 
 def local_slot_counts(layer: Any, dispatch_output: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -66,26 +65,6 @@ class ExpertChoiceConfig:
 
 def _env_truthy(value: Optional[str]) -> bool:
     return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
-
-
-def _parse_float(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out) or out <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return out
-
-
-def _parse_int(name: str, value: Any, minimum: int = 0) -> int:
-    try:
-        out = int(str(value).strip())
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if out < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return out
 
 
 def add_cli_args(group: argparse._ArgumentGroup) -> None:
@@ -144,16 +123,14 @@ def config_from_values(
     if min_tokens is None:
         min_tokens = env.get(ENV_MIN_TOKENS, DEFAULT_MIN_TOKENS)
     errors: List[str] = []
-    cfg: Dict[str, Any] = {}
-    for key, fn in (
-        ("capacity_factor", lambda: _parse_float("--expert-capacity-factor", capacity_factor)),
-        ("min_tokens", lambda: _parse_int("--expert-choice-min-tokens", min_tokens)),
-        ("stats_interval", lambda: _parse_int("--expert-choice-stats-interval", stats_interval)),
-    ):
-        try:
-            cfg[key] = fn()
-        except ValueError as e:
-            errors.append(str(e))
+    cfg: Dict[str, Any] = dict(
+        capacity_factor=config.collect(errors, None, lambda: config.parse_number(
+            "--expert-capacity-factor", capacity_factor, 0.0, lo_open=True)),
+        min_tokens=config.collect(errors, None, lambda: config.parse_integer(
+            "--expert-choice-min-tokens", min_tokens, 0)),
+        stats_interval=config.collect(errors, None, lambda: config.parse_integer(
+            "--expert-choice-stats-interval", stats_interval, 0)),
+    )
     if backend not in BACKENDS:
         errors.append(f"--expert-choice-backend must be one of {BACKENDS}, got {backend!r}")
     if errors:
@@ -213,7 +190,8 @@ def _after_model_config_init(result, model_config, *args, **kwargs):
     opt: Dict[str, Any] = {}
     cf = getattr(hf, HF_CONFIG_CAPACITY_KEY, None)
     if cf is not None:
-        opt["capacity_factor"] = _parse_float(f"model config '{HF_CONFIG_CAPACITY_KEY}'", cf)
+        opt["capacity_factor"] = config.parse_number(
+            f"model config '{HF_CONFIG_CAPACITY_KEY}'", cf, 0.0, lo_open=True)
     if _model_opt_in != opt:
         _model_opt_in = opt
         logger.info("sglang-moe-routing: %s", active_config().describe())
@@ -283,8 +261,7 @@ class LoadStatsCollector:
             self.calls = 0
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+_capturing = config.capturing_cuda_graph
 
 
 _stats = LoadStatsCollector()
