@@ -2,6 +2,9 @@
 # One device call that checks every GPU feature: build the CUDA extension, run the GPU tests,
 # run the routing and Omni benchmarks in quick mode. Logs go to $OUT (default ./gpu_out).
 # Usage on the GPU machine (repo root, no sglang needed): bash benchmark/gpu_session.sh
+# For SGLang's topk_softmax as the routing yardstick, first run
+# `python benchmark/sglang_yardstick.py --stage` where SGLang is installed and carry the
+# git-ignored .sgl_yardstick/ along (device tool: carry [".sgl_yardstick"]).
 # Typically 6-8 minutes; the stage limits below add up to more than one device call (600 s):
 # if a stage runs long, split the script into two calls (EC+EPLB stages, then Omni stages).
 set -u
