@@ -129,30 +129,11 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
     uint32_t* col = colbuf + warp * p.T;
     uint32_t* h = hist_all + warp * 256;
     for (int e = rank + CS * warp; e < E; e += CS * L.nsw) {
-      ColStats st;
-      // Gather the column, 8 remote loads in flight per lane.
-      for (int t0 = 0; t0 < p.T; t0 += 256) {
-        uint32_t v[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int t = t0 + u * 32 + lane;
-          v[u] = 0u;
-          if (t < p.T) {
-            const int c = t / R;
-            const uint32_t* src = cluster.map_shared_rank(keys, c);
-            v[u] = src[e * LD + (t - c * R)];
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int t = t0 + u * 32 + lane;
-          if (t < p.T) {
-            col[t] = v[u];
-            st.add(v[u]);
-          }
-        }
-      }
-      __syncwarp();
+      // Gather the column from every CTA's shared memory (distributed shared memory).
+      const ColStats st = copy_column(col, p.T, lane, [&](int t) {
+        const int c = t / R;
+        return cluster.map_shared_rank(keys, c)[e * LD + (t - c * R)];
+      });
       const unsigned long long th = warp_select_threshold(col, p.T, cap, st, h, lane);
       if (lane < CS) cluster.map_shared_rank(thr_s, lane)[e] = th;
       if (lane == 0) p.thr[e] = th;

@@ -206,24 +206,7 @@ __global__ void __launch_bounds__(256) ec_select_short_kernel(const Params p) {
   }
   const uint32_t* src = p.keysT + static_cast<long long>(e) * p.T;
   uint32_t* col = col_all[warp];
-  ColStats st;
-  for (int t0 = 0; t0 < p.T; t0 += 256) {
-    uint32_t v[8];  // 8 loads in flight per lane
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int t = t0 + u * 32 + lane;
-      v[u] = t < p.T ? src[t] : 0u;
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int t = t0 + u * 32 + lane;
-      if (t < p.T) {
-        col[t] = v[u];
-        st.add(v[u]);
-      }
-    }
-  }
-  __syncwarp();
+  const ColStats st = copy_column(col, p.T, lane, [&](int t) { return src[t]; });
   const unsigned long long th = warp_select_threshold(col, p.T, cap, st, hist_all[warp], lane);
   if (lane == 0) p.thr[e] = th;
 }

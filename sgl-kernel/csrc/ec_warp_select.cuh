@@ -30,6 +30,32 @@ struct ColStats {
   }
 };
 
+// Copy a column of T pick keys into this warp's shared buffer `col`, 8 loads in flight per
+// lane, and return this lane's statistics of it. `load(t)` reads key t (global memory for
+// the three-launch select, another CTA's shared memory for the one-launch kernel).
+template <typename Load>
+__device__ __forceinline__ ColStats copy_column(uint32_t* col, int T, int lane, Load load) {
+  ColStats st;
+  for (int t0 = 0; t0 < T; t0 += 256) {
+    uint32_t v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int t = t0 + u * 32 + lane;
+      v[u] = t < T ? load(t) : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int t = t0 + u * 32 + lane;
+      if (t < T) {
+        col[t] = v[u];
+        st.add(v[u]);
+      }
+    }
+  }
+  __syncwarp();
+  return st;
+}
+
 // Threshold (composite, uniform over the warp) of the column `col[0, T)` (pick keys,
 // 0 = not eligible) held in shared memory. `st` holds this lane's statistics of the
 // column; `hist` is this warp's 256-entry (16-byte aligned) shared histogram.
