@@ -16,6 +16,8 @@ stage() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-6}" "$OUT/$name.log"; }
 stage build 150 python3 sgl-kernel/build.py
 stage tests_ec_eplb 200 python3 -m pytest -q -n 12 -p no:cacheprovider test/test_expert_choice_gpu.py test/test_eplb_gpu.py
+# timing tests (marker gpu_timing) are skipped under -n: run them alone on the GPU
+stage tests_timing 60 python3 -m pytest -q -p no:cacheprovider -m gpu_timing test/test_eplb_gpu.py
 stage tests_omni 200 python3 -m pytest -q -n 16 -p no:cacheprovider test/test_omni_gpu.py
 # benchmark artefacts stay in /tmp (the device tool brings back at most 8 files); tables are in the logs
 TAIL=40 stage bench_routing 150 python3 benchmark/bench_routing.py --quick --no-profile --out /tmp/bench_routing

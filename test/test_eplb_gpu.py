@@ -65,6 +65,7 @@ def _region_ms(fn, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@pytest.mark.gpu_timing
 def test_fitted_costs_track_real_kernel_times():
     """Two expert classes (hidden 1024 vs 2048 weights, run as separate launches): the fitted
     per-token cost of the bigger class is clearly larger, and predictions follow measurements.

@@ -200,48 +200,53 @@ def test_auto_backend_is_triton_on_cuda():
     assert resolve_backend(x, 65) == "torch"
 
 
-REG_CONFIGS = [  # (block_t, num_warps, progs_per_sm, pruned): what bench_omni.py --quick times
-    (1, 1, 16, True),
-    (1, 1, 8, True),
-    (2, 1, 8, True),
-    (1, 1, 16, False),
-]
+LANE_CONFIGS = [(1, 16, 4), (2, 16, 4), (1, 32, 4)]  # bench_omni.py LANE_VARIANTS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("k", [1, 8, 32])
-@pytest.mark.parametrize("n", [31, 128, 512, 1024])
-def test_reg_variant_grid(n, k, dtype):
-    """MODE_REG (persistent register variant) == reference for T in TS, poisoned outputs."""
-    if k > n * n:
-        pytest.skip()
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("n", [128, 512, 1024])
+def test_lane_variant_grid(n, k, dtype):
+    """MODE_LANE == reference for T in TS, poisoned outputs; every LANE_CONFIGS entry and
+    lists=1 (every program takes the exact fallback) at n=512 bf16."""
     for T in TS:
         x, y = make_logits(T, n, dtype, device="cuda", seed=n * 17 + k + T)
         rids = reference_ids_chunked(x, y, k)
-        for bt, nw, pps, pruned in REG_CONFIGS if (n, dtype) == (512, torch.bfloat16) else REG_CONFIGS[:1]:
-            cfg = tk.fwd_config_reg(n, k, T, x.device, block_t=bt, num_warps=nw, progs_per_sm=pps,
-                                    pruned=pruned)
+        full = (n, dtype) == (512, torch.bfloat16)
+        for bt, lanes, lists in LANE_CONFIGS + [(1, 16, 1)] if full else LANE_CONFIGS[:1]:
+            cfg = tk.fwd_config_lane(n, k, T, x.device, block_t=bt, lanes=lanes, lists=lists)
             w = torch.full((T, k), float("nan"), device="cuda", dtype=dtype)
             ids = torch.full((T, k), -1, device="cuda", dtype=torch.int64)
             tk._launch_fwd(x, y, k, True, w, ids, cfg)
             check_routing(x, y, k, w, ids, renormalize=True, ref_ids=rids)
 
 
-def test_reg_variant_env_switch_graph_and_fallback(monkeypatch):
-    """SGLANG_MOE_OMNI_FWD_VARIANT=reg through omni_router (custom op) in a CUDA graph;
-    rows built to exhaust a chunk list (exact fallback) mixed with random rows."""
-    monkeypatch.setenv(tk.FWD_VARIANT_ENV, "reg")
+def test_lane_graph_exhaustion_nan_and_slices():
+    """MODE_LANE at n=512, k=8 in a CUDA graph: rows built to exhaust a lane's list (exact
+    fallback) and NaN rows mixed with random rows; then x, y as column slices of one
+    tensor (packed and unpacked loads)."""
     T, n, k = 4096, 512, 8
+    cfg = tk.fwd_config_lane(n, k, T, torch.device("cuda"))
+    fwd = lambda a, b: tk.omni_router_fwd_triton(a, b, k, False, torch.int64, config=cfg)
     x, y = make_logits(T, n, torch.bfloat16, device="cuda", seed=77)
     x[::97, 64:72] = 8.0 + torch.arange(8, device="cuda", dtype=torch.bfloat16)
-    w, ids = omni_router(x, y, k, backend="triton")
+    w, ids = fwd(x, y)
     check_routing(x, y, k, w, ids, ref_ids=reference_ids_chunked(x, y, k))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        gw, gids = omni_router(x, y, k, backend="triton")
+        gw, gids = fwd(x, y)
     nx, ny = make_logits(T, n, torch.bfloat16, device="cuda", seed=78)
+    nx[3, 5] = float("nan")
+    ny[9, 500] = -float("nan")
     x.copy_(nx)
     y.copy_(ny)
     g.replay()
     torch.cuda.synchronize()
-    check_routing(x, y, k, gw, gids, ref_ids=reference_ids_chunked(x, y, k))
+    assert bool(torch.isnan(gw[3]).all() and torch.isnan(gw[9]).all())
+    keep = torch.ones(T, dtype=torch.bool, device="cuda")
+    keep[3] = keep[9] = False
+    check_routing(x[keep], y[keep], k, gw[keep], gids[keep], ref_ids=reference_ids_chunked(x[keep], y[keep], k))
+    logits = torch.randn(T, 2 * n + 1, device="cuda").to(torch.bfloat16)
+    for xs, ys in ((logits[:, :n], logits[:, n:2 * n]), (logits[:, n + 1:], logits[:, :n])):
+        w, ids = fwd(xs, ys)
+        check_routing(xs, ys, k, w, ids, ref_ids=reference_ids_chunked(xs, ys, k))

@@ -17,6 +17,11 @@ Forward, per token (one program handles ``BLOCK_T`` tokens):
      element of any other chunk is beaten by ``K`` chunk maxima), so those ``K * S``
      elements are reloaded (L1/L2 hits) and a second top-k of ``K * S`` keys gives the
      answer. Work per token ~ ``n + K log^2 K`` instead of ``n log^2 K``.
+   * MODE_LANE (``32 <= n <= 1024``, ``k <= 8``; an autotune candidate, not the default): 16
+     lanes (threads) per row, each loading its 16-byte vectors up front and keeping its 4
+     largest keys sorted in registers (an in-thread merge network); ``k`` pops over the
+     lane heads (4-level shuffle max, no memory round trip). A row where one lane holds 4
+     of its top k redoes the selection exactly (rare on random data).
 
 2. **Candidate grid.** If ``(i, j)`` is in the top-k of ``x_i + y_j``, ``i`` is in the
    top-k of ``x`` and ``j`` in the top-k of ``y``. The ``K x K`` grid of fp32 sums of the
@@ -62,10 +67,8 @@ __all__ = [
     "BwdConfig",
     "triton_supported",
     "fwd_config",
-    "fwd_config_reg",
-    "fwd_variant",
-    "FWD_VARIANT_ENV",
-    "MODE_REG",
+    "fwd_config_lane",
+    "MODE_LANE",
     "bwd_config",
     "fwd_config_candidates",
     "bwd_config_candidates",
@@ -103,11 +106,7 @@ def triton_supported(x: torch.Tensor, top_k: int) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- configs
 
-MODE_DENSE, MODE_CHUNK, MODE_ITER, MODE_REG = 0, 1, 2, 3
-
-#: forward variant switch: unset or ``default`` = the heuristic below; ``reg`` = the
-#: persistent register variant (MODE_REG) for every shape. For side-by-side timing.
-FWD_VARIANT_ENV = "SGLANG_MOE_OMNI_FWD_VARIANT"
+MODE_DENSE, MODE_CHUNK, MODE_ITER, MODE_LANE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -118,9 +117,10 @@ class FwdConfig:
     large n, 1 chunk (bitonic over chunk maxima, then over the best chunks) and 2 iter
     (k pops from the chunk maxima with chunk reloads); ``chunk``: S, columns per chunk
     (modes 1, 2); ``pruned``: top-k over only the ``(a+1)(b+1) <= k`` grid cells (else
-    all ``K x K``). Mode 3 (``MODE_REG``, :func:`fwd_config_reg`): persistent programs
-    (``progs_per_sm`` per SM) with register prefetch of the next token block, per-chunk
-    sorted lists of ``lists`` keys and pops without memory reloads (``chunk`` = S).
+    all ``K x K``). Mode 3 (``MODE_LANE``, :func:`fwd_config_lane`): ``lanes`` threads
+    per logit row, each keeping a sorted list of its ``lists`` largest keys in registers;
+    pops over the lane heads (no memory round trip); x and y rows of ``block_t`` tokens
+    per program (``num_warps = 2 * block_t * lanes / 32``).
     """
 
     block_t: int  # tokens per program
@@ -128,8 +128,8 @@ class FwdConfig:
     mode: int = MODE_DENSE
     chunk: int = 2
     pruned: bool = True
-    progs_per_sm: int = 0  # MODE_REG: resident programs per SM of the persistent grid
-    lists: int = 4  # MODE_REG: sorted keys kept per chunk (M = min(K, lists))
+    lanes: int = 16  # MODE_LANE: threads per logit row
+    lists: int = 4  # MODE_LANE: sorted keys kept per lane (1..4)
 
 
 @dataclass(frozen=True)
@@ -206,58 +206,45 @@ def _shrink_for_occupancy(block_t: int, T: int, sms: int) -> int:
     return block_t
 
 
-def fwd_variant() -> str:
-    """The forward variant picked by ``SGLANG_MOE_OMNI_FWD_VARIANT`` (``default``|``reg``)."""
-    v = os.environ.get(FWD_VARIANT_ENV, "default").strip().lower() or "default"
-    if v not in ("default", "reg"):
-        raise ValueError(f"{FWD_VARIANT_ENV} must be 'default' or 'reg', got {v!r}")
-    return v
+def _lane_fits(n: int, top_k: int, lanes: int = 16) -> bool:
+    """Shapes MODE_LANE serves: rows of 2 to 64 elements per lane (unrolled in registers)
+    and a ``k`` that ``L <= 4`` lists per lane cover without frequent fallbacks (K <= 8)."""
+    NP, K = _dims(n, top_k)
+    return K <= 8 and 2 * lanes <= NP <= 64 * lanes
 
 
-def _reg_chunk(n: int, top_k: int) -> int:
-    """Chunk size S of MODE_REG: 8 columns (one 16-byte bf16 vector) and at most 64
-    chunks per row (the pop is a max over the chunk heads)."""
-    NP, _ = _dims(n, top_k)
-    return min(NP, max(8, NP // 64))
-
-
-def fwd_config_reg(
+def fwd_config_lane(
     n: int,
     top_k: int,
     T: int,
     device: torch.device,
     block_t: int = 1,
-    num_warps: int = 1,
-    progs_per_sm: int = 16,
+    lanes: int = 16,
     lists: int = 4,
-    pruned: bool = True,
 ) -> FwdConfig:
-    """MODE_REG configuration. Default: one token per one-warp program iteration, 16
-    resident programs per SM (16 warps/SM: room for <= 128 registers per thread), so a
-    T=4096 batch is ~2 iterations per program (the second block's rows are in flight
-    while the first is selected). ``pruned``: grid of the ``(a+1)(b+1) <= k`` cells via
-    a per-token scratch (static SASS, bf16 n=512 k=8: 1016 instructions, 128 registers)
-    rather than the full ``K x K`` register grid (1888, 134 registers; only K <= 16)."""
+    """MODE_LANE configuration: ``block_t`` tokens per program, ``lanes`` threads per
+    row (``2 * block_t * lanes / 32`` warps), ``lists`` sorted keys per lane.
+
+    One token per one-warp program (``lanes=16``) keeps ~32 warps resident per SM at
+    <= 64 registers; ``lists=4``: a row's pops fall back to the exact path only when one
+    lane (16 of the row's columns) holds 4 of its top k."""
     NP, K = _dims(n, top_k)
-    if _interpreting():  # several tokens per block and few programs: the loop runs
-        return FwdConfig(min(4, _next_pow2(max(T, 1))), 4, MODE_REG, _reg_chunk(n, top_k),
-                         pruned, progs_per_sm=1, lists=lists)
-    return FwdConfig(block_t, num_warps, MODE_REG, _reg_chunk(n, top_k), pruned,
-                     progs_per_sm=progs_per_sm, lists=lists)
+    lanes = max(1, min(lanes, NP))
+    if _interpreting():
+        block_t = min(4, _next_pow2(max(T, 1)))
+    num_warps = max(1, 2 * block_t * lanes // 32)
+    return FwdConfig(block_t, num_warps, MODE_LANE, 2, True, lanes=lanes, lists=lists)
 
 
 def fwd_config(n: int, top_k: int, T: int, device: torch.device) -> FwdConfig:
     """Heuristic forward configuration (used when autotuning is off).
 
-    ``SGLANG_MOE_OMNI_FWD_VARIANT=reg`` returns :func:`fwd_config_reg` instead (every
-    shape), for side-by-side timing of the persistent register variant.
-
-    ``n < 128``: dense variant; ``n >= 128``: the split variant MODE_ITER. Block sizes
-    come from static SASS counts (notes in ``benchmark/NOTES_omni.md``): the per-token
-    tensors are small, so few warps per program and a few tokens per program are best.
+    ``n < 128``: dense variant; ``n >= 128``: the split variant MODE_ITER (MODE_LANE, an
+    autotune candidate for ``k <= 8``, measured within +-5 % of it in steady state at
+    n=512, k=8; slower at n=128 and n=1024). Block sizes come from static SASS counts and
+    steady-state device timings (``benchmark/NOTES_omni.md``): 2 tokens per one-warp
+    program from n=512 up (more resident warps: 64 registers, 2048 programs at T=4096).
     """
-    if fwd_variant() == "reg":
-        return fwd_config_reg(n, top_k, T, device)
     NP, K = _dims(n, top_k)
     mode = MODE_DENSE if n < 128 else MODE_ITER
     chunk = _default_chunk(n, top_k, mode)
@@ -269,7 +256,7 @@ def fwd_config(n: int, top_k: int, T: int, device: torch.device) -> FwdConfig:
         block_t = max(1, min(16, 1024 // max(NP, P)))
         num_warps = max(1, min(4, block_t * max(NP, P) // 256))
     else:
-        block_t = 4 if NP <= 512 else 2
+        block_t = 4 if NP < 512 else 2
         num_warps = 1 if P <= 32 else (2 if P <= 128 else 4)
     block_t = _shrink_for_occupancy(block_t, T, _num_sms(device))
     return FwdConfig(block_t, num_warps, mode, chunk, pruned)
@@ -291,7 +278,8 @@ def fwd_config_candidates(n: int, top_k: int, T: int, device: torch.device) -> L
         out += [FwdConfig(bt, nw, MODE_ITER, s_it, pruned) for bt in (1, 2, 4) for nw in nws]
         out += [FwdConfig(bt, 1, MODE_CHUNK, s_ch, pruned) for bt in (1, 2)]
         out += [FwdConfig(2, 1, MODE_ITER, s, pruned) for s in (s_it // 2, s_it * 2) if 2 <= s <= NP]
-        out += [fwd_config_reg(n, top_k, T, device)]
+        if _lane_fits(n, top_k):
+            out += [fwd_config_lane(n, top_k, T, device)]
     else:
         out += [FwdConfig(bt, nw, MODE_DENSE, 2, pruned) for bt in (4, 8, 16) for nw in (1, 2, 4)]
         s_it = _default_chunk(n, top_k, MODE_ITER)
@@ -308,7 +296,9 @@ def _fits_registers(cfg: FwdConfig, NP: int, P: int) -> bool:
     """Keep candidates whose largest per-program tile stays within ~64 32-bit registers
     per thread (the int64 grid keys count twice): bigger ones spill and can take ptxas
     minutes to compile."""
-    row = NP if cfg.mode in (MODE_DENSE, MODE_REG) else NP // 2
+    if cfg.mode == MODE_LANE:
+        return True
+    row = NP if cfg.mode == MODE_DENSE else NP // 2
     return cfg.block_t * max(row, 2 * P) <= 64 * 32 * cfg.num_warps
 
 
@@ -532,6 +522,28 @@ if HAS_TRITON:
         return tl.where((xa > MINK) & (yb > MINK), g, _MIN64)
 
     # T and k vary per call: no value specialisation (one compiled kernel per config)
+    @triton.jit
+    def _store_topk(top, k, K: tl.constexpr, tok_nan, rows, rmask, w_ptr, stride_w, ids_ptr,
+                    stride_ids, RENORM: tl.constexpr):
+        """Decode the ``[BLOCK_T, K]`` best grid keys (descending; score bits high, ~id low),
+        softmax over the first ``k``, optional renormalisation, NaN rows -> NaN weights, and
+        store weights and ids of the rows in ``rmask``. Shared by both forward kernels."""
+        slot = tl.arange(0, K)[None, :]
+        valid = (top > _MIN64) & (slot < k)
+        tb = (top >> 32).to(tl.int32)
+        score = (tb ^ ((tb >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        ids = 2147483647 - (top & 2147483647)  # int64
+        score = tl.where(valid, score, float("-inf"))
+        smax = tl.max(score, axis=1)
+        e = tl.where(valid, tl.exp(score - smax[:, None]), 0.0)
+        w = e / tl.sum(e, axis=1)[:, None]
+        if RENORM:
+            w = w / tl.sum(w, axis=1)[:, None]
+        w = tl.where(tok_nan[:, None], float("nan"), w)
+        om = rmask[:, None] & (slot < k)
+        tl.store(w_ptr + rows[:, None] * stride_w + slot, w.to(w_ptr.dtype.element_ty), mask=om)
+        tl.store(ids_ptr + rows[:, None] * stride_ids + slot, ids.to(ids_ptr.dtype.element_ty), mask=om)
+
     @triton.jit(do_not_specialize=["T", "k"])
     def _omni_fwd_kernel(
         x_ptr,
@@ -611,41 +623,33 @@ if HAS_TRITON:
             g = _grid_keys(xk[:, :, None], yk[:, None, :], n, IS16, IS_BF16, MINK)
             top = _topk_desc(tl.reshape(g, [BLOCK_T, K * K]), K)  # [BLOCK_T, K] desc
 
-        slot = tl.arange(0, K)[None, :]
-        valid = (top > _MIN64) & (slot < k)
-        tb = (top >> 32).to(tl.int32)
-        score = (tb ^ ((tb >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-        ids = 2147483647 - (top & 2147483647)  # int64
+        _store_topk(top, k, K, xnan | ynan, rows, rmask, w_ptr, stride_w, ids_ptr, stride_ids, RENORM)
 
-        score = tl.where(valid, score, float("-inf"))
-        smax = tl.max(score, axis=1)
-        e = tl.where(valid, tl.exp(score - smax[:, None]), 0.0)
-        w = e / tl.sum(e, axis=1)[:, None]
-        if RENORM:
-            w = w / tl.sum(w, axis=1)[:, None]
-        w = tl.where((xnan | ynan)[:, None], float("nan"), w)
-
-        om = rmask[:, None] & (slot < k)
-        tl.store(w_ptr + rows[:, None] * stride_w + slot, w.to(w_ptr.dtype.element_ty), mask=om)
-        tl.store(ids_ptr + rows[:, None] * stride_ids + slot, ids.to(ids_ptr.dtype.element_ty), mask=om)
-
-    # ------------------------------------------------------------------ MODE_REG (3)
-    # Sentinels of the register variant: the type minimum (so max/min with an unused
-    # list entry folds away) and the "list exhausted, the chunk may hold more" marker.
-    _RMIN32 = tl.constexpr(-2147483648)
-    _REXH32 = tl.constexpr(-2147483647)
-    _RMIN64 = tl.constexpr(-9223372036854775808)
-    _REXH64 = tl.constexpr(-9223372036854775807)
+    # ------------------------------------------------------------------ MODE_LANE (3)
+    # Sentinels of the lane variant: the type minimum (max/min with an unused list entry
+    # folds away) and "this lane's list ran dry, the lane may hold more keys".
+    _LMIN32 = tl.constexpr(-2147483648)
+    _LEXH32 = tl.constexpr(-2147483647)
+    _LMIN64 = tl.constexpr(-9223372036854775808)
+    _LEXH64 = tl.constexpr(-9223372036854775807)
 
     @triton.jit
-    def _merge_top2(a1, a2, b1, b2):
-        """Top 2 (sorted) of two sorted 2-lists: the r-th largest of the union is
-        ``max over i + j = r of min(a_i, b_j)`` (``a_0 = b_0 = +inf``)."""
-        return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+    def _lmerge2(a1, a2, am, b1, b2, bm):
+        """Top 2 (sorted) of two sorted 2-lists, and the min channel: the r-th largest of
+        the union is ``max over i + j = r of min(a_i, b_j)``."""
+        return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2)), tl.minimum(am, bm)
 
     @triton.jit
-    def _merge_top4(a1, a2, a3, a4, b1, b2, b3, b4):
-        """Top 4 (sorted) of two sorted 4-lists (same rule as :func:`_merge_top2`)."""
+    def _lmerge3(a1, a2, a3, am, b1, b2, b3, bm):
+        """Top 3 (sorted) of two sorted 3-lists (same rule), and the min channel."""
+        c1 = tl.maximum(a1, b1)
+        c2 = tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+        c3 = tl.maximum(tl.maximum(a3, b3), tl.maximum(tl.minimum(a1, b2), tl.minimum(a2, b1)))
+        return c1, c2, c3, tl.minimum(am, bm)
+
+    @triton.jit
+    def _lmerge4(a1, a2, a3, a4, am, b1, b2, b3, b4, bm):
+        """Top 4 (sorted) of two sorted 4-lists (same rule), and the min channel."""
         c1 = tl.maximum(a1, b1)
         c2 = tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
         c3 = tl.maximum(tl.maximum(a3, b3), tl.maximum(tl.minimum(a1, b2), tl.minimum(a2, b1)))
@@ -653,86 +657,133 @@ if HAS_TRITON:
             tl.maximum(a4, b4),
             tl.maximum(tl.minimum(a1, b3), tl.maximum(tl.minimum(a2, b2), tl.minimum(a3, b1))),
         )
-        return c1, c2, c3, c4
+        return c1, c2, c3, c4, tl.minimum(am, bm)
 
     @triton.jit
-    def _reg_keys(v, m, col, IS16: tl.constexpr, IS_BF16: tl.constexpr, MINK: tl.constexpr):
-        """Packed keys of a ``[BLOCK_T, W, S]`` tile (``MINK`` where masked) and the
-        per-token NaN flag."""
-        if IS16:
-            if IS_BF16:
-                INF: tl.constexpr = 0x7F80
+    def _lane_reduce(h1, h2, h3, h4, hm, axis: tl.constexpr, L: tl.constexpr):
+        """Merge sorted ``L``-lists ``(h1 >= h2 >= ...)`` along ``axis`` (in-thread) into
+        the sorted top ``L``; ``hm``: minimum channel. Entries past ``L`` pass through."""
+        if L == 1:
+            o1 = tl.max(h1, axis=axis)
+            om = tl.min(hm, axis=axis)
+            o2 = tl.max(h2, axis=axis)
+            o3 = o2
+            o4 = o2
+        elif L == 2:
+            o1, o2, om = tl.reduce((h1, h2, hm), axis, _lmerge2)
+            o3 = tl.max(h3, axis=axis)
+            o4 = o3
+        elif L == 3:
+            o1, o2, o3, om = tl.reduce((h1, h2, h3, hm), axis, _lmerge3)
+            o4 = tl.max(h4, axis=axis)
+        else:
+            o1, o2, o3, o4, om = tl.reduce((h1, h2, h3, h4, hm), axis, _lmerge4)
+        return o1, o2, o3, o4, om
+
+    @triton.jit
+    def _lane_load(x_ptr, v: tl.constexpr, pid, T, n, sx, sy, dxy, PACKED: tl.constexpr,
+                   EVEN_N: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
+                   E: tl.constexpr):
+        """Vector ``v`` of every lane: a ``[Q, R, E]`` tile of logits (``[Q, R, E/2]`` int32
+        pairs if ``PACKED``) of the program's ``Q = 2 * BLOCK_T`` rows (x and y of each
+        token interleaved; y is addressed as ``x_ptr + dxy``: a select of two pointers
+        would lose the 16-byte vectors). Lane ``r`` of a row owns columns
+        ``v * R * E + r * E + e``. 3-D tiles, so that the compiler puts the rows' lanes on
+        the warp's threads and ``e`` in registers (a 4-D ``[V, Q, R, E]`` tile got ``V``
+        across threads on triton 3.6)."""
+        Q: tl.constexpr = 2 * BLOCK_T
+        qq = tl.arange(0, Q)[:, None, None]
+        rr = tl.arange(0, R)[None, :, None]
+        tok = pid * BLOCK_T + qq // 2
+        t64 = tok.to(tl.int64)
+        roff = t64 * sx + (qq % 2).to(tl.int64) * (dxy + t64 * (sy - sx))
+        tmask = tok < T
+        if PACKED:
+            E2: tl.constexpr = E // 2
+            cp = v * (R * E2) + rr * E2 + tl.arange(0, E2)[None, None, :]  # int32 word index
+            if EVEN_N:
+                m = tmask
             else:
-                INF: tl.constexpr = 0x7C00
+                m = tmask & (cp < n // 2)
+            w = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + (roff + cp), mask=m, other=0)
         else:
-            INF: tl.constexpr = 0x7F800000
-        key, mag = _keys_of(v, _col_lo(col, IS16), IS16)
-        key = tl.where(m, key, MINK)
-        row_nan = tl.max(tl.max(tl.where(m, mag, 0), axis=2), axis=1) > INF
-        return key, row_nan
+            col = v * (R * E) + rr * E + tl.arange(0, E)[None, None, :]
+            if EVEN_N:
+                m = tmask
+            else:
+                m = tmask & (col < n)
+            w = tl.load(x_ptr + (roff + col), mask=m, other=0.0)
+        return w, m
 
     @triton.jit
-    def _reg_lists(key, M: tl.constexpr, K: tl.constexpr, MINK: tl.constexpr, EXH: tl.constexpr):
-        """Per chunk (axis 2 of ``key [BLOCK_T, W, S]``, in-thread): the ``M`` largest
-        keys sorted, ``h1 >= h2 >= h3 >= h4`` (``[BLOCK_T, W]``, unused entries
-        ``MINK``), and ``more``: the value that enters the list once its ``M`` entries
-        are popped (``EXH`` if the chunk may hold further keys, i.e. the list is full and
-        ``M < K``; else ``MINK``)."""
+    def _lane_keys(w, m, v: tl.constexpr, IS16: tl.constexpr, PACKED: tl.constexpr,
+                   EVEN_N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                   MINK: tl.constexpr, MAXK: tl.constexpr):
+        """Keys ``[Q, R, E]`` of a tile from :func:`_lane_load`, and the same keys with masked
+        elements at ``MAXK`` (for the NaN test by minimum).
+
+        Key = order-preserving logit bits (high part) | ``HB | (G - 1 - j)`` (low part, ``j``
+        = the element's index within its lane, ``HB`` a high bit that keeps every real key
+        above the sentinels); the lane's bits are added to the few list entries later.
+        ``PACKED``: both halves of an int32 pair flipped at once."""
+        Q: tl.constexpr = w.shape[0]
+        if PACKED:
+            E2: tl.constexpr = E // 2
+            w = w ^ (((w >> 15) & 0x10001) * 0x7FFF)  # flip both halves' magnitude if negative
+            j = v * E + 2 * tl.arange(0, E2)[None, None, :]
+            klo = (w << 16) | (0x8000 | (G - 1 - j))
+            khi = (w & -65536) | (0x8000 | (G - 2 - j))
+            key = tl.reshape(tl.join(klo, khi), [Q, R, E])
+            if EVEN_N:
+                kmin = key
+            else:
+                mm = tl.reshape(tl.join(m, m), [Q, R, E])
+                key = tl.where(mm, key, MINK)
+                kmin = tl.where(mm, key, MAXK)
+        else:
+            j = v * E + tl.arange(0, E)[None, None, :]
+            if IS16:
+                b = w.to(tl.int16, bitcast=True).to(tl.int32)
+                key = ((b ^ ((b >> 15) & 0x7FFF)) << 16) | (0x8000 | (G - 1 - j))
+            else:
+                b = w.to(tl.int32, bitcast=True)
+                o = b ^ ((b >> 31) & 0x7FFFFFFF)
+                key = (o.to(tl.int64) << 32) | ((G - 1 - j).to(tl.int64) + 2147483648)
+            if EVEN_N:
+                kmin = key
+            else:
+                key = tl.where(m, key, MINK)
+                kmin = tl.where(m, key, MAXK)
+        return key, kmin
+
+    @triton.jit
+    def _lane_vec_lists(x_ptr, v: tl.constexpr, pid, T, n, sx, sy, dxy, IS16: tl.constexpr,
+                        PACKED: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                        R: tl.constexpr, G: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
+                        MINK: tl.constexpr, MAXK: tl.constexpr):
+        """Sorted top-``L`` keys ``[Q, R]`` (and minimum) of each lane's vector ``v``."""
+        w, m = _lane_load(x_ptr, v, pid, T, n, sx, sy, dxy, PACKED, EVEN_N, BLOCK_T, R, E)
+        key, kmin = _lane_keys(w, m, v, IS16, PACKED, EVEN_N, R, G, E, MINK, MAXK)
         lo = tl.full(key.shape, MINK, key.dtype)
-        lo2 = tl.full([key.shape[0], key.shape[1]], MINK, key.dtype)
-        if M == 1:
-            h1 = tl.max(key, axis=2)
-            h2 = lo2
-            h3 = lo2
-            h4 = lo2
-            hm = h1
-        elif M == 2:
-            h1, h2 = tl.reduce((key, lo), 2, _merge_top2)
-            h3 = lo2
-            h4 = lo2
-            hm = h2
-        else:
-            h1, h2, h3, h4 = tl.reduce((key, lo, lo, lo), 2, _merge_top4)
-            hm = h4
-        if M >= K:
-            more = lo2
-        else:
-            more = tl.where(hm > MINK, EXH, MINK)
-        return h1, h2, h3, h4, more
+        return _lane_reduce(key, lo, lo, lo, kmin, 2, L)
 
     @triton.jit
-    def _reg_pop(h1, h2, h3, h4, more, M: tl.constexpr):
-        """Pop the best key of each token (max of the chunk heads, a warp reduction),
-        shift that chunk's list up by one."""
-        best = tl.max(h1, axis=1)
-        hit = h1 == best[:, None]  # keys are unique: one chunk per token
-        if M == 1:
-            h1 = tl.where(hit, more, h1)
-        elif M == 2:
-            h1 = tl.where(hit, h2, h1)
-            h2 = tl.where(hit, more, h2)
+    def _lane_merge(a1, a2, a3, a4, am, b1, b2, b3, b4, bm, L: tl.constexpr):
+        """Elementwise merge of two sets of sorted ``L``-lists (see :func:`_lane_reduce`)."""
+        if L == 1:
+            return tl.maximum(a1, b1), a2, a3, a4, tl.minimum(am, bm)
+        elif L == 2:
+            c1, c2, cm = _lmerge2(a1, a2, am, b1, b2, bm)
+            return c1, c2, a3, a4, cm
+        elif L == 3:
+            c1, c2, c3, cm = _lmerge3(a1, a2, a3, am, b1, b2, b3, bm)
+            return c1, c2, c3, a4, cm
         else:
-            h1 = tl.where(hit, h2, h1)
-            h2 = tl.where(hit, h3, h2)
-            h3 = tl.where(hit, h4, h3)
-            h4 = tl.where(hit, more, h4)
-        return best, h1, h2, h3, h4
-
-    @triton.jit
-    def _reg_exact(key, kk, npop, MINK: tl.constexpr, K: tl.constexpr):
-        """Exact per-axis top-K by ``npop`` pops over the whole register tile (the rare
-        path taken when a chunk list ran dry)."""
-        out = tl.full([key.shape[0], K], MINK, key.dtype)
-        for r in range(0, npop):
-            best = tl.max(tl.max(key, axis=2), axis=1)
-            key = tl.where(key == best[:, None, None], MINK, key)
-            out = tl.where(kk == r, best[:, None], out)
-        return out
+            return _lmerge4(a1, a2, a3, a4, am, b1, b2, b3, b4, bm)
 
     @triton.jit(do_not_specialize=["T", "k"])
-    def _omni_fwd_reg_kernel(
+    def _omni_fwd_lane_kernel(
         x_ptr,
-        y_ptr,
         w_ptr,
         ids_ptr,
         scr_ptr,
@@ -742,6 +793,7 @@ if HAS_TRITON:
         k,
         stride_x,
         stride_y,
+        dxy,
         stride_w,
         stride_ids,
         IS16: tl.constexpr,
@@ -750,116 +802,172 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr,
         NP: tl.constexpr,
         K: tl.constexpr,
-        S: tl.constexpr,
-        M: tl.constexpr,
-        FULL_GRID: tl.constexpr,
+        R: tl.constexpr,
+        E: tl.constexpr,
+        L: tl.constexpr,
         P: tl.constexpr,
+        PACKED: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        LOGG: tl.constexpr,
+        STAGE: tl.constexpr,
     ):
-        """MODE_REG forward: persistent programs, no memory round trip in the select chain.
+        """MODE_LANE forward: ``R`` lanes per logit row, all keys in registers.
 
-        * Persistent: program ``pid`` handles token blocks ``pid, pid + G, ...`` (``G`` =
-          grid size ~ SMs x resident programs); the next block's rows are loaded into
-          registers *before* the current block is processed (software pipelining), so
-          HBM latency overlaps the select chain.
-        * Per axis: the row is a ``[W, S]`` register tile of contiguous chunks (``S``
-          columns, in-thread). Each chunk keeps its ``M = min(K, 4)`` best keys sorted
-          (in-thread min/max merges); ``K`` pops take the max of the ``W`` chunk heads
-          (a warp reduction) and shift the popped chunk's list. Exact unless a chunk gives
-          more than ``M`` of the top K (then its head shows ``EXH``): that token's lists
-          are recomputed by exact pops over the register tile (rare: ~1e-5 per token row
-          for random logits, n=512, W=64).
-        * Grid (``K <= 16``): the full ``K x K`` grid in registers, cells with
-          ``(a+1)(b+1) > k`` masked, one bitonic top-K; no scratch, no CTA barrier.
-          ``K > 16``: the pruned scratch/pair-table grid of the default kernel.
+        Rows: ``Q = 2 * BLOCK_T`` (x and y of each token); each lane owns ``G = NP / R``
+        elements (16-byte vectors), all loaded up front. Per lane, an in-thread sorting
+        network keeps its ``L`` largest keys (sorted) and the minimum key (NaN test). Then
+        ``min(k, n)`` pops per row: the best lane head (a ``log2 R``-level shuffle max),
+        that lane's list shifts up. A lane whose list runs dry while it may hold more keys
+        (``EXH``) makes the row's pops unreliable if any later pop happened: such
+        programs (rare for ``L=4``, ``R=16``, ``k<=8``: a lane must hold 4 of a row's top
+        k) redo the per-axis top-k by exact pops over a reloaded tile. Finally the pruned
+        grid of the two sorted lists, softmax and stores, as in the other modes.
+        ``STAGE < 2``: timing-only ablations for ``bench_omni.py`` (0: stop after the lane
+        lists, 1: before the grid); their outputs are not a routing.
         """
         pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        nblk = tl.cdiv(T, BLOCK_T)
-        W: tl.constexpr = NP // S
+        Q: tl.constexpr = 2 * BLOCK_T
+        G: tl.constexpr = NP // R
         if IS16:
-            MINK: tl.constexpr = _RMIN32
-            EXH: tl.constexpr = _REXH32
-        else:
-            MINK: tl.constexpr = _RMIN64
-            EXH: tl.constexpr = _REXH64
-        tt = tl.arange(0, BLOCK_T)
-        col = (tl.arange(0, W)[:, None] * S + tl.arange(0, S)[None, :])[None, :, :]  # [1, W, S]
-        cm = col < n
-        kk = tl.arange(0, K)[None, :]
-        slot = kk
-        npop = tl.minimum(k, n)
-
-        rows = pid * BLOCK_T + tt
-        r64 = rows.to(tl.int64)[:, None, None]
-        m0 = (rows < T)[:, None, None] & cm
-        xv = tl.load(x_ptr + r64 * stride_x + col, mask=m0, other=0.0)
-        yv = tl.load(y_ptr + r64 * stride_y + col, mask=m0, other=0.0)
-        for blk in range(pid, nblk, nprog):
-            rows = blk * BLOCK_T + tt
-            rmask = rows < T
-            m = rmask[:, None, None] & cm
-            # prefetch the next block (registers; consumed next iteration)
-            nrows = rows + nprog * BLOCK_T
-            n64 = nrows.to(tl.int64)[:, None, None]
-            nm = (nrows < T)[:, None, None] & cm
-            xn = tl.load(x_ptr + n64 * stride_x + col, mask=nm, other=0.0)
-            yn = tl.load(y_ptr + n64 * stride_y + col, mask=nm, other=0.0)
-
-            xkey, xnan = _reg_keys(xv, m, col, IS16, IS_BF16, MINK)
-            ykey, ynan = _reg_keys(yv, m, col, IS16, IS_BF16, MINK)
-            xh1, xh2, xh3, xh4, xmore = _reg_lists(xkey, M, K, MINK, EXH)
-            yh1, yh2, yh3, yh4, ymore = _reg_lists(ykey, M, K, MINK, EXH)
-            xk = tl.full([BLOCK_T, K], MINK, xh1.dtype)
-            yk = xk
-            for r in range(0, npop):
-                bx, xh1, xh2, xh3, xh4 = _reg_pop(xh1, xh2, xh3, xh4, xmore, M)
-                by, yh1, yh2, yh3, yh4 = _reg_pop(yh1, yh2, yh3, yh4, ymore, M)
-                xk = tl.where(kk == r, bx[:, None], xk)
-                yk = tl.where(kk == r, by[:, None], yk)
-            if M < K:
-                xbad = tl.max((xh1 == EXH).to(tl.int32), axis=1) > 0
-                ybad = tl.max((yh1 == EXH).to(tl.int32), axis=1) > 0
-                if tl.max((xbad | ybad).to(tl.int32), axis=0) > 0:  # program-uniform, rare
-                    xk = tl.where(xbad[:, None], _reg_exact(xkey, kk, npop, MINK, K), xk)
-                    yk = tl.where(ybad[:, None], _reg_exact(ykey, kk, npop, MINK, K), yk)
-
-            if FULL_GRID:
-                aa = tl.arange(0, K)[:, None]
-                bb = tl.arange(0, K)[None, :]
-                g = _grid_keys(xk[:, :, None], yk[:, None, :], n, IS16, IS_BF16, MINK)
-                g = tl.where(((aa + 1) * (bb + 1) <= k)[None, :, :], g, _MIN64)
-                top = _topk_desc(tl.reshape(g, [BLOCK_T, K * K]), K)
+            MINK: tl.constexpr = _LMIN32
+            EXH: tl.constexpr = _LEXH32
+            MAXK: tl.constexpr = 2147483647
+            if IS_BF16:
+                INF: tl.constexpr = 0x7F80
             else:
-                r2 = rows.to(tl.int64)
-                sel = scr_ptr + r2[:, None] * (2 * K)
-                tl.store(sel + kk, xk, mask=rmask[:, None])
-                tl.store(sel + K + kk, yk, mask=rmask[:, None])
-                tl.debug_barrier()
-                ab = tl.load(pair_ptr + tl.arange(0, P))
-                pm = (ab >= 0)[None, :] & rmask[:, None]
-                a = tl.where(ab >= 0, ab // K, 0)[None, :]
-                b = tl.where(ab >= 0, ab % K, 0)[None, :]
-                xa = tl.load(sel + a, mask=pm, other=MINK)
-                yb = tl.load(sel + K + b, mask=pm, other=MINK)
-                top = _topk_desc(_grid_keys(xa, yb, n, IS16, IS_BF16, MINK), K)
+                INF: tl.constexpr = 0x7C00
+            SH: tl.constexpr = 16
+        else:
+            MINK: tl.constexpr = _LMIN64
+            EXH: tl.constexpr = _LEXH64
+            MAXK: tl.constexpr = 9223372036854775807
+            INF: tl.constexpr = 0x7F800000
+            SH: tl.constexpr = 32
+        V: tl.constexpr = G // E
+        h1, h2, h3, h4, hm = _lane_vec_lists(x_ptr, 0, pid, T, n, stride_x, stride_y, dxy, IS16,
+                                             PACKED, EVEN_N, BLOCK_T, R, G, E, L, MINK, MAXK)
+        for v in tl.static_range(1, V):
+            b1, b2, b3, b4, bm = _lane_vec_lists(x_ptr, v, pid, T, n, stride_x, stride_y, dxy, IS16,
+                                                 PACKED, EVEN_N, BLOCK_T, R, G, E, L, MINK, MAXK)
+            h1, h2, h3, h4, hm = _lane_merge(h1, h2, h3, h4, hm, b1, b2, b3, b4, bm, L)
+        if STAGE == 0:  # ablation (timing only): lists, no pops / grid
+            qs = tl.arange(0, Q)
+            tq = pid * BLOCK_T + qs // 2
+            tl.store(ids_ptr + tq.to(tl.int64) * stride_ids + (qs % 2),
+                     (tl.max(h1, axis=1) + tl.min(hm, axis=1)).to(ids_ptr.dtype.element_ty), mask=tq < T)
+            return
+        # NaN: a key above +inf's or below -inf's (flipped: -INF - 1)
+        nan_l = ((h1 >> SH) > INF) | ((hm >> SH) < -INF - 1)
+        row_nan = tl.max(nan_l.to(tl.int32), axis=1)  # [Q]
+        # make keys unique across the row's lanes: lane bits above the element bits
+        lane = ((R - 1 - tl.arange(0, R)) * G)[None, :].to(h1.dtype)
+        h1 = tl.where(h1 > MINK, h1 | lane, h1)
+        h2 = tl.where(h2 > MINK, h2 | lane, h2)
+        h3 = tl.where(h3 > MINK, h3 | lane, h3)
+        h4 = tl.where(h4 > MINK, h4 | lane, h4)
+        if L == 1:
+            hl = h1
+        elif L == 2:
+            hl = h2
+        elif L == 3:
+            hl = h3
+        else:
+            hl = h4
+        if L >= K:
+            more = tl.full(h1.shape, MINK, h1.dtype)
+        else:
+            more = tl.where(hl > MINK, EXH, MINK)
 
-            valid = (top > _MIN64) & (slot < k)
-            tb = (top >> 32).to(tl.int32)
-            score = (tb ^ ((tb >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-            ids = 2147483647 - (top & 2147483647)  # int64
-            score = tl.where(valid, score, float("-inf"))
-            smax = tl.max(score, axis=1)
-            e = tl.where(valid, tl.exp(score - smax[:, None]), 0.0)
-            w = e / tl.sum(e, axis=1)[:, None]
-            if RENORM:
-                w = w / tl.sum(w, axis=1)[:, None]
-            w = tl.where((xnan | ynan)[:, None], float("nan"), w)
-            orow = rows.to(tl.int64)[:, None]
-            om = rmask[:, None] & (slot < k)
-            tl.store(w_ptr + orow * stride_w + slot, w.to(w_ptr.dtype.element_ty), mask=om)
-            tl.store(ids_ptr + orow * stride_ids + slot, ids.to(ids_ptr.dtype.element_ty), mask=om)
-            xv = xn
-            yv = yn
+        kk = tl.arange(0, K)[None, :]
+        lst = tl.full([Q, K], MINK, h1.dtype)
+        last = tl.zeros(h1.shape, tl.int32)
+        npop = tl.minimum(k, n)
+        for r in range(0, npop):
+            best = tl.max(h1, axis=1)
+            hit = h1 == best[:, None]  # keys are unique within a row: one lane
+            if L == 1:
+                h1 = tl.where(hit, more, h1)
+            elif L == 2:
+                h1 = tl.where(hit, h2, h1)
+                h2 = tl.where(hit, more, h2)
+            elif L == 3:
+                h1 = tl.where(hit, h2, h1)
+                h2 = tl.where(hit, h3, h2)
+                h3 = tl.where(hit, more, h3)
+            else:
+                h1 = tl.where(hit, h2, h1)
+                h2 = tl.where(hit, h3, h2)
+                h3 = tl.where(hit, h4, h3)
+                h4 = tl.where(hit, more, h4)
+            lst = tl.where(kk == r, best[:, None], lst)
+            last = hit.to(tl.int32)
+        if L < K:
+            # unreliable: a lane ran dry before the last pop (its next key is unknown), or
+            # the marker itself was popped
+            dry = tl.max(((h1 == EXH) & (last == 0)).to(tl.int32), axis=1)
+            dry = dry | tl.max((lst == EXH).to(tl.int32), axis=1)
+            if tl.max(dry, axis=0) > 0:  # program-uniform, rare
+                # exact pops: the r-th key is the largest below the (r-1)-th (keys are
+                # unique); the vectors are reloaded per pop (L1/L2 hits; rare path)
+                lane3 = ((R - 1 - tl.arange(0, R)) * G)[None, :, None].to(h1.dtype)
+                ex = tl.full([Q, K], MINK, h1.dtype)
+                prev = tl.full([Q], MAXK, h1.dtype)
+                for r in range(0, npop):
+                    cur = tl.full([Q, R], MINK, h1.dtype)
+                    for v in tl.static_range(V):
+                        w, m = _lane_load(x_ptr, v, pid, T, n, stride_x, stride_y, dxy, PACKED,
+                                          EVEN_N, BLOCK_T, R, E)
+                        key, kmin = _lane_keys(w, m, v, IS16, PACKED, EVEN_N, R, G, E, MINK, MAXK)
+                        key = tl.where(key > MINK, key | lane3, key)
+                        key = tl.where((key < prev[:, None, None]) | (r == 0), key, MINK)
+                        cur = tl.maximum(cur, tl.max(key, axis=2))
+                    prev = tl.max(cur, axis=1)
+                    ex = tl.where(kk == r, prev[:, None], ex)
+                lst = tl.where(dry[:, None] > 0, ex, lst)
+
+        # back to the standard key layout (value bits | MAXCOL - column) of _grid_keys
+        if IS16:
+            low = lst & 0xFFFF
+        else:
+            low = (lst & 0xFFFFFFFF).to(tl.int32)
+        jj = (G - 1) - (low & (G - 1))
+        rl = (R - 1) - ((low >> LOGG) & (R - 1))
+        c = (jj // E) * (R * E) + rl * E + (jj % E)
+        if IS16:
+            std = (lst & -65536) | (65535 - c)
+        else:
+            std = (lst & -4294967296) | (2147483647 - c).to(tl.int64)
+        if IS16:
+            SMIN: tl.constexpr = _MIN32
+        else:
+            SMIN: tl.constexpr = _MIN64
+        std = tl.where(lst > MINK, std, SMIN)
+
+        if STAGE == 1:  # ablation (timing only): per-axis top-k, no grid
+            qs = tl.arange(0, Q)[:, None]
+            tq = pid * BLOCK_T + qs // 2
+            tl.store(ids_ptr + tq.to(tl.int64) * stride_ids + (qs % 2) * (K // 2) + kk // 2,
+                     (std + row_nan[:, None]).to(ids_ptr.dtype.element_ty), mask=(tq < T) & (kk < k))
+            return
+        # grid of the two sorted lists via a per-token scratch row [x list, y list] (a
+        # register gather, tl.gather, cost ~300 more instructions per token on triton 3.6)
+        qk = tl.arange(0, Q)[:, None]
+        tl.store(scr_ptr + (pid * Q + qk).to(tl.int64) * K + kk, std)
+        tl.debug_barrier()
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        r64 = rows.to(tl.int64)
+        sel = scr_ptr + r64[:, None] * (2 * K)
+        ab = tl.load(pair_ptr + tl.arange(0, P))
+        pm = (ab >= 0)[None, :] & rmask[:, None]
+        a = tl.where(ab >= 0, ab // K, 0)[None, :]
+        b = tl.where(ab >= 0, ab % K, 0)[None, :]
+        xa = tl.load(sel + a, mask=pm, other=SMIN)
+        yb = tl.load(sel + K + b, mask=pm, other=SMIN)
+        top = _topk_desc(_grid_keys(xa, yb, n, IS16, IS_BF16, SMIN), K)
+
+        tok_nan = tl.max(tl.reshape(row_nan, [BLOCK_T, 2]), axis=1) > 0
+        _store_topk(top, k, K, tok_nan, r64, rmask, w_ptr, stride_w, ids_ptr, stride_ids, RENORM)
 
     @triton.jit(do_not_specialize=["T", "k"])
     def _omni_bwd_kernel(
@@ -989,40 +1097,51 @@ def _pick(key, cands, launch) -> object:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _launch_fwd_reg(x, y, top_k, renormalize, w, ids, cfg: FwdConfig) -> None:
-    """MODE_REG launch: a persistent grid of ``min(blocks, SMs * progs_per_sm)``."""
+def _launch_fwd_lane(x, y, top_k, renormalize, w, ids, cfg: FwdConfig, stage: int = 2) -> None:
+    """MODE_LANE launch. y is addressed from x's pointer (``dxy`` elements away), so that
+    one load of 16-byte vectors covers both rows; 16-bit logits go as int32 pairs when
+    both tensors allow it (even ``n`` and strides, 4-byte aligned)."""
     T, n = x.shape
     NP, K = _dims(n, top_k)
-    key_dtype = torch.int32 if x.element_size() == 2 else torch.int64
-    full_grid = K <= 16 and not cfg.pruned  # pruned: 20-cell scratch grid (k=8)
-    if full_grid:
-        scratch = torch.empty((1,), dtype=key_dtype, device=x.device)
-        pairs, P = scratch, 1
-    else:
-        scratch = torch.empty((T, 2 * K), dtype=key_dtype, device=x.device)
-        pairs, P = _pair_table(top_k, x.device)
-    nblk = triton.cdiv(T, cfg.block_t)
-    grid = (max(1, min(nblk, _num_sms(x.device) * max(1, cfg.progs_per_sm))),)
-    _omni_fwd_reg_kernel[grid](
-        x, y, w, ids, scratch, pairs, T, n, top_k,
-        x.stride(0), y.stride(0), w.stride(0), ids.stride(0),
-        IS16=x.element_size() == 2,
+    esz = x.element_size()
+    R = max(1, min(cfg.lanes, NP))
+    G = NP // R
+    E = max(1, min(16 // esz, G))
+    packed = (
+        esz == 2 and E >= 2 and n % 2 == 0 and x.stride(0) % 2 == 0 and y.stride(0) % 2 == 0
+        and x.data_ptr() % 4 == 0 and y.data_ptr() % 4 == 0
+    )
+    dxy = (y.data_ptr() - x.data_ptr()) // esz
+    sx, sy = x.stride(0), y.stride(0)
+    if packed:
+        dxy, sx, sy = dxy // 2, sx // 2, sy // 2
+    key_dtype = torch.int32 if esz == 2 else torch.int64
+    nprog = triton.cdiv(T, cfg.block_t)
+    scratch = torch.empty((nprog * cfg.block_t, 2 * K), dtype=key_dtype, device=x.device)
+    pairs, P = _pair_table(top_k, x.device)
+    _omni_fwd_lane_kernel[(nprog,)](
+        x, w, ids, scratch, pairs, T, n, top_k, sx, sy, dxy, w.stride(0), ids.stride(0),
+        IS16=esz == 2,
         IS_BF16=x.dtype == torch.bfloat16,
         RENORM=bool(renormalize),
         BLOCK_T=cfg.block_t,
         NP=NP,
         K=K,
-        S=cfg.chunk,
-        M=min(K, 4 if cfg.lists >= 4 else (2 if cfg.lists >= 2 else 1)),
-        FULL_GRID=full_grid,
+        R=R,
+        E=E,
+        L=max(1, min(4, cfg.lists)),
         P=P,
+        PACKED=packed,
+        EVEN_N=n == NP,
+        LOGG=G.bit_length() - 1,
+        STAGE=stage,
         num_warps=cfg.num_warps,
     )
 
 
 def _launch_fwd(x, y, top_k, renormalize, w, ids, cfg: FwdConfig) -> None:
-    if cfg.mode == MODE_REG:
-        return _launch_fwd_reg(x, y, top_k, renormalize, w, ids, cfg)
+    if cfg.mode == MODE_LANE:
+        return _launch_fwd_lane(x, y, top_k, renormalize, w, ids, cfg)
     T, n = x.shape
     NP, K = _dims(n, top_k)
     key_dtype = torch.int32 if x.element_size() == 2 else torch.int64
