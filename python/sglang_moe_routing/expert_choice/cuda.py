@@ -199,6 +199,26 @@ def prepare_num_valid(
     return None, max(0, min(int(num_token_non_padded), num_tokens))
 
 
+def kernel_inputs(
+    router_logits: torch.Tensor,
+    correction_bias: Optional[torch.Tensor],
+    routed_scaling_factor: Optional[float],
+    apply_routed_scaling_factor_on_output: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], float, bool]:
+    """What both kernel wrappers (CUDA and Triton) pass down: logits in a kernel dtype (other
+    floats go to fp32), the bias as contiguous fp32 on the logits' device, and the output
+    scale with whether to apply it."""
+    logits = router_logits
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        logits = logits.float()
+    bias = None
+    if correction_bias is not None:
+        bias = correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+    scale = float(routed_scaling_factor) if routed_scaling_factor is not None else 1.0
+    apply_scale = bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None)
+    return logits, bias, scale, apply_scale
+
+
 def check_common_args(
     router_logits: torch.Tensor,
     top_k: int,
@@ -239,19 +259,13 @@ def _launch(router_logits, top_k, factor, renormalize, scoring_func, num_expert_
     if not router_logits.is_cuda:
         raise ValueError("expert choice CUDA kernel: router_logits must be a CUDA tensor")
     mod = load_extension()
-    logits = router_logits
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        logits = logits.float()
-    bias = None
-    if correction_bias is not None:
-        bias = correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+    logits, bias, scale, apply_scale = kernel_inputs(
+        router_logits, correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output)
     n_dev, n_host = prepare_num_valid(num_token_non_padded, logits.shape[0], logits.device)
-    scale = routed_scaling_factor if routed_scaling_factor is not None else 1.0
     return mod.ec_topk(
         logits, bias, n_dev, n_host, top_k, float(factor), bool(renormalize),
         0 if scoring_func == "softmax" else 1,
-        int(num_expert_group or 0), int(topk_group or 0),
-        float(scale), bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
+        int(num_expert_group or 0), int(topk_group or 0), scale, apply_scale,
         token_choice, pdl, one_launch, int(min_tokens), write_keys,
     )
 

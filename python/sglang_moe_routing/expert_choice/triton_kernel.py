@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_moe_routing.expert_choice.cuda import check_common_args, prepare_num_valid
+from sglang_moe_routing.expert_choice.cuda import check_common_args, kernel_inputs, prepare_num_valid
 
 MAX_EXPERTS = 512
 MAX_TOP_K = 32
@@ -312,17 +312,12 @@ def _block_rows(p: int, num_tokens: int) -> int:
     return max(1, min(bt, _next_pow2(max(num_tokens, 1))))
 
 
-def _common(router_logits, correction_bias, num_expert_group, topk_group):
-    logits = router_logits
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        logits = logits.float()
-    bias = None
-    if correction_bias is not None:
-        bias = correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+def _groups(num_experts: int, num_expert_group, topk_group):
+    """(groups, groups kept, group size); (0, 0, 1) without grouped top-k."""
     ng = int(num_expert_group or 0)
     tg = int(topk_group or 0)
-    gs = logits.shape[1] // ng if ng > 0 else 1
-    return logits, bias, ng, tg, gs
+    gs = num_experts // ng if ng > 0 else 1
+    return ng, tg, gs
 
 
 def expert_choice_topk_triton(
@@ -350,7 +345,9 @@ def expert_choice_topk_triton(
         router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
         correction_bias, MAX_TOP_K, min_tokens,
     )
-    logits, bias, ng, tg, gs = _common(router_logits, correction_bias, num_expert_group, topk_group)
+    logits, bias, scale, apply_scale = kernel_inputs(
+        router_logits, correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output)
+    ng, tg, gs = _groups(logits.shape[1], num_expert_group, topk_group)
     num_tokens, num_experts = logits.shape
     device = logits.device
     out_w = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
@@ -382,7 +379,6 @@ def expert_choice_topk_triton(
         HAS_NTNP=has_ntnp, BLOCK=4096 if num_tokens > 8192 else (1024 if num_tokens > 256 else 256),
         num_warps=8 if num_tokens > 8192 else 4, **opts,
     )
-    scale = float(routed_scaling_factor) if routed_scaling_factor is not None else 1.0
     _ec_route_kernel[grid_rows](
         logits, st, se, num_tokens, num_experts, bias_arg, ntnp_arg, n_host, thr,
         out_w, out_ids, gs, ng, tg, top_k, scale,
@@ -390,7 +386,7 @@ def expert_choice_topk_triton(
         HAS_GROUPS=ng > 0, NGP=ngp, HAS_NTNP=has_ntnp, LOG_WS=ws.bit_length() - 1, GS_GE2=gs >= 2,
         KP=_next_pow2(top_k),
         RENORM=bool(renormalize),
-        APPLY_SCALE=bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
+        APPLY_SCALE=apply_scale,
         TOKEN_CHOICE=False, num_warps=4, **opts,
     )
     if return_intermediates:
@@ -415,7 +411,9 @@ def token_choice_topk_triton(
         router_logits, top_k, 1.0, scoring_func, num_expert_group, topk_group,
         correction_bias, MAX_TOP_K,
     )
-    logits, bias, ng, tg, gs = _common(router_logits, correction_bias, num_expert_group, topk_group)
+    logits, bias, scale, apply_scale = kernel_inputs(
+        router_logits, correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output)
+    ng, tg, gs = _groups(logits.shape[1], num_expert_group, topk_group)
     num_tokens, num_experts = logits.shape
     device = logits.device
     out_w = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
@@ -425,7 +423,6 @@ def token_choice_topk_triton(
     ws, it, p = _layout(num_experts)
     bt = _block_rows(p, num_tokens)
     bias_arg = bias if bias is not None else out_w
-    scale = float(routed_scaling_factor) if routed_scaling_factor is not None else 1.0
     st, se = logits.stride()
     _ec_route_kernel[(triton.cdiv(num_tokens, bt),)](
         logits, st, se, num_tokens, num_experts, bias_arg, out_ids, num_tokens, out_ids,
@@ -433,7 +430,7 @@ def token_choice_topk_triton(
         WS=ws, ITER=it, BLOCK_T=bt, SCORING=0 if scoring_func == "softmax" else 1,
         HAS_BIAS=bias is not None, HAS_GROUPS=ng > 0, NGP=_next_pow2(max(ng, 1)), HAS_NTNP=False,
         LOG_WS=ws.bit_length() - 1, GS_GE2=gs >= 2, KP=_next_pow2(top_k), RENORM=bool(renormalize),
-        APPLY_SCALE=bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None),
+        APPLY_SCALE=apply_scale,
         TOKEN_CHOICE=True, num_warps=4, **_launch_options(),
     )
     return out_w, out_ids

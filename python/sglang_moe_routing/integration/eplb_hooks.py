@@ -531,9 +531,6 @@ def _around_model_runner_forward(original, self, *args, **kwargs):
         prof.end_step()
 
 
-_capturing = config.capturing_cuda_graph
-
-
 def local_slot_counts(layer: Any, dispatch_output: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """Tokens per local routed expert slot of ``layer`` and the logical expert of each slot,
     both on the device, without a host sync; None when the dispatch format is not understood.
@@ -583,7 +580,7 @@ _in_moe_core = False  # DeepEPMoE.run_moe_core may call FusedMoE.run_moe_core: t
 def _around_run_moe_core(original, self, dispatch_output, *args, **kwargs):
     global _in_moe_core
     prof = get_global_expert_compute_profiler()
-    if prof is None or not prof.is_profiling_step or _in_moe_core or _capturing():
+    if prof is None or not prof.is_profiling_step or _in_moe_core or config.capturing_cuda_graph():
         return original(self, dispatch_output, *args, **kwargs)
     layer_id = getattr(self, "layer_id", None)
     rec = None

@@ -231,7 +231,7 @@ class LoadStatsCollector:
         with self._lock:
             buf = self.counts.get(layer_id)
             if buf is None or buf.shape[0] != num_experts or buf.device != topk_ids.device:
-                if _capturing():
+                if config.capturing_cuda_graph():
                     return  # never allocate inside a graph capture; eager warm-up passes do
                 buf = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device)
                 self.counts[layer_id] = buf
@@ -261,9 +261,6 @@ class LoadStatsCollector:
             self.calls = 0
 
 
-_capturing = config.capturing_cuda_graph
-
-
 _stats = LoadStatsCollector()
 
 
@@ -282,7 +279,7 @@ def _maybe_log_stats(cfg: ExpertChoiceConfig, layer_id: Optional[int]) -> None:
     _stats.calls += 1
     if _stats.calls % cfg.stats_interval != 0:
         return
-    if _capturing():
+    if config.capturing_cuda_graph():
         return
     for lid, s in _stats.summary().items():
         logger.info(
