@@ -40,6 +40,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 # ----------------------------------------------------------------------------- helpers
 
 
+def assert_compiled_matches_eager(f, x, y, **compile_kwargs):
+    """``torch.compile(f, fullgraph=True)`` gives eager's ids, output and gradients."""
+    cf = torch.compile(f, fullgraph=True, **compile_kwargs)
+    out, ids = cf(x, y)
+    gx, gy = torch.autograd.grad(out, (x, y))
+    ref, rids = f(x, y)
+    rx, ry = torch.autograd.grad(ref, (x, y))
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gy, ry)
+
+
 def make_logits(T, n, dtype, device="cpu", seed=0, scale=1.0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.randn(T, n, generator=g) * scale).to(dtype).to(device)
@@ -466,15 +479,7 @@ def test_torch_compile_custom_op():
         w, ids = omni_router(a, b, 4, backend="triton", renormalize=True)
         return (w * (ids % 3).to(w.dtype)).sum(), ids
 
-    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out, ids = cf(x, y)
-    gx, gy = torch.autograd.grad(out, (x, y))
-    ref, rids = f(x, y)
-    rx, ry = torch.autograd.grad(ref, (x, y))
-    assert torch.equal(ids, rids)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(gx, rx)
-    torch.testing.assert_close(gy, ry)
+    assert_compiled_matches_eager(f, x, y, backend="aot_eager")
 
 
 def test_opcheck():
