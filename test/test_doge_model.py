@@ -541,7 +541,7 @@ def test_omni_cli_args_and_section():
     parser = argparse.ArgumentParser()
     omni_hooks.add_cli_args(parser.add_argument_group("x"))
     assert omni_hooks.parse_section(parser.parse_args([])) == {"omni": OmniConfig("auto")}
-    for b in ("auto", "triton", "torch"):
+    for b in ("auto", "triton", "torch", "reference"):
         args = parser.parse_args(["--omni-router-backend", b])
         section = omni_hooks.parse_section(args)["omni"]
         assert section.backend == b and b in section.describe()
@@ -550,7 +550,7 @@ def test_omni_cli_args_and_section():
     with pytest.raises(ValueError, match="--omni-router-backend"):
         omni_hooks.parse_section(argparse.Namespace(omni_router_backend="cuda"))
     with pytest.raises(ValueError, match="--omni-router-backend"):
-        OmniConfig("reference")
+        OmniConfig("naive")
     with pytest.raises(Exception):
         OmniConfig("auto").backend = "torch"  # frozen
 

@@ -422,3 +422,30 @@ def test_moe_core_hook_deepep_counts_and_nested_calls_time_once(profiler_slot):
     assert s["samples"] == 1
     # rank 1 slots hold experts 4, 5, 6, 7, 0 with 4, 0, 2, 7, 1 tokens
     assert s["tokens"][0].tolist() == [1, 0, 0, 0, 4, 0, 2, 7]
+
+
+def test_profiled_pass_runs_eagerly_and_graph_runners_come_back(profiler_slot):
+    """Graph replays never enter Python: a profiled pass hides the graph runners for one pass
+    (SGLang then runs it eagerly, as for a batch larger than any captured graph)."""
+    prof = ExpertComputeProfiler(1, 2, warmup_steps=0, interval=2)
+    set_global_expert_compute_profiler(prof)
+    decode, prefill = object(), object()
+
+    class Runner:
+        is_draft_worker = False
+        decode_cuda_graph_runner = decode
+        prefill_cuda_graph_runner = prefill
+
+    runner, seen = Runner(), []
+
+    def original(self):
+        seen.append((self.decode_cuda_graph_runner, self.prefill_cuda_graph_runner))
+        if len(seen) == 3:
+            raise RuntimeError("forward failed")
+
+    eh._around_model_runner_forward(original, runner)  # step 0: profiled
+    eh._around_model_runner_forward(original, runner)  # step 1: not
+    with pytest.raises(RuntimeError):
+        eh._around_model_runner_forward(original, runner)  # step 2: profiled, raises
+    assert seen == [(None, None), (decode, prefill), (None, None)]
+    assert (runner.decode_cuda_graph_runner, runner.prefill_cuda_graph_runner) == (decode, prefill)

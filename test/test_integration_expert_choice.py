@@ -249,26 +249,165 @@ def test_model_config_opt_in(tmp_path):
         ech._model_opt_in = old
 
 
-def test_load_stats_logged(caplog):
+class _Runner:
+    is_draft_worker = False
+
+
+def test_load_stats_logged_per_served_pass_and_capture_counts_dropped(caplog):
+    """Counts are device buffers; the log line comes from the ModelRunner.forward hook, which
+    runs for every served pass (graph replays included); capture/warm-up counts are dropped."""
     import logging
 
     torch.manual_seed(5)
     x = torch.randn(64, 8)
     x[:, 0] += 3
     ech.reset_expert_choice_load_stats()
+    ech._stats.served = False
     with published_args("--enable-expert-choice", "--expert-choice-stats-interval", "2"):
         layer = _make_topk(top_k=2)
-        # prepare_server_args re-configures the root logger (force=True): listen on ours
+        layer(torch.randn(64, 4), x)  # a warm-up / capture pass: model.forward, not ModelRunner
+        assert sum(ech.get_expert_choice_load_stats()[0]["tokens_per_expert"]) == 128
         logging.getLogger("sglang_moe_routing").addHandler(caplog.handler)
+        served = lambda runner, n: layer(torch.randn(n, 4), x[:n])
         with caplog.at_level(logging.INFO, logger="sglang_moe_routing"):
-            layer(torch.randn(64, 4), x)
-            stats = ech.get_expert_choice_load_stats()
+            ech._around_model_runner_forward(served, _Runner(), 64)
+            stats = ech.get_expert_choice_load_stats()  # warm-up counts were dropped
             assert stats[0]["tokens_per_expert"] == torch.bincount(
                 expert_choice_topk_reference(x, 2, 1.25)[1].flatten().long(), minlength=8
             ).tolist()
-            layer(torch.randn(64, 4), x)
+            assert not any("expert-choice load" in r.message for r in caplog.records)
+            ech._around_model_runner_forward(served, _Runner(), 8)  # below min-tokens: TC, uncounted
         logging.getLogger("sglang_moe_routing").removeHandler(caplog.handler)
-    assert any("expert-choice load layer 0" in r.message for r in caplog.records)
+    lines = [r.message for r in caplog.records if "expert-choice load layer 0" in r.message]
+    assert len(lines) == 1 and "last 2 forward passes" in lines[0] and "tokens=128 " in lines[0]
+    assert sum(ech.get_expert_choice_load_stats()[0]["tokens_per_expert"]) == 0  # reset after the line
+
+
+def test_stats_buffer_allocated_inside_capture_is_zeroed_before_serving(monkeypatch):
+    collector = ech.LoadStatsCollector()
+    monkeypatch.setattr(config, "capturing_cuda_graph", lambda: True)
+    collector.add(0, torch.tensor([[0, 1]]), 4, None)  # torch.empty: no zero-fill kernel
+    assert collector.dirty
+    monkeypatch.setattr(config, "capturing_cuda_graph", lambda: False)
+    collector.reset()
+    assert not collector.dirty and collector.counts[0].tolist() == [0, 0, 0, 0]
+
+
+def test_stats_hook_only_with_stats_interval():
+    from sglang_moe_routing.integration import forward_pass
+
+    with published_args("--enable-expert-choice"):
+        ech._after_load_model(None, _Runner())
+    assert ech._around_model_runner_forward not in forward_pass.wrappers() or ech._stats.served is not None
+    with published_args("--enable-expert-choice", "--expert-choice-stats-interval", "5",
+                        "--expert-choice-backend", "reference"):
+        ech._after_load_model(None, _Runner())
+    assert ech._around_model_runner_forward in forward_pass.wrappers()
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    assert hasattr(ModelRunner.forward, "__wrapped__")
+
+
+def test_two_features_share_the_forward_hook():
+    """HookRegistry patches a target once: a second feature's own hook on ModelRunner.forward
+    would be skipped silently. Both go through forward_pass and both run."""
+    from sglang_moe_routing.integration import forward_pass
+
+    seen = []
+
+    def w1(call, runner, *a, **k):
+        seen.append("w1")
+        return call(runner, *a, **k)
+
+    def w2(call, runner, *a, **k):
+        seen.append("w2")
+        return call(runner, *a, **k)
+
+    forward_pass.add_wrapper(w1)
+    forward_pass.add_wrapper(w2)
+    try:
+        out = forward_pass._around_forward(lambda r, v: v + 1, _Runner(), 1)
+        assert out == 2 and seen == ["w1", "w2"]
+    finally:
+        forward_pass._wrappers.remove(w1)
+        forward_pass._wrappers.remove(w2)
+
+
+def _shared_topk_config(k, n_shared=1, **kw):
+    import dataclasses
+
+    from sglang.srt.configs.shared_experts import SharedExpertsConfig
+
+    cfg = _make_topk(top_k=k, **kw).topk_config
+    return dataclasses.replace(
+        cfg, top_k=k + n_shared,
+        shared_experts=SharedExpertsConfig(num_fused_shared_experts=n_shared))
+
+
+@pytest.mark.parametrize("fused_scaling", [True, False])
+def test_fused_shared_expert_slot_kept_routed_slots_expert_choice(fused_scaling):
+    """DeepSeek V3/R1 with shared-expert fusion: EC routes the routed slots, the shared slot
+    is the one upstream's router writes (id E, weight fused_shared_expert_weight)."""
+    from sglang.srt.layers.moe import topk as sgl_topk
+
+    torch.manual_seed(7)
+    e, k, t = 32, 4, 96
+    bias = torch.randn(e) * 0.05
+    x, h = torch.randn(t, e), torch.randn(t, 16)
+    kw = dict(use_grouped_topk=True, num_expert_group=4, topk_group=2, renormalize=True,
+              scoring_func="sigmoid", correction_bias=bias, routed_scaling_factor=2.5,
+              apply_routed_scaling_factor_on_output=fused_scaling)
+    with published_args("--enable-expert-choice"):
+        cfg = _shared_topk_config(k, **kw)
+        out = sgl_topk.select_experts(hidden_states=h, router_logits=x, topk_config=cfg, layer_id=0)
+        ups = _upstream_select_experts()(hidden_states=h, router_logits=x, topk_config=cfg, layer_id=0)
+    w_ref, ids_ref = expert_choice_topk_reference(
+        x, k, 1.25, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
+        correction_bias=bias, routed_scaling_factor=2.5,
+        apply_routed_scaling_factor_on_output=fused_scaling)
+    assert out.topk_ids.shape == (t, k + 1)
+    assert torch.equal(out.topk_ids[:, :k], ids_ref)
+    torch.testing.assert_close(out.topk_weights[:, :k], w_ref)
+    # the shared column is exactly what upstream's router writes
+    assert torch.equal(out.topk_ids[:, k], ups.topk_ids[:, k])
+    torch.testing.assert_close(out.topk_weights[:, k], ups.topk_weights[:, k])
+    assert (out.topk_ids[:, k] == e).all()
+
+
+def test_fused_shared_slot_below_min_tokens_equals_upstream():
+    from sglang.srt.layers.moe import topk as sgl_topk
+
+    torch.manual_seed(8)
+    e, k = 16, 2
+    x, h = torch.randn(8, e), torch.randn(8, 16)
+    kw = dict(use_grouped_topk=True, num_expert_group=4, topk_group=2, scoring_func="sigmoid",
+              correction_bias=torch.randn(e) * 0.05, routed_scaling_factor=2.5)
+    with published_args("--enable-expert-choice"):
+        cfg = _shared_topk_config(k, **kw)
+        out = sgl_topk.select_experts(hidden_states=h, router_logits=x, topk_config=cfg, layer_id=0)
+        ups = _upstream_select_experts()(hidden_states=h, router_logits=x, topk_config=cfg, layer_id=0)
+    assert torch.equal(out.topk_ids, ups.topk_ids)
+    assert torch.equal(out.topk_weights, ups.topk_weights)
+
+
+def test_select_experts_hook_passes_unknown_keywords_through():
+    """A new upstream keyword must reach upstream untouched (EC off and EC fallback)."""
+    seen = {}
+
+    def original(*args, **kwargs):
+        seen.update(kwargs)
+        return "upstream"
+
+    with published_args():
+        cfg = _make_topk(top_k=2).topk_config
+        assert ech._around_select_experts(original, torch.zeros(4, 8), torch.zeros(4, 8), cfg,
+                                          layer_id=0, new_upstream_kw=1) == "upstream"
+    assert seen["new_upstream_kw"] == 1
+    seen.clear()
+    with published_args("--enable-expert-choice"):  # 4 rows < min-tokens: upstream
+        ech._around_select_experts(original, torch.zeros(4, 8), torch.zeros(4, 8), cfg,
+                                   layer_id=0, new_upstream_kw=2)
+    assert seen["new_upstream_kw"] == 2
 
 
 def test_load_stats_buffers_are_reset_in_place():

@@ -1,8 +1,9 @@
 """Demo: route a synthetic skewed batch through SGLang's real ``TopK`` layer, standard routing
-vs expert choice, and print the per-expert load, its std and max/mean.
+vs expert choice, and print the per-expert load, its std and max/mean, and the expert
+capacity C used (or that expert choice stayed off because T < min tokens).
 
     python -m sglang_moe_routing.demo [--tokens 64] [--experts 8] [--top-k 2] [--skew 1.0]
-                                      [--capacity-factor 1.25] [--deepseek]
+                                      [--capacity-factor 1.25] [--min-tokens N] [--deepseek]
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--skew", type=float, default=1.0,
                    help="logit offset favouring experts 0 and 1 (default 1.0)")
     p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="batches with fewer tokens keep standard routing "
+                   "(--expert-choice-min-tokens; default: the plugin's, 32)")
     p.add_argument("--deepseek", action="store_true",
                    help="DeepSeek-V3-style routing: sigmoid, correction bias, grouped top-k "
                    "(E=64, 8 groups, topk_group=4, k=8, T=512)")
@@ -49,7 +53,8 @@ def main(argv: List[str] | None = None) -> int:
     from sglang.srt.plugins import load_plugins
 
     from sglang_moe_routing.expert_choice import expert_load, routing_fidelity
-    from sglang_moe_routing.integration import config
+    from sglang_moe_routing.expert_choice.reference import capacity
+    from sglang_moe_routing.integration import config, expert_choice_hooks
 
     load_plugins()
     logging.getLogger().setLevel(logging.WARNING)
@@ -66,13 +71,16 @@ def main(argv: List[str] | None = None) -> int:
     logits[:, 1] += 0.8 * args.skew
     hidden = torch.randn(t, 16, generator=g)
 
+    ec_flags = ["--enable-expert-choice", "--expert-capacity-factor", str(args.capacity_factor)]
+    if args.min_tokens is not None:
+        ec_flags += ["--expert-choice-min-tokens", str(args.min_tokens)]
     results = {}
-    for name, flags in (("token choice", []),
-                        ("expert choice", ["--enable-expert-choice", "--expert-capacity-factor",
-                                           str(args.capacity_factor)])):
+    for name, flags in (("token choice", []), ("expert choice", ec_flags)):
         with config.published_server_args("--log-level", "warning", *flags):
             layer = TopK(top_k=k, layer_id=0, output_format=TopKOutputFormat.STANDARD, **kw)
             out = layer(hidden, logits)
+            if flags:
+                ec_cfg = expert_choice_hooks.active_config()
         results[name] = out
     scores = torch.sigmoid(logits) if args.deepseek else torch.softmax(logits, -1)
 
@@ -80,8 +88,19 @@ def main(argv: List[str] | None = None) -> int:
           f"capacity factor={args.capacity_factor}"
           + (" (DeepSeek-style grouped sigmoid routing)" if args.deepseek else ""))
     print("Routed through sglang.srt.layers.moe.topk.TopK (sglang "
-          f"{__import__('sglang').__version__}) with the sglang-moe-routing plugin.\n")
+          f"{__import__('sglang').__version__}) with the sglang-moe-routing plugin.")
     loads = {n: expert_load(o.topk_ids, e) for n, o in results.items()}
+    cf = ec_cfg.capacity_factor
+    if t < ec_cfg.min_tokens:
+        print(f"Expert choice OFF for this batch: T={t} < min tokens={ec_cfg.min_tokens} "
+              "(--expert-choice-min-tokens), so both columns are standard routing.\n")
+    else:
+        cap = int(capacity(torch.tensor(t), e, k, cf))
+        print(f"Expert capacity C = min(T, ceil(cf*T*k/E)) = min({t}, ceil({cf:g}*{t}*{k}/{e})) "
+              f"= {cap} tokens per expert.")
+        print("Fallback slots (a token that fewer than k experts picked takes its own top "
+              "choices) can push an expert past C: busiest expert here = "
+              f"{int(loads['expert choice'].max())} tokens.\n")
     scale = 40.0 / max(int(v.max()) for v in loads.values())
     show = range(e) if e <= 16 else range(16)
     print(f"{'expert':>6} | {'token choice':>12} | {'expert choice':>13}")

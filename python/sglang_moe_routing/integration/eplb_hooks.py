@@ -28,6 +28,7 @@ Flags (``add_cli_args``) -> validated section ``"eplb"`` (``parse_section``) -> 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from dataclasses import dataclass
 from enum import Enum
@@ -495,7 +496,8 @@ def _after_init_expert_location(result, self, *args, **kwargs):
     set_global_expert_compute_profiler(prof)
     install_profiling_hooks()
     logger.info(
-        "expert compute profiling: %d layers x %d experts, warmup %d passes, 1 pass in %d",
+        "expert compute profiling: %d layers x %d experts, warmup %d passes, 1 pass in %d "
+        "(profiled passes run eagerly, outside CUDA graphs, so their expert kernels can be timed)",
         md.num_layers, md.num_logical_experts, cfg.warmup_steps, cfg.interval,
     )
     return None
@@ -507,25 +509,47 @@ def install_profiling_hooks() -> None:
     if _profiling_hooks_installed:
         return
     _profiling_hooks_installed = True
-    HookRegistry.register(
-        "sglang.srt.model_executor.model_runner.ModelRunner.forward",
-        _around_model_runner_forward,
-        HookType.AROUND,
-    )
-    for target in (
+    targets = (
         "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.run_moe_core",
         "sglang.srt.layers.moe.ep_moe.layer.DeepEPMoE.run_moe_core",
-    ):
+    )
+    for target in targets:
         HookRegistry.register(target, _around_run_moe_core, HookType.AROUND)
-    HookRegistry.apply_hooks()
+    from sglang_moe_routing.integration import forward_pass
+
+    forward_pass.apply_late_hooks(targets)
+    forward_pass.add_wrapper(_around_model_runner_forward)
+
+
+_GRAPH_RUNNERS = ("decode_cuda_graph_runner", "prefill_cuda_graph_runner")
+
+
+@contextlib.contextmanager
+def eager_forward(model_runner: Any):
+    """Run this forward pass eagerly: CUDA-graph replays never enter Python, so the expert
+    kernels of a profiled pass could not be timed. The graphs stay captured; the runner
+    attributes are hidden for one pass, as when a batch is larger than any captured graph."""
+    saved = {a: getattr(model_runner, a, None) for a in _GRAPH_RUNNERS}
+    try:
+        for a, v in saved.items():
+            if v is not None:
+                setattr(model_runner, a, None)
+        yield
+    finally:
+        for a, v in saved.items():
+            if v is not None:
+                setattr(model_runner, a, v)
 
 
 def _around_model_runner_forward(original, self, *args, **kwargs):
     prof = get_global_expert_compute_profiler()
     if prof is None or getattr(self, "is_draft_worker", False):
         return original(self, *args, **kwargs)
-    prof.begin_step()
+    profiled = prof.begin_step()
     try:
+        if profiled:
+            with eager_forward(self):
+                return original(self, *args, **kwargs)
         return original(self, *args, **kwargs)
     finally:
         prof.end_step()

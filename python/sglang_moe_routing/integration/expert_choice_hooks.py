@@ -63,8 +63,16 @@ class ExpertChoiceConfig:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _env_truthy(value: Optional[str]) -> bool:
-    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+def _env_truthy(value: Optional[str], name: str = ENV_ENABLE) -> bool:
+    """An on/off environment value: 1/0/true/false/yes/no/on/off (any case, surrounding
+    whitespace ignored; unset or empty = off). Anything else raises ``ValueError`` naming
+    the variable ``name``."""
+    word = "" if value is None else value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be one of 1/0/true/false/yes/no/on/off, got {value!r}")
 
 
 def add_cli_args(group: argparse._ArgumentGroup) -> None:
@@ -102,8 +110,9 @@ def add_cli_args(group: argparse._ArgumentGroup) -> None:
         "--expert-choice-stats-interval",
         type=str,
         default="0",
-        help="Log per-layer expert load (tokens per expert, std, max/mean) every N forward "
-        "passes of layer 0 (0 = off; off costs nothing).",
+        help="Log per-layer expert load of the expert-choice routed tokens (tokens per expert, "
+        "std, max/mean) every N served forward passes, CUDA-graph replays included; capture "
+        "and warm-up passes do not count (0 = off; off costs nothing).",
     )
 
 
@@ -115,19 +124,29 @@ def config_from_values(
     stats_interval: Any = 0,
     environ: Optional[Dict[str, str]] = None,
 ) -> ExpertChoiceConfig:
-    """Merge CLI values with the environment; raise ``ValueError`` on bad values."""
+    """Merge CLI values with the environment; raise ``ValueError`` on bad values.
+
+    An error names where the bad value came from: the flag, or the environment variable when
+    the flag was not given (``SGLANG_EXPERT_CHOICE`` is checked even with the flag given).
+    """
     env = os.environ if environ is None else environ
-    source = "cli" if enable else ("env" if _env_truthy(env.get(ENV_ENABLE)) else "default")
+    errors: List[str] = []
+    env_on = config.collect(errors, False, lambda: _env_truthy(env.get(ENV_ENABLE), ENV_ENABLE))
+    source = "cli" if enable else ("env" if env_on else "default")
+    cf_name, mt_name = "--expert-capacity-factor", "--expert-choice-min-tokens"
     if capacity_factor is None:
+        if ENV_CAPACITY in env:
+            cf_name = ENV_CAPACITY
         capacity_factor = env.get(ENV_CAPACITY, DEFAULT_CAPACITY_FACTOR)
     if min_tokens is None:
+        if ENV_MIN_TOKENS in env:
+            mt_name = ENV_MIN_TOKENS
         min_tokens = env.get(ENV_MIN_TOKENS, DEFAULT_MIN_TOKENS)
-    errors: List[str] = []
     cfg: Dict[str, Any] = dict(
         capacity_factor=config.collect(errors, None, lambda: config.parse_number(
-            "--expert-capacity-factor", capacity_factor, 0.0, lo_open=True)),
+            cf_name, capacity_factor, 0.0, lo_open=True)),
         min_tokens=config.collect(errors, None, lambda: config.parse_integer(
-            "--expert-choice-min-tokens", min_tokens, 0)),
+            mt_name, min_tokens, 0)),
         stats_interval=config.collect(errors, None, lambda: config.parse_integer(
             "--expert-choice-stats-interval", stats_interval, 0)),
     )
@@ -206,7 +225,16 @@ def _after_load_model(result, model_runner, *args, **kwargs):
 
         backend = cfg.backend if cfg.backend != "auto" else prepare_backends()
         logger.info("sglang-moe-routing: expert-choice kernels ready (backend=%s)", backend)
+        if cfg.stats_interval > 0 and not getattr(model_runner, "is_draft_worker", False):
+            install_stats_hook()
     return result
+
+
+def install_stats_hook() -> None:
+    """Count served forward passes only when load statistics are on (nothing otherwise)."""
+    from sglang_moe_routing.integration import forward_pass
+
+    forward_pass.add_wrapper(_around_model_runner_forward)
 
 
 # --------------------------------------------------------------------- load statistics
@@ -221,7 +249,9 @@ class LoadStatsCollector:
 
     def __init__(self) -> None:
         self.counts: Dict[int, torch.Tensor] = {}
-        self.calls = 0
+        self.passes = 0  # served forward passes since the last log line
+        self.dirty = False  # counts hold capture / warm-up traffic (reset before serving)
+        self.served = False  # a served forward pass has run (earlier counts were dropped)
         self._lock = threading.Lock()
 
     def add(self, layer_id: int, topk_ids: torch.Tensor, num_experts: int,
@@ -232,8 +262,13 @@ class LoadStatsCollector:
             buf = self.counts.get(layer_id)
             if buf is None or buf.shape[0] != num_experts or buf.device != topk_ids.device:
                 if config.capturing_cuda_graph():
-                    return  # never allocate inside a graph capture; eager warm-up passes do
-                buf = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device)
+                    # No kernel may run here (a zero-fill would be recorded into the graph
+                    # and wipe the counts at every replay): allocate only; the reset at the
+                    # first served forward pass zeroes it outside any capture.
+                    buf = torch.empty(num_experts, dtype=torch.int64, device=topk_ids.device)
+                    self.dirty = True
+                else:
+                    buf = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device)
                 self.counts[layer_id] = buf
         # In place, so a captured CUDA graph keeps accumulating into the same buffer on replay.
         buf.add_(expert_load(topk_ids, num_experts, num_token_non_padded))
@@ -258,7 +293,8 @@ class LoadStatsCollector:
         with self._lock:
             for buf in self.counts.values():
                 buf.zero_()
-            self.calls = 0
+            self.passes = 0
+            self.dirty = False
 
 
 _stats = LoadStatsCollector()
@@ -273,20 +309,42 @@ def reset_expert_choice_load_stats() -> None:
     _stats.reset()
 
 
-def _maybe_log_stats(cfg: ExpertChoiceConfig, layer_id: Optional[int]) -> None:
-    if layer_id != 0:
-        return
-    _stats.calls += 1
-    if _stats.calls % cfg.stats_interval != 0:
-        return
-    if config.capturing_cuda_graph():
-        return
-    for lid, s in _stats.summary().items():
-        logger.info(
-            "expert-choice load layer %d: std=%.2f max/mean=%.2f tokens/expert=%s",
-            lid, s["std"], s["max_over_mean"], s["tokens_per_expert"],
-        )
+def log_stats_now() -> None:
+    """Log one line per layer with the counts since the last line, then reset (one host sync)."""
+    n = _stats.passes
+    summary = _stats.summary()
     _stats.reset()
+    if not summary or all(sum(s["tokens_per_expert"]) == 0 for s in summary.values()):
+        return  # no expert-choice traffic in the window (e.g. every batch below min-tokens)
+    for lid, s in summary.items():
+        logger.info(
+            "expert-choice load layer %d (last %d forward passes): tokens=%d std=%.2f "
+            "max/mean=%.2f tokens/expert=%s",
+            lid, n, sum(s["tokens_per_expert"]), s["std"], s["max_over_mean"],
+            s["tokens_per_expert"],
+        )
+
+
+def _around_model_runner_forward(original, model_runner, *args, **kwargs):
+    """Counts served forward passes and logs EC load statistics every N of them.
+
+    Runs in Python on every pass, CUDA-graph replays included (the per-layer counters are
+    updated on the device, inside the graphs). Graph capture and warm-up call the model's
+    own ``forward``, never ``ModelRunner.forward``: their counts are dropped before the first
+    served pass.
+    """
+    cfg = active_config()
+    if (not cfg.enabled or cfg.stats_interval <= 0
+            or getattr(model_runner, "is_draft_worker", False)):
+        return original(model_runner, *args, **kwargs)
+    if _stats.dirty or not _stats.served:
+        _stats.served = True
+        _stats.reset()  # counts of capture / warm-up passes (dummy inputs)
+    out = original(model_runner, *args, **kwargs)
+    _stats.passes += 1
+    if _stats.passes >= cfg.stats_interval:
+        log_stats_now()
+    return out
 
 
 # ------------------------------------------------------------------ the routing hook
@@ -308,13 +366,23 @@ def unsupported_reason(topk_config: Any, dynamic_expert_bias, router_logits_part
         return "split-K router logits partials"
     if topk_config.custom_routing_function is not None:
         return "a custom routing function"
-    if topk_config.num_shared_topk_slots:
-        return "fused shared-expert top-k slots"
+    if topk_config.num_shared_topk_slots and not _shared_slots_supported(topk_config):
+        return "fused shared experts in per-rank slots (DeepEP / MegaMoE) or on ROCm (aiter)"
     if topk_config.scoring_func not in ("softmax", "sigmoid"):
         return f"scoring_func={topk_config.scoring_func!r}"
     if getattr(topk_config, "sqrtsoftplus_log1p", False):
         return "sqrtsoftplus routing"
     return None
+
+
+def _shared_slots_supported(topk_config: Any) -> bool:
+    """Fused shared experts in the standard layout: the router writes the shared columns last
+    (id ``E + i``) and ``_post_process_topk_ids`` keeps them. EC routes the other columns."""
+    from sglang.srt.layers.moe import topk as sgl_topk
+
+    n = topk_config.num_shared_topk_slots
+    per_rank = getattr(sgl_topk, "has_per_rank_fused_shared_slots", lambda _n: True)(n)
+    return not per_rank and not getattr(sgl_topk, "_use_aiter", False) and n < topk_config.top_k
 
 
 def _routing_simulation_on() -> bool:
@@ -326,42 +394,37 @@ def _routing_simulation_on() -> bool:
     )
 
 
-def _around_select_experts(
-    original,
-    hidden_states: torch.Tensor,
-    router_logits: torch.Tensor,
-    topk_config: Any,
-    *,
-    layer_id: Optional[int] = None,
-    num_token_non_padded: Optional[torch.Tensor] = None,
-    expert_location_dispatch_info: Any = None,
-    dynamic_expert_bias: Optional[torch.Tensor] = None,
-    router_logits_partials: Optional[torch.Tensor] = None,
-):
-    kwargs = dict(
-        layer_id=layer_id,
-        num_token_non_padded=num_token_non_padded,
-        expert_location_dispatch_info=expert_location_dispatch_info,
-        dynamic_expert_bias=dynamic_expert_bias,
-        router_logits_partials=router_logits_partials,
-    )
+_SELECT_EXPERTS_POSITIONAL = ("hidden_states", "router_logits", "topk_config")
+
+
+def _around_select_experts(original, *args, **kwargs):
+    """AROUND hook of ``select_experts``: reads only what it needs and passes every argument
+    through untouched, so a new upstream keyword cannot break the MoE forward."""
     cfg = active_config()
     if not cfg.enabled:
-        return original(hidden_states, router_logits, topk_config, **kwargs)
-    reason = unsupported_reason(topk_config, dynamic_expert_bias, router_logits_partials)
+        return original(*args, **kwargs)
+    named = dict(zip(_SELECT_EXPERTS_POSITIONAL, args))
+    router_logits = named.get("router_logits", kwargs.get("router_logits"))
+    topk_config = named.get("topk_config", kwargs.get("topk_config"))
+    hidden_states = named.get("hidden_states", kwargs.get("hidden_states"))
+    if router_logits is None or topk_config is None:
+        return original(*args, **kwargs)
+    reason = unsupported_reason(
+        topk_config, kwargs.get("dynamic_expert_bias"), kwargs.get("router_logits_partials"))
     if reason is None and _routing_simulation_on():
         reason = "SGLANG_SIMULATE_*_EXPERTS routing simulation"
     if reason is not None:
         _warn_once(reason, f"expert choice skipped (standard routing) for {reason}")
-        return original(hidden_states, router_logits, topk_config, **kwargs)
+        return original(*args, **kwargs)
     # Host-side shortcut on the static row count (free); T' < min_tokens with T >= min_tokens
     # is handled on the device by the kernel (capacity = T' gives exactly token choice).
     if router_logits.shape[0] < cfg.min_tokens:
-        return original(hidden_states, router_logits, topk_config, **kwargs)
+        return original(*args, **kwargs)
     return route_expert_choice(
         cfg, hidden_states, router_logits, topk_config,
-        layer_id=layer_id, num_token_non_padded=num_token_non_padded,
-        expert_location_dispatch_info=expert_location_dispatch_info,
+        layer_id=kwargs.get("layer_id"),
+        num_token_non_padded=kwargs.get("num_token_non_padded"),
+        expert_location_dispatch_info=kwargs.get("expert_location_dispatch_info"),
     )
 
 
@@ -375,16 +438,25 @@ def route_expert_choice(
     num_token_non_padded: Optional[torch.Tensor],
     expert_location_dispatch_info: Any,
 ):
-    """EC routing followed by upstream's standard post-processing; returns StandardTopKOutput."""
+    """EC routing followed by upstream's standard post-processing; returns StandardTopKOutput.
+
+    With fused shared experts (``num_shared_topk_slots`` = s > 0, e.g. DeepSeek V3/R1), EC
+    routes ``top_k - s`` slots among the routed experts and the last ``s`` columns hold the
+    shared experts as upstream's router writes them for s = 1: id ``E``, weight
+    ``fused_shared_expert_weight`` (for s > 1, ids ``E .. E+s-1`` rotated per token).
+    """
     from sglang.srt.eplb import expert_location_dispatch
     from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
     from sglang.srt.layers.moe import topk as sgl_topk
 
+    n_shared = int(topk_config.num_shared_topk_slots or 0)
+    top_k = topk_config.top_k - n_shared
     if layer_id not in _warned:
         _warned.add(layer_id)
         logger.info(
-            "sglang-moe-routing: layer %s routes with expert choice (E=%d, top_k=%d, cf=%s)",
-            layer_id, router_logits.shape[-1], topk_config.top_k, cfg.capacity_factor,
+            "sglang-moe-routing: layer %s routes with expert choice (E=%d, top_k=%d%s, cf=%s)",
+            layer_id, router_logits.shape[-1], top_k,
+            f" + {n_shared} fused shared" if n_shared else "", cfg.capacity_factor,
         )
     router_logits, correction_bias = expert_location_dispatch.transform_select_experts_inputs(
         router_logits=router_logits,
@@ -392,9 +464,10 @@ def route_expert_choice(
         info=expert_location_dispatch_info,
     )
     grouped = bool(topk_config.use_grouped_topk)
+    fused_scaling = bool(topk_config.apply_routed_scaling_factor_on_output)
     topk_weights, topk_ids = expert_choice_topk(
         router_logits,
-        topk_config.top_k,
+        top_k,
         cfg.capacity_factor,
         renormalize=topk_config.renormalize,
         scoring_func=topk_config.scoring_func,
@@ -402,16 +475,21 @@ def route_expert_choice(
         topk_group=topk_config.topk_group if grouped else None,
         correction_bias=correction_bias,
         routed_scaling_factor=topk_config.routed_scaling_factor,
-        apply_routed_scaling_factor_on_output=bool(
-            topk_config.apply_routed_scaling_factor_on_output
-        ),
+        apply_routed_scaling_factor_on_output=fused_scaling,
         num_token_non_padded=num_token_non_padded,
         min_tokens=cfg.min_tokens,
         backend=cfg.backend,
     )
     if cfg.stats_interval > 0 and layer_id is not None:
         _stats.add(layer_id, topk_ids, router_logits.shape[-1], num_token_non_padded)
-        _maybe_log_stats(cfg, layer_id)
+    if n_shared:
+        topk_weights, topk_ids = append_shared_slots(
+            topk_weights, topk_ids, n_shared, router_logits.shape[-1],
+            sgl_topk.fused_shared_expert_weight(
+                routed_scaling_factor=topk_config.routed_scaling_factor,
+                fused_in_topk=fused_scaling,
+            ),
+        )
     topk_ids, topk_weights, recorder_topk_ids = sgl_topk._post_process_topk_ids(
         topk_ids=topk_ids,
         topk_weights=topk_weights,
@@ -425,6 +503,17 @@ def route_expert_choice(
     if recorder_topk_ids is not None:
         get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_topk_ids)
     return sgl_topk.StandardTopKOutput(topk_weights, topk_ids, router_logits)
+
+
+def append_shared_slots(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_shared: int,
+                        num_routed: int, weight: float):
+    """``[T, k]`` routed slots -> ``[T, k + s]`` with the fused shared-expert columns last."""
+    t = topk_ids.shape[0]
+    rows = torch.arange(t, device=topk_ids.device, dtype=topk_ids.dtype).unsqueeze(1)
+    cols = torch.arange(n_shared, device=topk_ids.device, dtype=topk_ids.dtype)
+    shared_ids = num_routed + (rows + cols) % n_shared
+    shared_w = torch.full((t, n_shared), weight, dtype=topk_weights.dtype, device=topk_weights.device)
+    return torch.cat([topk_weights, shared_w], 1), torch.cat([topk_ids, shared_ids], 1)
 
 
 def register_hooks() -> None:

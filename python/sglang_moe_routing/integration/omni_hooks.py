@@ -1,7 +1,7 @@
 """Omni (Cartesian-product) router in SGLang: the ``--omni-router-backend`` flag and the
 Doge model registration.
 
-* ``--omni-router-backend {auto,triton,torch}`` (default ``auto``) picks the implementation
+* ``--omni-router-backend {auto,triton,torch,reference}`` (default ``auto``) picks the implementation
   of :func:`sglang_moe_routing.omni.omni_router` used by the Doge model's CDMoE layers. The
   value is parsed and validated in the launcher (section ``"omni"``) and reaches the
   scheduler processes with the ``ServerArgs`` record (see ``integration/config.py``).
@@ -26,7 +26,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 logger = logging.getLogger("sglang_moe_routing")
 
 SECTION = "omni"
-BACKENDS: Tuple[str, ...] = ("auto", "triton", "torch")
+BACKENDS: Tuple[str, ...] = ("auto", "triton", "torch", "reference")
 DEFAULT_BACKEND = "auto"
 MODEL_PACKAGE = "sglang_moe_routing.integration.models"
 ARCHITECTURES: Tuple[str, ...] = ("DogeForCausalLM",)
@@ -61,7 +61,8 @@ def add_cli_args(group: argparse._ArgumentGroup) -> None:
         choices=list(BACKENDS),
         help="Implementation of the Omni (Cartesian product-key) router used by Doge CDMoE "
         "layers (sglang-moe-routing): auto (Triton on CUDA, PyTorch otherwise), triton, "
-        "torch (pruned k*k PyTorch). See docs/omni_router.md.",
+        "torch (pruned k*k PyTorch), reference (naive: scores all n*n experts, the algorithm of "
+        "transformers' DogeCDMoE; a baseline). See docs/omni_router.md.",
     )
 
 

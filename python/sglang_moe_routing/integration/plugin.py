@@ -7,13 +7,21 @@ detokenizer processes. Each feature module exposes:
 * ``parse_section(args) -> section``: read and validate its flags from the argparse
   namespace, raising ``ValueError`` with a clear message on bad values;
 * ``register_hooks()``: register its ``HookRegistry`` hooks.
+
+``register()`` first checks that the installed sglang is one this plugin supports
+(``SUPPORTED_SGLANG``, the same range as the dependency in ``pyproject.toml``). Bad plugin
+flags raise ``InvalidPluginArguments`` (a ``ValueError``) for library callers; the CLI entry
+points (``python -m sglang.launch_server``, ``sglang serve``) print one argparse-style
+``error:`` line and exit with status 2 instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Dict, List
+import os
+import sys
+from typing import Any, Dict, List, Optional
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -22,6 +30,74 @@ from sglang_moe_routing.integration import config
 logger = logging.getLogger("sglang_moe_routing")
 
 _registered = False
+
+#: The sglang releases this plugin is written and tested against (its hooks reach into sglang
+#: internals such as ``select_experts``' keywords and ``_post_process_topk_ids``, which change
+#: between releases). pyproject.toml declares the same range (a test keeps them equal).
+SUPPORTED_SGLANG = ">=0.5.23,<0.5.24"
+ENV_SKIP_VERSION_CHECK = "SGLANG_MOE_ROUTING_SKIP_VERSION_CHECK"
+
+
+def _plugin_version() -> str:
+    from sglang_moe_routing import __version__
+
+    return __version__
+
+
+def installed_sglang_version() -> Optional[str]:
+    """The installed sglang's version: its distribution metadata, else ``sglang.__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import sglang
+
+        return getattr(sglang, "__version__", None)
+    except Exception:  # noqa: BLE001 - an sglang that cannot be imported has no version
+        return None
+
+
+def sglang_version_supported(version: Optional[str]) -> bool:
+    """``version`` lies in ``SUPPORTED_SGLANG`` (an unknown or unparsable version does not)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if not version:
+        return False
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return False
+    return SpecifierSet(SUPPORTED_SGLANG).contains(parsed, prereleases=True)
+
+
+def check_sglang_version() -> None:
+    """Raise ``RuntimeError`` (one line) when the installed sglang is outside the supported
+    range, unless ``SGLANG_MOE_ROUTING_SKIP_VERSION_CHECK=1`` (then warn and go on)."""
+    found = installed_sglang_version()
+    if sglang_version_supported(found):
+        return
+    msg = (f"sglang-moe-routing {_plugin_version()} supports sglang {SUPPORTED_SGLANG}; "
+           f"found {found or 'unknown'}")
+    skip = os.environ.get(ENV_SKIP_VERSION_CHECK, "").strip().lower()
+    if skip in ("1", "true", "yes", "on"):
+        logger.warning("%s (%s set: trying anyway)", msg, ENV_SKIP_VERSION_CHECK)
+        return
+    raise RuntimeError(f"{msg} (set {ENV_SKIP_VERSION_CHECK}=1 to try anyway)")
+
+
+class InvalidPluginArguments(ValueError):
+    """Bad plugin flag or environment values; ``errors`` holds one message per problem."""
+
+    def __init__(self, errors: List[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("sglang-moe-routing: invalid arguments:\n  " + "\n  ".join(self.errors))
+
+    def one_line(self) -> str:
+        return "sglang-moe-routing: " + "; ".join(self.errors)
 
 
 def _feature_modules() -> List[Any]:
@@ -54,7 +130,7 @@ def parse_sections(args: argparse.Namespace) -> Dict[str, Any]:
         except ValueError as e:
             errors.append(str(e))
     if errors:
-        raise ValueError("sglang-moe-routing: invalid arguments:\n  " + "\n  ".join(errors))
+        raise InvalidPluginArguments(errors)
     return sections
 
 
@@ -69,11 +145,43 @@ def _around_from_cli_args(original, cls, args: argparse.Namespace, *a, **kw):
     return server_args
 
 
+def _cli_prog() -> Optional[str]:
+    """The program name when this process is an sglang CLI entry point, else ``None``."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    main_file = os.path.normpath(getattr(main, "__file__", None) or "")
+    if spec_name == "sglang.launch_server" or main_file.endswith(
+            os.path.join("sglang", "launch_server.py")):
+        return "launch_server"
+    # the ``sglang`` console script: ``from sglang.cli.main import main; sys.exit(main())``
+    if getattr(getattr(main, "main", None), "__module__", None) == "sglang.cli.main":
+        return "sglang serve"
+    return None
+
+
+def _around_prepare_server_args(original, argv, *a, **kw):
+    """At a CLI entry point, bad plugin flags end like argparse errors: one ``error:`` line
+    on stderr and exit status 2. Library callers keep the ``InvalidPluginArguments``."""
+    try:
+        return original(argv, *a, **kw)
+    except InvalidPluginArguments as exc:
+        prog = _cli_prog()
+        if prog is None:
+            raise
+        sys.stderr.write(f"{prog}: error: {exc.one_line()}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+
+
 def register() -> None:
-    """Register all hooks (idempotent)."""
+    """Check the sglang version, then register all hooks (idempotent).
+
+    Raises ``RuntimeError`` (before registering anything) for an unsupported sglang.
+    """
     global _registered
     if _registered:
         return
+    check_sglang_version()
     _registered = True
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER
@@ -82,6 +190,9 @@ def register() -> None:
         "sglang.srt.server_args.ServerArgs.from_cli_args",
         _around_from_cli_args,
         HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.server_args.prepare_server_args", _around_prepare_server_args, HookType.AROUND
     )
     for mod in _feature_modules():
         mod.register_hooks()
