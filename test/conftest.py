@@ -23,6 +23,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line(
         "markers",
+        "server: starts real SGLang servers on the GPU (test/test_gpu_server.py; `-m server`)")
+    config.addinivalue_line(
+        "markers",
         "gpu_timing: times GPU kernels; needs the GPU to itself (skipped under pytest-xdist with "
         "more than one worker, where other workers' kernels share the GPU and the timings)",
     )

@@ -449,3 +449,4 @@ def test_profiled_pass_runs_eagerly_and_graph_runners_come_back(profiler_slot):
         eh._around_model_runner_forward(original, runner)  # step 2: profiled, raises
     assert seen == [(None, None), (decode, prefill), (None, None)]
     assert (runner.decode_cuda_graph_runner, runner.prefill_cuda_graph_runner) == (decode, prefill)
+

@@ -5,8 +5,8 @@ tokenizer: serve it with ``--skip-tokenizer-init``) and returns its config as a 
 
 Kinds:
 * ``qwen3_moe``: Qwen3-MoE (softmax top-k, no shared expert). ``size="small"`` is tiny
-  (8 experts, top-2; seconds on a CPU), ``size="big"`` is the 0.69 B-parameter model of the
-  GPU recipe (64 experts, top-8).
+  (8 experts, top-2; seconds on a CPU), ``"medium"`` has 4 layers of 64 experts, top-8 (the
+  GPU server tests), ``"big"`` is the 0.69 B-parameter model of the GPU recipe (8 layers).
 * ``deepseek_v3``: DeepSeek-V3 layout at small scale: MLA attention, sigmoid scoring, grouped
   top-k (``n_group``/``topk_group``), ``e_score_correction_bias`` (randomised, so it matters),
   one shared expert, ``routed_scaling_factor``, the first layer dense.
@@ -26,6 +26,10 @@ QWEN3_SIZES: Dict[str, Dict[str, Any]] = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
                   vocab_size=256, max_position_embeddings=512),
+    "medium": dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                   num_hidden_layers=4, num_experts=64, num_experts_per_tok=8,
+                   vocab_size=8192, max_position_embeddings=4096),
     "big": dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=384,
                 num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                 num_hidden_layers=8, num_experts=64, num_experts_per_tok=8,

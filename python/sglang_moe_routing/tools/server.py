@@ -65,7 +65,8 @@ class Server:
 
     def __init__(self, model_path: str, args: Sequence[str] = (), *, log_path: Optional[str] = None,
                  env: Optional[Dict[str, str]] = None, timeout_s: float = 600,
-                 mem_fraction: float = 0.3, plugin: bool = True) -> None:
+                 mem_fraction: float = 0.3, plugin: bool = True,
+                 wait_gpu_free: bool = False) -> None:
         self.model_path = str(model_path)
         self.args = list(args)
         self.port = free_port()
@@ -80,6 +81,7 @@ class Server:
         self.mem_fraction = mem_fraction
         self.proc: Optional[subprocess.Popen] = None
         self.start_s: float = float("nan")
+        self.wait_gpu_free = wait_gpu_free  # sequential runs: wait until the GPU is empty
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> List[str]:
@@ -136,7 +138,7 @@ class Server:
                 pass
         self._log.close()
         self.proc = None
-        if self.cuda:  # the scheduler child may hold the GPU a moment longer
+        if self.cuda and self.wait_gpu_free:  # the scheduler child may hold the GPU a moment
             _wait_gpu_free(30)
 
     def __enter__(self) -> "Server":
@@ -177,6 +179,38 @@ class Server:
         params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": ignore_eos,
                   **sampling}
         return self.post("/generate", {"input_ids": input_ids, "sampling_params": params})
+
+
+def start_all(servers: Sequence["Server"], stagger_s: float = 3.0) -> List[Optional[str]]:
+    """Start servers concurrently (their import and graph-capture phases overlap); returns
+    one error string (or None) per server. Servers that failed are retried one at a time,
+    alone with the ones already up, in case they lost a race for GPU memory."""
+    import threading
+
+    errors: List[Optional[str]] = [None] * len(servers)
+
+    def run(i: int) -> None:
+        try:
+            servers[i].start()
+        except Exception as e:  # noqa: BLE001
+            errors[i] = str(e)
+
+    threads = []
+    for i in range(len(servers)):
+        th = threading.Thread(target=run, args=(i,), daemon=True)
+        th.start()
+        threads.append(th)
+        time.sleep(stagger_s)
+    for th in threads:
+        th.join()
+    for i, err in enumerate(errors):
+        if err is not None:
+            servers[i].stop()
+            servers[i].port = free_port()
+            servers[i].base = f"http://127.0.0.1:{servers[i].port}"
+            errors[i] = None
+            run(i)
+    return errors
 
 
 def _wait_gpu_free(timeout_s: float) -> None:

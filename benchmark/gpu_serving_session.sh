@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call on the GPU machine (no sglang installed there): install the staged SGLang
+# 0.5.23 (.gpuenv/, see ../shared/gpu-sglang/README.md), build the EC CUDA kernel, then run
+# the stages named in STAGES (default: "server"):
+#   server  the GPU server suite (test/test_gpu_server.py, real launch_server processes)
+#   units   the kernel/hook GPU tests (EC, EPLB profiler, Omni)
+#   bench   benchmark/bench_serving.py with BENCH_ARGS
+# Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
+# Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
+set -u
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+T0=$(date +%s)
+RUNS=none OUT=/tmp/gpuenv_out bash .gpuenv/device.sh > "$OUT/device.log" 2>&1 || { tail -40 "$OUT/device.log"; exit 1; }
+grep -E "sgl_kernel check|installed into|cache restored" "$OUT/device.log"
+export PYTHONPATH=/tmp/site:/tmp/plugsite:$PWD/python:$PWD/test
+export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python
+export SGLANG_JIT_CACHE_DIR=/tmp/cache/sgl_jit TRITON_CACHE_DIR=/tmp/cache/triton \
+       TVM_FFI_CACHE_DIR=/tmp/cache/tvm_ffi SGLANG_MOE_ROUTING_BUILD_DIR=/tmp/cache/ec_build
+stage() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s (session +$(( $(date +%s) - T0 )) s)"
+  tail -n "${TAIL:-25}" "$OUT/$name.log" | cut -c1-400; }
+stage build 150 python3 sgl-kernel/build.py
+for s in ${STAGES:-server}; do
+  case $s in
+    server) GPU_SERVER_LOG_DIR=/tmp/server_logs stage server ${SERVER_LIMIT:-420} \
+              python3 -m pytest -q -p no:cacheprovider -m server -rA test/test_gpu_server.py
+            tar -czf "$OUT/server_logs.tgz" -C /tmp server_logs 2>/dev/null ;;
+    units) stage units ${UNITS_LIMIT:-240} python3 -m pytest -q -n 12 -p no:cacheprovider \
+              test/test_expert_choice_gpu.py test/test_eplb_gpu.py test/test_omni_gpu.py ;;
+    bench) TAIL=60 stage bench ${BENCH_LIMIT:-540} python3 benchmark/bench_serving.py --out /tmp/bench_serving ${BENCH_ARGS:-}
+           cp /tmp/bench_serving/bench_serving.{md,json,png} "$OUT/" 2>/dev/null
+           tar -czf "$OUT/bench_logs.tgz" -C /tmp/bench_serving . 2>/dev/null ;;
+  esac
+done
+echo "session done in $(( $(date +%s) - T0 )) s"
