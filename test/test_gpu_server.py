@@ -82,9 +82,7 @@ def fleet(tmp_path_factory):
                for name, (m, args) in spec.items()}
     errors = start_all(list(servers.values()))
     try:
-        failed = {n: e for n, e in zip(servers, errors) if e}
-        assert not failed, "servers failed to start:\n" + "\n".join(f"{n}: {e}" for n, e in failed.items())
-        yield servers
+        yield Fleet(servers, {n: e for n, e in zip(servers, errors) if e})
     finally:
         for s in servers.values():
             s.stop()
@@ -93,6 +91,22 @@ def fleet(tmp_path_factory):
             os.makedirs(keep, exist_ok=True)
             for f in logs.iterdir():
                 shutil.copy(f, keep)
+
+
+class Fleet:
+    """The module's servers; a test asking for one that failed to start fails with its log
+    tail (the other servers' tests still run)."""
+
+    def __init__(self, servers, errors):
+        self.servers, self.errors = servers, errors
+
+    def __contains__(self, name):
+        return name in self.servers
+
+    def __getitem__(self, name):
+        if name in self.errors:
+            pytest.fail(f"server {name} did not start: {self.errors[name][-3000:]}")
+        return self.servers[name]
 
 
 def _after(text: str, mark: int) -> str:

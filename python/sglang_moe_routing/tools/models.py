@@ -43,6 +43,12 @@ DEEPSEEK_V3: Dict[str, Any] = dict(
     n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
     q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64,
     v_head_dim=64, max_position_embeddings=2048, moe_layer_freq=1,
+    # read by SGLang's deepseek_v2.py; transformers 5's DeepseekV3Config no longer sets them
+    topk_method="noaux_tc", scoring_func="sigmoid",
+    # YaRN as the real checkpoints (SGLang's CPU RoPE path requires a scaling config)
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 512, "beta_fast": 32, "beta_slow": 1,
+                     "mscale": 1.0, "mscale_all_dim": 1.0},
 )
 
 DOGE: Dict[str, Any] = dict(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,8 +184,8 @@ class Server:
 
 def start_all(servers: Sequence["Server"], stagger_s: float = 3.0) -> List[Optional[str]]:
     """Start servers concurrently (their import and graph-capture phases overlap); returns
-    one error string (or None) per server. Servers that failed are retried one at a time,
-    alone with the ones already up, in case they lost a race for GPU memory."""
+    one error string (or None) per server. A server that failed on GPU memory (a race with
+    the others) is retried once, alone."""
     import threading
 
     errors: List[Optional[str]] = [None] * len(servers)
@@ -204,7 +205,7 @@ def start_all(servers: Sequence["Server"], stagger_s: float = 3.0) -> List[Optio
     for th in threads:
         th.join()
     for i, err in enumerate(errors):
-        if err is not None:
+        if err is not None and re.search(r"out of memory|Not enough memory|OutOfMemory", err):
             servers[i].stop()
             servers[i].port = free_port()
             servers[i].base = f"http://127.0.0.1:{servers[i].port}"
