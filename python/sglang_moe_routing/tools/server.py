@@ -126,6 +126,7 @@ class Server:
     def stop(self) -> None:
         if self.proc is None:
             return
+        self.resume()  # a stopped process group does not act on SIGTERM
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
             if self.proc.poll() is not None:
                 break
@@ -147,6 +148,16 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def pause(self) -> None:
+        """SIGSTOP the server's processes: an idle SGLang scheduler busy-polls a CPU core, which
+        would disturb a timed server beside it. GPU memory stays allocated."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
