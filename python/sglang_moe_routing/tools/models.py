@@ -38,11 +38,12 @@ QWEN3_SIZES: Dict[str, Dict[str, Any]] = {
 
 DEEPSEEK_V3: Dict[str, Any] = dict(
     vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
-    num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8,
-    num_key_value_heads=8, n_shared_experts=1, n_routed_experts=32, num_experts_per_tok=4,
+    num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4,
+    num_key_value_heads=4, n_shared_experts=1, n_routed_experts=32, num_experts_per_tok=4,
     n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
-    q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64,
-    v_head_dim=64, max_position_embeddings=2048, moe_layer_freq=1,
+    # MLA with DeepSeek's own head sizes (SGLang's MLA kernels are built for them)
+    q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, max_position_embeddings=2048, moe_layer_freq=1,
     # read by SGLang's deepseek_v2.py; transformers 5's DeepseekV3Config no longer sets them
     topk_method="noaux_tc", scoring_func="sigmoid",
     # YaRN as the real checkpoints (SGLang's CPU RoPE path requires a scaling config)
