@@ -44,6 +44,7 @@ CPU smoke (servers start in ~25 s each here):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -106,6 +107,15 @@ def device_name():
     return f"{len(names)} x {names[0]}" if names else "CUDA device"
 
 
+@contextlib.contextmanager
+def _running(srv):
+    srv.resume()
+    try:
+        yield srv
+    finally:
+        srv.pause()
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -160,29 +170,56 @@ class Bench:
         short = sum(len(o["output_ids"]) != max_new for o in out)
         return dt, [o["output_ids"] for o in out], cached, short
 
-    def measure(self, srv, vocab, bs, name):
-        a = self.args
-        L, N = a.prompt_len, a.decode_tokens
-        base = a.seed * 1_000_003 + bs * 1000
-        self.generate(srv, prompts(vocab, bs, L, base + 999), 1 + N)  # warm-up
-        pre, dec, times, cached, short = [], [], [], 0, 0
-        for r in range(a.repeats):
-            ids = prompts(vocab, bs, L, base + r)
-            t1, _, c1, s1 = self.generate(srv, ids, 1)
-            t2, _, c2, s2 = self.generate(srv, ids, 1 + N)
-            cached, short = cached + c1 + c2, short + s1 + s2
-            times.append([round(t1, 4), round(t2, 4)])
-            pre.append(bs * L / t1)
-            dec.append(bs * N / (t2 - t1) if t2 > t1 else NAN)
+    def _prompts_for(self, vocab, bs, r):
+        return prompts(vocab, bs, self.args.prompt_len, self.args.seed * 1_000_003 + bs * 1000 + r)
+
+    def _repeat(self, srv, vocab, bs, r):
+        """One repeat: (t1, t2, cached tokens, short outputs)."""
+        ids = self._prompts_for(vocab, bs, r)
+        t1, _, c1, s1 = self.generate(srv, ids, 1)
+        t2, _, c2, s2 = self.generate(srv, ids, 1 + self.args.decode_tokens)
+        return t1, t2, c1 + c2, s1 + s2
+
+    def _point(self, bs, reps, name):
+        L, N = self.args.prompt_len, self.args.decode_tokens
+        pre = [bs * L / t1 for t1, _, _, _ in reps]
+        dec = [bs * N / (t2 - t1) if t2 > t1 else NAN for t1, t2, _, _ in reps]
         good = [d for d in dec if d == d]
+        cached, short = sum(r[2] for r in reps), sum(r[3] for r in reps)
         p = {"B": bs, "prefill_tok_s": statistics.median(pre),
              "decode_tok_s": statistics.median(good) if good else NAN,
-             "prefill_samples": pre, "decode_samples": dec, "t1_t2_s": times, "cached_tokens": cached,
+             "prefill_samples": pre, "decode_samples": dec,
+             "t1_t2_s": [[round(r[0], 4), round(r[1], 4)] for r in reps], "cached_tokens": cached,
              "short_outputs": short}
         self.log(f"  {name} B={bs:4d}: prefill {p['prefill_tok_s']:10.1f} tok/s  decode "
                  f"{p['decode_tok_s']:10.1f} tok/s" + (f"  cached_tokens={cached}" if cached else "")
                  + (f"  WARNING {short} outputs of the wrong length" if short else ""))
         return p
+
+    def measure(self, srv, vocab, bs, name):
+        self._repeat(srv, vocab, bs, 999)  # warm-up
+        return self._point(bs, [self._repeat(srv, vocab, bs, r) for r in range(self.args.repeats)],
+                           name)
+
+    def measure_interleaved(self, group, vocab, batch_sizes):
+        """Pre-started, paused servers ``group`` ([(name, srv)]) measured point by point in
+        alternating order (A B, then B A, ...), each resumed only for its own requests, so
+        that drift over the run (clocks, caches, other processes) hits every server alike."""
+        reps = {name: {} for name, _ in group}
+        for bs in batch_sizes:
+            if time.time() > self.deadline:
+                self.note(f"--max-seconds reached, B={bs} not measured")
+                continue
+            for name, srv in group:
+                with _running(srv):
+                    self._repeat(srv, vocab, bs, 999)  # warm-up
+            for r in range(self.args.repeats):
+                for name, srv in (group if r % 2 == 0 else group[::-1]):
+                    with _running(srv):
+                        reps[name].setdefault(bs, []).append(self._repeat(srv, vocab, bs, r))
+            for name, _ in group:
+                reps[name][bs] = self._point(bs, reps[name][bs], name)
+        return {name: list(pts.values()) for name, pts in reps.items()}
 
     def points(self, srv, vocab, batch_sizes, name):
         pts = []
@@ -276,6 +313,46 @@ class Bench:
         self.log(f"  {name} measured in {res['total_s']:.0f} s")
         return res
 
+    def run_group(self, specs, vocab, batch_sizes, one_by_one, extra=None):
+        """Concurrent start + interleaved measurement of ``specs`` ([(name, model, extra,
+        plugin)]); returns {name: result} shaped like ``server()``'s. ``extra(srv)`` adds
+        fields from a server before it stops."""
+        self.prestart(specs)
+        group, res = [], {}
+        for name, _model, args, plugin in specs:
+            srv, err = self.prestarted.pop(name)
+            res[name] = {"args": args, "plugin": plugin, "log": Path(srv.log_path).name,
+                         "start_s": srv.start_s, "started": "together, measured interleaved"}
+            if err:
+                res[name]["error"] = err[-3000:]
+                self.note(f"server {name} FAILED to start: {err[:300]}")
+                srv.stop()
+                continue
+            try:
+                with _running(srv):
+                    res[name]["check_ids"] = self.check_ids(srv, vocab, one_by_one=one_by_one)
+                group.append((name, srv))
+            except Exception as exc:  # noqa: BLE001
+                res[name]["error"] = str(exc)[-3000:]
+                self.note(f"server {name} FAILED: {str(exc)[:300]}")
+                srv.stop()
+        t0 = time.time()
+        try:
+            for name, pts in self.measure_interleaved(group, vocab, batch_sizes).items():
+                res[name]["points"] = pts
+        except Exception as exc:  # noqa: BLE001
+            self.note(f"interleaved measurement FAILED: {str(exc)[:300]}")
+            for name, _ in group:
+                res[name].setdefault("error", str(exc)[-3000:])
+        finally:
+            for name, srv in group:
+                if extra is not None:
+                    res[name].update(extra(srv))
+                srv.stop()
+                res[name]["total_s"] = (time.time() - t0) / max(1, len(group))
+        self.log(f"  group measured in {time.time() - t0:.0f} s")
+        return res
+
     # ------------------------------------------------------------------ parts
     def part_qwen(self):
         a = self.args
@@ -299,10 +376,18 @@ class Bench:
                  model=f"{a.qwen_size}: {experts} experts, top-{cfg['num_experts_per_tok']}, "
                        f"{cfg['num_hidden_layers']} layers")
         runs = (("tc", False, common), ("ec", True, common + ec))
-        self.prestart([(f"qwen_{k}", path, extra, plugin) for k, plugin, extra in runs])
-        for key, plugin, extra in runs:
-            q[key] = self.server(f"qwen_{key}", path, extra, body, plugin=plugin)
+        if a.concurrent_start:
+            ec_lines = lambda srv: {"ec_log_lines": sum(  # noqa: E731
+                "routes with expert choice" in ln for ln in srv.log().splitlines())}
+            got = self.run_group([(f"qwen_{k}", path, extra, plugin) for k, plugin, extra in runs],
+                                 vocab, a.batch_sizes, one_by_one=True, extra=ec_lines)
+            for key, _, _ in runs:
+                q[key] = got[f"qwen_{key}"]
             self.write()
+        else:
+            for key, plugin, extra in runs:
+                q[key] = self.server(f"qwen_{key}", path, extra, body, plugin=plugin)
+                self.write()
         tc, ec_r = q.get("tc") or {}, q.get("ec") or {}
         if "check_ids" in tc and "check_ids" in ec_r:
             same = sum(x == y for x, y in zip(tc["check_ids"], ec_r["check_ids"]))
@@ -341,23 +426,26 @@ class Bench:
                 self.note(f"doge n={n}: --max-seconds reached, not built")
                 continue
             vocabs[n] = build_model("doge", path, n=n, top_k=a.doge_top_k)["vocab_size"]
-        self.prestart([(f"doge_n{n}_{b}", Path(a.model_dir) / f"doge_n{n}_k{a.doge_top_k}",
-                        common + ["--omni-router-backend", b], True)
-                       for n in vocabs for b in backends])
         for n, vocab in vocabs.items():
             path = Path(a.model_dir) / f"doge_n{n}_k{a.doge_top_k}"
             runs = d["runs"].setdefault(str(n), {})
-            for b in backends:
-                name = f"doge_n{n}_{b}"
+            specs = [(f"doge_n{n}_{b}", path, common + ["--omni-router-backend", b], True)
+                     for b in backends]
+            if a.concurrent_start:
+                got = self.run_group(specs, vocab, a.doge_batch_sizes, one_by_one=False)
+                runs.update({b: got[f"doge_n{n}_{b}"] for b in backends})
+            else:
+                for b in backends:
+                    name = f"doge_n{n}_{b}"
 
-                def body(srv, name):
-                    return {"check_ids": self.check_ids(srv, vocab, one_by_one=False),
-                            "points": self.points(srv, vocab, a.doge_batch_sizes, name)}
+                    def body(srv, name):
+                        return {"check_ids": self.check_ids(srv, vocab, one_by_one=False),
+                                "points": self.points(srv, vocab, a.doge_batch_sizes, name)}
 
-                r = self.server(name, path, common + ["--omni-router-backend", b], body)
-                if r is not None:
-                    runs[b] = r
-                self.write()
+                    r = self.server(name, path, common + ["--omni-router-backend", b], body)
+                    if r is not None:
+                        runs[b] = r
+                    self.write()
             base = "reference" if "check_ids" in runs.get("reference", {}) else next(
                 (b for b in backends if "check_ids" in runs.get(b, {})), None)
             for b, r in runs.items():
