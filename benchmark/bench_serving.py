@@ -667,6 +667,9 @@ def main():
                     help="--eplb-rebalance-num-iterations (forward passes between rebalances)")
     ap.add_argument("--max-seconds", type=float, default=540,
                     help="start no server whose estimated cost exceeds the time left (default 540)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="render one md/png from the bench_serving.json files of several runs "
+                    "(e.g. one device call per part) into --out; measures nothing")
     ap.add_argument("--start-timeout", type=float, default=400)
     ap.add_argument("--concurrent-start", action=argparse.BooleanOptionalAction, default=None,
                     help="start a part's servers together, measure them one by one while the "
@@ -689,6 +692,22 @@ def main():
     if bad:
         ap.error(f"unknown parts {sorted(bad)}")
     bench = Bench(a)
+    if a.merge:
+        commands, timings = [], []
+        for f in a.merge:
+            d = json.loads(Path(f).read_text())
+            for part in ("qwen", "doge", "eplb"):
+                if d.get(part):
+                    bench.res[part] = d[part]
+            bench.notes += d.get("notes", [])
+            commands.append(d["meta"]["command"])
+            timings.append(f"{d['meta']['date']}: {d['meta']['timing']}")
+            bench.meta.update({k: d["meta"][k] for k in ("device", "torch", "sglang", "prompts")})
+        bench.meta["command"] = "` and `".join(commands)
+        bench.meta["date"] = ", ".join(t.split(": ", 1)[0] for t in timings)
+        bench.meta["timing"] = " | ".join(timings)
+        print(bench.write())
+        return
     bench.log(f"device: {bench.meta['device']}; torch {bench.meta['torch']}, sglang "
               f"{bench.meta['sglang']}; parts {parts}; budget {a.max_seconds:.0f} s")
     bench.log(f"prompts: {bench.meta['prompts']}")
