@@ -422,3 +422,39 @@ def test_load_stats_buffers_are_reset_in_place():
     assert collector.counts[3] is buf and buf.tolist() == [0, 0, 0, 0]
     collector.add(3, ids, 4, torch.tensor(1))  # padding row 1 ignored
     assert collector.summary()[3]["tokens_per_expert"] == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--enable-dp-attention", "--dp-size", "2", "--tp", "2"], "--enable-dp-attention"),
+    (["--attn-cp-size", "2", "--tp", "2"], "--attn-cp-size"),
+    (["--enable-prefill-cp"], "--enable-prefill-cp"),
+])
+def test_expert_choice_refused_where_sglang_passes_no_real_token_count(tmp_path, extra, named):
+    """Under attention DP / CP upstream gives select_experts num_token_non_padded=None for
+    padded, gathered batches: EC would route padding rows. Refused at start-up, one line."""
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_moe_routing.tools import models
+
+    models.build("qwen3_moe", str(tmp_path), size="small", dtype=torch.float32)
+    base = ["--model-path", str(tmp_path), "--device", "cpu", "--skip-tokenizer-init"]
+    prepare_server_args(base + extra)  # upstream alone accepts the mode
+    with pytest.raises(ValueError, match=f"expert-choice routing \\(cli\\) cannot run with {named}"):
+        prepare_server_args(base + extra + ["--enable-expert-choice"])
+
+
+def test_padding_rows_with_and_without_real_token_count():
+    """With the count, padding rows never count (masked, excluded from capacity); the mode
+    test above covers where upstream has no count. Without any count all rows are real."""
+    torch.manual_seed(9)
+    x = torch.randn(64, 8)
+    h = torch.randn(64, 32)
+    with published_args("--enable-expert-choice"):
+        layer = _make_topk(top_k=2)
+        padded = layer(h, x, num_token_non_padded=torch.tensor(33))
+        alone = layer(h[:33], x[:33])
+        whole = layer(h, x)
+    assert torch.equal(padded.topk_ids[:33], alone.topk_ids)
+    assert (padded.topk_ids[33:] == -1).all()
+    _, ids_all = expert_choice_topk_reference(x, 2, 1.25)
+    assert torch.equal(whole.topk_ids, ids_all)

@@ -160,15 +160,35 @@ def config_from_values(
 
 
 def parse_section(args: argparse.Namespace) -> Dict[str, Any]:
-    return {
-        SECTION: config_from_values(
-            getattr(args, "enable_expert_choice", False),
-            getattr(args, "expert_capacity_factor", None),
-            getattr(args, "expert_choice_min_tokens", None),
-            getattr(args, "expert_choice_backend", "auto"),
-            getattr(args, "expert_choice_stats_interval", 0),
-        )
-    }
+    cfg = config_from_values(
+        getattr(args, "enable_expert_choice", False),
+        getattr(args, "expert_capacity_factor", None),
+        getattr(args, "expert_choice_min_tokens", None),
+        getattr(args, "expert_choice_backend", "auto"),
+        getattr(args, "expert_choice_stats_interval", 0),
+    )
+    if cfg.enabled:
+        clash = unpadded_count_unavailable(args)
+        if clash:
+            raise ValueError(
+                f"expert-choice routing ({cfg.source}) cannot run with {clash}: there SGLang 0.5.23 "
+                "gives the MoE layers no count of real tokens (the real rows of the gathered batch "
+                "are not a prefix), so padding rows would be routed as tokens")
+    return {SECTION: cfg}
+
+
+def unpadded_count_unavailable(args: Any) -> Optional[str]:
+    """The parallel mode in ``args`` under which upstream passes ``num_token_non_padded=None``
+    to ``select_experts`` for padded batches (``ForwardBatch.moe_num_token_non_padded``):
+    attention data parallelism (one padded slot per DP rank is gathered), attention context
+    parallelism / prefill CP (zigzag-permuted rows). None when the count is always there."""
+    if getattr(args, "enable_dp_attention", False):
+        return "--enable-dp-attention"
+    if int(getattr(args, "attn_cp_size", 1) or 1) > 1:
+        return "--attn-cp-size > 1"
+    if getattr(args, "enable_prefill_cp", False):
+        return "--enable-prefill-cp"
+    return None
 
 
 # ------------------------------------------------------------------- the active config
