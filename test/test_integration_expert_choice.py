@@ -458,3 +458,51 @@ def test_padding_rows_with_and_without_real_token_count():
     assert (padded.topk_ids[33:] == -1).all()
     _, ids_all = expert_choice_topk_reference(x, 2, 1.25)
     assert torch.equal(whole.topk_ids, ids_all)
+
+
+def test_draft_layers_route_with_token_choice():
+    """Speculative decoding: the draft / MTP TopK layers keep token choice (their proposals
+    must not depend on the batch); the target model's layers use expert choice."""
+    torch.manual_seed(10)
+    x, h = torch.randn(64, 8), torch.randn(64, 16)
+    with published_args("--enable-expert-choice"):
+        draft = _make_topk(top_k=2, is_draft=True)
+        target = _make_topk(top_k=2, is_draft=False)
+        out_d, out_t = draft(h, x), target(h, x)
+        ups = _upstream_select_experts()(hidden_states=h, router_logits=x,
+                                         topk_config=draft.topk_config, layer_id=0)
+    assert torch.equal(out_d.topk_ids, ups.topk_ids)
+    assert torch.equal(out_t.topk_ids, expert_choice_topk_reference(x, 2, 1.25)[1])
+
+
+def test_startup_lists_layers_that_do_not_route_with_expert_choice(caplog):
+    import logging
+
+    from sglang.srt.layers.moe.topk import TopKOutputFormat
+
+    with published_args("--enable-expert-choice", "--expert-choice-backend", "reference"):
+        layers = torch.nn.ModuleList([
+            _make_topk(top_k=2, layer_id=0),
+            _make_topk(top_k=2, layer_id=1, is_draft=True),
+            _make_topk(top_k=2, layer_id=2, scoring_func="sqrtsoftplus"),
+            _make_topk(top_k=2, layer_id=3),
+        ])
+        layers[3].topk_config.output_format = TopKOutputFormat.TRITON_KERNEL
+
+        class Runner:
+            is_draft_worker = False
+            device = "cpu"
+            model = layers
+
+        logging.getLogger("sglang_moe_routing").addHandler(caplog.handler)
+        try:
+            with caplog.at_level(logging.INFO, logger="sglang_moe_routing"):
+                ech._after_load_model(None, Runner())
+        finally:
+            logging.getLogger("sglang_moe_routing").removeHandler(caplog.handler)
+    text = "\n".join(r.message for r in caplog.records)
+    assert "expert choice routes 1 of 4 MoE (TopK) layers" in text
+    assert "layer 1: draft / MTP layers" in text
+    assert "layer 2: scoring_func='sqrtsoftplus'" in text
+    assert "layer 3: MoE runner output format TRITON_KERNEL" in text
+    assert "layer 0:" not in text

@@ -247,7 +247,46 @@ def _after_load_model(result, model_runner, *args, **kwargs):
         logger.info("sglang-moe-routing: expert-choice kernels ready (backend=%s)", backend)
         if cfg.stats_interval > 0 and not getattr(model_runner, "is_draft_worker", False):
             install_stats_hook()
+        log_coverage(model_runner)
     return result
+
+
+def layer_coverage(model: Any, device: str = "cuda") -> List[tuple]:
+    """``[(layer_id, reason or None)]`` for every SGLang ``TopK`` module of ``model``: None
+    when the layer routes with expert choice, else why it keeps token choice."""
+    from sglang.srt.layers.moe.topk import TopK
+
+    out = []
+    for module in model.modules():
+        if not isinstance(module, TopK):
+            continue
+        cfg = module.topk_config
+        fmt = getattr(cfg, "output_format", None)
+        if device == "npu":
+            reason = "NPU routing (forward_npu) bypasses select_experts"
+        elif fmt is not None and getattr(fmt, "name", "STANDARD") != "STANDARD":
+            reason = (f"MoE runner output format {fmt.name} routes inside the runner "
+                      "(bypasses select_experts)")
+        else:
+            reason = unsupported_reason(cfg, None, None)
+        out.append((getattr(module, "layer_id", None), reason))
+    return out
+
+
+def log_coverage(model_runner: Any) -> None:
+    """Start-up lines: how many MoE layers route with EC, and each one that does not, why."""
+    model = getattr(model_runner, "model", None)
+    if model is None or not hasattr(model, "modules"):
+        return
+    cov = layer_coverage(model, str(getattr(model_runner, "device", "cuda")))
+    if not cov:
+        return
+    ec = sum(r is None for _, r in cov)
+    logger.info("sglang-moe-routing: expert choice routes %d of %d MoE (TopK) layers%s",
+                ec, len(cov), "" if ec == len(cov) else "; the others keep token choice:")
+    for layer_id, reason in cov:
+        if reason is not None:
+            logger.info("sglang-moe-routing:   layer %s: %s", layer_id, reason)
 
 
 def install_stats_hook() -> None:
@@ -379,7 +418,11 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def unsupported_reason(topk_config: Any, dynamic_expert_bias, router_logits_partials) -> Optional[str]:
-    """Why EC cannot route this call (``None`` when it can)."""
+    """Why EC does not route this call (``None`` when it does)."""
+    if not getattr(topk_config, "allow_routed_experts_capture", True):
+        # SGLang clears this flag for draft-model (speculative decoding / MTP) TopK layers:
+        # token choice there keeps the draft's proposals independent of the batch.
+        return "draft / MTP layers (speculative decoding routes its draft with token choice)"
     if dynamic_expert_bias is not None:
         return "per-token dynamic expert bias"
     if router_logits_partials is not None:
