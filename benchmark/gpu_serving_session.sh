@@ -20,7 +20,7 @@ stage() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s (session +$(( $(date +%s) - T0 )) s)"
   tail -n "${TAIL:-25}" "$OUT/$name.log" | cut -c1-400; }
-stage build 150 python3 sgl-kernel/build.py
+[ -n "${SKIP_BUILD:-}" ] || stage build 150 python3 sgl-kernel/build.py
 for s in ${STAGES:-server}; do
   case $s in
     server) GPU_SERVER_LOG_DIR=/tmp/server_logs stage server ${SERVER_LIMIT:-420} \
