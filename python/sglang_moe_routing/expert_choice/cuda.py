@@ -11,20 +11,28 @@ No host sync, CUDA-graph capturable. Large problems take three launches:
 Steps 2 and 3 use programmatic dependent launch (Hopper) to hide launch gaps. Small problems
 take one launch of a thread-block cluster (``ec_fused.cu``, see ``choose_path``).
 
-The extension is built with ``torch.utils.cpp_extension.load`` from the sources in
-``<repo>/sgl-kernel/csrc`` (or ``$SGLANG_MOE_ROUTING_KERNEL_DIR``) into
-``<repo>/sgl-kernel/build/<tag>`` (or ``$SGLANG_MOE_ROUTING_BUILD_DIR``); an ahead-of-time
-build is ``python sgl-kernel/build.py``, which fills that same directory so that the first
-call only imports the module.
+The extension is built with ``torch.utils.cpp_extension.load`` from the sources found by
+``kernel_source_dir`` (``$SGLANG_MOE_ROUTING_KERNEL_DIR``, else the checkout's
+``sgl-kernel/csrc``, else the copy installed as package data ``sglang_moe_routing/_csrc``) into
+``build_directory()`` (``$SGLANG_MOE_ROUTING_BUILD_DIR``, else
+``$XDG_CACHE_HOME/sglang_moe_routing/ec_cuda/<tag>``, ``~/.cache`` by default; the tag names
+the torch, CUDA and arch versions and a hash of the sources). The target architecture is
+passed as explicit ``-gencode`` flags for this build only; the process environment
+(``TORCH_CUDA_ARCH_LIST`` included) is read, never changed. An ahead-of-time build is
+``python sgl-kernel/build.py``, which fills that same directory so that the first call only
+imports the module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -37,41 +45,159 @@ _LOCK = threading.Lock()
 _MODULE = None
 _LOAD_ERROR: Optional[BaseException] = None
 
+# Host compiler and nvcc flags besides the arch. Exactness: no --use_fast_math, no -ftz
+# (see ec_device.cuh).
+_EXTRA_CFLAGS = ("-O3",)
+_EXTRA_CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr", "-lineinfo")
+
 MAX_EXPERTS = 512
 MAX_TOP_K = 32
 
 
+def _missing_files(directory: Path) -> List[str]:
+    return [f for f in _SOURCES + _DEPS if not (directory / f).is_file()]
+
+
+def _source_dir_candidates() -> List[Tuple[str, Path]]:
+    """Where the kernel sources may be, in the order they are tried (the env var first)."""
+    here = Path(__file__).resolve()
+    return [
+        # Editable install / source checkout: <repo>/python/sglang_moe_routing/expert_choice/cuda.py
+        ("source checkout", here.parents[3] / "sgl-kernel" / "csrc"),
+        # Wheel install: sgl-kernel/csrc shipped as package data (pyproject.toml).
+        ("installed package data", here.parents[1] / "_csrc"),
+    ]
+
+
 def kernel_source_dir() -> Path:
-    """``sgl-kernel/csrc`` next to the package's repo root, else ``$SGLANG_MOE_ROUTING_KERNEL_DIR``."""
-    repo_root = Path(__file__).resolve().parents[3]
-    candidate = repo_root / "sgl-kernel" / "csrc"
-    if (candidate / _SOURCES[0]).is_file():
-        return candidate
+    """The directory with the kernel sources (all of ``_SOURCES`` and ``_DEPS``).
+
+    ``$SGLANG_MOE_ROUTING_KERNEL_DIR`` if set (an error if it lacks a file), else the source
+    checkout's ``sgl-kernel/csrc`` (editable install), else the installed package data
+    ``sglang_moe_routing/_csrc`` (wheel install).
+    """
     env = os.environ.get("SGLANG_MOE_ROUTING_KERNEL_DIR")
-    if env and (Path(env) / _SOURCES[0]).is_file():
+    if env:
+        missing = _missing_files(Path(env))
+        if missing:
+            raise RuntimeError(
+                "expert choice CUDA kernel: $SGLANG_MOE_ROUTING_KERNEL_DIR="
+                f"{env!r} lacks {', '.join(missing)}; point it at a copy of sgl-kernel/csrc "
+                "or unset it to use the installed sources"
+            )
         return Path(env)
+    looked = []
+    for what, candidate in _source_dir_candidates():
+        if not _missing_files(candidate):
+            return candidate
+        looked.append(f"{candidate} ({what})")
     raise RuntimeError(
         "expert choice CUDA kernel: sources not found (looked in "
-        f"{candidate} and $SGLANG_MOE_ROUTING_KERNEL_DIR={env!r}); point "
-        "SGLANG_MOE_ROUTING_KERNEL_DIR at the sgl-kernel/csrc directory"
+        f"{'; '.join(looked)}); reinstall sglang-moe-routing or point "
+        "SGLANG_MOE_ROUTING_KERNEL_DIR at a copy of the repo's sgl-kernel/csrc directory"
     )
 
 
-def _arch_tag() -> str:
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not archs and torch.cuda.is_available():
+def source_hash(src: Optional[Path] = None) -> str:
+    """Short sha256 of the names and contents of every kernel source and header."""
+    src = kernel_source_dir() if src is None else Path(src)
+    h = hashlib.sha256()
+    for name in sorted(_SOURCES + _DEPS):
+        h.update(name.encode() + b"\0")
+        h.update((src / name).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+_ARCH_RE = re.compile(r"(\d+)\.(\d+)([af]?)(\+PTX)?", re.IGNORECASE)
+# torch.utils.cpp_extension's names for TORCH_CUDA_ARCH_LIST (torch 2.14); combined names first.
+_NAMED_ARCHES = (
+    ("Kepler+Tesla", "3.7"), ("Kepler", "3.5+PTX"), ("Maxwell+Tegra", "5.3"),
+    ("Maxwell", "5.0;5.2+PTX"), ("Pascal", "6.0;6.1+PTX"), ("Volta+Tegra", "7.2"),
+    ("Volta", "7.0+PTX"), ("Turing", "7.5+PTX"), ("Ampere+Tegra", "8.7"),
+    ("Ampere", "8.0;8.6+PTX"), ("Ada", "8.9+PTX"), ("Hopper", "9.0+PTX"),
+    ("Blackwell+Tegra", "11.0"), ("Blackwell", "10.0;10.3;12.0;12.1+PTX"), ("Rubin", "10.7+PTX"),
+)
+
+
+def _arch_list(arch: Optional[str] = None) -> str:
+    """The target architectures in ``TORCH_CUDA_ARCH_LIST`` syntax (e.g. ``"9.0"``): ``arch``,
+    else ``$TORCH_CUDA_ARCH_LIST`` (read only), else the current GPU's capability, else ``""``."""
+    archs = (arch or os.environ.get("TORCH_CUDA_ARCH_LIST") or "").strip()
+    if archs and archs.lower() != "native":
+        return archs
+    if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        archs = f"{major}.{minor}"
-    return (archs or "none").replace(" ", "").replace(";", "_").replace("+", "p")
+        return f"{major}.{minor}"
+    return ""
 
 
-def build_directory() -> Path:
-    """Where the extension is built (and looked for)."""
+def _arch_tag(arch: Optional[str] = None) -> str:
+    archs = _arch_list(arch)
+    return (archs or "none").replace(" ", "_").replace(";", "_").replace("+", "p")
+
+
+def cuda_arch_flags(arch: Optional[str] = None) -> List[str]:
+    """``-gencode`` flags for ``_arch_list(arch)``, as torch would derive them from the same
+    ``TORCH_CUDA_ARCH_LIST`` (``"9.0"`` -> ``-gencode=arch=compute_90,code=sm_90``; ``+PTX``
+    adds ``code=compute_XX``; ``9.0a`` -> ``sm_90a``). Passed in ``extra_cuda_cflags``, they
+    make torch add no arch flags of its own (it skips them when a flag names an arch)."""
+    archs = _arch_list(arch)
+    if not archs:
+        raise RuntimeError(
+            "expert choice CUDA kernel: no target architecture (no GPU visible and "
+            "TORCH_CUDA_ARCH_LIST unset); pass --arch to sgl-kernel/build.py, e.g. --arch 9.0"
+        )
+    expanded = archs.replace(" ", ";")
+    for name, value in _NAMED_ARCHES:
+        expanded = expanded.replace(name, value)
+    flags = set()
+    for entry in expanded.replace(";", " ").split():
+        m = _ARCH_RE.fullmatch(entry)
+        if m is None:
+            raise ValueError(
+                f"expert choice CUDA kernel: cannot read CUDA arch {entry!r} of {archs!r} "
+                "(expected e.g. 9.0, 9.0a, 10.0+PTX)"
+            )
+        num = f"{m.group(1)}{m.group(2)}{m.group(3).lower()}"
+        flags.add(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if m.group(4):
+            flags.add(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return sorted(flags)
+
+
+def _extra_cuda_cflags(arch: Optional[str] = None) -> List[str]:
+    """All nvcc flags the loader passes (the arch flags last)."""
+    return list(_EXTRA_CUDA_CFLAGS) + cuda_arch_flags(arch)
+
+
+def _cache_root() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg)
+    try:
+        return Path.home() / ".cache"
+    except RuntimeError:  # no home directory
+        uid = os.getuid() if hasattr(os, "getuid") else "user"
+        return Path(tempfile.gettempdir()) / f"sglang_moe_routing-{uid}"
+
+
+def build_tag(arch: Optional[str] = None, src: Optional[Path] = None) -> str:
+    """``torch<ver>_cu<ver>_sm<arch>_<source hash>``: one build directory per combination."""
+    return (
+        f"torch{torch.__version__.split('+')[0]}_cu{torch.version.cuda}_sm{_arch_tag(arch)}"
+        f"_{source_hash(src)}"
+    )
+
+
+def build_directory(arch: Optional[str] = None, src: Optional[Path] = None) -> Path:
+    """Where the extension is built and looked for (shared with ``sgl-kernel/build.py``):
+    ``$SGLANG_MOE_ROUTING_BUILD_DIR`` as given, else
+    ``$XDG_CACHE_HOME/sglang_moe_routing/ec_cuda/<build_tag>`` (``~/.cache`` by default)."""
     env = os.environ.get("SGLANG_MOE_ROUTING_BUILD_DIR")
     if env:
         return Path(env)
-    tag = f"torch{torch.__version__.split('+')[0]}_cu{torch.version.cuda}_sm{_arch_tag()}"
-    return kernel_source_dir().parent / "build" / tag
+    return _cache_root() / "sglang_moe_routing" / "ec_cuda" / build_tag(arch, src)
 
 
 def _check_toolchain() -> None:
@@ -91,8 +217,14 @@ def _check_toolchain() -> None:
         )
 
 
-def load_extension(verbose: bool = False):
-    """Build (first time) and import the extension module. Raises ``RuntimeError`` on failure."""
+def load_extension(verbose: bool = False, *, arch: Optional[str] = None,
+                   build_dir: Optional[Union[str, Path]] = None):
+    """Build (first time) and import the extension module. Raises ``RuntimeError`` on failure.
+
+    ``arch`` (``TORCH_CUDA_ARCH_LIST`` syntax) and ``build_dir`` override the defaults
+    (``_arch_list``, ``build_directory``); ``sgl-kernel/build.py`` passes them. Nothing in
+    ``os.environ`` is changed.
+    """
     global _MODULE, _LOAD_ERROR
     if _MODULE is not None:
         return _MODULE
@@ -104,21 +236,18 @@ def load_extension(verbose: bool = False):
         try:
             _check_toolchain()
             src = kernel_source_dir()
-            build_dir = build_directory()
-            build_dir.mkdir(parents=True, exist_ok=True)
-            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.is_available():
-                major, minor = torch.cuda.get_device_capability()
-                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            cuda_cflags = _extra_cuda_cflags(arch)
+            out = Path(build_dir) if build_dir is not None else build_directory(arch, src)
+            out.mkdir(parents=True, exist_ok=True)
             from torch.utils.cpp_extension import load
 
             _MODULE = load(
                 name=_EXT_NAME,
                 sources=[str(src / s) for s in _SOURCES],
                 extra_include_paths=[str(src)],
-                extra_cflags=["-O3"],
-                # Exactness: no --use_fast_math, no -ftz (see ec_device.cuh).
-                extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
-                build_directory=str(build_dir),
+                extra_cflags=list(_EXTRA_CFLAGS),
+                extra_cuda_cflags=cuda_cflags,
+                build_directory=str(out),
                 verbose=verbose,
             )
         except Exception as exc:  # noqa: BLE001 - re-raised with context
