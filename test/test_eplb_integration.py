@@ -28,6 +28,7 @@ from sgl_helpers import published_args  # noqa: E402
 def hooks_applied():
     plugin.register()
     HookRegistry.apply_hooks()
+    plugin.install_feature_hooks(force=True)  # as a server with the features on
     yield
 
 

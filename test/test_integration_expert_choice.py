@@ -26,7 +26,10 @@ from sgl_helpers import published_args  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def plugins_loaded():
-    load_plugins()  # discovers our entry point and applies every hook
+    load_plugins()  # discovers our entry point; cold hooks only
+    from sglang_moe_routing.integration import plugin
+
+    plugin.install_feature_hooks(force=True)  # as a server with expert choice on
     yield
 
 
@@ -506,3 +509,56 @@ def test_startup_lists_layers_that_do_not_route_with_expert_choice(caplog):
     assert "layer 2: scoring_func='sqrtsoftplus'" in text
     assert "layer 3: MoE runner output format TRITON_KERNEL" in text
     assert "layer 0:" not in text
+
+
+_OFF_PROBE = r'''
+import json, sys
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry
+load_plugins()
+from sglang_moe_routing.integration import config, plugin
+with config.published_server_args(*sys.argv[1:]):
+    targets = plugin.install_feature_hooks()
+from sglang.srt.layers.moe import topk
+from sglang.srt.eplb import eplb_algorithms
+print(json.dumps({"targets": targets, "patched": sorted(HookRegistry._patched),
+                  "select_experts_wrapped": hasattr(topk.select_experts, "__wrapped__"),
+                  "rebalance_wrapped": hasattr(eplb_algorithms.rebalance_experts, "__wrapped__")}))
+'''
+
+
+@pytest.mark.parametrize("argv, routing_hooked", [
+    ([], False),
+    (["--eplb-algorithm", "deepseek"], False),
+    (["--enable-expert-choice"], True),
+])
+def test_features_off_install_no_routing_or_eplb_hook(argv, routing_hooked):
+    """With every feature off the plugin hooks nothing on the routing/EPLB path (a fresh
+    process: upstream select_experts and EPLB functions stay the originals)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _OFF_PROBE, *argv], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["select_experts_wrapped"] is routing_hooked
+    assert not got["rebalance_wrapped"]
+    feature_targets = [t for t in got["patched"] if "topk" in t or "eplb" in t
+                       or "ModelRunner.forward" in t or "load_model" in t]
+    assert bool(feature_targets) is routing_hooked, feature_targets
+
+
+def test_self_check_names_feature_symbol_and_version(monkeypatch):
+    """A missing upstream piece fails start-up with one line: feature, symbol, versions."""
+    from sglang.srt.layers.moe import topk as sgl_topk
+
+    from sglang_moe_routing.integration import plugin
+
+    monkeypatch.delattr(sgl_topk, "fused_shared_expert_weight")
+    with published_args("--enable-expert-choice"):
+        with pytest.raises(RuntimeError) as exc:
+            plugin.install_feature_hooks()
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert "expert-choice routing: sglang.srt.layers.moe.topk.fused_shared_expert_weight" in msg
+    assert plugin.SUPPORTED_SGLANG in msg and "found 0.5.23" in msg

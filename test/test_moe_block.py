@@ -26,6 +26,9 @@ E, K, H, I_MOE = 8, 2, 32, 16
 @pytest.fixture(scope="module", autouse=True)
 def _plugins():
     load_plugins()
+    from sglang_moe_routing.integration import plugin
+
+    plugin.install_feature_hooks(force=True)  # as a server with the features on
 
 
 def _block(seed=0):

@@ -63,6 +63,9 @@ CASES = {
 @pytest.fixture(scope="module", autouse=True)
 def plugins_loaded():
     load_plugins()
+    from sglang_moe_routing.integration import plugin
+
+    plugin.install_feature_hooks(force=True)  # as a server with expert choice on
     yield
 
 

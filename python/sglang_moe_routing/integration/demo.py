@@ -57,6 +57,9 @@ def main(argv: List[str] | None = None) -> int:
     from sglang_moe_routing.integration import config, expert_choice_hooks
 
     load_plugins()
+    from sglang_moe_routing.integration import plugin
+
+    plugin.install_feature_hooks(force=True)  # a server does this when the model runner starts
     logging.getLogger().setLevel(logging.WARNING)
     t, e, k = args.tokens, args.experts, args.top_k
     kw = dict(renormalize=True)

@@ -627,22 +627,81 @@ def _around_run_moe_core(original, self, dispatch_output, *args, **kwargs):
 # --------------------------------------------------------------------------- registration
 
 
+ALG = "sglang.srt.eplb.eplb_algorithms"
+MGR = "sglang.srt.eplb.eplb_manager.EPLBManager"
+_RUNTIME = {
+    # target: (hook, type, needed when)
+    f"{ALG}.compute_algorithm": (_around_compute_algorithm, HookType.AROUND, "compute_aware"),
+    f"{ALG}.rebalance_experts": (_around_rebalance_experts, HookType.AROUND, "compute_aware"),
+    f"{MGR}._check_rebalance_needed": (_around_check_rebalance_needed, HookType.AROUND, "compute_aware"),
+    f"{MGR}._compute_expert_location_metadata": (
+        _around_compute_expert_location_metadata, HookType.AROUND, "eplb"),
+    "sglang.srt.eplb.expert_distribution._ExpertDistributionRecorderReal.dump_record": (
+        _after_dump_record, HookType.AFTER, "compute_aware"),
+    "sglang.srt.model_executor.model_runner.ModelRunner.maybe_init_expert_location_metadata": (
+        _after_init_expert_location, HookType.AFTER, "profiling"),
+}
+_runtime_registered: set = set()
+
+
 def register_hooks() -> None:
-    alg = "sglang.srt.eplb.eplb_algorithms"
-    HookRegistry.register(f"{alg}.compute_algorithm", _around_compute_algorithm, HookType.AROUND)
-    HookRegistry.register(f"{alg}.rebalance_experts", _around_rebalance_experts, HookType.AROUND)
-    mgr = "sglang.srt.eplb.eplb_manager.EPLBManager"
-    HookRegistry.register(f"{mgr}._check_rebalance_needed", _around_check_rebalance_needed, HookType.AROUND)
-    HookRegistry.register(
-        f"{mgr}._compute_expert_location_metadata", _around_compute_expert_location_metadata, HookType.AROUND
-    )
-    HookRegistry.register(
-        "sglang.srt.eplb.expert_distribution._ExpertDistributionRecorderReal.dump_record",
-        _after_dump_record,
-        HookType.AFTER,
-    )
-    HookRegistry.register(
-        "sglang.srt.model_executor.model_runner.ModelRunner.maybe_init_expert_location_metadata",
-        _after_init_expert_location,
-        HookType.AFTER,
-    )
+    """No cold-path hooks: everything comes from :func:`runtime_hooks` when a compute-aware
+    feature is on (upstream EPLB runs untouched otherwise)."""
+
+
+def _needs(cfg: Optional[EplbComputeConfig]) -> set:
+    if cfg is None:
+        return set()
+    need = set()
+    if cfg.compute_aware:
+        need.add("compute_aware")
+    if cfg.enable_profiling:
+        need.add("profiling")
+    if cfg.enable_eplb and (cfg.compute_aware or cfg.enable_profiling):
+        need.add("eplb")  # balancedness lines before/after each rebalance
+    return need
+
+
+def runtime_hooks(force: bool = False) -> list:
+    """Register the hooks the enabled EPLB features need (all of them with ``force``);
+    returns their targets."""
+    need = {"compute_aware", "profiling", "eplb"} if force else _needs(_section())
+    targets = [t for t, (_, _, when) in _RUNTIME.items() if when in need]
+    for t in targets:
+        if t not in _runtime_registered:
+            hook, kind, _ = _RUNTIME[t]
+            HookRegistry.register(t, hook, kind)
+            _runtime_registered.add(t)
+    return targets
+
+
+def self_check() -> list:
+    need = _needs(_section())
+    if not need:
+        return []
+    import importlib
+
+    missing = []
+    for t in (t for t, (_, _, when) in _RUNTIME.items() if when in need):
+        mod, _, attr = t.rpartition(".")
+        owner = mod
+        try:
+            obj = importlib.import_module(mod)
+        except ImportError:
+            owner, _, cls = mod.rpartition(".")
+            try:
+                obj = getattr(importlib.import_module(owner), cls)
+            except (ImportError, AttributeError):
+                missing.append(t)
+                continue
+        if not hasattr(obj, attr):
+            missing.append(t)
+    if "profiling" in need:
+        for t in ("sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.run_moe_core",):
+            mod, cls, attr = t.rsplit(".", 2)
+            try:
+                if not hasattr(getattr(importlib.import_module(mod), cls), attr):
+                    missing.append(t)
+            except (ImportError, AttributeError):
+                missing.append(t)
+    return [f"compute-aware EPLB: {m}" for m in missing]

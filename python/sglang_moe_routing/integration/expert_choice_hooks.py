@@ -580,18 +580,64 @@ def append_shared_slots(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_sh
 
 
 def register_hooks() -> None:
+    """Cold-path hooks, always registered: the model-config opt-in (read before the model
+    runner exists). The routing hooks come from :func:`runtime_hooks` only when EC is on."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(
-        "sglang.srt.layers.moe.topk.select_experts", _around_select_experts, HookType.AROUND
-    )
-    HookRegistry.register(
-        "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
-        _after_load_model,
-        HookType.AFTER,
-    )
     HookRegistry.register(
         "sglang.srt.configs.model_config.ModelConfig.__init__",
         _after_model_config_init,
         HookType.AFTER,
     )
+
+
+SELECT_EXPERTS = "sglang.srt.layers.moe.topk.select_experts"
+LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
+_runtime_registered = False
+
+
+def runtime_hooks(force: bool = False) -> List[str]:
+    """Register the routing hooks when expert choice is on in this process (CLI, environment
+    or the model's config), or ``force``; returns their targets ([] when off: upstream runs
+    untouched). The hooks themselves still check the active config on every call."""
+    global _runtime_registered
+    if not (force or active_config().enabled):
+        return []
+    if not _runtime_registered:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        _runtime_registered = True
+        HookRegistry.register(SELECT_EXPERTS, _around_select_experts, HookType.AROUND)
+        HookRegistry.register(LOAD_MODEL, _after_load_model, HookType.AFTER)
+    return [SELECT_EXPERTS, LOAD_MODEL]
+
+
+def self_check() -> List[str]:
+    """The upstream symbols expert-choice routing relies on that this sglang lacks."""
+    if not active_config().enabled:
+        return []
+    import inspect
+
+    from sglang.srt.layers.moe import topk as sgl_topk
+
+    missing = []
+    post = getattr(sgl_topk, "_post_process_topk_ids", None)
+    if post is None:
+        missing.append("sglang.srt.layers.moe.topk._post_process_topk_ids")
+    else:
+        params = inspect.signature(post).parameters
+        for name in ("topk_ids", "topk_weights", "topk_config", "router_logits", "layer_id",
+                     "num_token_non_padded", "expert_location_dispatch_info", "padded_rows_masked"):
+            if name not in params:
+                missing.append(f"_post_process_topk_ids(..., {name}=)")
+    fields = getattr(getattr(sgl_topk, "TopKConfig", None), "__dataclass_fields__", {})
+    for name in ("top_k", "use_grouped_topk", "topk_group", "num_expert_group", "renormalize",
+                 "custom_routing_function", "correction_bias", "routed_scaling_factor",
+                 "apply_routed_scaling_factor_on_output", "scoring_func", "output_format",
+                 "allow_routed_experts_capture", "shared_experts"):
+        if name not in fields:
+            missing.append(f"TopKConfig.{name}")
+    for name in ("StandardTopKOutput", "fused_shared_expert_weight", "TopK"):
+        if not hasattr(sgl_topk, name):
+            missing.append(f"sglang.srt.layers.moe.topk.{name}")
+    return [f"expert-choice routing: {m}" for m in missing]

@@ -194,5 +194,42 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.server_args.prepare_server_args", _around_prepare_server_args, HookType.AROUND
     )
+    HookRegistry.register(MODEL_RUNNER_INITIALIZE, _before_model_runner_initialize, HookType.BEFORE)
     for mod in _feature_modules():
         mod.register_hooks()
+
+
+MODEL_RUNNER_INITIALIZE = "sglang.srt.model_executor.model_runner.ModelRunner.initialize"
+
+
+def _before_model_runner_initialize(*args, **kwargs):
+    install_feature_hooks()
+    return None
+
+
+def install_feature_hooks(force: bool = False) -> List[str]:
+    """Register and apply the hooks of the features enabled in this process, then check the
+    upstream surface they rely on; returns the hooked targets.
+
+    Runs before the model runner initialises (the flags, the environment and the model's
+    config are known there); with every feature off it hooks nothing, so upstream routing and
+    EPLB run untouched. A missing piece fails start-up with one line naming the feature, the
+    symbol and the supported sglang versions. ``force`` hooks every feature (tests, the demo).
+    """
+    targets: List[str] = []
+    for mod in _feature_modules():
+        fn = getattr(mod, "runtime_hooks", None)
+        if fn is not None:
+            targets += fn(force=force)
+    if targets:
+        HookRegistry.apply_hooks()
+    problems = [f"{t} could not be hooked" for t in targets if t not in HookRegistry._patched]
+    for mod in _feature_modules():
+        check = getattr(mod, "self_check", None)
+        if check is not None:
+            problems += check()
+    if problems:
+        raise RuntimeError(
+            f"sglang-moe-routing {_plugin_version()} needs sglang {SUPPORTED_SGLANG} (found "
+            f"{installed_sglang_version()}): " + "; ".join(problems))
+    return targets
