@@ -66,6 +66,10 @@ def fleet(tmp_path_factory):
     spec = {
         "qwen_base": (paths["qwen"], COMMON),
         "qwen_ec": (paths["qwen"], COMMON + EC),
+        # the compute profiler on one GPU (EPLB itself needs two): samples under CUDA graphs
+        "qwen_prof": (paths["qwen"], COMMON + [
+            "--enable-expert-compute-profiling", "--expert-compute-profiling-warmup-steps", "2",
+            "--expert-compute-profiling-interval", "2"]),
         "ds_base": (paths["ds"], COMMON + ["--disable-shared-experts-fusion"]),
         "ds_ec": (paths["ds"], COMMON + EC + ["--disable-shared-experts-fusion"]),
         "ds_ec_fused": (paths["ds"], COMMON + EC + ["--enforce-shared-experts-fusion"]),
@@ -162,6 +166,22 @@ def test_qwen_above_min_tokens_answers_and_stats_come_from_graph_replays(fleet):
     # 7 decode steps with all 40 requests running, each replayed from the bs-40 graph
     assert len(decode_lines) >= len(decode_graph) >= 1
     assert sum(s[2] for s in stats if s[0] == 0) <= BIG_BATCH * (16 + 7) * QWEN_K
+
+
+def test_compute_profiler_gets_samples_with_cuda_graphs_on(fleet):
+    """Graph replays run no Python: profiled passes (1 in 2 here) run eagerly, the others
+    replay their graphs; the profiler's kernel samples grow with served traffic."""
+    srv = fleet["qwen_prof"]
+    assert "profiled passes run eagerly" in srv.log()
+    for i in range(3):
+        srv.generate(_prompts(8, 16, seed=20 + i), 8)
+    log = srv.log()
+    lines = re.findall(r"after (\d+) profiled passes: steps=(\d+) profiled=\d+ samples=(\d+)", log)
+    assert lines, log[-3000:]
+    n, steps, samples = map(int, lines[-1])
+    assert n >= 10 and samples >= n * QWEN_LAYERS  # one sample per MoE layer per profiled pass
+    graph_decodes = [ln for ln in log.splitlines() if "Decode batch" in ln and "graph: True" in ln]
+    assert graph_decodes, "no decode pass replayed a CUDA graph"
 
 
 # ----------------------------------------------------------------------------- DeepSeek V3

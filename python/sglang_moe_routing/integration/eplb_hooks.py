@@ -553,6 +553,10 @@ def _around_model_runner_forward(original, self, *args, **kwargs):
         return original(self, *args, **kwargs)
     finally:
         prof.end_step()
+        n = prof.get_statistics_summary()["profiled_steps"] if profiled else 0
+        if n in (1, 10) or (n and n % 100 == 0):
+            logger.info("expert compute profiling after %d profiled passes: %s", n,
+                        prof.format_summary())
 
 
 def local_slot_counts(layer: Any, dispatch_output: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
