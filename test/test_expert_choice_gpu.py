@@ -328,3 +328,187 @@ def test_one_launch_limits():
             torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
             keys_by_path[path] = keys
         assert torch.equal(keys_by_path["one_launch"], keys_by_path["three_launch"]), (T, E, k)
+
+
+# ----------------------------------------------------------------------------- custom op / torch.compile
+# GPU twins of test/test_expert_choice_op.py: the op ``sglang_moe_routing::expert_choice_topk``
+# with the cuda and triton backends, eager vs torch.compile(fullgraph=True), and a CUDA-graph
+# capture of the compiled function (as SGLang does with --enable-torch-compile).
+
+_OP_CASES = [
+    # (name, T, E, k, cf, kwargs builder)
+    ("plain", 300, 64, 8, 1.25, lambda g, T, E: {}),
+    ("grouped_bias_sigmoid", 200, 256, 8, 1.25, lambda g, T, E: dict(
+        scoring_func="sigmoid", num_expert_group=8, topk_group=4,
+        correction_bias=torch.randn(E, device="cuda", generator=g) * 0.05,
+        routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)),
+    ("ntnp_device_hybrid", 96, 128, 8, 1.25, lambda g, T, E: dict(
+        num_token_non_padded=torch.tensor([T - 40], device="cuda"), min_tokens=64)),
+    ("ntnp_int", 96, 60, 4, 2.0, lambda g, T, E: dict(num_token_non_padded=T - 9)),
+    ("ntnp_host_tensor", 50, 8, 2, 1.0, lambda g, T, E: dict(
+        num_token_non_padded=torch.tensor(31), renormalize=False)),
+]
+
+
+def _op_positional(logits, k, cf, kw, backend):
+    ntnp = kw.get("num_token_non_padded")
+    return (
+        logits, k, float(cf), kw.get("renormalize", True), kw.get("scoring_func", "softmax"),
+        kw.get("num_expert_group"), kw.get("topk_group"), kw.get("correction_bias"),
+        kw.get("routed_scaling_factor"), kw.get("apply_routed_scaling_factor_on_output", False),
+        ntnp if isinstance(ntnp, torch.Tensor) else None,
+        ntnp if isinstance(ntnp, int) else None,
+        kw.get("min_tokens", 0), backend,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _OP_CASES, ids=[c[0] for c in _OP_CASES])
+def test_op_opcheck_gpu(backend, case):
+    from sglang_moe_routing.expert_choice.ops import expert_choice_topk_op
+
+    name, T, E, k, cf, make = case
+    g = torch.Generator(device="cuda").manual_seed(T + E)
+    logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    kw = make(g, T, E)
+    args = _op_positional(logits, k, cf, kw, backend)
+    torch.library.opcheck(expert_choice_topk_op, args)
+    w, ids = expert_choice_topk_op(*args)
+    rw, rids = expert_choice_topk_reference(logits, k, cf, **kw)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(ids, rids), (backend, name)
+    torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _OP_CASES, ids=[c[0] for c in _OP_CASES])
+def test_compile_fullgraph_equals_eager_gpu(backend, case):
+    name, T, E, k, cf, make = case
+    g = torch.Generator(device="cuda").manual_seed(T * 3 + E)
+    logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    kw = make(g, T, E)
+    torch._dynamo.reset()
+
+    def fn(x):
+        w, ids = expert_choice_topk(x, k, cf, backend=backend, **kw)
+        return w, ids
+
+    compiled = torch.compile(fn, fullgraph=True)
+    cw, cids = compiled(logits)
+    ew, eids = fn(logits)
+    assert cw.dtype == torch.float32 and cids.dtype == torch.int32
+    assert torch.equal(cids, eids), (backend, name)
+    assert torch.equal(cw, ew), (backend, name)  # same kernel, same inputs: bit for bit
+    rw, rids = expert_choice_topk_reference(logits, k, cf, **kw)
+    assert torch.equal(cids, rids), (backend, name)
+    torch.testing.assert_close(cw, rw, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_fullgraph_changing_inputs_gpu(backend, dynamic):
+    """One compiled function over changing T, T' (device tensor and int) and capacity factor."""
+    from sglang_moe_routing.expert_choice import dispatch
+
+    if backend == "auto":
+        dispatch.prepare_backends()  # the availability probe must not happen inside a trace
+    torch._dynamo.reset()
+    E, k = 256, 8
+
+    def fn(x, bias, ntnp, cf, min_tokens):
+        w, ids = expert_choice_topk(
+            x, k, cf, scoring_func="sigmoid", num_expert_group=8, topk_group=4,
+            correction_bias=bias, routed_scaling_factor=2.5,
+            apply_routed_scaling_factor_on_output=True, num_token_non_padded=ntnp,
+            min_tokens=min_tokens, backend=backend)
+        return w * 1.0, ids
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    g = torch.Generator(device="cuda").manual_seed(21)
+    cases = [(300, torch.tensor([280], device="cuda"), 1.25, 0),
+             (300, torch.tensor([20], device="cuda"), 1.25, 32),
+             (1000, torch.tensor([1000], device="cuda"), 1.5, 0),
+             (1000, 900, 1.5, 0), (64, 9, 2.0, 32), (17, None, 1.25, 0)]
+    for T, ntnp, cf, mt in cases:
+        x = torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16)
+        bias = torch.randn(E, device="cuda", generator=g) * 0.05
+        cw, cids = compiled(x, bias, ntnp, cf, mt)
+        ew, eids = fn(x, bias, ntnp, cf, mt)
+        assert torch.equal(cids, eids) and torch.equal(cw, ew), (backend, T, cf, mt)
+        rw, rids = expert_choice_topk_reference(
+            x, k, cf, scoring_func="sigmoid", num_expert_group=8, topk_group=4,
+            correction_bias=bias, routed_scaling_factor=2.5,
+            apply_routed_scaling_factor_on_output=True, num_token_non_padded=ntnp,
+            min_tokens=mt)
+        assert torch.equal(cids, rids), (backend, T, cf, mt)
+        torch.testing.assert_close(cw, rw, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_op_in_cuda_graph_gpu(backend):
+    """torch.compile(fullgraph) output captured in a CUDA graph, replayed with a changing T'
+    (the device tensor) across min_tokens: equals the reference each time."""
+    T, E, k, min_tokens = 256, 64, 8, 32
+    g = torch.Generator(device="cuda").manual_seed(23)
+    static = torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16)
+    n_dev = torch.tensor([T], dtype=torch.int32, device="cuda")
+    torch._dynamo.reset()
+
+    def fn(x, n):
+        return expert_choice_topk(x, k, num_token_non_padded=n, min_tokens=min_tokens,
+                                  backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            compiled(static, n_dev)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w, ids = compiled(static, n_dev)
+    for n in [T, 100, 1, 0, 37, 255, 31, 32, 20, T]:
+        static.copy_(torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16))
+        n_dev.fill_(n)
+        graph.replay()
+        torch.cuda.synchronize()
+        rw, rids = expert_choice_topk_reference(
+            static, k, num_token_non_padded=n_dev, min_tokens=min_tokens)
+        assert torch.equal(ids, rids), f"{backend}: replay with T'={n}"
+        torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_out_of_range_auto_on_gpu_warns_once_and_compiles(caplog, monkeypatch):
+    """E > 512 on CUDA with backend="auto": the reference runs (same result), one warning per
+    (E, k) from the eager face, none from inside a fullgraph trace (which must not break)."""
+    import logging
+
+    from sglang_moe_routing.expert_choice import dispatch
+
+    monkeypatch.delenv("SGLANG_MOE_EC_BACKEND", raising=False)
+    dispatch._warned_outside_range.discard((1024, 8))
+    g = torch.Generator(device="cuda").manual_seed(24)
+    x = torch.randn(40, 1024, device="cuda", generator=g)
+    pkg_logger = logging.getLogger("sglang_moe_routing")
+    pkg_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sglang_moe_routing"):
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda t: expert_choice_topk(t, 8), fullgraph=True)
+            cw, cids = compiled(x)
+            for _ in range(3):
+                w, ids = expert_choice_topk(x, 8)
+    finally:
+        pkg_logger.removeHandler(caplog.handler)
+    rw, rids = expert_choice_topk_reference(x, 8)
+    assert torch.equal(ids, rids) and torch.equal(w, rw)
+    assert torch.equal(cids, rids) and torch.equal(cw, rw)
+    msgs = {id(r): r.getMessage() for r in caplog.records}.values()
+    msgs = [m for m in msgs if "outside the CUDA/Triton kernels' range" in m]
+    assert len(msgs) == 1 and "E=1024, k=8" in msgs[0], msgs

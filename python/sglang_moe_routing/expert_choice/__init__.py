@@ -1,7 +1,9 @@
 """Expert-choice routing: experts pick their top-capacity tokens.
 
 ``reference.py`` is the spec (plain PyTorch, CPU path). ``expert_choice_topk`` dispatches to
-the fastest available implementation (CUDA C++ > Triton > reference) for the input's device.
+the fastest available implementation (CUDA C++ > Triton > reference) for the input's device,
+through the ``torch.library`` custom op ``torch.ops.sglang_moe_routing.expert_choice_topk``
+(``ops.py``; opaque to ``torch.compile``, ``fullgraph=True`` works).
 """
 
 from sglang_moe_routing.expert_choice.reference import (
@@ -10,9 +12,11 @@ from sglang_moe_routing.expert_choice.reference import (
 )
 from sglang_moe_routing.expert_choice.stats import ExpertLoadStats, expert_load, routing_fidelity
 from sglang_moe_routing.expert_choice.dispatch import expert_choice_topk
+from sglang_moe_routing.expert_choice.ops import expert_choice_topk_op
 
 __all__ = [
     "expert_choice_topk",
+    "expert_choice_topk_op",
     "expert_choice_topk_reference",
     "token_choice_topk_reference",
     "ExpertLoadStats",

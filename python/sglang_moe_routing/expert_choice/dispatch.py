@@ -6,19 +6,32 @@ one ("triton" also runs on CPU tensors under ``TRITON_INTERPRET=1``).
 
 Environment: ``SGLANG_MOE_EC_BACKEND`` overrides ``backend="auto"`` (cuda|triton|reference);
 ``SGLANG_MOE_EC_DISABLE_CUDA_EXT=1`` skips the CUDA C++ kernel in auto mode.
+
+``expert_choice_topk`` is the public face: validation, backend resolution (environment reads,
+the kernels' availability, the once-per-shape warning for CUDA inputs outside the kernels'
+range) happen here in Python; the routing itself is the custom op
+``torch.ops.sglang_moe_routing.expert_choice_topk`` (``ops.py``), which ``torch.compile``
+keeps as one opaque call (``fullgraph=True`` works) and which runs the chosen backend's
+function unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Tuple, Union
+from typing import Optional, Set, Tuple, Union
 
 import torch
 
-from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
+from sglang_moe_routing.expert_choice.ops import expert_choice_topk_op, run_backend
+from sglang_moe_routing.expert_choice.reference import (  # noqa: F401 - re-exported
+    expert_choice_topk_reference,
+    validate_inputs,
+)
 
 logger = logging.getLogger(__name__)
+# The out-of-range warning goes to the package logger (what SGLang users configure).
+_range_logger = logging.getLogger("sglang_moe_routing")
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
 KERNEL_MAX_EXPERTS = 512
@@ -26,6 +39,8 @@ KERNEL_MAX_TOP_K = 32
 
 _cuda_ok: Optional[bool] = None
 _triton_ok: Optional[bool] = None
+# (E, k) shapes already warned about as outside the kernels' range (see resolve_backend).
+_warned_outside_range: Set[Tuple[int, int]] = set()
 
 
 def _cuda_backend_available() -> bool:
@@ -76,8 +91,31 @@ def prepare_backends() -> str:
     return "reference"
 
 
+def _warn_outside_kernel_range(num_experts: int, top_k: int) -> None:
+    """Say once per ``(E, k)`` that GPU inputs run on the slow reference (host-side only)."""
+    if torch.compiler.is_compiling():
+        # Logging breaks a torch.compile(fullgraph=True) trace; the eager calls (SGLang runs
+        # prefill and the first passes eagerly) say it. Not marked as said here.
+        return
+    key = (int(num_experts), int(top_k))
+    if key in _warned_outside_range:
+        return
+    _warned_outside_range.add(key)
+    _range_logger.warning(
+        "sglang-moe-routing: expert choice with E=%d, k=%d is outside the CUDA/Triton kernels' "
+        "range (E <= %d, k <= %d): the PyTorch reference runs instead (several times slower; "
+        "see docs/benchmarks.md)",
+        key[0], key[1], KERNEL_MAX_EXPERTS, KERNEL_MAX_TOP_K,
+    )
+
+
 def resolve_backend(router_logits: torch.Tensor, top_k: int, backend: str = "auto") -> str:
-    """The backend ``expert_choice_topk`` will run for these inputs."""
+    """The backend ``expert_choice_topk`` will run for these inputs.
+
+    ``auto`` for CUDA inputs outside the kernels' range (``E > 512`` or ``k > 32``) resolves
+    to ``"reference"`` and logs a warning once per ``(E, k)`` (logger ``sglang_moe_routing``;
+    not while ``torch.compile`` traces).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"expert choice: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -90,12 +128,11 @@ def resolve_backend(router_logits: torch.Tensor, top_k: int, backend: str = "aut
         return backend
     if not router_logits.is_cuda:
         return "reference"
-    if (
-        router_logits.dim() != 2
-        or router_logits.shape[-1] > KERNEL_MAX_EXPERTS
-        or top_k > KERNEL_MAX_TOP_K
-    ):
-        return "reference"  # outside the kernels' range; the reference raises or computes
+    if router_logits.dim() != 2:
+        return "reference"  # the reference raises the clear error
+    if router_logits.shape[-1] > KERNEL_MAX_EXPERTS or top_k > KERNEL_MAX_TOP_K:
+        _warn_outside_kernel_range(router_logits.shape[-1], top_k)
+        return "reference"
     if _cuda_backend_available():
         return "cuda"
     if _triton_backend_available():
@@ -119,21 +156,63 @@ def expert_choice_topk(
     min_tokens: int = 0,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Expert-choice top-k; same arguments and output as ``expert_choice_topk_reference``."""
+    """Expert-choice top-k; same arguments and output as ``expert_choice_topk_reference``.
+
+    Validates the arguments, resolves ``backend`` (:func:`resolve_backend`: environment,
+    availability, kernel limits) here, in Python, then calls the custom op
+    ``torch.ops.sglang_moe_routing.expert_choice_topk`` (``ops.py``) with the resolved
+    backend, so ``torch.compile(fullgraph=True)`` sees one opaque call. An int
+    ``num_token_non_padded`` travels as the op's ``num_token_non_padded_int``, a tensor as
+    its ``num_token_non_padded``. When autograd would record a graph (grad mode on and the
+    logits or the bias require grad) the backend function is called directly instead, as
+    before the op existed: the op has no autograd formula, the reference's weights are
+    differentiable.
+    """
+    if torch.compiler.is_compiling():
+        # Dynamo may hand float arguments over as SymFloats (dynamic=True, or a float that
+        # changed between calls), which ``math.isfinite`` cannot trace: check the rest here.
+        # The op's real implementation validates every argument again at run time.
+        validate_inputs(
+            router_logits, top_k, 1.0, scoring_func, num_expert_group, topk_group,
+            correction_bias, min_tokens,
+        )
+    else:
+        validate_inputs(
+            router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
+            correction_bias, min_tokens,
+        )
     chosen = resolve_backend(router_logits, top_k, backend)
-    kwargs = dict(
-        renormalize=renormalize, scoring_func=scoring_func,
-        num_expert_group=num_expert_group, topk_group=topk_group,
-        correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-        apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
-        num_token_non_padded=num_token_non_padded, min_tokens=min_tokens,
+    if torch.is_grad_enabled() and (
+        router_logits.requires_grad
+        or (correction_bias is not None and correction_bias.requires_grad)
+    ):
+        return run_backend(
+            chosen, router_logits, top_k, capacity_factor,
+            renormalize=renormalize, scoring_func=scoring_func,
+            num_expert_group=num_expert_group, topk_group=topk_group,
+            correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+            apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
+            num_token_non_padded=num_token_non_padded, min_tokens=min_tokens,
+        )
+    if num_token_non_padded is None or isinstance(num_token_non_padded, torch.Tensor):
+        ntnp_tensor, ntnp_int = num_token_non_padded, None
+    elif isinstance(num_token_non_padded, torch.SymInt) or type(num_token_non_padded) is int:
+        ntnp_tensor, ntnp_int = None, num_token_non_padded  # a SymInt stays symbolic
+    else:
+        ntnp_tensor, ntnp_int = None, int(num_token_non_padded)  # numpy ints, bools
+    return expert_choice_topk_op(
+        router_logits,
+        int(top_k),
+        float(capacity_factor),
+        bool(renormalize),
+        scoring_func,
+        None if num_expert_group is None else int(num_expert_group),
+        None if topk_group is None else int(topk_group),
+        correction_bias,
+        None if routed_scaling_factor is None else float(routed_scaling_factor),
+        bool(apply_routed_scaling_factor_on_output),
+        ntnp_tensor,
+        ntnp_int,
+        int(min_tokens),
+        chosen,
     )
-    if chosen == "cuda":
-        from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
-
-        return expert_choice_topk_cuda(router_logits, top_k, capacity_factor, **kwargs)
-    if chosen == "triton":
-        from sglang_moe_routing.expert_choice.triton_kernel import expert_choice_topk_triton
-
-        return expert_choice_topk_triton(router_logits, top_k, capacity_factor, **kwargs)
-    return expert_choice_topk_reference(router_logits, top_k, capacity_factor, **kwargs)
