@@ -1,5 +1,7 @@
-"""Compute-cost-aware EPLB placement: validity, reference parity, upstream parity at alpha=0."""
+"""Compute-cost-aware EPLB placement: validity, reference parity, upstream parity at alpha=0,
+and parity with the frozen pre-numpy implementation (``_reference_*`` below)."""
 
+import contextlib
 import random
 
 import pytest
@@ -90,10 +92,14 @@ def test_alpha0_equals_upstream_deepseek_on_many_inputs():
     assert n == 400
 
 
-def test_alpha0_equals_upstream_at_deepseek_v3_scale():
+@pytest.mark.parametrize("load", ["uniform", "heavy_tailed"])
+def test_alpha0_equals_upstream_at_deepseek_v3_scale(load):
     deepseek = pytest.importorskip("sglang.srt.eplb.eplb_algorithms.deepseek")
     g = torch.Generator().manual_seed(1)
-    w = torch.randint(0, 3000, (61, 256), generator=g).float()
+    if load == "uniform":
+        w = torch.randint(0, 3000, (61, 256), generator=g).float()
+    else:
+        w = torch.rand(61, 256, generator=g).pow(3) * 1e5
     for hier in (False, True):
         ours = compute_cost_aware_rebalance_experts(w, None, 288, 8, 4, 32, hier, 0.0)
         up = deepseek.rebalance_experts(w, 288, 8, 4, 32, hier)
@@ -292,3 +298,190 @@ def test_validity_checker_catches_broken_maps():
     l2p[1, 0, 0] = l2p[1, 1, 0]  # a slot listed twice, another missing
     with pytest.raises(AssertionError):
         assert_valid((p2l, l2p, cnt), 2, 8, 12)
+
+
+# --------------------------------------------------------------------------- frozen copy
+#
+# The implementation as it was before the steps moved to numpy (2026-11-29): torch ops per
+# greedy step. Kept verbatim (less validation) so that the faster code is checked against
+# the exact outputs it replaced, on uniform and heavy-tailed loads.
+
+
+def _reference_balanced_packing(weight, num_packs):
+    import numpy as np
+
+    num_rows, num_items = weight.shape
+    per_pack = num_items // num_packs
+    if per_pack == 1:
+        pack_index = torch.arange(num_items, dtype=torch.int64).expand(weight.shape)
+        return pack_index, torch.zeros_like(weight, dtype=torch.int64)
+    order = weight.float().sort(-1, descending=True).indices.numpy()
+    w = weight.double().numpy()
+    rows = np.arange(num_rows)
+    pack_weight = np.zeros((num_rows, num_packs), dtype=np.float64)
+    pack_count = np.zeros((num_rows, num_packs), dtype=np.int64)
+    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
+    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
+    masked = np.empty_like(pack_weight)
+    for j in range(num_items):
+        item = order[:, j]
+        np.copyto(masked, pack_weight)
+        masked[pack_count >= per_pack] = np.inf
+        pack = masked.argmin(axis=1)
+        pack_index[rows, item] = pack
+        rank_in_pack[rows, item] = pack_count[rows, pack]
+        pack_weight[rows, pack] += w[rows, item]
+        pack_count[rows, pack] += 1
+    return torch.from_numpy(pack_index), torch.from_numpy(rank_in_pack)
+
+
+def _reference_replicate_experts(weight, num_phy):
+    num_rows, num_log = weight.shape
+    phy2log = torch.arange(num_phy, dtype=torch.int64).repeat(num_rows, 1)
+    rank = torch.zeros(num_rows, num_phy, dtype=torch.int64)
+    logcnt = torch.ones(num_rows, num_log, dtype=torch.int64)
+    rows = torch.arange(num_rows, dtype=torch.int64)
+    for i in range(num_log, num_phy):
+        best = (weight / logcnt).max(dim=-1).indices
+        phy2log[:, i] = best
+        rank[:, i] = logcnt[rows, best]
+        logcnt[rows, best] += 1
+    return phy2log, rank, logcnt
+
+
+def _reference_inverse(perm):
+    inv = torch.empty_like(perm)
+    inv.scatter_(1, perm, torch.arange(perm.size(1), dtype=torch.int64).expand(perm.shape))
+    return inv
+
+
+def _reference_hierarchical(weight, num_physical_experts, num_groups, num_nodes, num_gpus):
+    num_layers, num_logical = weight.shape
+    group_size = num_logical // num_groups
+    groups_per_node = num_groups // num_nodes
+    phy_per_gpu = num_physical_experts // num_gpus
+    log_per_node = num_logical // num_nodes
+    tokens_per_group = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
+    group_pack, group_rank = _reference_balanced_packing(tokens_per_group, num_nodes)
+    log2mlog = (
+        ((group_pack * groups_per_node + group_rank) * group_size).unsqueeze(-1)
+        + torch.arange(group_size, dtype=torch.int64)
+    ).flatten(-2)
+    mlog2log = _reference_inverse(log2mlog)
+    tokens_per_mlog = weight.gather(-1, mlog2log).view(-1, log_per_node)
+    phy2mlog, phyrank, mlogcnt = _reference_replicate_experts(tokens_per_mlog, num_physical_experts // num_nodes)
+    tokens_per_phy = (tokens_per_mlog / mlogcnt).gather(-1, phy2mlog)
+    pack, rank_in_pack = _reference_balanced_packing(tokens_per_phy, num_gpus // num_nodes)
+    phy2pphy = pack * phy_per_gpu + rank_in_pack
+    pphy2phy = _reference_inverse(phy2pphy)
+    pphy2mlog = phy2mlog.gather(-1, pphy2phy)
+    pphy2mlog = (
+        pphy2mlog.view(num_layers, num_nodes, -1)
+        + torch.arange(0, num_logical, log_per_node, dtype=torch.int64).view(1, -1, 1)
+    ).flatten(-2)
+    pphy2log = mlog2log.gather(-1, pphy2mlog)
+    pphyrank = phyrank.gather(-1, pphy2phy).view(num_layers, -1)
+    logcnt = mlogcnt.view(num_layers, -1).gather(-1, log2mlog)
+    return pphy2log, pphyrank, logcnt
+
+
+def _reference(token_weight, compute_cost_weight, num_replicas, num_groups, num_nodes, num_gpus,
+               enable_hierarchical, alpha):
+    """``compute_cost_aware_rebalance_experts`` as it was (topology assumed valid)."""
+    weight = blend_weights(token_weight, compute_cost_weight, alpha).float().cpu()
+    num_layers, num_logical = weight.shape
+    hier = (
+        enable_hierarchical and num_groups is not None and num_groups % num_nodes == 0
+    )
+    if hier:
+        phy2log, phyrank, logcnt = _reference_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    else:
+        phy2log, phyrank, logcnt = _reference_hierarchical(weight, num_replicas, 1, 1, num_gpus)
+    max_cnt = int(logcnt.max())
+    log2phy = torch.full((num_layers, num_logical, max_cnt), -1, dtype=torch.int64)
+    log2phy.view(num_layers, -1).scatter_(
+        -1,
+        phy2log * max_cnt + phyrank,
+        torch.arange(num_replicas, dtype=torch.int64).expand(num_layers, -1),
+    )
+    return phy2log, log2phy, logcnt
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    # The frozen copy calls torch.max(dim) once per replica: on a busy machine each call
+    # waits for OpenMP workers. One thread gives the same results without that wait.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _load(kind, L, E, g):
+    if kind == "uniform":
+        return torch.randint(0, 20000, (L, E), generator=g).float()
+    if kind == "heavy_tailed":  # as real MoE traffic: a few hot experts, a long cold tail
+        return torch.rand(L, E, generator=g).pow(3) * 1e5
+    if kind == "heavy_tailed_int":  # heavy tail in whole tokens: ties among the cold experts
+        return (torch.rand(L, E, generator=g).pow(4) * 3000).floor()
+    if kind == "lognormal_sparse":  # lognormal popularity, a quarter of the experts idle
+        w = torch.randn(L, E, generator=g).mul(1.5).exp() * 100
+        return torch.where(torch.rand(L, E, generator=g) < 0.25, torch.zeros_like(w), w)
+    raise AssertionError(kind)
+
+
+LOADS = ["uniform", "heavy_tailed", "heavy_tailed_int", "lognormal_sparse"]
+
+
+@pytest.mark.parametrize("kind", LOADS)
+def test_matches_frozen_implementation_at_deepseek_v3_scale(kind):
+    """61 layers x 256 experts -> 288 slots, 32 GPUs, 4 nodes, 8 groups: bit-identical to the
+    implementation it replaced, both policies, alpha 0 / 0.5 / 1."""
+    g = torch.Generator().manual_seed(11)
+    for seed in range(2):
+        tokens = _load(kind, 61, 256, g)
+        cost = tokens * (1 + torch.rand(61, 256, generator=g))
+        for hier in (False, True):
+            for alpha in (0.0, 0.5, 1.0):
+                new = compute_cost_aware_rebalance_experts(tokens, cost, 288, 8, 4, 32, hier, alpha)
+                with _one_torch_thread():
+                    old = _reference(tokens, cost, 288, 8, 4, 32, hier, alpha)
+                for a, b in zip(new, old):
+                    assert a.dtype == b.dtype and torch.equal(a, b), (kind, seed, hier, alpha)
+                assert_valid(new, 61, 256, 288)
+
+
+def test_matches_frozen_implementation_on_random_topologies():
+    rng = random.Random(12)
+    g = torch.Generator().manual_seed(12)
+    kinds = LOADS + KINDS
+    for i in range(300):
+        E, gpus, nodes, groups, R, L, hier = _random_case(rng)
+        alpha = rng.choice([0.0, 1.0, 0.5, rng.random()])
+        kind = kinds[i % len(kinds)]
+        w = _load(kind, L, E, g) if kind in LOADS else _weights(kind, L, E, g)
+        cost = torch.rand(L, E, generator=g) * w.max().clamp_min(1)
+        new = compute_cost_aware_rebalance_experts(w, cost, R, groups, nodes, gpus, hier, alpha)
+        with _one_torch_thread():
+            old = _reference(w, cost, R, groups, nodes, gpus, hier, alpha)
+        for a, b in zip(new, old):
+            assert torch.equal(a, b), (E, gpus, nodes, groups, R, L, hier, alpha, kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_public_steps_match_frozen_implementation(dtype):
+    from sglang_moe_routing.eplb.compute_aware import replicate_experts
+
+    g = torch.Generator().manual_seed(13)
+    for kind in LOADS:
+        w = _load(kind, 7, 48, g).to(dtype)
+        for packs in (2, 4, 6, 48):
+            for a, b in zip(balanced_packing(w, packs), _reference_balanced_packing(w, packs)):
+                assert torch.equal(a, b), (kind, packs)
+        for num_phy in (48, 50, 64, 96):
+            with _one_torch_thread():
+                ref = _reference_replicate_experts(w, num_phy)
+            for a, b in zip(replicate_experts(w, num_phy), ref):
+                assert torch.equal(a, b), (kind, num_phy)

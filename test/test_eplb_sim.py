@@ -110,3 +110,26 @@ def test_cost_model_gpu_time():
     t = m.gpu_time(n, p2l, 2)
     # GPU0: (1 + 2) + 0 + 10 launch; GPU1: (1 + 2) + (1 + 2) + 10
     assert t.tolist() == [[[13.0, 16.0]]]
+
+
+def test_speed_inputs_are_uniform_and_heavy_tailed():
+    inputs = sim.speed_inputs()
+    assert list(inputs) == ["uniform", "heavy-tailed"]
+    for _, tokens in inputs.values():
+        assert tokens.shape == (61, 256) and (tokens >= 0).all()
+    peak = {k: float((t.amax(-1) / t.mean(-1)).median()) for k, (_, t) in inputs.items()}
+    assert peak["heavy-tailed"] > 1.5 * peak["uniform"]
+    assert "max/mean" in sim.describe_load(inputs["uniform"][1])
+
+
+def test_speed_times_both_loads_and_policies(capsys):
+    rows = sim.speed(repeats=1, goal_ms=1e9)
+    out = capsys.readouterr().out
+    assert [(r["load"], r["hierarchical"]) for r in rows] == [
+        ("uniform", False), ("uniform", True), ("heavy-tailed", False), ("heavy-tailed", True)
+    ]
+    assert all(r["ours_ms"] > 0 and r["ours_alpha0_ms"] > 0 for r in rows)
+    assert "randint(0, 20000)" in out and "rand^3 * 1e5" in out and "threads" in out
+    assert out.count(": PASS") == 2  # the goal line of each policy
+    if sim.upstream_deepseek() is not None:
+        assert all(r["alpha0_equals_deepseek"] is True for r in rows)

@@ -14,8 +14,9 @@ SGLang's ``deepseek`` / ``deepseek_hierarchical`` algorithm; ``alpha = 1`` feeds
 costs unchanged (upstream's algorithm run on costs).
 
 Upstream packs with a Python loop per layer and per item. Here the greedy choices of all
-layers are made together: one step per item, each step a handful of array operations over
-``[layers, packs]``. The arithmetic (float32 division for replication, float64 pack sums,
+layers are made together: one step per item (per replica when replicating), each step a
+handful of numpy operations over ``[layers, packs]`` (no torch op inside the loops: see
+"steps" below). The arithmetic (float32 division for replication, float64 pack sums,
 the same ``torch.sort`` call for the visiting order, first index on ties) is the one
 upstream performs, which is what makes ``alpha = 0`` exact, ties included.
 
@@ -171,6 +172,109 @@ def _check_cost_shape(token_weight: torch.Tensor, cost: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- steps
+#
+# The steps run on numpy arrays. Each greedy choice is one step of a Python loop over a few
+# array operations on all rows at once, so the cost per step is the fixed overhead of those
+# calls: they are kept few, and none of them is a torch op. Torch reductions over a dim
+# (``max(dim)``, ``argmax``) open an OpenMP parallel region even on these small arrays; when
+# the other cores are busy, every such call waits for a descheduled worker thread, which
+# turned a 4-8 ms placement into up to 270 ms on a busy 2-core machine, whatever the load
+# distribution (the earlier "slow on heavy-tailed loads" was this). Only two torch calls
+# remain, both serial at these sizes and both needed for bit-identity with upstream: the
+# visiting-order sort and the float32 sum of a group's weights.
+
+
+def _visit_order(weight32: np.ndarray) -> np.ndarray:
+    """Items by decreasing weight, ties as upstream's ``torch.sort(descending=True)`` orders
+    them (not stable for rows longer than 16, so the same torch call is used)."""
+    return torch.from_numpy(weight32).sort(-1, descending=True).indices.numpy()
+
+
+def _inverse_np(perm: np.ndarray) -> np.ndarray:
+    """Row-wise inverse of a permutation [X, n]."""
+    inv = np.empty_like(perm)
+    np.put_along_axis(inv, perm, np.arange(perm.shape[1], dtype=np.int64)[None, :], axis=1)
+    return inv
+
+
+def _greedy_pack(weight64: np.ndarray, order: np.ndarray, num_packs: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Balanced packing of every row: visit the items in ``order``; each goes to the
+    lightest pack (float64 running sum) that still has room, first such pack on ties.
+
+    One step per item for all rows: ``key`` holds each pack's running sum, or +inf once the
+    pack is full (a full pack's sum is never looked at again), so the choice is one argmin.
+    Returns (pack_index, rank_in_pack), int64 [X, n].
+    """
+    num_rows, num_items = weight64.shape
+    per_pack = num_items // num_packs
+    # [n, X]: row j holds the j-th visited item's weight of every row (contiguous).
+    visited = np.ascontiguousarray(np.take_along_axis(weight64, order, axis=1).T)
+    key = np.zeros((num_rows, num_packs), dtype=np.float64)
+    key_flat = key.reshape(-1)
+    count = np.zeros(num_rows * num_packs, dtype=np.int64)
+    base = np.arange(num_rows, dtype=np.int64) * num_packs
+    pack_of_step = np.empty((num_items, num_rows), dtype=np.int64)
+    rank_of_step = np.empty((num_items, num_rows), dtype=np.int64)
+    inf = np.inf
+    for j in range(num_items):
+        pack = key.argmin(axis=1)
+        pack_of_step[j] = pack
+        idx = pack + base
+        c = count[idx]
+        rank_of_step[j] = c
+        c += 1
+        count[idx] = c
+        s = key_flat[idx] + visited[j]
+        s[c >= per_pack] = inf
+        key_flat[idx] = s
+    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
+    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
+    np.put_along_axis(pack_index, order, pack_of_step.T, axis=1)
+    np.put_along_axis(rank_in_pack, order, rank_of_step.T, axis=1)
+    return pack_index, rank_in_pack
+
+
+def _pack_rows(weight32: np.ndarray, num_packs: int) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`balanced_packing` of float32 rows, on numpy arrays."""
+    num_rows, num_items = weight32.shape
+    if num_items // num_packs == 1:
+        pack_index = np.broadcast_to(np.arange(num_items, dtype=np.int64), weight32.shape)
+        return pack_index, np.zeros(weight32.shape, dtype=np.int64)
+    return _greedy_pack(weight32.astype(np.float64), _visit_order(weight32), num_packs)
+
+
+def _replicate(weight: np.ndarray, num_phy: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`replicate_experts` on numpy arrays; also returns ``weight / logcnt``.
+
+    ``ratio`` holds ``weight / count`` (in ``weight``'s dtype, as torch divides a float
+    tensor by an int64 one); a step changes one entry per row, so only that entry is
+    recomputed. ``argmax`` returns the first index on ties, as ``torch.max(dim)`` does.
+    """
+    num_rows, num_log = weight.shape
+    num_extra = num_phy - num_log
+    count = np.ones((num_rows, num_log), dtype=np.int64)
+    count_flat = count.reshape(-1)
+    ratio = weight.copy()  # weight / 1
+    ratio_flat = ratio.reshape(-1)
+    weight_flat = np.ascontiguousarray(weight).reshape(-1)
+    base = np.arange(num_rows, dtype=np.int64) * num_log
+    best_of_step = np.empty((num_extra, num_rows), dtype=np.int64)
+    rank_of_step = np.empty((num_extra, num_rows), dtype=np.int64)
+    for i in range(num_extra):
+        best = ratio.argmax(axis=1)
+        best_of_step[i] = best
+        idx = best + base
+        c = count_flat[idx]
+        rank_of_step[i] = c
+        c += 1
+        count_flat[idx] = c
+        ratio_flat[idx] = weight_flat[idx] / c.astype(weight.dtype)
+    phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
+    phy2log[:, :num_log] = np.arange(num_log, dtype=np.int64)
+    phy2log[:, num_log:] = best_of_step.T
+    rank = np.zeros((num_rows, num_phy), dtype=np.int64)
+    rank[:, num_log:] = rank_of_step.T
+    return phy2log, rank, count, ratio
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -195,25 +299,10 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> Tuple[torch.Tensor
     if per_pack == 1:
         pack_index = torch.arange(num_items, dtype=torch.int64).expand(weight.shape)
         return pack_index, torch.zeros_like(weight, dtype=torch.int64)
-
-    # Same call as upstream: its tie order (not stable for n > 16) decides the visit order.
-    order = weight.float().sort(-1, descending=True).indices.numpy()
-    w = weight.double().numpy()
-    rows = np.arange(num_rows)
-    pack_weight = np.zeros((num_rows, num_packs), dtype=np.float64)
-    pack_count = np.zeros((num_rows, num_packs), dtype=np.int64)
-    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
-    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
-    masked = np.empty_like(pack_weight)
-    for j in range(num_items):
-        item = order[:, j]
-        np.copyto(masked, pack_weight)
-        masked[pack_count >= per_pack] = np.inf
-        pack = masked.argmin(axis=1)
-        pack_index[rows, item] = pack
-        rank_in_pack[rows, item] = pack_count[rows, pack]
-        pack_weight[rows, pack] += w[rows, item]
-        pack_count[rows, pack] += 1
+    weight = weight.detach().cpu()
+    # visiting order from the float32 values (upstream's call), sums in float64
+    order = _visit_order(weight.float().contiguous().numpy())
+    pack_index, rank_in_pack = _greedy_pack(weight.double().numpy(), order, num_packs)
     return torch.from_numpy(pack_index), torch.from_numpy(rank_in_pack)
 
 
@@ -224,7 +313,8 @@ def replicate_experts(
     weight per replica (first index on ties).
 
     Parameters:
-        weight: [X, num_log] float32
+        weight: [X, num_log] float32 (float64 is divided in float64; other dtypes are
+            converted to float32)
         num_phy: number of physical experts after replication
 
     Returns:
@@ -235,22 +325,62 @@ def replicate_experts(
     num_rows, num_log = weight.shape
     if num_phy < num_log:
         raise ValueError(f"num_phy ({num_phy}) < num_log ({num_log})")
-    phy2log = torch.arange(num_phy, dtype=torch.int64).repeat(num_rows, 1)
-    rank = torch.zeros(num_rows, num_phy, dtype=torch.int64)
-    logcnt = torch.ones(num_rows, num_log, dtype=torch.int64)
-    rows = torch.arange(num_rows, dtype=torch.int64)
-    for i in range(num_log, num_phy):
-        best = (weight / logcnt).max(dim=-1).indices
-        phy2log[:, i] = best
-        rank[:, i] = logcnt[rows, best]
-        logcnt[rows, best] += 1
-    return phy2log, rank, logcnt
+    weight = weight.detach().cpu()
+    if weight.dtype not in (torch.float32, torch.float64):
+        weight = weight.float()
+    phy2log, rank, logcnt, _ = _replicate(weight.contiguous().numpy(), num_phy)
+    return torch.from_numpy(phy2log), torch.from_numpy(rank), torch.from_numpy(logcnt)
 
 
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv.scatter_(1, perm, torch.arange(perm.size(1), dtype=torch.int64).expand(perm.shape))
-    return inv
+def _rebalance_hierarchical_np(
+    weight: torch.Tensor,
+    num_physical_experts: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`rebalance_experts_hierarchical` on a float32 CPU tensor, numpy results."""
+    num_layers, num_logical = weight.shape
+    group_size = num_logical // num_groups
+    groups_per_node = num_groups // num_nodes
+    phy_per_gpu = num_physical_experts // num_gpus
+    log_per_node = num_logical // num_nodes
+    w = weight.numpy()
+
+    # 1. expert groups -> nodes (the group sums are torch's float32 sums, as upstream's)
+    if num_groups == num_nodes:  # one group per node: group g on node g
+        log2mlog = np.broadcast_to(np.arange(num_logical, dtype=np.int64), (num_layers, num_logical))
+        mlog2log = log2mlog
+        tokens_per_mlog = w.reshape(-1, log_per_node)
+    else:
+        tokens_per_group = weight.unflatten(-1, (num_groups, group_size)).sum(-1).numpy()
+        group_pack, group_rank = _pack_rows(tokens_per_group, num_nodes)
+        log2mlog = (
+            ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None]
+            + np.arange(group_size, dtype=np.int64)
+        ).reshape(num_layers, num_logical)
+        mlog2log = _inverse_np(log2mlog)
+        # 2. replicas within each node: [num_layers * num_nodes, log_per_node]
+        tokens_per_mlog = np.take_along_axis(w, mlog2log, axis=1).reshape(-1, log_per_node)
+    phy2mlog, phyrank, mlogcnt, per_replica = _replicate(
+        tokens_per_mlog, num_physical_experts // num_nodes
+    )
+
+    # 3. replicas -> GPUs of the node (a replica weighs float32(weight / replicas))
+    tokens_per_phy = np.take_along_axis(per_replica, phy2mlog, axis=1)
+    pack, rank_in_pack = _pack_rows(tokens_per_phy, num_gpus // num_nodes)
+    phy2pphy = pack * phy_per_gpu + rank_in_pack
+    pphy2phy = _inverse_np(phy2pphy)
+
+    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1)
+    pphy2mlog = (
+        pphy2mlog.reshape(num_layers, num_nodes, -1)
+        + np.arange(0, num_logical, log_per_node, dtype=np.int64)[None, :, None]
+    ).reshape(num_layers, -1)
+    pphy2log = np.take_along_axis(mlog2log, pphy2mlog, axis=1)
+    pphyrank = np.take_along_axis(phyrank, pphy2phy, axis=1).reshape(num_layers, -1)
+    logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, -1), log2mlog, axis=1)
+    return pphy2log, pphyrank, logcnt
 
 
 def rebalance_experts_hierarchical(
@@ -271,40 +401,10 @@ def rebalance_experts_hierarchical(
         phyrank: [num_layers, num_physical_experts] replica rank
         logcnt: [num_layers, num_logical_experts]
     """
-    num_layers, num_logical = weight.shape
-    group_size = num_logical // num_groups
-    groups_per_node = num_groups // num_nodes
-    phy_per_gpu = num_physical_experts // num_gpus
-    log_per_node = num_logical // num_nodes
-
-    # 1. expert groups -> nodes
-    tokens_per_group = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
-    group_pack, group_rank = balanced_packing(tokens_per_group, num_nodes)
-    log2mlog = (
-        ((group_pack * groups_per_node + group_rank) * group_size).unsqueeze(-1)
-        + torch.arange(group_size, dtype=torch.int64)
-    ).flatten(-2)
-    mlog2log = _inverse(log2mlog)
-
-    # 2. replicas within each node: [num_layers * num_nodes, log_per_node]
-    tokens_per_mlog = weight.gather(-1, mlog2log).view(-1, log_per_node)
-    phy2mlog, phyrank, mlogcnt = replicate_experts(tokens_per_mlog, num_physical_experts // num_nodes)
-
-    # 3. replicas -> GPUs of the node
-    tokens_per_phy = (tokens_per_mlog / mlogcnt).gather(-1, phy2mlog)
-    pack, rank_in_pack = balanced_packing(tokens_per_phy, num_gpus // num_nodes)
-    phy2pphy = pack * phy_per_gpu + rank_in_pack
-    pphy2phy = _inverse(phy2pphy)
-
-    pphy2mlog = phy2mlog.gather(-1, pphy2phy)
-    pphy2mlog = (
-        pphy2mlog.view(num_layers, num_nodes, -1)
-        + torch.arange(0, num_logical, log_per_node, dtype=torch.int64).view(1, -1, 1)
-    ).flatten(-2)
-    pphy2log = mlog2log.gather(-1, pphy2mlog)
-    pphyrank = phyrank.gather(-1, pphy2phy).view(num_layers, -1)
-    logcnt = mlogcnt.view(num_layers, -1).gather(-1, log2mlog)
-    return pphy2log, pphyrank, logcnt
+    out = _rebalance_hierarchical_np(
+        weight.detach().float().cpu().contiguous(), num_physical_experts, num_groups, num_nodes, num_gpus
+    )
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in out)
 
 
 def rebalance_experts(
@@ -336,23 +436,26 @@ def rebalance_experts(
     hierarchical = _check_topology(
         num_logical, num_replicas, num_groups, num_nodes, num_gpus, enable_hierarchical
     )
-    weight = weight.float().cpu()
+    weight = weight.detach().float().cpu().contiguous()
     if hierarchical:
-        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(
+        phy2log, phyrank, logcnt = _rebalance_hierarchical_np(
             weight, num_replicas, num_groups, num_nodes, num_gpus
         )
     else:
-        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(
-            weight, num_replicas, 1, 1, num_gpus
-        )
+        phy2log, phyrank, logcnt = _rebalance_hierarchical_np(weight, num_replicas, 1, 1, num_gpus)
     max_cnt = int(logcnt.max())
-    log2phy = torch.full((num_layers, num_logical, max_cnt), -1, dtype=torch.int64)
-    log2phy.view(num_layers, -1).scatter_(
-        -1,
+    log2phy = np.full((num_layers, num_logical * max_cnt), -1, dtype=np.int64)
+    np.put_along_axis(
+        log2phy,
         phy2log * max_cnt + phyrank,
-        torch.arange(num_replicas, dtype=torch.int64).expand(num_layers, -1),
+        np.arange(num_replicas, dtype=np.int64)[None, :],
+        axis=1,
     )
-    return phy2log, log2phy, logcnt
+    return (
+        torch.from_numpy(np.ascontiguousarray(phy2log)),
+        torch.from_numpy(log2phy.reshape(num_layers, num_logical, max_cnt)),
+        torch.from_numpy(np.ascontiguousarray(logcnt)),
+    )
 
 
 def compute_cost_aware_rebalance_experts(
