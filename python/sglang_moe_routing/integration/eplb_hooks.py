@@ -661,8 +661,8 @@ def _needs(cfg: Optional[EplbComputeConfig]) -> set:
         need.add("compute_aware")
     if cfg.enable_profiling:
         need.add("profiling")
-    if cfg.enable_eplb and (cfg.compute_aware or cfg.enable_profiling):
-        need.add("eplb")  # balancedness lines before/after each rebalance
+    if cfg.enable_eplb:
+        need.add("eplb")  # balancedness lines before/after each rebalance (any algorithm)
     return need
 
 
