@@ -1,7 +1,8 @@
 """SGLang integration of compute-cost-aware EPLB.
 
-Flags (``add_cli_args``) -> validated section ``"eplb"`` (``parse_section``) -> hooks
-(``register_hooks``):
+Flags (``add_cli_args``) -> validated section ``"eplb"`` (``parse_section``) -> hooks,
+registered by :func:`runtime_hooks` before the model runner initialises and only those the
+enabled features need (none without a compute-aware algorithm, profiling or ``--enable-eplb``):
 
 * ``eplb_algorithms.compute_algorithm`` (AROUND): ``--eplb-algorithm compute_aware`` /
   ``compute_aware_hierarchical`` map to :class:`ComputeAwareEplbAlgorithm` members
@@ -20,7 +21,8 @@ Flags (``add_cli_args``) -> validated section ``"eplb"`` (``parse_section``) -> 
 * ``ModelRunner.maybe_init_expert_location_metadata`` (AFTER): with
   ``--enable-expert-compute-profiling``, creates the process's
   :class:`ExpertComputeProfiler` and only then registers the two profiling hooks
-  (``ModelRunner.forward`` to count passes, ``FusedMoE.run_moe_core`` and
+  (a ``ModelRunner.forward`` wrapper through ``forward_pass`` that counts passes and runs the
+  profiled ones eagerly, outside CUDA graphs; ``FusedMoE.run_moe_core`` and
   ``DeepEPMoE.run_moe_core`` to time the expert kernels), so with profiling off the forward
   path carries no extra wrapper.
 """
