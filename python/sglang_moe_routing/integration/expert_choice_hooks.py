@@ -10,6 +10,11 @@ standard routing does. Otherwise it calls upstream untouched. Every MoE model bu
 
 Opt-ins (any one enables it): ``--enable-expert-choice``, ``SGLANG_EXPERT_CHOICE=1``, or
 ``use_expert_choice: true`` in the model's HF config.
+
+Only the model-config opt-in hook is registered at plugin load. The routing hooks
+(``select_experts``, ``ModelRunner.load_model``) are registered by :func:`runtime_hooks` before
+the model runner initialises, and only when expert choice is on; the load-statistics wrapper
+of ``ModelRunner.forward`` only with ``--expert-choice-stats-interval`` > 0.
 """
 
 from __future__ import annotations
