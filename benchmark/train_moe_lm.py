@@ -1,0 +1,515 @@
+"""Train a small Qwen3-MoE language model on a real offline corpus (issue 11, item 1).
+
+Corpus (never synthetic tokens): the Python standard library's ``*.py`` sources
+(``sysconfig.get_paths()["stdlib"]``, without its ``site-packages`` and ``test`` trees) as the
+**code** domain, and as the **prose** domain the installed packages' ``*.md``/``*.rst``/``*.txt``
+files (site-packages; ``--no-site-packages`` drops them) plus the docstrings (``ast``) of the
+code files. ``--site-packages-code`` adds site-packages ``*.py`` to the code domain. File lists
+are sorted; the held-out split is by FILE, by a hash of the file's path relative to its root
+(``--val-percent``, default 2), so every machine with the same files gets the same split.
+
+Tokenizer: byte-level BPE (``tokenizers``) trained on the training split only, saved as
+``<out>/tokenizer.json``. Model: transformers ``Qwen3MoeForCausalLM`` trained with standard
+token-choice routing and the load-balancing aux loss (``output_router_logits=True``,
+``router_aux_loss_coef``), AdamW + warm-up + cosine, bf16 autocast on CUDA, batches of random
+windows of ``--seq-len`` tokens from the packed token stream. Stops at ``--max-minutes``
+wall-clock, at ``--max-steps``, or when the validation loss has not improved by more than
+``--min-rel-improvement`` (0.5%) over ``--patience`` evaluations.
+
+Writes to ``--out``: ``model/`` (config + safetensors), ``tokenizer.json``, ``train_log.json``
+(config, corpus stats, every progress line). ``--eval`` then runs
+``benchmark/eval_routing_quality.py`` on the held-out split in the same process (so a
+checkpoint too large to bring back from the device never needs to travel).
+
+    python benchmark/train_moe_lm.py --tiny --out /tmp/moe_tiny --eval          # CPU smoke
+    python benchmark/train_moe_lm.py --out $OUT/moe --max-minutes 7 --eval      # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import site
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+EOS = "<|endoftext|>"
+CODE, PROSE = "code", "prose"
+PROSE_EXTS = (".md", ".rst", ".txt")
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Doc:
+    rel: str  # stable key: "<root tag>/<path relative to root>"
+    domain: str
+    text: str
+
+
+def _is_val(rel: str, val_percent: float) -> bool:
+    h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big")
+    return (h % 10000) < val_percent * 100
+
+
+def _read(path: Path, max_file_bytes: int) -> Optional[str]:
+    try:
+        if path.stat().st_size > max_file_bytes or path.stat().st_size < 64:
+            return None
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _looks_like_prose(text: str) -> bool:
+    """Skip data files posing as .txt (word lists, tables of numbers, licence boilerplate ok)."""
+    sample = text[:4000]
+    if not sample:
+        return False
+    letters = sum(c.isalpha() or c == " " for c in sample)
+    return letters / len(sample) > 0.7 and sample.count(" ") / len(sample) > 0.08
+
+
+def _docstrings(src: str, min_chars: int = 120) -> List[str]:
+    try:
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            d = ast.get_docstring(node)
+            if d and len(d) >= min_chars:
+                out.append(d)
+    return out
+
+
+def _sorted_files(root: Path, exts: Tuple[str, ...], skip_dirs: Tuple[str, ...]) -> List[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and d != "__pycache__")
+        for f in filenames:
+            if f.endswith(exts):
+                files.append(Path(dirpath) / f)
+    return sorted(files)
+
+
+def collect_corpus(args) -> Dict[str, Dict[str, List[Doc]]]:
+    """``{"train"|"val": {"code"|"prose": [Doc]}}``: deterministic (sorted, hash split)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    roots: List[Tuple[str, Path, Tuple[str, ...], Tuple[str, ...]]] = [
+        ("stdlib", stdlib, (".py",), ("site-packages", "dist-packages", "test", "tests",
+                                     "idlelib", "lib2to3")),
+    ]
+    if args.site_packages:
+        seen = set()
+        for sp in site.getsitepackages() + [site.getusersitepackages()]:
+            p = Path(sp)
+            if p.is_dir() and p.resolve() not in seen:
+                seen.add(p.resolve())
+                exts = PROSE_EXTS + ((".py",) if args.site_packages_code else ())
+                roots.append((f"site{len(seen)}", p, exts, ("test", "tests")))
+    out = {s: {CODE: [], PROSE: []} for s in ("train", "val")}
+    budget = {CODE: int(args.max_code_mb * 1e6), PROSE: int(args.max_prose_mb * 1e6)}
+    used = {CODE: 0, PROSE: 0}
+    n_files = 0
+    for tag, root, exts, skip in roots:
+        for path in _sorted_files(root, exts, skip):
+            if args.max_files and n_files >= args.max_files:
+                break
+            text = _read(path, args.max_file_kb * 1024)
+            if text is None:
+                continue
+            rel = f"{tag}/{path.relative_to(root).as_posix()}"
+            split = "val" if _is_val(rel, args.val_percent) else "train"
+            if path.suffix == ".py":
+                if used[CODE] >= budget[CODE]:
+                    continue
+                out[split][CODE].append(Doc(rel, CODE, text))
+                used[CODE] += len(text)
+                docs = _docstrings(text)
+                if docs and used[PROSE] < budget[PROSE]:
+                    d = "\n\n".join(docs)
+                    out[split][PROSE].append(Doc(rel + "#docstrings", PROSE, d))
+                    used[PROSE] += len(d)
+            else:
+                if used[PROSE] >= budget[PROSE] or not _looks_like_prose(text):
+                    continue
+                out[split][PROSE].append(Doc(rel, PROSE, text))
+                used[PROSE] += len(text)
+            n_files += 1
+    return out
+
+
+def corpus_stats(corpus) -> Dict[str, Dict[str, Dict[str, int]]]:
+    return {s: {d: {"docs": len(v), "chars": sum(len(x.text) for x in v)}
+                for d, v in dom.items()} for s, dom in corpus.items()}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(docs: List[Doc], vocab_size: int, path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
+    tok.save(str(path))
+    return tok
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def encode_docs(tok, docs: List[Doc]) -> np.ndarray:
+    """Packed stream: each doc's ids followed by EOS (docs in their sorted order)."""
+    eos = tok.token_to_id(EOS)
+    parts = []
+    for i in range(0, len(docs), 256):
+        for enc in tok.encode_batch([d.text for d in docs[i:i + 256]]):
+            parts.append(np.asarray(enc.ids, dtype=np.int32))
+            parts.append(np.asarray([eos], dtype=np.int32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+def token_streams(tok, corpus) -> Dict[str, Dict[str, np.ndarray]]:
+    return {s: {d: encode_docs(tok, v) for d, v in dom.items()} for s, dom in corpus.items()}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_config(args, vocab_size: int):
+    from transformers import Qwen3MoeConfig
+
+    head_dim = args.head_dim or max(16, args.hidden // args.heads)
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.moe_intermediate * 2,  # unused: every layer is sparse
+        moe_intermediate_size=args.moe_intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=head_dim,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=max(4096, args.seq_len),
+        output_router_logits=True,
+        router_aux_loss_coef=args.aux_coef,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        use_sliding_window=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+
+
+def set_experts_impl(model, impl: str, device: torch.device) -> str:
+    """``auto``: ``grouped_mm`` on CUDA when a forward+backward with it works, else eager."""
+    if impl != "auto":
+        model.set_experts_implementation(impl)
+        return impl
+    if device.type == "cuda":
+        try:
+            model.set_experts_implementation("grouped_mm")
+            ids = torch.randint(1, model.config.vocab_size, (2, 64), device=device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+            return "grouped_mm"
+        except Exception as exc:  # noqa: BLE001 - fall back, say why
+            print(f"[train] grouped_mm experts unavailable ({exc!r}); eager experts", flush=True)
+            model.zero_grad(set_to_none=True)
+    model.set_experts_implementation("eager")
+    return "eager"
+
+
+def sample_batch(stream: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator,
+                 device) -> torch.Tensor:
+    starts = rng.integers(0, len(stream) - seq_len - 1, size=batch)
+    x = np.stack([stream[s:s + seq_len] for s in starts])
+    return torch.from_numpy(x.astype(np.int64)).to(device)
+
+
+def fixed_windows(stream: np.ndarray, n: int, seq_len: int) -> np.ndarray:
+    """``n`` evenly spaced non-overlapping windows (deterministic)."""
+    total = len(stream) // seq_len
+    if total == 0:
+        raise ValueError(f"held-out stream too short ({len(stream)} tokens) for seq {seq_len}")
+    idx = np.linspace(0, total - 1, num=min(n, total)).astype(np.int64)
+    return np.stack([stream[i * seq_len:(i + 1) * seq_len] for i in idx])
+
+
+@torch.no_grad()
+def val_loss(model, windows: torch.Tensor, batch: int, device) -> float:
+    model.eval()
+    tot, cnt = 0.0, 0
+    for i in range(0, len(windows), batch):
+        x = windows[i:i + batch].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=x, output_router_logits=False).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        nll = -lp.gather(-1, x[:, 1:, None]).squeeze(-1)
+        tot += nll.sum().item()
+        cnt += nll.numel()
+    model.train()
+    return tot / cnt
+
+
+# ----------------------------------------------------------------------------- main
+
+
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, top_k=2,
+            moe_intermediate=32, vocab=1024, seq_len=128, batch=8, max_files=60,
+            max_minutes=1.0, eval_every=10, val_windows=16, val_percent=10.0,
+            warmup=5, max_code_mb=2.0, max_prose_mb=1.0, lr=3e-3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (model/, tokenizer.json, logs)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke settings (~1 minute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    # corpus
+    p.add_argument("--val-percent", type=float, default=2.0, help="held-out share of FILES")
+    p.add_argument("--site-packages", action=argparse.BooleanOptionalAction, default=True,
+                   help="installed packages' .md/.rst/.txt as prose (default on)")
+    p.add_argument("--site-packages-code", action="store_true",
+                   help="also installed packages' .py as code")
+    p.add_argument("--max-files", type=int, default=0, help="0 = all")
+    p.add_argument("--max-file-kb", type=int, default=512)
+    p.add_argument("--max-code-mb", type=float, default=80.0)
+    p.add_argument("--max-prose-mb", type=float, default=40.0)
+    p.add_argument("--vocab", type=int, default=8192)
+    # model
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=0, help="0 = hidden / heads")
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--moe-intermediate", type=int, default=256)
+    p.add_argument("--aux-coef", type=float, default=0.01)
+    p.add_argument("--experts-impl", default="auto", help="auto|eager|grouped_mm|batched_mm")
+    # optimisation
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=32, help="sequences per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="cosine horizon and hard stop; 0 = estimated from --max-minutes")
+    p.add_argument("--max-minutes", type=float, default=7.0, help="wall-clock training budget")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--val-windows", type=int, default=64)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--min-rel-improvement", type=float, default=0.005)
+    p.add_argument("--log-every", type=int, default=10)
+    # evaluation
+    p.add_argument("--eval", action="store_true",
+                   help="run eval_routing_quality on the held-out split after training")
+    p.add_argument("--eval-args", default="",
+                   help="extra arguments for eval_routing_quality (one string)")
+    return p
+
+
+def apply_tiny(args, argv) -> None:
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    for k, v in TINY.items():
+        if k not in given:
+            setattr(args, k, v)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare_data(args, out: Path, log):
+    t0 = time.time()
+    corpus = collect_corpus(args)
+    stats = corpus_stats(corpus)
+    log(f"[data] corpus {json.dumps(stats)} ({time.time() - t0:.1f}s)")
+    tok_path = out / "tokenizer.json"
+    t0 = time.time()
+    tok = train_tokenizer(corpus["train"][CODE] + corpus["train"][PROSE], args.vocab, tok_path)
+    streams = token_streams(tok, corpus)
+    ntok = {s: {d: int(len(v)) for d, v in dom.items()} for s, dom in streams.items()}
+    log(f"[data] tokenizer vocab {tok.get_vocab_size()} -> {tok_path}; tokens {json.dumps(ntok)} "
+        f"({time.time() - t0:.1f}s)")
+    return corpus, stats, tok, streams, ntok
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.tiny:
+        apply_tiny(args, argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    lines: List[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    corpus, stats, tok, streams, ntok = prepare_data(args, out, log)
+    train_stream = np.concatenate([streams["train"][CODE], streams["train"][PROSE]])
+    val_stream = np.concatenate([streams["val"][CODE], streams["val"][PROSE]])
+    val_win = torch.from_numpy(
+        fixed_windows(val_stream, args.val_windows, args.seq_len).astype(np.int64))
+
+    from transformers import Qwen3MoeForCausalLM
+
+    cfg = model_config(args, tok.get_vocab_size())
+    torch.manual_seed(args.seed)
+    model = Qwen3MoeForCausalLM(cfg).to(device)
+    impl = set_experts_impl(model, args.experts_impl, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_active = n_params - sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) \
+        * (1 - args.top_k / args.experts)
+    log(f"[model] Qwen3MoeForCausalLM layers={args.layers} hidden={args.hidden} "
+        f"experts={args.experts} top_k={args.top_k} moe_inter={args.moe_intermediate} "
+        f"params={n_params / 1e6:.1f}M active~{n_active / 1e6:.1f}M experts_impl={impl} "
+        f"device={device}")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=device.type == "cuda")
+    rng = np.random.default_rng(args.seed)
+    budget_s = args.max_minutes * 60.0
+    horizon = args.max_steps or 10 ** 9  # re-estimated from measured speed below
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        prog = min(1.0, (step - args.warmup) / max(1, horizon - args.warmup))
+        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5
+                          * (1 + math.cos(math.pi * prog)))
+
+    history: List[Dict] = []
+    v0 = val_loss(model, val_win, args.batch, device)
+    history.append(dict(step=0, val_loss=v0, elapsed_s=0.0))
+    log(f"[train] step 0 val_loss {v0:.4f} (ppl {math.exp(v0):.1f})")
+    best, since_best, stop_reason = v0, 0, "max_steps"
+    step, tokens_seen = 0, 0
+    t_train = time.time()
+    t_window, tok_window = time.time(), 0
+    model.train()
+    while True:
+        if args.max_steps and step >= args.max_steps:
+            stop_reason = "max_steps"
+            break
+        if time.time() - t_train > budget_s:
+            stop_reason = "wall_clock"
+            break
+        x = sample_batch(train_stream, args.batch, args.seq_len, rng, device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out_m = model(input_ids=x, labels=x)
+        loss = out_m.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens_seen += x.numel()
+        tok_window += x.numel()
+        if step == 20 and not args.max_steps:
+            # cosine horizon from the measured speed and the remaining budget
+            per_step = (time.time() - t_train) / step
+            horizon = max(step + 1, int(budget_s / per_step))
+            log(f"[train] cosine horizon {horizon} steps ({per_step * 1e3:.0f} ms/step)")
+        if step % args.log_every == 0:
+            dt = time.time() - t_window
+            aux = out_m.aux_loss.item() if getattr(out_m, "aux_loss", None) is not None else 0.0
+            log(f"[train] step {step} loss {loss.item():.4f} aux {aux:.4f} lr {lr_at(step):.2e} "
+                f"tok/s {tok_window / max(dt, 1e-9):.0f}")
+            t_window, tok_window = time.time(), 0
+        if step % args.eval_every == 0:
+            v = val_loss(model, val_win, args.batch, device)
+            history.append(dict(step=step, val_loss=v, train_loss=loss.item(),
+                                elapsed_s=time.time() - t_train, tokens=tokens_seen))
+            if v < best * (1 - args.min_rel_improvement):
+                best, since_best = v, 0
+            else:
+                since_best += 1
+            log(f"[train] step {step} val_loss {v:.4f} (ppl {math.exp(v):.2f}) best {best:.4f} "
+                f"no-improvement evals {since_best}/{args.patience}")
+            if since_best >= args.patience:
+                stop_reason = "val_loss_flat"
+                break
+    if not history or history[-1]["step"] != step:
+        v = val_loss(model, val_win, args.batch, device)
+        history.append(dict(step=step, val_loss=v, elapsed_s=time.time() - t_train,
+                            tokens=tokens_seen))
+        log(f"[train] step {step} val_loss {v:.4f} (ppl {math.exp(v):.2f})")
+    train_s = time.time() - t_train
+    log(f"[train] stopped: {stop_reason} after {step} steps, {tokens_seen} tokens, "
+        f"{train_s:.0f}s; val_loss {history[0]['val_loss']:.4f} -> {history[-1]['val_loss']:.4f}")
+
+    model_dir = out / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    result = dict(
+        args=vars(args), device=str(device), experts_impl=impl, corpus=stats, tokens=ntok,
+        params=n_params, steps=step, tokens_seen=tokens_seen, train_seconds=train_s,
+        stop_reason=stop_reason, val_history=history, log=lines,
+        total_seconds=time.time() - t_start,
+    )
+    (out / "train_log.json").write_text(json.dumps(result, indent=1))
+    log(f"[train] saved {model_dir} (safetensors), {out / 'tokenizer.json'}, "
+        f"{out / 'train_log.json'}")
+
+    if args.eval:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import eval_routing_quality as erq
+
+        eval_argv = ["--ckpt", str(out), "--device", str(device)] + args.eval_args.split()
+        if args.tiny and "--tiny" not in eval_argv:
+            eval_argv.append("--tiny")
+        result["eval"] = erq.main(eval_argv, model=model, streams=streams)
+    return result
+
+
+if __name__ == "__main__":
+    main()
