@@ -4,9 +4,11 @@ Corpus (never synthetic tokens): the Python standard library's ``*.py`` sources
 (``sysconfig.get_paths()["stdlib"]``, without its ``site-packages`` and ``test`` trees) as the
 **code** domain, and as the **prose** domain the installed packages' ``*.md``/``*.rst``/``*.txt``
 files (site-packages; ``--no-site-packages`` drops them) plus the docstrings (``ast``) of the
-code files. ``--site-packages-code`` adds site-packages ``*.py`` to the code domain. File lists
-are sorted; the held-out split is by FILE, by a hash of the file's path relative to its root
-(``--val-percent``, default 2), so every machine with the same files gets the same split.
+code files. Site-packages ``*.py`` join the code domain too (``--no-site-packages-code`` drops
+them); ``--max-code-mb`` / ``--max-prose-mb`` cap each domain (files taken in sorted
+order). File lists are sorted; the held-out split is by FILE, by a hash of the file's path
+relative to its root (``--val-percent``, default 2), so machines with the same files get the
+same split.
 
 Tokenizer: byte-level BPE (``tokenizers``) trained on the training split only, saved as
 ``<out>/tokenizer.json``. Model: transformers ``Qwen3MoeForCausalLM`` trained with standard
@@ -97,6 +99,17 @@ def _docstrings(src: str, min_chars: int = 120) -> List[str]:
     return out
 
 
+def _load(job: Tuple[str, int, bool]) -> Tuple[Optional[str], str]:
+    """(text or None, joined docstrings for .py files) -- a worker-process job."""
+    path, max_bytes, wanted = Path(job[0]), job[1], job[2]
+    if not wanted:
+        return None, ""
+    text = _read(path, max_bytes)
+    if text is None or path.suffix != ".py":
+        return text, ""
+    return text, "\n\n".join(_docstrings(text))
+
+
 def _sorted_files(root: Path, exts: Tuple[str, ...], skip_dirs: Tuple[str, ...]) -> List[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -126,31 +139,53 @@ def collect_corpus(args) -> Dict[str, Dict[str, List[Doc]]]:
     budget = {CODE: int(args.max_code_mb * 1e6), PROSE: int(args.max_prose_mb * 1e6)}
     used = {CODE: 0, PROSE: 0}
     n_files = 0
+    max_bytes = args.max_file_kb * 1024
+    paths = []
     for tag, root, exts, skip in roots:
-        for path in _sorted_files(root, exts, skip):
-            if args.max_files and n_files >= args.max_files:
+        paths += [(tag, root, p) for p in _sorted_files(root, exts, skip)]
+    # read + parse (docstrings) in parallel, in order, a chunk at a time, until the budgets fill
+    workers = max(1, min(16, os.cpu_count() or 1))
+    chunk = 64 * workers
+    pool = None
+    if workers > 1 and len(paths) > chunk:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(workers)
+    try:
+        for i in range(0, len(paths), chunk):
+            part = paths[i:i + chunk]
+            code_full = used[CODE] >= budget[CODE]  # .py files past the code budget: skipped
+            jobs = [(str(p), max_bytes, not (code_full and p.suffix == ".py"))
+                    for _, _, p in part]
+            loaded = pool.map(_load, jobs, chunksize=8) if pool else [_load(j) for j in jobs]
+            for (tag, root, path), (text, docs) in zip(part, loaded):
+                if args.max_files and n_files >= args.max_files:
+                    break
+                if text is None:
+                    continue
+                rel = f"{tag}/{path.relative_to(root).as_posix()}"
+                split = "val" if _is_val(rel, args.val_percent) else "train"
+                if path.suffix == ".py":
+                    if used[CODE] >= budget[CODE]:
+                        continue
+                    out[split][CODE].append(Doc(rel, CODE, text))
+                    used[CODE] += len(text)
+                    if docs and used[PROSE] < budget[PROSE]:
+                        out[split][PROSE].append(Doc(rel + "#docstrings", PROSE, docs))
+                        used[PROSE] += len(docs)
+                else:
+                    if used[PROSE] >= budget[PROSE] or not _looks_like_prose(text):
+                        continue
+                    out[split][PROSE].append(Doc(rel, PROSE, text))
+                    used[PROSE] += len(text)
+                n_files += 1
+            if (args.max_files and n_files >= args.max_files) or all(
+                    used[d] >= budget[d] for d in (CODE, PROSE)):
                 break
-            text = _read(path, args.max_file_kb * 1024)
-            if text is None:
-                continue
-            rel = f"{tag}/{path.relative_to(root).as_posix()}"
-            split = "val" if _is_val(rel, args.val_percent) else "train"
-            if path.suffix == ".py":
-                if used[CODE] >= budget[CODE]:
-                    continue
-                out[split][CODE].append(Doc(rel, CODE, text))
-                used[CODE] += len(text)
-                docs = _docstrings(text)
-                if docs and used[PROSE] < budget[PROSE]:
-                    d = "\n\n".join(docs)
-                    out[split][PROSE].append(Doc(rel + "#docstrings", PROSE, d))
-                    used[PROSE] += len(d)
-            else:
-                if used[PROSE] >= budget[PROSE] or not _looks_like_prose(text):
-                    continue
-                out[split][PROSE].append(Doc(rel, PROSE, text))
-                used[PROSE] += len(text)
-            n_files += 1
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     return out
 
 
@@ -302,11 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-percent", type=float, default=2.0, help="held-out share of FILES")
     p.add_argument("--site-packages", action=argparse.BooleanOptionalAction, default=True,
                    help="installed packages' .md/.rst/.txt as prose (default on)")
-    p.add_argument("--site-packages-code", action="store_true",
-                   help="also installed packages' .py as code")
+    p.add_argument("--site-packages-code", action=argparse.BooleanOptionalAction, default=True,
+                   help="installed packages' .py as code too (default on: the stdlib alone is "
+                   "~10 MB of code)")
     p.add_argument("--max-files", type=int, default=0, help="0 = all")
     p.add_argument("--max-file-kb", type=int, default=512)
-    p.add_argument("--max-code-mb", type=float, default=80.0)
+    p.add_argument("--max-code-mb", type=float, default=60.0)
     p.add_argument("--max-prose-mb", type=float, default=40.0)
     p.add_argument("--vocab", type=int, default=8192)
     # model
