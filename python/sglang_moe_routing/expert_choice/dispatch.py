@@ -168,19 +168,13 @@ def expert_choice_topk(
     before the op existed: the op has no autograd formula, the reference's weights are
     differentiable.
     """
-    if torch.compiler.is_compiling():
-        # Dynamo may hand float arguments over as SymFloats (dynamic=True, or a float that
-        # changed between calls), which ``math.isfinite`` cannot trace: check the rest here.
-        # The op's real implementation validates every argument again at run time.
-        validate_inputs(
-            router_logits, top_k, 1.0, scoring_func, num_expert_group, topk_group,
-            correction_bias, min_tokens,
-        )
-    else:
-        validate_inputs(
-            router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
-            correction_bias, min_tokens,
-        )
+    # Dynamo may hand float arguments over as SymFloats (dynamic=True, or a float that changed
+    # between calls), which ``math.isfinite`` cannot trace: while compiling the capacity factor
+    # is not checked here; the op's real implementation validates every argument at run time.
+    validate_inputs(
+        router_logits, top_k, 1.0 if torch.compiler.is_compiling() else capacity_factor,
+        scoring_func, num_expert_group, topk_group, correction_bias, min_tokens,
+    )
     chosen = resolve_backend(router_logits, top_k, backend)
     if torch.is_grad_enabled() and (
         router_logits.requires_grad
