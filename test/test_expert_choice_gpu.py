@@ -350,29 +350,17 @@ _OP_CASES = [
 ]
 
 
-def _op_positional(logits, k, cf, kw, backend):
-    ntnp = kw.get("num_token_non_padded")
-    return (
-        logits, k, float(cf), kw.get("renormalize", True), kw.get("scoring_func", "softmax"),
-        kw.get("num_expert_group"), kw.get("topk_group"), kw.get("correction_bias"),
-        kw.get("routed_scaling_factor"), kw.get("apply_routed_scaling_factor_on_output", False),
-        ntnp if isinstance(ntnp, torch.Tensor) else None,
-        ntnp if isinstance(ntnp, int) else None,
-        kw.get("min_tokens", 0), backend,
-    )
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", _OP_CASES, ids=[c[0] for c in _OP_CASES])
 def test_op_opcheck_gpu(backend, case):
-    from sglang_moe_routing.expert_choice.ops import expert_choice_topk_op
+    from sglang_moe_routing.expert_choice.ops import expert_choice_topk_op, op_arguments
 
     name, T, E, k, cf, make = case
     g = torch.Generator(device="cuda").manual_seed(T + E)
     logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
     kw = make(g, T, E)
-    args = _op_positional(logits, k, cf, kw, backend)
+    args = op_arguments(logits, k, cf, backend, **kw)
     torch.library.opcheck(expert_choice_topk_op, args)
     w, ids = expert_choice_topk_op(*args)
     rw, rids = expert_choice_topk_reference(logits, k, cf, **kw)

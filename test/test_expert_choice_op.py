@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sglang_moe_routing.expert_choice import dispatch, expert_choice_topk
-from sglang_moe_routing.expert_choice.ops import OP_NAME, expert_choice_topk_op
+from sglang_moe_routing.expert_choice.ops import OP_NAME, expert_choice_topk_op, op_arguments
 from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
 
 # (T, E, k, cf, face kwargs); a "bias" / "ntnp" value is built per case by _build.
@@ -64,15 +64,7 @@ def _build(T, E, cf, kw, seed=0):
 
 def _op_args(logits, k, cf, kw, backend="reference"):
     """The op's positional arguments for the face's keyword arguments."""
-    ntnp = kw.get("num_token_non_padded")
-    return (
-        logits, k, float(cf), kw.get("renormalize", True), kw.get("scoring_func", "softmax"),
-        kw.get("num_expert_group"), kw.get("topk_group"), kw.get("correction_bias"),
-        kw.get("routed_scaling_factor"), kw.get("apply_routed_scaling_factor_on_output", False),
-        ntnp if isinstance(ntnp, torch.Tensor) else None,
-        ntnp if isinstance(ntnp, int) else None,
-        kw.get("min_tokens", 0), backend,
-    )
+    return op_arguments(logits, k, cf, backend, **kw)
 
 
 def _assert_identical(out, ref):

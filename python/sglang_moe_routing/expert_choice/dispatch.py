@@ -23,7 +23,11 @@ from typing import Optional, Set, Tuple, Union
 
 import torch
 
-from sglang_moe_routing.expert_choice.ops import expert_choice_topk_op, run_backend
+from sglang_moe_routing.expert_choice.ops import (
+    expert_choice_topk_impl,
+    expert_choice_topk_op,
+    op_arguments,
+)
 from sglang_moe_routing.expert_choice.reference import (  # noqa: F401 - re-exported
     expert_choice_topk_reference,
     validate_inputs,
@@ -175,38 +179,17 @@ def expert_choice_topk(
         router_logits, top_k, 1.0 if torch.compiler.is_compiling() else capacity_factor,
         scoring_func, num_expert_group, topk_group, correction_bias, min_tokens,
     )
-    chosen = resolve_backend(router_logits, top_k, backend)
+    args = op_arguments(
+        router_logits, top_k, capacity_factor, resolve_backend(router_logits, top_k, backend),
+        renormalize=renormalize, scoring_func=scoring_func,
+        num_expert_group=num_expert_group, topk_group=topk_group,
+        correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+        apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
+        num_token_non_padded=num_token_non_padded, min_tokens=min_tokens,
+    )
     if torch.is_grad_enabled() and (
         router_logits.requires_grad
         or (correction_bias is not None and correction_bias.requires_grad)
     ):
-        return run_backend(
-            chosen, router_logits, top_k, capacity_factor,
-            renormalize=renormalize, scoring_func=scoring_func,
-            num_expert_group=num_expert_group, topk_group=topk_group,
-            correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-            apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
-            num_token_non_padded=num_token_non_padded, min_tokens=min_tokens,
-        )
-    if num_token_non_padded is None or isinstance(num_token_non_padded, torch.Tensor):
-        ntnp_tensor, ntnp_int = num_token_non_padded, None
-    elif isinstance(num_token_non_padded, torch.SymInt) or type(num_token_non_padded) is int:
-        ntnp_tensor, ntnp_int = None, num_token_non_padded  # a SymInt stays symbolic
-    else:
-        ntnp_tensor, ntnp_int = None, int(num_token_non_padded)  # numpy ints, bools
-    return expert_choice_topk_op(
-        router_logits,
-        int(top_k),
-        float(capacity_factor),
-        bool(renormalize),
-        scoring_func,
-        None if num_expert_group is None else int(num_expert_group),
-        None if topk_group is None else int(topk_group),
-        correction_bias,
-        None if routed_scaling_factor is None else float(routed_scaling_factor),
-        bool(apply_routed_scaling_factor_on_output),
-        ntnp_tensor,
-        ntnp_int,
-        int(min_tokens),
-        chosen,
-    )
+        return expert_choice_topk_impl(*args)
+    return expert_choice_topk_op(*args)

@@ -48,15 +48,14 @@ from sglang_moe_routing.expert_choice.reference import expert_choice_topk_refere
 OP_NAME = "sglang_moe_routing::expert_choice_topk"
 RESOLVED_BACKENDS = ("cuda", "triton", "reference")
 
-__all__ = ["OP_NAME", "RESOLVED_BACKENDS", "expert_choice_topk_op", "run_backend"]
+__all__ = ["OP_NAME", "RESOLVED_BACKENDS", "expert_choice_topk_impl", "expert_choice_topk_op",
+           "op_arguments"]
 
 
-def run_backend(
-    backend: str,
+def expert_choice_topk_impl(
     router_logits: torch.Tensor,
     top_k: int,
     capacity_factor: float,
-    *,
     renormalize: bool,
     scoring_func: str,
     num_expert_group: Optional[int],
@@ -64,16 +63,21 @@ def run_backend(
     correction_bias: Optional[torch.Tensor],
     routed_scaling_factor: Optional[float],
     apply_routed_scaling_factor_on_output: bool,
-    num_token_non_padded: Optional[Union[torch.Tensor, int]],
+    num_token_non_padded: Optional[torch.Tensor],
+    num_token_non_padded_int: Optional[int],
     min_tokens: int,
+    backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Call one backend's function, unchanged (the op's real implementation)."""
+    """The op's real implementation: call the resolved backend's function, unchanged. Also
+    called directly (not through the op) when autograd must record the computation."""
     kwargs = dict(
         renormalize=renormalize, scoring_func=scoring_func,
         num_expert_group=num_expert_group, topk_group=topk_group,
         correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
         apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
-        num_token_non_padded=num_token_non_padded, min_tokens=min_tokens,
+        num_token_non_padded=(num_token_non_padded if num_token_non_padded is not None
+                              else num_token_non_padded_int),
+        min_tokens=min_tokens,
     )
     if backend == "cuda":
         from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
@@ -90,32 +94,49 @@ def run_backend(
     )
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
-def expert_choice_topk_op(
+expert_choice_topk_op = torch.library.custom_op(OP_NAME, mutates_args=())(expert_choice_topk_impl)
+
+
+def op_arguments(
     router_logits: torch.Tensor,
     top_k: int,
     capacity_factor: float,
-    renormalize: bool,
-    scoring_func: str,
-    num_expert_group: Optional[int],
-    topk_group: Optional[int],
-    correction_bias: Optional[torch.Tensor],
-    routed_scaling_factor: Optional[float],
-    apply_routed_scaling_factor_on_output: bool,
-    num_token_non_padded: Optional[torch.Tensor],
-    num_token_non_padded_int: Optional[int],
-    min_tokens: int,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Expert-choice top-k with a resolved backend; see the module docstring."""
-    ntnp = num_token_non_padded if num_token_non_padded is not None else num_token_non_padded_int
-    return run_backend(
-        backend, router_logits, top_k, capacity_factor,
-        renormalize=renormalize, scoring_func=scoring_func,
-        num_expert_group=num_expert_group, topk_group=topk_group,
-        correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-        apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
-        num_token_non_padded=ntnp, min_tokens=min_tokens,
+    *,
+    renormalize: bool = True,
+    scoring_func: str = "softmax",
+    num_expert_group: Optional[int] = None,
+    topk_group: Optional[int] = None,
+    correction_bias: Optional[torch.Tensor] = None,
+    routed_scaling_factor: Optional[float] = None,
+    apply_routed_scaling_factor_on_output: bool = False,
+    num_token_non_padded: Optional[Union[torch.Tensor, int]] = None,
+    min_tokens: int = 0,
+) -> tuple:
+    """The op's positional arguments for ``expert_choice_topk``'s keyword arguments: an int
+    ``num_token_non_padded`` travels as ``num_token_non_padded_int``, a tensor as
+    ``num_token_non_padded``; Python scalars are normalised to the schema's types."""
+    if num_token_non_padded is None or isinstance(num_token_non_padded, torch.Tensor):
+        ntnp_tensor, ntnp_int = num_token_non_padded, None
+    elif isinstance(num_token_non_padded, torch.SymInt) or type(num_token_non_padded) is int:
+        ntnp_tensor, ntnp_int = None, num_token_non_padded  # a SymInt stays symbolic
+    else:
+        ntnp_tensor, ntnp_int = None, int(num_token_non_padded)  # numpy ints, bools
+    return (
+        router_logits,
+        int(top_k),
+        float(capacity_factor),
+        bool(renormalize),
+        scoring_func,
+        None if num_expert_group is None else int(num_expert_group),
+        None if topk_group is None else int(topk_group),
+        correction_bias,
+        None if routed_scaling_factor is None else float(routed_scaling_factor),
+        bool(apply_routed_scaling_factor_on_output),
+        ntnp_tensor,
+        ntnp_int,
+        int(min_tokens),
+        backend,
     )
 
 
