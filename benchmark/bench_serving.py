@@ -125,6 +125,7 @@ class Bench:
         self.t0 = time.time()
         self.deadline = self.t0 + args.max_seconds
         self.costs = []  # seconds per finished server (start + measurement)
+        self.group_s = []  # seconds per group of servers started together (start + measurement)
         self.prestarted = {}  # name -> (Server, error) started together by prestart()
         self.notes = []
         self.res = {"qwen": {}, "doge": {}, "eplb": {}}
@@ -216,6 +217,9 @@ class Bench:
             for r in range(self.args.repeats):
                 for name, srv in (group if r % 2 == 0 else group[::-1]):
                     with _running(srv):
+                        # the first request after SIGCONT pays the wake-up (scheduler loop,
+                        # caches): a small untimed one takes it, so t(1) does not
+                        self.generate(srv, self._prompts_for(vocab, 1, 998), 1)
                         reps[name].setdefault(bs, []).append(self._repeat(srv, vocab, bs, r))
             for name, _ in group:
                 reps[name][bs] = self._point(bs, reps[name][bs], name)
@@ -375,7 +379,10 @@ class Bench:
         q.update(vocab=vocab, batch_sizes=a.batch_sizes,
                  model=f"{a.qwen_size}: {experts} experts, top-{cfg['num_experts_per_tok']}, "
                        f"{cfg['num_hidden_layers']} layers")
-        runs = (("tc", False, common), ("ec", True, common + ec))
+        # tc: upstream alone (no plugin); tcp: plugin loaded, expert choice off (a control: it
+        # runs the same kernels as tc, so tcp/tc shows what the plugin's presence and the
+        # measurement's noise alone do); ec: the flag on
+        runs = (("tc", False, common), ("tcp", True, common), ("ec", True, common + ec))
         if a.concurrent_start:
             ec_lines = lambda srv: {"ec_log_lines": sum(  # noqa: E731
                 "routes with expert choice" in ln for ln in srv.log().splitlines())}
@@ -400,6 +407,7 @@ class Bench:
                      f"{'ok' if ok else 'CHECK FAILED'}")
         if ec_r and not ec_r.get("error") and not ec_r.get("ec_log_lines"):
             self.note("qwen_ec: the server log has no 'routes with expert choice' line")
+        self.write()  # with the check: the ratios are printed only when it passed
 
     def part_doge(self):
         a = self.args
@@ -432,7 +440,14 @@ class Bench:
             specs = [(f"doge_n{n}_{b}", path, common + ["--omni-router-backend", b], True)
                      for b in backends]
             if a.concurrent_start:
+                left, need = self.deadline - time.time(), max(self.group_s, default=0.0)
+                if need > left:  # a group cut by the call's time limit would leave nothing
+                    self.note(f"doge n={n}: skipped, the last group took {need:.0f} s and "
+                              f"{left:.0f} s of --max-seconds are left")
+                    continue
+                t0 = time.time()
                 got = self.run_group(specs, vocab, a.doge_batch_sizes, one_by_one=False)
+                self.group_s.append(time.time() - t0)
                 runs.update({b: got[f"doge_n{n}_{b}"] for b in backends})
             else:
                 for b in backends:
@@ -456,7 +471,7 @@ class Bench:
                     r["check"] = {"vs": base, "equal": same, "of": CHECK_PROMPTS,
                                   "ok": same >= CHECK_MIN_AGREE}
                     self.log(f"doge n={n} check {b} vs {base}: {same}/{CHECK_PROMPTS} equal")
-        self.write()
+            self.write()  # after every n: a run cut short by the call's limit keeps what it got
 
     def part_eplb(self):
         a = self.args
@@ -516,17 +531,27 @@ class Bench:
             md.append("check: " + (f"{chk['what']}: {chk['equal']}/{chk['of']} identical -> "
                                    f"{'ok' if ok else 'CHECK FAILED'}" if chk else
                                    "not run (a server failed) -> no ratios") + "\n")
-            md.append("| B | TC prefill tok/s | EC prefill tok/s | EC/TC prefill | TC decode tok/s "
-                      "| EC decode tok/s | EC/TC decode |")
-            md.append("|---:|---:|---:|---:|---:|---:|---:|")
+            md.append("TC = upstream SGLang without the plugin; TC+p = plugin loaded, expert "
+                      "choice off (same kernels as TC: TC+p/TC shows the plugin's presence plus "
+                      "the measurement noise); spread = (max - min) / median of the repeats.\n")
+            md.append("| B | phase | TC tok/s | TC+p tok/s | EC tok/s | TC+p/TC | EC/TC | EC/TC+p "
+                      "| spread TC, TC+p, EC |")
+            md.append("|---:|---|---:|---:|---:|---:|---:|---:|---|")
             byb = lambda r: {p["B"]: p for p in r.get("points", [])}  # noqa: E731
-            t, e = byb(tc), byb(ec)
+            t, c, e = byb(tc), byb(q.get("tcp") or {}), byb(ec)
+
+            def spread(pt, ph):
+                xs = [x for x in pt.get(ph.replace("tok_s", "samples"), []) if x == x]
+                return fmt((max(xs) - min(xs)) / statistics.median(xs), ".0%") if xs else "-"
+
             for bs in sorted(set(t) | set(e)):
-                cells = [str(bs)]
                 for ph in ("prefill_tok_s", "decode_tok_s"):
-                    x, y = t.get(bs, {}).get(ph, NAN), e.get(bs, {}).get(ph, NAN)
-                    cells += [fmt(x), fmt(y), fmt(y / x, ".3f") if ok else "CHECK FAILED"]
-                md.append("| " + " | ".join(cells) + " |")
+                    x, z, y = (r.get(bs, {}).get(ph, NAN) for r in (t, c, e))
+                    ratio = lambda a, b: fmt(a / b, ".3f") if ok else "CHECK FAILED"  # noqa: E731
+                    cells = [str(bs), ph.split("_")[0], fmt(x), fmt(z), fmt(y), ratio(z, x),
+                             ratio(y, x), ratio(y, z),
+                             ", ".join(spread(r.get(bs, {}), ph) for r in (t, c, e))]
+                    md.append("| " + " | ".join(cells) + " |")
             md.append("")
         d = self.res["doge"]
         doge_runs = {n: runs for n, runs in d.get("runs", {}).items() if runs}
@@ -609,7 +634,7 @@ class Bench:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
         q = self.res["qwen"]
-        for key, color in (("tc", "tab:blue"), ("ec", "tab:red")):
+        for key, color in (("tc", "tab:blue"), ("tcp", "tab:cyan"), ("ec", "tab:red")):
             pts = (q.get(key) or {}).get("points", [])
             for ph, style in (("prefill", "-"), ("decode", "--")):
                 xs = [p["B"] for p in pts if p[ph + "_tok_s"] == p[ph + "_tok_s"]]
