@@ -26,6 +26,13 @@ loops of (time / calls) is reported, so graph-launch overhead is amortised and e
 the call's in-graph device cost including the gaps between its kernels. Inputs stay the same
 buffer across calls (at T=32768, E=256 the 16 MB of bf16 logits fit in the 50 MB L2).
 
+Correctness in the same run: before timing a point, every method's output is compared with
+our reference (expert choice: ids equal, weights within 1e-6; token choice: ids equal up to
+exact ties, weights within 1e-5). A ratio or goal involving a method that failed prints
+"n/a (correctness check failed: ...)" instead of a number, and the script exits with status 1.
+``ec_dense`` is not checked: it is the baseline, defined by its own code (its fallback may
+repeat an expert within a token, which our contract forbids).
+
 Prints a table (microseconds per call) with ratios,
 checks the goals, and writes bench_routing.{json,md} and bench_routing.png to --out.
 
@@ -34,11 +41,9 @@ checks the goals, and writes bench_routing.{json,md} and bench_routing.png to --
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,21 +52,33 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference  # noqa: E402
+import harness  # noqa: E402
+from harness import Checks, md_table, time_graph, torch_token_choice  # noqa: E402
+
+from sglang_moe_routing.expert_choice.reference import (  # noqa: E402
+    expert_choice_topk_reference,
+    token_choice_topk_reference,
+)
 
 T_VALUES = [1, 32, 128, 1024, 8192, 32768]
-E_VALUES = [8, 64, 128, 256]
+E_VALUES = [8, 64, 128, 256, 384]
 K_VALUES = [2, 8]
 CF = 1.25
 PATHS = ("one_launch", "three_launch")
+# The ">= 10x vs the seeds' dense algorithm" goal as issue 12 states it: every T >= 8192,
+# E in {64, 128, 256, 384}, k 8.
+DENSE_GOAL = {"min_T": 8192, "E": (64, 128, 256, 384), "k": (8,)}
 
 
 def seeds_dense_expert_choice(logits: torch.Tensor, k: int, cf: float = CF):
-    """The seeds' algorithm as written (a baseline, not our contract: its fallback may repeat
-    an expert within a token): ``p = softmax(logits)``; ``C = min(T, max(1, ceil(T*k/E*cf)))``;
-    each expert's top-C tokens scattered into a zero ``[T, E]`` matrix; each token's top-k of
-    that matrix, a zero weight replaced by the token's own top-k value and id; renormalised."""
+    """The seeds' algorithm exactly as written (a baseline, not our contract: its fallback may
+    repeat an expert within a token): ``p = softmax(logits.float())``;
+    ``C = min(T, max(1, ceil(T*k/E*cf)))``; ``es, et = topk(p.t(), C, dim=1)``; a zero
+    ``[T, E]`` matrix scattered with ``es`` at ``et``; ``w, ids = topk(matrix, k, dim=1)``;
+    where a weight is 0, the token's own ``topk(p, k)`` value and id instead; renormalised.
+    Returns ``(w, ids)`` with ``ids`` int64 as ``topk`` gives them (no cast the seeds do not do)."""
     t, e = logits.shape
     p = torch.softmax(logits.float(), dim=-1)
     c = min(t, max(1, math.ceil(t * k / e * cf)))
@@ -73,14 +90,7 @@ def seeds_dense_expert_choice(logits: torch.Tensor, k: int, cf: float = CF):
     empty = w == 0
     w = torch.where(empty, tw, w)
     ids = torch.where(empty, tids, ids)
-    return w / w.sum(dim=-1, keepdim=True), ids.to(torch.int32)
-
-
-def torch_token_choice(logits: torch.Tensor, k: int):
-    w = torch.softmax(logits.float(), dim=-1)
-    w, ids = torch.topk(w, k, dim=-1)
-    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-    return w, ids.to(torch.int32)
+    return w / w.sum(dim=-1, keepdim=True), ids
 
 
 SGLANG_DIR = Path(os.environ.get("SGLANG_MOE_YARDSTICK_DIR", REPO / ".sgl_yardstick"))
@@ -107,7 +117,6 @@ def sglang_topk_softmax(sglang_dir=None):
         except Exception:  # noqa: BLE001
             continue
     if fn is None and sglang_dir.is_dir():
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         try:
             import sglang_yardstick
 
@@ -122,47 +131,8 @@ def sglang_topk_softmax(sglang_dir=None):
     return fn
 
 
-def time_graph(fn, inner: int = 20, min_ms: float = 10.0, repeats: int = 5) -> float:
-    """Median device microseconds per call of ``fn``.
-
-    ``inner`` back-to-back calls are captured in one CUDA graph (as a model's layers sit in
-    one decode graph), so the graph-launch overhead is amortised and the number is the
-    call's in-graph cost, launch gaps between its kernels included.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    stop.record()
-    stop.synchronize()
-    per = start.elapsed_time(stop)
-    iters = max(3, min(500, int(min_ms / max(per, 1e-4))))
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(iters):
-            graph.replay()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) * 1000.0 / (iters * inner))
-    del graph
-    return statistics.median(samples)
-
-
 def build_methods(logits, k, skip, paths=PATHS, sglang_dir=None):
+    """name -> fn() returning ``(weights, ids)``, one entry per column of the table."""
     from sglang_moe_routing.expert_choice import cuda as ec_cuda
     from sglang_moe_routing.expert_choice import triton_kernel as ec_triton
 
@@ -174,7 +144,7 @@ def build_methods(logits, k, skip, paths=PATHS, sglang_dir=None):
     if sg is not None:
         tw = torch.empty(logits.shape[0], k, dtype=torch.float32, device=logits.device)
         ti = torch.empty(logits.shape[0], k, dtype=torch.int32, device=logits.device)
-        m["sglang_tc"] = lambda: sg(tw, ti, logits, True)
+        m["sglang_tc"] = lambda: (sg(tw, ti, logits, True), tw, ti)[1:]
     m["fused_tc"] = lambda: ec_cuda.token_choice_topk_cuda(logits, k)
     m["ec_dense"] = lambda: seeds_dense_expert_choice(logits, k)
     if "ec_ref" not in skip:
@@ -188,6 +158,39 @@ def build_methods(logits, k, skip, paths=PATHS, sglang_dir=None):
         m[f"ec_cuda_{path}"] = (lambda path=path: ec_cuda.expert_choice_topk_cuda(
             logits, k, CF, num_token_non_padded=n_dev, path=path))
     return m
+
+
+# Methods checked against the token-choice reference (ids up to exact ties); every other
+# ``ec_*`` method except these is checked against the expert-choice reference, exactly.
+TOKEN_CHOICE = ("torch_tc", "sglang_tc", "fused_tc")
+UNCHECKED = ("ec_ref", "ec_dense")  # the reference itself; the seeds' baseline (own contract)
+
+
+def check_methods(checks: Checks, methods: dict, logits, k: int, point: tuple) -> dict:
+    """Run each method once on ``logits`` and record its verdict against the reference under
+    ``(name, *point)``. Returns the methods that ran (one raising here, e.g. a shape it does not
+    support, is dropped from the point with a message, not counted as a wrong answer)."""
+    ref = tc_ref = probs = None
+    kept = {}
+    for name, fn in methods.items():
+        try:
+            w, ids = fn()
+        except Exception as exc:  # noqa: BLE001
+            print(f"  {name} T={point[0]} E={point[1]} k={k} failed: {exc}")
+            continue
+        kept[name] = fn
+        if name in UNCHECKED:
+            continue
+        if name in TOKEN_CHOICE:
+            if tc_ref is None:
+                tc_ref = token_choice_topk_reference(logits, k)
+                probs = torch.softmax(logits.float(), dim=-1)
+            checks.record((name, *point), harness.compare_token_choice(w, ids, probs, *tc_ref))
+        else:
+            if ref is None:
+                ref = expert_choice_topk_reference(logits, k, CF)
+            checks.record((name, *point), harness.compare_routing(w, ids, *ref, atol=1e-6))
+    return kept
 
 
 def profile_kernels(points, out_dir: Path):
@@ -215,46 +218,32 @@ def profile_kernels(points, out_dir: Path):
     (out_dir / "bench_kernels.txt").write_text(text + "\n")
 
 
-def plot(results, out_png: Path):
-    import matplotlib
+PLOT_COLORS = {"torch_tc": "tab:blue", "sglang_tc": "tab:cyan", "fused_tc": "tab:green",
+               "ec_dense": "tab:brown", "ec_ref": "tab:purple", "ec_triton": "tab:orange",
+               "ec_cuda": "tab:red"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    methods = [m for m in ("torch_tc", "sglang_tc", "fused_tc", "ec_dense", "ec_ref", "ec_triton",
-                           "ec_cuda")
-               if any(m in r["us"] for r in results)]
-    colors = {"torch_tc": "tab:blue", "sglang_tc": "tab:cyan", "fused_tc": "tab:green",
-              "ec_dense": "tab:brown", "ec_ref": "tab:purple", "ec_triton": "tab:orange",
-              "ec_cuda": "tab:red"}
+def plot(results, out_png: Path, device: str = "GPU"):
+    methods = [m for m in PLOT_COLORS if any(m in r["us"] for r in results)]
+    panels = []
     es = sorted({r["E"] for r in results})
-    fig, axes = plt.subplots(1, len(es), figsize=(4.2 * len(es), 4), sharey=True)
-    axes = axes if len(es) > 1 else [axes]
-    for ax, e in zip(axes, es):
+    for e in es:
+        lines = []
         for m in methods:
             for k, style in ((8, "-"), (2, ":")):
                 pts = sorted((r["T"], r["us"][m]) for r in results
                              if r["E"] == e and r["k"] == k and m in r["us"])
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
-                            markersize=3, color=colors.get(m),
-                            label=f"{m} k={k}" if e == es[0] else None)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"E={e}")
-        ax.set_xlabel("tokens T")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("latency per call (us, CUDA graph replay)")
-    fig.suptitle("Routing latency on H100 (bf16 logits; solid k=8, dotted k=2)", fontsize=10)
-    fig.legend(loc="lower center", ncol=6, fontsize=7)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(out_png, dpi=120)
+                    lines.append((f"{m} k={k}" if e == es[0] else None, [p[0] for p in pts],
+                                  [p[1] for p in pts], style, PLOT_COLORS[m]))
+        panels.append({"title": f"E={e}", "xlabel": "tokens T", "lines": lines})
+    harness.line_panels(panels, out_png, ylabel="latency per call (us, CUDA graph replay)",
+                        suptitle=f"Routing latency on {device} (bf16 logits; solid k=8, dotted k=2)")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmark/out")
-    ap.add_argument("--quick", action="store_true", help="fewer points (T<=8192, E in 64, 256)")
+def build_parser():
+    ap = harness.base_parser(__doc__)
+    ap.set_defaults(out="benchmark/out")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-paths", action="store_true",
                     help="do not time the two CUDA paths forced (only the shape-chosen one)")
@@ -262,19 +251,139 @@ def main():
                     help="staged SGLang topk_softmax sources (sglang_yardstick.py --stage), used "
                          "for sglang_tc when SGLang is not installed (default %(default)s)")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG from a results file")
-    args = ap.parse_args()
+    return ap
+
+
+def grid(quick: bool):
+    """(T values, E values): the full grid, or with --quick T <= 8192 and E in 64, 256."""
+    return ([t for t in T_VALUES if not quick or t <= 8192],
+            [e for e in E_VALUES if not quick or e in (64, 256)])
+
+
+def in_dense_goal(T: int, E: int, k: int) -> bool:
+    return T >= DENSE_GOAL["min_T"] and E in DENSE_GOAL["E"] and k in DENSE_GOAL["k"]
+
+
+def tables(results, checks: Checks, paths=PATHS):
+    """(markdown text, goal summary) from the measured rows; every ratio and goal goes through
+    ``checks`` (refused where a party failed its correctness check)."""
+    nan = float("nan")
+    have_sg = any("sglang_tc" in r["us"] for r in results)
+    yard_name = "sglang_tc" if have_sg else "fused_tc"
+    yard_label = "SGLang TC" if have_sg else "fused TC"
+    print(f"# fused-TC yardstick of the goal check: {'sglang_tc' if have_sg else 'fused_tc (ours)'}")
+
+    header = ["T", "E", "k", "torch TC", "SGLang TC", "fused TC", "EC dense (seeds)", "EC ref.py",
+              "EC Triton", "EC CUDA", "CUDA/torchTC", "CUDA/sglangTC", "CUDA/fusedTC",
+              "fusedTC/sglangTC", "dense/CUDA", "ref/CUDA", "Triton/torchTC", "ref/Triton"]
+    rows = []
+    goals = {"no_slower_than_torch_tc": [], "10x_vs_seeds_dense_T>=8192_E64-384_k8": [],
+             "T128_E64_k8_under_8us": [], "within_1.2x_fused_tc": []}
+    if have_sg:
+        goals["within_1.2x_fused_tc_ours"] = []  # informational: our kernel as yardstick
+    for r in results:
+        u = r["us"]
+        pt = (r["T"], r["E"], r["k"])
+        g = lambda n: u.get(n, nan)  # noqa: E731
+        key = lambda n: (n, *pt)  # noqa: E731
+        c, tt, ft, ref, tri = g("ec_cuda"), g("torch_tc"), g("fused_tc"), g("ec_ref"), g("ec_triton")
+        st, dense = g("sglang_tc"), g("ec_dense")
+        ratio = checks.ratio
+        rows.append([*pt] + [harness.fmt(v, ".1f") for v in (tt, st, ft, dense, ref, tri, c)] + [
+            ratio(c, tt, key("ec_cuda"), key("torch_tc")),
+            ratio(c, st, key("ec_cuda"), key("sglang_tc")),
+            ratio(c, ft, key("ec_cuda"), key("fused_tc")),
+            ratio(ft, st, key("fused_tc"), key("sglang_tc")),
+            ratio(dense, c, key("ec_cuda"), spec=".1f"),
+            ratio(ref, c, key("ec_cuda"), spec=".1f"),
+            ratio(tri, tt, key("ec_triton"), key("torch_tc")),
+            ratio(ref, tri, key("ec_triton"), spec=".1f"),
+        ])
+        ok = checks.ok(key("ec_cuda"))
+        goals["no_slower_than_torch_tc"].append(
+            (*pt, ok and checks.ok(key("torch_tc")) and c <= tt))
+        if in_dense_goal(*pt):
+            goals["10x_vs_seeds_dense_T>=8192_E64-384_k8"].append((*pt, ok and dense >= 10 * c))
+        if pt == (128, 64, 8):
+            goals["T128_E64_k8_under_8us"].append((*pt, ok and c < 8.0))
+        y = u.get(yard_name, nan)
+        goals["within_1.2x_fused_tc"].append(
+            (*pt, ok and checks.ok(key(yard_name)) and c <= 1.2 * y))
+        if have_sg:
+            goals["within_1.2x_fused_tc_ours"].append(
+                (*pt, ok and checks.ok(key("fused_tc")) and c <= 1.2 * ft))
+    table = md_table(header, rows)
+    print("\n" + table)
+
+    # Path columns: which CUDA path should run at each point (cuda.choose_path).
+    vnames = ["ec_cuda"] + [f"ec_cuda_{p}" for p in paths]
+    vheader = ["T", "E", "k", yard_label] + vnames + ["best", f"best/{yard_label.replace(' ', '')}"]
+    vheader += ["best/fusedTC"] if have_sg else []
+    vrows = []
+    vgoals = {n: [0, 0, 0] for n in vnames}  # (within 1.2x yardstick, <= default, points)
+    for r in results:
+        u = r["us"]
+        pt = (r["T"], r["E"], r["k"])
+        y, ft = u.get(yard_name, nan), u.get("fused_tc", nan)
+        have = {n: u[n] for n in vnames if n in u}
+        if not have:
+            continue
+        best = min(have, key=have.get)
+        for n, v in have.items():
+            vgoals[n][0] += checks.ok((n, *pt)) and v <= 1.2 * y
+            vgoals[n][1] += checks.ok((n, *pt)) and v <= u.get("ec_cuda", float("inf")) * 1.02
+            vgoals[n][2] += 1
+        vrows.append([*pt, harness.fmt(y, ".1f")]
+                     + [harness.fmt(u[n], ".1f") if n in u else "-" for n in vnames]
+                     + [best.replace("ec_cuda_", "") if best != "ec_cuda" else "default",
+                        checks.ratio(have[best], y, (best, *pt), (yard_name, *pt))]
+                     + ([checks.ratio(have[best], ft, (best, *pt), ("fused_tc", *pt))]
+                        if have_sg else []))
+    vtable = md_table(vheader, vrows)
+    print("\n# CUDA paths (us; default = cuda.choose_path by shape)\n" + vtable)
+    for n, (w12, le, npts) in vgoals.items():
+        print(f"{n}: within 1.2x {yard_label} at {w12}/{npts}; no slower than default (+2%) at {le}/{npts}")
+
+    print("\n# goals (EC CUDA kernel; a point whose check failed counts as missed)")
+    summary = {}
+    for name, pts in goals.items():
+        ok = sum(1 for *_, v in pts if v)
+        fails = [f"T={t},E={e},k={k}" + (" (correctness check failed)" if not checks.ok(("ec_cuda", t, e, k)) else "")
+                 for t, e, k, v in pts if not v]
+        summary[name] = {"met": ok, "of": len(pts), "missed": fails}
+        note = ""
+        if name == "within_1.2x_fused_tc":
+            summary[name]["yardstick"] = yard_name
+            note = f" [yardstick: {yard_name}]"
+        elif name == "within_1.2x_fused_tc_ours":
+            summary[name]["yardstick"] = "fused_tc"
+            note = " [informational: our fused TC as yardstick]"
+        elif name.startswith("10x_vs_seeds_dense"):
+            summary[name]["baseline"] = "ec_dense (seeds_dense_expert_choice)"
+            note = " [baseline: ec_dense, the seeds' algorithm]"
+        print(f"{name}{note}: {ok}/{len(pts)} met"
+              + (f"; missed at {', '.join(fails[:12])}" if fails else ""))
+    return table + "\n\n" + vtable, summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
-        plot(json.loads(Path(args.plot_only).read_text())["results"], out_dir / "bench_routing.png")
-        return
+        data = json.loads(Path(args.plot_only).read_text())
+        plot(data["results"], out_dir / "bench_routing.png", data.get("device", "GPU"))
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_routing.py needs a CUDA GPU (--plot-only works without one)")
+        return 2
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
-    print(f"# device: {dev}; torch {torch.__version__}")
+    print(f"# {harness.device_line()}")
     paths = () if args.no_paths else PATHS
-    t_values = [t for t in T_VALUES if not args.quick or t <= 8192]
-    e_values = [e for e in E_VALUES if not args.quick or e in (64, 256)]
+    t_values, e_values = grid(args.quick)
     results = []
+    checks = Checks()
     t_start = time.time()
     for T in t_values:
         for E in e_values:
@@ -284,6 +393,7 @@ def main():
                 inner = 20 if T <= 8192 else 5
                 methods = build_methods(logits, k, skip=(), paths=paths,
                                         sglang_dir=args.sglang_dir)
+                methods = check_methods(checks, methods, logits, k, (T, E, k))
                 for name, fn in methods.items():
                     try:
                         row["us"][name] = time_graph(fn, inner=inner)
@@ -291,101 +401,28 @@ def main():
                         print(f"  {name} T={T} E={E} k={k} failed: {exc}")
                 results.append(row)
                 us = row["us"]
-                print(f"T={T:6d} E={E:4d} k={k}: " + "  ".join(f"{n}={v:8.2f}" for n, v in us.items()),
-                      flush=True)
+                bad = [n for n in us if not checks.ok((n, T, E, k))]
+                print(f"T={T:6d} E={E:4d} k={k}: " + "  ".join(f"{n}={v:8.2f}" for n, v in us.items())
+                      + (f"  CHECK FAILED: {', '.join(bad)}" if bad else ""), flush=True)
     print(f"# measured in {time.time() - t_start:.0f} s")
+    print(checks.summary())
 
-    # Ratio table and goal checks. The fused token-choice yardstick of the 1.2x goal is
-    # SGLang's topk_softmax (sglang_tc) where it was measured, else our fused_tc; the ratio
-    # to fused_tc is printed either way.
-    nan = float("nan")
-    have_sg = any("sglang_tc" in r["us"] for r in results)
-    yard_label = "SGLang TC" if have_sg else "fused TC"
-    print(f"# fused-TC yardstick of the goal check: {'sglang_tc' if have_sg else 'fused_tc (ours)'}")
-
-    def yard(u):
-        return u.get("sglang_tc", u.get("fused_tc", nan))
-
-    hdr = ("| T | E | k | torch TC | SGLang TC | fused TC | EC dense (seeds) | EC ref.py | EC Triton "
-           "| EC CUDA | CUDA/torchTC | CUDA/sglangTC | CUDA/fusedTC | fusedTC/sglangTC | dense/CUDA "
-           "| ref/CUDA | Triton/torchTC | ref/Triton |")
-    lines = [hdr, "|" + "---|" * 18]
-    goals = {"no_slower_than_torch_tc": [], "10x_vs_seeds_dense_T>=8192": [],
-             "T128_E64_k8_under_8us": [], "within_1.2x_fused_tc": []}
-    if have_sg:
-        goals["within_1.2x_fused_tc_ours"] = []  # informational: our kernel as yardstick
-    for r in results:
-        u = r["us"]
-        g = lambda n: u.get(n, nan)  # noqa: E731
-        c, tt, ft, ref, tri = g("ec_cuda"), g("torch_tc"), g("fused_tc"), g("ec_ref"), g("ec_triton")
-        st, dense = g("sglang_tc"), g("ec_dense")
-        lines.append(
-            f"| {r['T']} | {r['E']} | {r['k']} | {tt:.1f} | {st:.1f} | {ft:.1f} | {dense:.1f} | "
-            f"{ref:.1f} | {tri:.1f} | {c:.1f} | {c / tt:.2f} | {c / st:.2f} | {c / ft:.2f} | "
-            f"{ft / st:.2f} | {dense / c:.1f} | {ref / c:.1f} | {tri / tt:.2f} | {ref / tri:.1f} |"
-        )
-        goals["no_slower_than_torch_tc"].append((r["T"], r["E"], r["k"], c <= tt))
-        if r["T"] >= 8192:
-            goals["10x_vs_seeds_dense_T>=8192"].append((r["T"], r["E"], r["k"], dense >= 10 * c))
-        if (r["T"], r["E"], r["k"]) == (128, 64, 8):
-            goals["T128_E64_k8_under_8us"].append((128, 64, 8, c < 8.0))
-        goals["within_1.2x_fused_tc"].append((r["T"], r["E"], r["k"], c <= 1.2 * yard(u)))
-        if have_sg:
-            goals["within_1.2x_fused_tc_ours"].append((r["T"], r["E"], r["k"], c <= 1.2 * ft))
-    table = "\n".join(lines)
-    print("\n" + table)
-
-    # Path columns: which CUDA path should run at each point (cuda.choose_path).
-    vnames = ["ec_cuda"] + [f"ec_cuda_{p}" for p in paths]
-    vlines = [f"| T | E | k | {yard_label} | " + " | ".join(vnames) + f" | best | best/{yard_label.replace(' ', '')} |"
-              + (" best/fusedTC |" if have_sg else ""),
-              "|" + "---|" * (len(vnames) + 6 + have_sg)]
-    vgoals = {n: [0, 0, 0] for n in vnames}  # (within 1.2x yardstick, <= default, points)
-    for r in results:
-        u = r["us"]
-        y, ft = yard(u), u.get("fused_tc", nan)
-        have = {n: u[n] for n in vnames if n in u}
-        if not have:
-            continue
-        best = min(have, key=have.get)
-        for n, v in have.items():
-            vgoals[n][0] += v <= 1.2 * y
-            vgoals[n][1] += v <= u.get("ec_cuda", float("inf")) * 1.02
-            vgoals[n][2] += 1
-        vlines.append(f"| {r['T']} | {r['E']} | {r['k']} | {y:.1f} | "
-                      + " | ".join(f"{u[n]:.1f}" if n in u else "-" for n in vnames)
-                      + f" | {best.replace('ec_cuda_', '') if best != 'ec_cuda' else 'default'}"
-                      + f" | {have[best] / y:.2f} |" + (f" {have[best] / ft:.2f} |" if have_sg else ""))
-    vtable = "\n".join(vlines)
-    print("\n# CUDA paths (us; default = cuda.choose_path by shape)\n" + vtable)
-    for n, (w12, le, npts) in vgoals.items():
-        print(f"{n}: within 1.2x {yard_label} at {w12}/{npts}; no slower than default (+2%) at {le}/{npts}")
-    table = table + "\n\n" + vtable
-    print("\n# goals (EC CUDA kernel)")
-    summary = {}
-    for name, checks in goals.items():
-        ok = sum(1 for *_, v in checks if v)
-        fails = [f"T={t},E={e},k={k}" for t, e, k, v in checks if not v]
-        summary[name] = {"met": ok, "of": len(checks), "missed": fails}
-        note = ""
-        if name == "within_1.2x_fused_tc":
-            summary[name]["yardstick"] = "sglang_tc" if have_sg else "fused_tc"
-            note = f" [yardstick: {summary[name]['yardstick']}]"
-        elif name == "within_1.2x_fused_tc_ours":
-            summary[name]["yardstick"] = "fused_tc"
-            note = " [informational: our fused TC as yardstick]"
-        print(f"{name}{note}: {ok}/{len(checks)} met"
-              + (f"; missed at {', '.join(fails[:12])}" if fails else ""))
+    table, summary = tables(results, checks, paths)
     (out_dir / "bench_routing.md").write_text(f"device: {dev}\n\n{table}\n")
     (out_dir / "bench_routing.json").write_text(json.dumps(
-        {"device": dev, "torch": torch.__version__, "results": results, "goals": summary}, indent=1))
+        {"device": dev, "torch": torch.__version__, "results": results, "goals": summary,
+         "checks": checks.to_json()}, indent=1))
     try:
-        plot(results, out_dir / "bench_routing.png")
+        plot(results, out_dir / "bench_routing.png", dev)
     except Exception as exc:  # noqa: BLE001
         print(f"plot failed: {exc}")
     if not args.no_profile:
         profile_kernels([(128, 64, 8), (8192, 256, 8), (32768, 256, 8)], out_dir)
+    if checks.exit_code():
+        print(checks.summary())
+        print("# exit 1: a correctness check failed in this run; its speed-ups are not printed")
+    return checks.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

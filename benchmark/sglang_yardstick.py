@@ -384,71 +384,75 @@ def load(dest: Path | str = DEFAULT_DIR, verbose: bool = True):
 
 
 # --------------------------------------------------------------------------------------
-# 3. GPU self-check: correctness against torch, CUDA-graph timing
+# 3. GPU self-check: correctness against the reference, CUDA-graph timing
 # --------------------------------------------------------------------------------------
 def check(dest: Path, with_fused: bool) -> int:
+    """Correctness of SGLang's kernel (and ours, ``with_fused``) against the token-choice
+    reference, then CUDA-graph timings; a ratio involving a kernel that failed its check is
+    refused (``harness.Checks``). Returns 1 when a check failed."""
     import torch
 
+    sys.path.insert(0, str(REPO / "python"))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_routing import time_graph, torch_token_choice
+    from harness import Checks, compare_token_choice, md_table, time_graph, torch_token_choice
+
+    from sglang_moe_routing.expert_choice.reference import token_choice_topk_reference
 
     fn = load(dest)
     if fn is None:
         return 1
-    dev = torch.cuda.get_device_name()
-    print(f"# device: {dev}; torch {torch.__version__}")
-    torch.manual_seed(0)
-    points = [(T, E, k) for T in (1, 128, 8192) for E in (8, 64, 256) for k in (2, 8)]
-    bad = 0
-    print("# correctness vs torch (softmax -> topk -> renormalise), bf16 logits")
-    for T, E, k in points:
-        logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
-        w = torch.empty(T, k, dtype=torch.float32, device="cuda")
-        ids = torch.empty(T, k, dtype=torch.int32, device="cuda")
-        fn(w, ids, logits, True)
-        rw, rids = torch_token_choice(logits, k)
-        probs = torch.softmax(logits.float(), dim=-1)
-        diff = ids != rids
-        # A differing id is a tie when it has the same probability as torch's pick.
-        tie = (probs.gather(1, ids.long()) - probs.gather(1, rids.long())).abs() <= 1e-7
-        untied = int((diff & ~tie).sum())
-        dup = int(sum(len(set(r)) != k for r in ids.tolist()))
-        werr = float((w - rw).abs().max())
-        ok = untied == 0 and dup == 0 and werr <= 1e-5
-        bad += not ok
-        print(f"T={T:5d} E={E:3d} k={k}: ids differ {int(diff.sum()):5d} (ties {int((diff & tie).sum())}, "
-              f"untied {untied}), dup rows {dup}, max|dw| {werr:.2e}  {'OK' if ok else 'FAIL'}")
-    print(f"# correctness: {len(points) - bad}/{len(points)} OK")
-
     fused = None
     if with_fused:
         try:
-            sys.path.insert(0, str(REPO / "python"))
             from sglang_moe_routing.expert_choice import cuda as ec_cuda
 
             ec_cuda.load_extension()
             fused = ec_cuda.token_choice_topk_cuda
         except Exception as exc:  # noqa: BLE001
             print(f"fused_tc unavailable: {exc}")
-    print("\n# us per call, CUDA-graph replay (20 calls per graph), bf16 logits")
-    print("| T | E | k | torch TC | sglang TC | fused TC (ours) | torch/sglang | fused/sglang |")
-    print("|---|---|---|---|---|---|---|---|")
-    for T, E, k in [(T, E, k) for T in (1, 128, 1024, 8192, 32768) for E in (8, 64, 256)
-                    for k in (2, 8)]:
+    dev = torch.cuda.get_device_name()
+    print(f"# device: {dev}; torch {torch.__version__}")
+    torch.manual_seed(0)
+    checks = Checks()
+    timed = [(T, E, k) for T in (1, 128, 1024, 8192, 32768) for E in (8, 64, 256) for k in (2, 8)]
+    print("# correctness vs the token-choice reference (ids equal up to exact ties, weights "
+          "within 1e-5), bf16 logits, every timed point")
+    inputs = {}
+    for T, E, k in timed:
         logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
         w = torch.empty(T, k, dtype=torch.float32, device="cuda")
         ids = torch.empty(T, k, dtype=torch.int32, device="cuda")
+        inputs[T, E, k] = logits, w, ids
+        ref = token_choice_topk_reference(logits, k)
+        probs = torch.softmax(logits.float(), dim=-1)
+        fn(w, ids, logits, True)
+        got = {"sglang_tc": (w, ids), "torch_tc": torch_token_choice(logits, k)}
+        if fused is not None:
+            got["fused_tc"] = fused(logits, k)
+        verdicts = {name: checks.record((name, T, E, k), compare_token_choice(gw, gi, probs, *ref))
+                    for name, (gw, gi) in got.items()}
+        print(f"T={T:5d} E={E:3d} k={k}: " + ", ".join(
+            f"{name} {'OK' if v is None else 'FAIL (' + v + ')'}" for name, v in verdicts.items()))
+    print(checks.summary())
+
+    print("\n# us per call, CUDA-graph replay (20 calls per graph), bf16 logits")
+    print(md_table(["T", "E", "k", "torch TC", "sglang TC", "fused TC (ours)", "torch/sglang",
+                    "fused/sglang"], []))
+    for T, E, k in timed:
+        logits, w, ids = inputs[T, E, k]
         inner = 20 if T <= 8192 else 5
         tt = time_graph(lambda: torch_token_choice(logits, k), inner=inner)
         st = time_graph(lambda: fn(w, ids, logits, True), inner=inner)
         ft = (time_graph(lambda: fused(logits, k), inner=inner) if fused is not None
               else float("nan"))
-        print(f"| {T} | {E} | {k} | {tt:.2f} | {st:.2f} | {ft:.2f} | {tt / st:.2f} | {ft / st:.2f} |",
-              flush=True)
-    return 1 if bad else 0
+        row = [T, E, k, f"{tt:.2f}", f"{st:.2f}", f"{ft:.2f}",
+               checks.ratio(tt, st, ("torch_tc", T, E, k), ("sglang_tc", T, E, k)),
+               checks.ratio(ft, st, ("fused_tc", T, E, k), ("sglang_tc", T, E, k))]
+        print("| " + " | ".join(map(str, row)) + " |", flush=True)
+    return checks.exit_code()
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", nargs="?", const=str(DEFAULT_DIR), metavar="DIR",
@@ -458,9 +462,15 @@ def main() -> int:
                     help="build the bf16 module only (no GPU needed with --arch)")
     ap.add_argument("--arch", help="target for --compile-only, e.g. 9.0a (default: local GPU)")
     ap.add_argument("--check", action="store_true",
-                    help="GPU: correctness vs torch and CUDA-graph timings")
+                    help="GPU: correctness vs the token-choice reference and CUDA-graph timings "
+                         "(ratios refused where a check failed; exit 1 then)")
     ap.add_argument("--no-fused", action="store_true", help="--check without our fused TC kernel")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if args.stage:
         return stage(Path(args.stage))
     if args.compile_only:
