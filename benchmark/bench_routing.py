@@ -230,7 +230,7 @@ def plot(results, out_png: Path, device: str = "GPU"):
     for e in es:
         lines = []
         for m in methods:
-            for k, style in ((8, "-"), (2, ":")):
+            for k, style in ((8, "o-"), (2, "o:")):
                 pts = sorted((r["T"], r["us"][m]) for r in results
                              if r["E"] == e and r["k"] == k and m in r["us"])
                 if pts:

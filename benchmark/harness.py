@@ -293,10 +293,6 @@ class Checks:
             return "-"
         return format(num / den, spec) + suffix
 
-    def verdict(self, passed: bool, *keys: Hashable) -> str:
-        """``PASS`` / ``FAIL`` of a goal, or the refusal when a party failed its check."""
-        return self.refusal(*keys) or ("PASS" if passed else "FAIL")
-
     @property
     def failures(self) -> Dict[Hashable, str]:
         return {k: v for k, v in self.verdicts.items() if v is not None}
@@ -407,7 +403,7 @@ def line_panels(panels: Sequence[dict], path, suptitle: str = "", ylabel: str = 
                 ncol_legend: int = 6, figsize_per_panel: Tuple[float, float] = (4.2, 4.0),
                 sharey: bool = True, legend: str = "figure") -> None:
     """Log-log line plots, one panel per dict ``{"title", "xlabel", "lines": [(label, xs, ys,
-    style, color)], "xbase": 2}``; legend below the figure (``legend="figure"``) or in each
+    style, color)], "xbase": 2}`` (``style``: a matplotlib format string such as ``"o-"``); legend below the figure (``legend="figure"``) or in each
     panel (``"panel"``). Writes ``path`` (PNG)."""
     import matplotlib
 
@@ -420,7 +416,8 @@ def line_panels(panels: Sequence[dict], path, suptitle: str = "", ylabel: str = 
     axes = list(axes) if n > 1 else [axes]
     for ax, p in zip(axes, panels):
         for label, xs, ys, style, color in p["lines"]:
-            ax.plot(xs, ys, style, marker="o", markersize=3, color=color, label=label)
+            kw = {} if color is None else {"color": color}
+            ax.plot(xs, ys, style, markersize=3, label=label, **kw)
         ax.set_xscale("log", base=p.get("xbase", 2))
         ax.set_yscale("log")
         ax.set_title(p.get("title", ""))
@@ -461,6 +458,17 @@ def int_list(text: str, flag: str = "value") -> List[int]:
         raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated integers, got {text!r}") from None
     if not out:
         raise argparse.ArgumentTypeError(f"{flag}: expected at least one integer, got {text!r}")
+    return out
+
+
+def choice_list(text: str, choices: Iterable[str], flag: str) -> List[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each one of ``choices``; a clear error naming ``flag``."""
+    choices = list(choices)
+    out = [x.strip() for x in str(text).split(",") if x.strip()]
+    bad = [x for x in out if x not in choices]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(
+            f"{flag}: {', '.join(bad) or 'nothing'} not among {', '.join(choices)}")
     return out
 
 

@@ -1,22 +1,18 @@
 """ExpertComputeProfiler with real CUDA events (core code only; no sglang)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from sglang_moe_routing.eplb.profiler import ExpertComputeProfiler
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+
+from harness import gpu_sleep, queued_event_ms  # noqa: E402
+
+from sglang_moe_routing.eplb.profiler import ExpertComputeProfiler  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-
-
-def _busy(ms: float = 50.0) -> None:
-    """Keep the GPU busy for a while without the host waiting."""
-    if hasattr(torch.cuda, "_sleep"):
-        torch.cuda._sleep(int(ms * 1e6))  # ~1 GHz cycles
-    else:  # pragma: no cover
-        x = torch.randn(4096, 4096, device="cuda")
-        for _ in range(int(ms)):
-            x = x @ x
-            x /= x.norm()
 
 
 def _experts(num_experts, hidden, inter, dtype):
@@ -37,7 +33,7 @@ def test_cuda_events_are_not_waited_for():
     counts = torch.tensor([64, 0, 64, 64], device="cuda", dtype=torch.int32)
     torch.cuda.synchronize()
     prof.begin_step()
-    _busy(200)
+    gpu_sleep(200)
     with prof.kernel(0, counts):
         for e in (0, 2, 3):
             x @ w[e]
@@ -48,21 +44,6 @@ def test_cuda_events_are_not_waited_for():
     assert prof.poll() == 1
     s = prof.get_statistics_summary()
     assert s["tokens"][0].tolist() == [64.0, 0.0, 64.0, 64.0]  # counts came back from the device
-
-
-def _region_ms(fn, reps: int = 5) -> float:
-    """Median event time of ``fn``'s launches, each rep queued behind a sleep (host ahead)."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        _busy(20)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.mark.gpu_timing
@@ -100,7 +81,7 @@ def test_fitted_costs_track_real_kernel_times():
             profiled = p.begin_step()
             if busy:
                 torch.cuda.synchronize()  # bounds the queue; the sleep then keeps the device behind
-                _busy(20)
+                gpu_sleep(20)
             for cls in (0, 1):
                 c = counts[step, 4 * cls : 4 * cls + 4]
                 if profiled:  # as the MoE hook does: events only on profiled passes
@@ -132,7 +113,7 @@ def test_fitted_costs_track_real_kernel_times():
 
     # predictions follow measurements: 4 experts x 2048 tokens per class, timed on their own
     n = torch.full((4,), 2048.0)
-    measured = {c: _region_ms(lambda c=c: run(c, n)) for c in (0, 1)}
+    measured = {c: queued_event_ms(lambda c=c: run(c, n)) for c in (0, 1)}
     predicted = {c: models[c].c_ms + float(models[c].expert_time(n).sum()) for c in (0, 1)}
     for c in (0, 1):
         assert predicted[c] == pytest.approx(measured[c], rel=0.35), (predicted, measured, models)

@@ -192,7 +192,7 @@ def test_auto_backend_is_triton_on_cuda():
     assert resolve_backend(x, 65) == "torch"
 
 
-LANE_CONFIGS = [(1, 16, 4), (2, 16, 4), (1, 32, 4)]  # bench_omni.py LANE_VARIANTS
+LANE_CONFIGS = [(1, 16, 4), (2, 16, 4), (1, 32, 4)]  # omni_variants.py LANE_VARIANTS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
