@@ -29,7 +29,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 NAN = float("nan")

@@ -19,7 +19,8 @@ def test_seeds_dense_baseline_matches_reference_on_distinct_picks():
         x = torch.randn(t, e)
         w, ids = seeds_dense_expert_choice(x, k)
         w_ref, ids_ref = expert_choice_topk_reference(x, k, 1.25)
-        assert ids.shape == (t, k) and ids.dtype == torch.int32
+        # int64 as topk gives them: the seeds do no cast, so the timed baseline does none
+        assert ids.shape == (t, k) and ids.dtype == torch.int64
         torch.testing.assert_close(w.sum(-1), torch.ones(t))
         # tokens whose k slots were all picked by experts: both give the same experts/weights
         picked = torch.zeros(t, e, dtype=torch.bool)
@@ -28,5 +29,5 @@ def test_seeds_dense_baseline_matches_reference_on_distinct_picks():
         picked.scatter_(0, torch.topk(p.t(), c, dim=1).indices.t(), True)
         full = picked.sum(1) >= k
         assert full.any()
-        same = (ids.sort(-1).values == ids_ref.sort(-1).values).all(1)
+        same = (ids.sort(-1).values == ids_ref.long().sort(-1).values).all(1)
         assert same[full].all()
