@@ -245,7 +245,6 @@ def plot(results, path) -> None:
 
 def build_parser():
     ap = harness.base_parser(__doc__)
-    ap.set_defaults(out=os.environ.get("OUT") or "bench_out")
     ap.add_argument("--autotune", action="store_true",
                     help="autotune our kernels per shape (default: the heuristic configs)")
     ap.add_argument("--precompile", type=int, default=0, metavar="WORKERS",

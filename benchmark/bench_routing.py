@@ -37,6 +37,7 @@ Prints a table (microseconds per call) with ratios,
 checks the goals, and writes bench_routing.{json,md} and bench_routing.png to --out.
 
     python benchmark/bench_routing.py --out out/ [--quick] [--sglang-dir .sgl_yardstick]
+    python benchmark/bench_routing.py --t-values 32768,8192 --e-values 64,128,256,384 --k-values 8
 """
 
 from __future__ import annotations
@@ -243,7 +244,6 @@ def plot(results, out_png: Path, device: str = "GPU"):
 
 def build_parser():
     ap = harness.base_parser(__doc__)
-    ap.set_defaults(out="benchmark/out")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-paths", action="store_true",
                     help="do not time the two CUDA paths forced (only the shape-chosen one)")
@@ -251,13 +251,22 @@ def build_parser():
                     help="staged SGLang topk_softmax sources (sglang_yardstick.py --stage), used "
                          "for sglang_tc when SGLang is not installed (default %(default)s)")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG from a results file")
+    ints = lambda flag: (lambda v: harness.int_list(v, flag))  # noqa: E731
+    ap.add_argument("--t-values", type=ints("--t-values"), default=None,
+                    help="T values, measured in the order given (default: the grid's)")
+    ap.add_argument("--e-values", type=ints("--e-values"), default=None, help="E values (default: the grid's)")
+    ap.add_argument("--k-values", type=ints("--k-values"), default=None,
+                    help=f"k values (default: {','.join(map(str, K_VALUES))})")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="start no new point after this many seconds; the tables cover the points measured")
     return ap
 
 
-def grid(quick: bool):
-    """(T values, E values): the full grid, or with --quick T <= 8192 and E in 64, 256."""
-    return ([t for t in T_VALUES if not quick or t <= 8192],
-            [e for e in E_VALUES if not quick or e in (64, 256)])
+def grid(quick: bool, t_values=None, e_values=None):
+    """(T values, E values): the full grid, or with --quick T <= 8192 and E in 64, 256;
+    explicit values (``--t-values`` / ``--e-values``) replace either list."""
+    return (t_values or [t for t in T_VALUES if not quick or t <= 8192],
+            e_values or [e for e in E_VALUES if not quick or e in (64, 256)])
 
 
 def in_dense_goal(T: int, E: int, k: int) -> bool:
@@ -381,13 +390,17 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name()
     print(f"# {harness.device_line()}")
     paths = () if args.no_paths else PATHS
-    t_values, e_values = grid(args.quick)
+    t_values, e_values = grid(args.quick, args.t_values, args.e_values)
     results = []
     checks = Checks()
     t_start = time.time()
+    skipped = 0
     for T in t_values:
         for E in e_values:
-            for k in K_VALUES:
+            for k in args.k_values or K_VALUES:
+                if args.max_seconds is not None and time.time() - t_start > args.max_seconds:
+                    skipped += 1
+                    continue
                 logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
                 row = {"T": T, "E": E, "k": k, "us": {}}
                 inner = 20 if T <= 8192 else 5
@@ -404,7 +417,8 @@ def main(argv=None) -> int:
                 bad = [n for n in us if not checks.ok((n, T, E, k))]
                 print(f"T={T:6d} E={E:4d} k={k}: " + "  ".join(f"{n}={v:8.2f}" for n, v in us.items())
                       + (f"  CHECK FAILED: {', '.join(bad)}" if bad else ""), flush=True)
-    print(f"# measured in {time.time() - t_start:.0f} s")
+    print(f"# measured in {time.time() - t_start:.0f} s"
+          + (f"; {skipped} points not measured (--max-seconds {args.max_seconds:g})" if skipped else ""))
     print(checks.summary())
 
     table, summary = tables(results, checks, paths)

@@ -49,6 +49,20 @@ def flush_l2() -> None:
     _FLUSH.zero_()
 
 
+def warm_up_on_side_stream(fn: Callable[[], object], calls: int) -> None:
+    """Run ``fn`` ``calls`` times on a side stream, as CUDA-graph capture wants (lazy
+    initialisation and allocator pools done outside the capture), then synchronise."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
 def time_graph(fn: Callable[[], object], inner: int = 20, min_ms: float = 10.0,
                repeats: int = 5) -> float:
     """Median device microseconds per call of ``fn``.
@@ -59,13 +73,7 @@ def time_graph(fn: Callable[[], object], inner: int = 20, min_ms: float = 10.0,
     """
     import torch
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    warm_up_on_side_stream(fn, 3)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(inner):
@@ -97,13 +105,7 @@ def graphed(fn: Callable[[], object]) -> Tuple[Callable[[], object], bool]:
     Returns ``(run, captured)``."""
     import torch
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
+    warm_up_on_side_stream(fn, 2)
     try:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):

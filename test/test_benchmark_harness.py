@@ -112,6 +112,12 @@ def test_bench_routing_arguments_and_grid(monkeypatch):
     assert bench_routing.grid(True) == ([1, 32, 128, 1024, 8192], [64, 256])
     t_full, e_full = bench_routing.grid(False)
     assert max(t_full) == 32768 and set(bench_routing.DENSE_GOAL["E"]) <= set(e_full)
+    args = bench_routing.build_parser().parse_args(
+        ["--t-values", "32768,8192", "--k-values", "8", "--max-seconds", "60"])
+    assert bench_routing.grid(args.quick, args.t_values, args.e_values) == ([32768, 8192], e_full)
+    assert (args.k_values, args.max_seconds) == ([8], 60.0)
+    with pytest.raises(SystemExit):
+        bench_routing.build_parser().parse_args(["--e-values", "64,x"])
 
 
 def test_bench_omni_arguments_and_plan(monkeypatch, capsys):
