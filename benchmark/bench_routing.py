@@ -16,9 +16,9 @@ Methods (same GPU, same bf16 logits, each captured in its own CUDA graph and rep
                 seeds' algorithm, so not the goal's baseline)
   ec_triton     our expert-choice Triton kernels
   ec_cuda       our expert-choice CUDA kernels (path chosen by shape, ``cuda.choose_path``)
-  ec_cuda_one_launch / ec_cuda_three_launch
+  ec_cuda_one_launch / ec_cuda_three_launch / ec_cuda_stream
                 the same with the path forced (``--no-paths`` to skip): the columns that
-                decide ``choose_path``'s threshold
+                decide ``choose_path``'s thresholds (stream: no key matrix, ec_stream.cu)
 
 Timing: 20 back-to-back calls (5 at T > 8192) are captured in one CUDA graph, as a model's
 layers sit in one decode graph; the graph is replayed in a timed loop and the median over 5
@@ -54,7 +54,7 @@ T_VALUES = [1, 32, 128, 1024, 8192, 32768]
 E_VALUES = [8, 64, 128, 256]
 K_VALUES = [2, 8]
 CF = 1.25
-PATHS = ("one_launch", "three_launch")
+PATHS = ("one_launch", "three_launch", "stream")
 
 
 def seeds_dense_expert_choice(logits: torch.Tensor, k: int, cf: float = CF):
@@ -262,6 +262,11 @@ def main():
                     help="staged SGLang topk_softmax sources (sglang_yardstick.py --stage), used "
                          "for sglang_tc when SGLang is not installed (default %(default)s)")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG from a results file")
+    ap.add_argument("--t-values", help="comma-separated T values (default: the full grid)")
+    ap.add_argument("--e-values", help="comma-separated E values (default: the full grid)")
+    ap.add_argument("--k-values", help="comma-separated k values (default: 2,8)")
+    ap.add_argument("--paths", help="comma-separated CUDA paths to time forced (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated methods not to time, e.g. ec_ref,ec_triton")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -271,20 +276,25 @@ def main():
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"# device: {dev}; torch {torch.__version__}")
-    paths = () if args.no_paths else PATHS
-    t_values = [t for t in T_VALUES if not args.quick or t <= 8192]
-    e_values = [e for e in E_VALUES if not args.quick or e in (64, 256)]
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    paths = () if args.no_paths else (tuple(args.paths.split(",")) if args.paths else PATHS)
+    t_values = ints(args.t_values) if args.t_values else [t for t in T_VALUES if not args.quick or t <= 8192]
+    e_values = ints(args.e_values) if args.e_values else [e for e in E_VALUES if not args.quick or e in (64, 256)]
+    k_values = ints(args.k_values) if args.k_values else K_VALUES
+    skip = set(filter(None, args.skip.split(",")))
     results = []
     t_start = time.time()
     for T in t_values:
         for E in e_values:
-            for k in K_VALUES:
+            for k in k_values:
                 logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
                 row = {"T": T, "E": E, "k": k, "us": {}}
                 inner = 20 if T <= 8192 else 5
-                methods = build_methods(logits, k, skip=(), paths=paths,
+                methods = build_methods(logits, k, skip=skip, paths=paths,
                                         sglang_dir=args.sglang_dir)
                 for name, fn in methods.items():
+                    if name in skip:
+                        continue
                     try:
                         row["us"][name] = time_graph(fn, inner=inner)
                     except Exception as exc:  # noqa: BLE001

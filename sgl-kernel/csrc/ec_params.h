@@ -46,6 +46,28 @@ struct Params {
   int* out_ids;
 };
 
+// Large-T path without the [E, T] key matrix (ec_stream.cu). Per-expert histograms of the
+// pick keys over `nb` value bins (pass 1), the threshold bin per expert, the bin's composites
+// (key << 32 | ~t) collected into `cand` (pass 2, at most `capc` per expert), the exact
+// threshold among them (or, when the bin holds more than `capc` tokens, by radix passes
+// that recompute the expert's keys from the logits); then the usual route kernel.
+constexpr int kStreamCap = 4096;  // candidates kept per expert (default)
+
+// Bins per expert: E * nb * 4 bytes of shared memory per CTA in pass 1 (<= 128 KB).
+inline int stream_bins(int E) { return E <= 128 ? 256 : (E <= 256 ? 128 : 64); }
+
+struct StreamWs {
+  uint32_t* hist;            // [E * nb], zero on entry
+  uint32_t* ncand;           // [E], zero on entry
+  int* st_mode;              // [E]: 0 = thr written, 1 = select among cand, 2 = overflow
+  int* st_bin;               // [E] threshold bin
+  uint32_t* st_r;            // [E] rank (1-based) of the threshold inside its bin
+  unsigned long long* cand;  // [E * capc]
+  int nb;                    // bins per expert (stream_bins)
+  int sh;                    // key bits per bin (bins cover 32 binades from 2^-30)
+  int capc;                  // candidate slots per expert
+};
+
 // Launchers (ec_score.cu, ec_select.cu, ec_route.cu). `pow2` = next power of two >= E.
 void launch_score(const Params& p, int kind, int pow2, cudaStream_t stream);
 void launch_select(const Params& p, bool pdl, cudaStream_t stream);
@@ -53,5 +75,9 @@ void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t st
 // ec_fused.cu, one launch: returns false, launching nothing, where it does not apply
 // (T > kFusedMaxT, pre-Hopper device, shared memory too large).
 bool launch_fused(const Params& p, int kind, int pow2, cudaStream_t stream);
+// ec_stream.cu: the four kernels before the route kernel (which the caller launches next);
+// returns false, launching nothing, where it does not apply (shared memory too small).
+bool launch_stream(const Params& p, const StreamWs& w, int kind, int pow2, bool pdl,
+                   cudaStream_t stream);
 
 }  // namespace ec

@@ -1,0 +1,416 @@
+// Expert-choice step 3 for large T without the [E, T] key matrix: the logits are streamed
+// two times here (plus once more by the route kernel), and only O(E * bins + E * capc)
+// bytes of workspace are written.
+//
+//   pass 1  ec_stream_pass_kernel<MODE 0>: rows as in ec_score.cu (ec_device.cuh row_scores,
+//           bit-exact keys); each eligible (t, e) adds 1 to bin stream_bin(key) of expert e
+//           in a per-CTA shared-memory histogram [E][nb]; the CTA flushes the non-zero bins
+//           to the global histogram with 64-bit atomics (two bins per atomic).
+//   bin     ec_stream_bin_kernel: one warp per expert scans its bins from the top and finds
+//           the bin holding the C-th best key (C from num_token_non_padded, on the device):
+//           rank r inside it; thr = 1 (all eligible) / ~0 (none) are written directly.
+//   pass 2  ec_stream_pass_kernel<MODE 1>: the same rows again; every composite
+//           (key << 32 | ~t) that falls into its expert's threshold bin is appended to the
+//           expert's candidate list (at most capc; the bin's exact count is known, so an
+//           expert whose bin holds more never collects and is marked "overflow").
+//   final   ec_stream_final_kernel: one CTA per expert, radix select (8-bit digits over the
+//           64-bit composite) of the r-th largest candidate; composites are distinct, so the
+//           threshold is that composite exactly. Overflow experts (many equal keys, or an
+//           unusually dense bin) run the same radix select over keys recomputed from the
+//           logits (slow but exact; never on random logits at the sizes benchmarked).
+// The threshold has the meaning of the three-launch path's (pick iff key != 0 and
+// composite >= thr), so the route kernel (ec_route.cu) is reused unchanged.
+//
+// Bins: value bins of the order key, 32 binades from 2^-30 up (nb = 64 / 128 / 256: halves,
+// quarters, eighths of a binade); every key below 2^-30 (tiny, zero, negative) is bin 0 and
+// every key >= 4 is bin nb - 1. Any monotone binning is exact (the bins only decide which
+// tokens become candidates); these keep the threshold bin small for softmax / sigmoid
+// scores.
+#include "ec_device.cuh"
+
+namespace ec {
+namespace {
+
+constexpr uint32_t kBinLoKey = 0xB0800000u;  // order_key(2^-30)
+
+__device__ __forceinline__ int stream_bin(uint32_t key, int sh, int nb) {
+  if (key < kBinLoKey) return 0;
+  const uint32_t b = (key - kBinLoKey) >> sh;
+  return b < static_cast<uint32_t>(nb) ? static_cast<int>(b) : nb - 1;
+}
+
+template <int ITER, int MODE>
+struct PassCfg {
+  static constexpr int THREADS = MODE == 0 ? (ITER >= 16 ? 512 : 1024) : 256;
+};
+
+constexpr int kFinalThreads = 256;
+
+__host__ __device__ __forceinline__ size_t align16s(size_t x) { return (x + 15) & ~size_t(15); }
+
+// Per-warp scratch of row_scores for grouped top-k (as ec_score.cu lays it out).
+template <int WS, int ITER>
+__device__ __forceinline__ GroupScratch group_scratch(const Params& p, unsigned char* base,
+                                                      int nwarps, int warp, int seg) {
+  constexpr int PW = 32 * ITER;
+  constexpr int P = WS * ITER;
+  if (p.num_groups <= 0) return GroupScratch{nullptr, nullptr, nullptr};
+  float* sel = reinterpret_cast<float*>(base) + warp * PW + seg * P;
+  uint32_t* gk = reinterpret_cast<uint32_t*>(base + sizeof(float) * nwarps * PW) + warp * PW + seg * P;
+  unsigned char* gs = base + 8 * nwarps * PW + warp * PW + seg * P;
+  return GroupScratch{sel, gk, gs};
+}
+
+template <int WS, int ITER, typename scalar_t, int MODE>
+__global__ void __launch_bounds__(PassCfg<ITER, MODE>::THREADS)
+    ec_stream_pass_kernel(const Params p, const StreamWs w) {
+  constexpr int RPW = 32 / WS;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int seg = lane / WS;
+  const int sub = lane % WS;
+  const int nwarps = blockDim.x >> 5;
+  const int nbins = p.E * w.nb;
+  uint32_t* hist = reinterpret_cast<uint32_t*>(smem);
+  size_t off = 0;
+  if (MODE == 0) {
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x) hist[i] = 0u;
+    off = align16s(sizeof(uint32_t) * static_cast<size_t>(nbins));
+    __syncthreads();
+  }
+  const GroupScratch scr = group_scratch<WS, ITER>(p, smem + off, nwarps, warp, seg);
+
+  grid_dependency_wait();
+  const long long tv = num_valid_rows(p);
+  int bsel[ITER];
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    const int e = it * WS + sub;
+    bsel[it] = -1;
+    if (MODE == 1 && e < p.E && w.st_mode[e] == 1) bsel[it] = w.st_bin[e];
+  }
+  const int stride = gridDim.x * nwarps * RPW;
+  for (int base = (blockIdx.x * nwarps + warp) * RPW; base < p.T; base += stride) {
+    const int t = base + seg;
+    const bool row_in = t < p.T;
+    float s[ITER];
+    uint32_t rkey[ITER], pkey[ITER];
+    row_scores<WS, ITER, scalar_t>(p, t, sub, row_in, row_in && t < tv, scr, s, rkey, pkey);
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const uint32_t k = pkey[it];
+      if (k == 0u) continue;  // not eligible (also: e >= E, padding row, row out of range)
+      const int e = it * WS + sub;
+      const int b = stream_bin(k, w.sh, w.nb);
+      if (MODE == 0) {
+        atomicAdd(&hist[e * w.nb + b], 1u);
+      } else if (b == bsel[it]) {
+        const uint32_t idx = atomicAdd(&w.ncand[e], 1u);
+        if (idx < static_cast<uint32_t>(w.capc)) {
+          w.cand[static_cast<long long>(e) * w.capc + idx] = pick_composite(k, t);
+        }
+      }
+    }
+  }
+  if (MODE == 0) {
+    __syncthreads();
+    // Two 32-bit bins per 64-bit atomic (a bin's total is <= T < 2^31: no carry).
+    const unsigned long long* h2 = reinterpret_cast<const unsigned long long*>(hist);
+    unsigned long long* g2 = reinterpret_cast<unsigned long long*>(w.hist);
+    for (int i = threadIdx.x; i < nbins / 2; i += blockDim.x) {
+      const unsigned long long v = h2[i];
+      if (v != 0ull) atomicAdd(g2 + i, v);
+    }
+  }
+}
+
+// One warp per expert: the bin holding the C-th best key, and the rank inside it.
+__global__ void __launch_bounds__(256) ec_stream_bin_kernel(const Params p, const StreamWs w) {
+  grid_dependency_wait();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int e = blockIdx.x * 8 + warp;
+  if (e >= p.E) return;  // whole warp
+  const long long tv = num_valid_rows(p);
+  const long long cap = capacity_of(p, tv);
+  const uint32_t* h = w.hist + static_cast<long long>(e) * w.nb;
+  const int bpl = w.nb / 32;  // bins per lane, lane 0 holds the top bins
+  uint32_t lsum = 0u;
+  for (int j = 0; j < bpl; ++j) lsum += h[w.nb - 1 - (lane * bpl + j)];
+  const uint32_t total = __reduce_add_sync(kFull, lsum);
+  if (cap <= 0 || cap >= static_cast<long long>(total)) {
+    if (lane == 0) {
+      p.thr[e] = cap <= 0 ? ~0ull : 1ull;  // nothing / every eligible token is picked
+      w.st_mode[e] = 0;
+      w.st_bin[e] = -1;
+      w.st_r[e] = 0u;
+    }
+    return;
+  }
+  uint32_t incl = lsum;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t o = __shfl_up_sync(kFull, incl, off);
+    if (lane >= off) incl += o;
+  }
+  long long run = static_cast<long long>(incl - lsum);
+  for (int j = 0; j < bpl; ++j) {
+    const int bin = w.nb - 1 - (lane * bpl + j);
+    const long long c = h[bin];
+    if (run < cap && cap <= run + c) {  // exactly one (lane, j): 0 < cap < total
+      w.st_bin[e] = bin;
+      w.st_r[e] = static_cast<uint32_t>(cap - run);
+      w.st_mode[e] = c <= w.capc ? 1 : 2;
+    }
+    run += c;
+  }
+}
+
+struct RadixShared {
+  uint32_t hist[256];
+  uint32_t bin, above, cnt;
+  unsigned long long res;
+};
+
+// The r-th largest (r >= 1) of a set of distinct 64-bit composites, MSB-first 8-bit digits.
+// `for_each(f)` calls f(c) for every element this thread owns (all threads of the CTA call
+// it together; it may use warp collectives with warp-uniform control flow).
+template <typename ForEach>
+__device__ unsigned long long block_radix_rth(ForEach&& for_each, uint32_t r, RadixShared& sh) {
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  unsigned long long prefix = 0ull, pmask = 0ull;
+  int shift = 64;
+  uint32_t cnt = 0u;
+  while (true) {
+    shift -= 8;
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0u;
+    if (tid == 0) {
+      sh.bin = 0u;
+      sh.above = 0u;
+      sh.cnt = 1u;
+    }
+    __syncthreads();
+    for_each([&](unsigned long long c) {
+      if ((c & pmask) == prefix) atomicAdd(&sh.hist[static_cast<uint32_t>(c >> shift) & 255u], 1u);
+    });
+    __syncthreads();
+    if (tid < 32) {
+      uint32_t loc[8];
+      uint32_t lsum = 0u;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        loc[j] = sh.hist[255 - (lane * 8 + j)];
+        lsum += loc[j];
+      }
+      uint32_t incl = lsum;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint32_t o = __shfl_up_sync(kFull, incl, off);
+        if (lane >= off) incl += o;
+      }
+      uint32_t run = incl - lsum;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (run < r && r <= run + loc[j]) {
+          sh.bin = static_cast<uint32_t>(255 - (lane * 8 + j));
+          sh.above = run;
+          sh.cnt = loc[j];
+        }
+        run += loc[j];
+      }
+    }
+    __syncthreads();
+    const uint32_t bin = sh.bin;
+    r -= sh.above;
+    cnt = sh.cnt;
+    prefix |= static_cast<unsigned long long>(bin) << shift;
+    pmask |= 0xffull << shift;
+    __syncthreads();
+    if (cnt <= 1u || shift == 0) break;
+  }
+  if (shift == 0) return prefix;  // every bit fixed: the element itself
+  // One element left with this prefix: read it back.
+  if (tid == 0) sh.res = prefix;
+  __syncthreads();
+  for_each([&](unsigned long long c) {
+    if ((c & pmask) == prefix) sh.res = c;
+  });
+  __syncthreads();
+  return sh.res;
+}
+
+// One CTA per expert: the exact threshold composite.
+template <int WS, int ITER, typename scalar_t>
+__global__ void __launch_bounds__(kFinalThreads) ec_stream_final_kernel(const Params p,
+                                                                        const StreamWs w) {
+  constexpr int RPW = 32 / WS;
+  __shared__ RadixShared sh;
+  extern __shared__ __align__(16) unsigned char smem[];  // row_scores group scratch
+  grid_dependency_wait();
+  const int e = blockIdx.x;
+  const int mode = w.st_mode[e];
+  if (mode == 0) return;  // thr written by ec_stream_bin_kernel
+  const uint32_t r = w.st_r[e];
+  const int tid = threadIdx.x;
+  unsigned long long th;
+  if (mode == 1) {
+    const uint32_t nc = w.ncand[e];
+    const int n = nc < static_cast<uint32_t>(w.capc) ? static_cast<int>(nc) : w.capc;
+    const unsigned long long* c = w.cand + static_cast<long long>(e) * w.capc;
+    th = block_radix_rth(
+        [&](auto&& f) {
+          for (int i = tid; i < n; i += blockDim.x) f(c[i]);
+        },
+        r, sh);
+  } else {
+    // Overflow: recompute expert e's keys of every row, keep those in the threshold bin.
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int seg = lane / WS;
+    const int sub = lane % WS;
+    const int nwarps = blockDim.x >> 5;
+    const GroupScratch scr = group_scratch<WS, ITER>(p, smem, nwarps, warp, seg);
+    const long long tv = num_valid_rows(p);
+    const int bstar = w.st_bin[e];
+    const int e_it = e / WS;
+    const int e_sub = e % WS;
+    th = block_radix_rth(
+        [&](auto&& f) {
+          for (int base = warp * RPW; base < p.T; base += nwarps * RPW) {
+            const int t = base + seg;
+            const bool row_in = t < p.T;
+            float s[ITER];
+            uint32_t rkey[ITER], pkey[ITER];
+            row_scores<WS, ITER, scalar_t>(p, t, sub, row_in, row_in && t < tv, scr, s, rkey,
+                                           pkey);
+            if (sub == e_sub) {
+              uint32_t k = 0u;
+#pragma unroll
+              for (int it = 0; it < ITER; ++it) {
+                if (it == e_it) k = pkey[it];
+              }
+              if (k != 0u && stream_bin(k, w.sh, w.nb) == bstar) f(pick_composite(k, t));
+            }
+          }
+        },
+        r, sh);
+  }
+  if (tid == 0) p.thr[e] = th;
+}
+
+struct StreamDevice {
+  int sms = 0;
+  int smem_optin = 0;
+};
+
+StreamDevice stream_device() {
+  static StreamDevice cache[64];
+  static bool have[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return StreamDevice{};
+  if (!have[dev]) {
+    StreamDevice d;
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cache[dev] = d;
+    have[dev] = true;
+  }
+  return cache[dev];
+}
+
+int blocks_for(int T, int rows_per_cta, int limit) {
+  long long b = (static_cast<long long>(T) + rows_per_cta - 1) / rows_per_cta;
+  if (b > limit) b = limit;
+  return b < 1 ? 1 : static_cast<int>(b);
+}
+
+template <int WS, int ITER, typename scalar_t>
+bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t stream) {
+  constexpr int RPW = 32 / WS;
+  constexpr size_t per_warp_scratch = 32 * ITER * 9;  // sel + gkey + gsel
+  const StreamDevice dev = stream_device();
+  if (dev.sms <= 0) return false;
+  const bool groups = p.num_groups > 0;
+  // Pass 1: the histogram needs E * nb * 4 bytes, plus the group scratch per warp.
+  const size_t hist_bytes = align16s(sizeof(uint32_t) * static_cast<size_t>(p.E) * w.nb);
+  int nw0 = PassCfg<ITER, 0>::THREADS / 32;
+  size_t smem0 = hist_bytes + (groups ? nw0 * per_warp_scratch : 0);
+  while (smem0 > static_cast<size_t>(dev.smem_optin) && groups && nw0 > 4) {
+    nw0 /= 2;
+    smem0 = hist_bytes + nw0 * per_warp_scratch;
+  }
+  if (smem0 > static_cast<size_t>(dev.smem_optin)) return false;
+  constexpr int nw1 = PassCfg<ITER, 1>::THREADS / 32;
+  const size_t smem1 = groups ? nw1 * per_warp_scratch : 0;
+  constexpr int nwf = kFinalThreads / 32;
+  const size_t smemf = groups ? nwf * per_warp_scratch : 0;
+  auto k0 = ec_stream_pass_kernel<WS, ITER, scalar_t, 0>;
+  auto k1 = ec_stream_pass_kernel<WS, ITER, scalar_t, 1>;
+  auto kf = ec_stream_final_kernel<WS, ITER, scalar_t>;
+  static size_t allowed0 = 48 * 1024;  // per instantiation (host-side attribute, capture-safe)
+  if (smem0 > allowed0) {
+    cudaFuncSetAttribute(k0, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem0));
+    allowed0 = smem0;
+  }
+  int occ0 = 0, occ1 = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ0, k0, nw0 * 32, smem0);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ1, k1, nw1 * 32, smem1);
+  if (occ0 < 1 || occ1 < 1) return false;
+
+  // Pass 1: one wave of CTAs (each flushes its histogram once).
+  {
+    LaunchCfg lc(dim3(blocks_for(p.T, nw0 * RPW, dev.sms * occ0)), dim3(nw0 * 32), smem0, pdl,
+                 stream);
+    cudaLaunchKernelEx(&lc.cfg, k0, p, w);
+  }
+  {
+    LaunchCfg lc(dim3((p.E + 7) / 8), dim3(256), 0, pdl, stream);
+    cudaLaunchKernelEx(&lc.cfg, ec_stream_bin_kernel, p, w);
+  }
+  {
+    LaunchCfg lc(dim3(blocks_for(p.T, nw1 * RPW, dev.sms * occ1)), dim3(nw1 * 32), smem1, pdl,
+                 stream);
+    cudaLaunchKernelEx(&lc.cfg, k1, p, w);
+  }
+  {
+    LaunchCfg lc(dim3(p.E), dim3(kFinalThreads), smemf, pdl, stream);
+    cudaLaunchKernelEx(&lc.cfg, kf, p, w);
+  }
+  return true;
+}
+
+template <typename scalar_t>
+bool launch_stream_pow2(const Params& p, const StreamWs& w, int pow2, bool pdl,
+                        cudaStream_t stream) {
+  switch (pow2) {
+    case 1: return launch_stream_t<1, 1, scalar_t>(p, w, pdl, stream);
+    case 2: return launch_stream_t<2, 1, scalar_t>(p, w, pdl, stream);
+    case 4: return launch_stream_t<4, 1, scalar_t>(p, w, pdl, stream);
+    case 8: return launch_stream_t<8, 1, scalar_t>(p, w, pdl, stream);
+    case 16: return launch_stream_t<16, 1, scalar_t>(p, w, pdl, stream);
+    case 32: return launch_stream_t<32, 1, scalar_t>(p, w, pdl, stream);
+    case 64: return launch_stream_t<32, 2, scalar_t>(p, w, pdl, stream);
+    case 128: return launch_stream_t<32, 4, scalar_t>(p, w, pdl, stream);
+    case 256: return launch_stream_t<32, 8, scalar_t>(p, w, pdl, stream);
+    case 512: return launch_stream_t<32, 16, scalar_t>(p, w, pdl, stream);
+    default: return false;
+  }
+}
+
+}  // namespace
+
+bool launch_stream(const Params& p, const StreamWs& w, int kind, int pow2, bool pdl,
+                   cudaStream_t stream) {
+  if (p.token_choice || p.T < 1 || w.nb < 64 || w.capc < 1) return false;
+  switch (kind) {
+    case kFloat32: return launch_stream_pow2<float>(p, w, pow2, pdl, stream);
+    case kFloat16: return launch_stream_pow2<__half>(p, w, pow2, pdl, stream);
+    case kBFloat16: return launch_stream_pow2<__nv_bfloat16>(p, w, pow2, pdl, stream);
+    default: return false;
+  }
+}
+
+}  // namespace ec
