@@ -118,7 +118,7 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   }
   if (!token_choice && stream_path) {
     // Histogram passes over the logits, no [E, T] matrix (ec_stream.cu), then the route.
-    const int nb = ec::stream_bins(static_cast<int>(E));
+    const int nb = ec::stream_bins(static_cast<int>(E), T);
     int capc = ec::kStreamCap;
     // Test hook: fewer candidate slots, to drive the overflow path on small inputs.
     if (const char* env = std::getenv("SGLANG_MOE_EC_STREAM_CAP")) {
@@ -131,6 +131,7 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
     at::Tensor ws = at::zeros({E * nb + E}, opts.dtype(at::kInt));
     at::Tensor st = at::empty({3 * E}, opts.dtype(at::kInt));
     at::Tensor cand = at::empty({E * capc}, opts.dtype(at::kLong));
+    at::Tensor stats = at::empty({T, 4}, opts.dtype(at::kInt));
     ec::StreamWs w{};
     w.hist = reinterpret_cast<uint32_t*>(ws.data_ptr<int>());
     w.ncand = w.hist + E * nb;
@@ -138,8 +139,11 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
     w.st_bin = w.st_mode + E;
     w.st_r = reinterpret_cast<uint32_t*>(w.st_mode + 2 * E);
     w.cand = reinterpret_cast<unsigned long long*>(cand.data_ptr<int64_t>());
+    w.stats = reinterpret_cast<ec::RowStatPacked*>(stats.data_ptr<int>());
     w.nb = nb;
-    w.sh = 28 - (nb == 256 ? 8 : (nb == 128 ? 7 : 6));  // nb bins span 2^28 key units
+    int lg = 0;
+    while ((1 << lg) < nb) ++lg;
+    w.sh = 28 - lg;  // nb bins span 2^28 key units (32 binades)
     w.capc = capc;
     if (ec::launch_stream(p, w, kind, pow2, pdl, stream)) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();

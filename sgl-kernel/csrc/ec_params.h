@@ -53,8 +53,22 @@ struct Params {
 // that recompute the expert's keys from the logits); then the usual route kernel.
 constexpr int kStreamCap = 4096;  // candidates kept per expert (default)
 
-// Bins per expert: E * nb * 4 bytes of shared memory per CTA in pass 1 (<= 128 KB).
-inline int stream_bins(int E) { return E <= 128 ? 256 : (E <= 256 ? 128 : 64); }
+// Bins per expert (nb bins span the 32 binades above 2^-30): at most 128 KB of shared memory
+// per CTA in pass 1 (E * nb * 4 bytes); with many experts, fewer bins at small T, where the
+// flush of the per-CTA histograms (one atomic per non-zero bin pair and CTA) would cost more
+// than the wider threshold bin (more candidates) does.
+inline int stream_bins(int E, long long T) {
+  if (E <= 64) return 256;
+  int nb = 256;
+  while (nb > 32 && static_cast<long long>(E) * nb > 32768) nb >>= 1;
+  const int by_t = T < 16384 ? 32 : (T < 32768 ? 64 : (T < 65536 ? 128 : 256));
+  return nb < by_t ? nb : by_t;
+}
+
+struct RowStatPacked {
+  float m, sum;
+  uint32_t gmask, pad;
+};
 
 struct StreamWs {
   uint32_t* hist;            // [E * nb], zero on entry
@@ -63,6 +77,7 @@ struct StreamWs {
   int* st_bin;               // [E] threshold bin
   uint32_t* st_r;            // [E] rank (1-based) of the threshold inside its bin
   unsigned long long* cand;  // [E * capc]
+  RowStatPacked* stats;      // [T] per-row max, sum, kept-group mask (pass 1 writes them)
   int nb;                    // bins per expert (stream_bins)
   int sh;                    // key bits per bin (bins cover 32 binades from 2^-30)
   int capc;                  // candidate slots per expert

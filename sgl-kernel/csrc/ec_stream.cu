@@ -2,22 +2,26 @@
 // two times here (plus once more by the route kernel), and only O(E * bins + E * capc)
 // bytes of workspace are written.
 //
-//   pass 1  ec_stream_pass_kernel<MODE 0>: rows as in ec_score.cu (ec_device.cuh row_scores,
+//   pass 1  ec_stream_hist_kernel: rows as in ec_score.cu (ec_device.cuh row_scores,
 //           bit-exact keys); each eligible (t, e) adds 1 to bin stream_bin(key) of expert e
 //           in a per-CTA shared-memory histogram [E][nb]; the CTA flushes the non-zero bins
-//           to the global histogram with 64-bit atomics (two bins per atomic).
+//           to the global histogram with 64-bit atomics (two bins per atomic). Each row's
+//           softmax max and sum and kept-group mask are stored (16 bytes per row), so that
+//           later passes recompute any single element's key without the row reductions.
 //   bin     ec_stream_bin_kernel: one warp per expert scans its bins from the top and finds
 //           the bin holding the C-th best key (C from num_token_non_padded, on the device):
 //           rank r inside it; thr = 1 (all eligible) / ~0 (none) are written directly.
-//   pass 2  ec_stream_pass_kernel<MODE 1>: the same rows again; every composite
-//           (key << 32 | ~t) that falls into its expert's threshold bin is appended to the
-//           expert's candidate list (at most capc; the bin's exact count is known, so an
-//           expert whose bin holds more never collects and is marked "overflow").
+//   pass 2  ec_stream_collect_kernel: element-wise over the logits (elem_pick_key, the same
+//           float operations as row_scores); every composite (key << 32 | ~t) that falls
+//           into its expert's threshold bin is appended to the expert's candidate list (at
+//           most capc; the bin's exact count is known, so an expert whose bin holds more
+//           never collects and is marked "overflow").
 //   final   ec_stream_final_kernel: one CTA per expert, radix select (8-bit digits over the
 //           64-bit composite) of the r-th largest candidate; composites are distinct, so the
 //           threshold is that composite exactly. Overflow experts (many equal keys, or an
-//           unusually dense bin) run the same radix select over keys recomputed from the
-//           logits (slow but exact; never on random logits at the sizes benchmarked).
+//           unusually dense bin) run the same radix select over their column's keys
+//           recomputed from the logits and the row statistics (up to 8 strided passes over
+//           the column: slower, exact).
 // The threshold has the meaning of the three-launch path's (pick iff key != 0 and
 // composite >= thr), so the route kernel (ec_route.cu) is reused unchanged.
 //
@@ -39,9 +43,9 @@ __device__ __forceinline__ int stream_bin(uint32_t key, int sh, int nb) {
   return b < static_cast<uint32_t>(nb) ? static_cast<int>(b) : nb - 1;
 }
 
-template <int ITER, int MODE>
-struct PassCfg {
-  static constexpr int THREADS = MODE == 0 ? (ITER >= 16 ? 512 : 1024) : 256;
+template <int ITER>
+struct HistCfg {
+  static constexpr int THREADS = ITER >= 16 ? 512 : 1024;
 };
 
 constexpr int kFinalThreads = 256;
@@ -61,9 +65,9 @@ __device__ __forceinline__ GroupScratch group_scratch(const Params& p, unsigned 
   return GroupScratch{sel, gk, gs};
 }
 
-template <int WS, int ITER, typename scalar_t, int MODE>
-__global__ void __launch_bounds__(PassCfg<ITER, MODE>::THREADS)
-    ec_stream_pass_kernel(const Params p, const StreamWs w) {
+template <int WS, int ITER, typename scalar_t>
+__global__ void __launch_bounds__(HistCfg<ITER>::THREADS)
+    ec_stream_hist_kernel(const Params p, const StreamWs w) {
   constexpr int RPW = 32 / WS;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5;
@@ -73,54 +77,86 @@ __global__ void __launch_bounds__(PassCfg<ITER, MODE>::THREADS)
   const int nwarps = blockDim.x >> 5;
   const int nbins = p.E * w.nb;
   uint32_t* hist = reinterpret_cast<uint32_t*>(smem);
-  size_t off = 0;
-  if (MODE == 0) {
-    for (int i = threadIdx.x; i < nbins; i += blockDim.x) hist[i] = 0u;
-    off = align16s(sizeof(uint32_t) * static_cast<size_t>(nbins));
-    __syncthreads();
-  }
+  for (int i = threadIdx.x; i < nbins; i += blockDim.x) hist[i] = 0u;
+  const size_t off = align16s(sizeof(uint32_t) * static_cast<size_t>(nbins));
   const GroupScratch scr = group_scratch<WS, ITER>(p, smem + off, nwarps, warp, seg);
+  __syncthreads();
 
   grid_dependency_wait();
   const long long tv = num_valid_rows(p);
-  int bsel[ITER];
-#pragma unroll
-  for (int it = 0; it < ITER; ++it) {
-    const int e = it * WS + sub;
-    bsel[it] = -1;
-    if (MODE == 1 && e < p.E && w.st_mode[e] == 1) bsel[it] = w.st_bin[e];
-  }
   const int stride = gridDim.x * nwarps * RPW;
   for (int base = (blockIdx.x * nwarps + warp) * RPW; base < p.T; base += stride) {
     const int t = base + seg;
     const bool row_in = t < p.T;
     float s[ITER];
     uint32_t rkey[ITER], pkey[ITER];
-    row_scores<WS, ITER, scalar_t>(p, t, sub, row_in, row_in && t < tv, scr, s, rkey, pkey);
+    RowStat rs{0.0f, 0.0f, 0u};
+    row_scores<WS, ITER, scalar_t>(p, t, sub, row_in, row_in && t < tv, scr, s, rkey, pkey, &rs);
+    if (row_in && sub == 0) w.stats[t] = RowStatPacked{rs.m, rs.sum, rs.gmask, 0u};
 #pragma unroll
     for (int it = 0; it < ITER; ++it) {
       const uint32_t k = pkey[it];
       if (k == 0u) continue;  // not eligible (also: e >= E, padding row, row out of range)
-      const int e = it * WS + sub;
-      const int b = stream_bin(k, w.sh, w.nb);
-      if (MODE == 0) {
-        atomicAdd(&hist[e * w.nb + b], 1u);
-      } else if (b == bsel[it]) {
-        const uint32_t idx = atomicAdd(&w.ncand[e], 1u);
-        if (idx < static_cast<uint32_t>(w.capc)) {
-          w.cand[static_cast<long long>(e) * w.capc + idx] = pick_composite(k, t);
-        }
-      }
+      atomicAdd(&hist[(it * WS + sub) * w.nb + stream_bin(k, w.sh, w.nb)], 1u);
     }
   }
-  if (MODE == 0) {
-    __syncthreads();
-    // Two 32-bit bins per 64-bit atomic (a bin's total is <= T < 2^31: no carry).
-    const unsigned long long* h2 = reinterpret_cast<const unsigned long long*>(hist);
-    unsigned long long* g2 = reinterpret_cast<unsigned long long*>(w.hist);
-    for (int i = threadIdx.x; i < nbins / 2; i += blockDim.x) {
-      const unsigned long long v = h2[i];
-      if (v != 0ull) atomicAdd(g2 + i, v);
+  __syncthreads();
+  // Two 32-bit bins per 64-bit atomic (a bin's total is <= T < 2^31: no carry).
+  const unsigned long long* h2 = reinterpret_cast<const unsigned long long*>(hist);
+  unsigned long long* g2 = reinterpret_cast<unsigned long long*>(w.hist);
+  for (int i = threadIdx.x; i < nbins / 2; i += blockDim.x) {
+    const unsigned long long v = h2[i];
+    if (v != 0ull) atomicAdd(g2 + i, v);
+  }
+}
+
+// The pick key of element (t, e) alone, from the row statistics of pass 1: the float
+// operations of row_scores (ec_device.cuh) on that element, so the key is bit-identical.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t elem_pick_key(const Params& p, const RowStatPacked& st,
+                                                  int t, int e, bool tok_valid) {
+  const scalar_t* x = reinterpret_cast<const scalar_t*>(p.logits);
+  const float v = load_f(x + static_cast<long long>(t) * p.stride_t +
+                         static_cast<long long>(e) * p.stride_e);
+  const float s = p.scoring == 0 ? expf(v - st.m) / st.sum : 1.0f / (1.0f + expf(-v));
+  float q = p.bias != nullptr ? s + p.bias[e] : s;
+  if (p.num_groups > 0 && ((st.gmask >> (e / (p.E / p.num_groups))) & 1u) == 0u) q = -INFINITY;
+  return (tok_valid && q > -INFINITY) ? order_key(q) : 0u;
+}
+
+// Pass 2: element-wise; composites in their expert's threshold bin become candidates.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256) ec_stream_collect_kernel(const Params p, const StreamWs w) {
+  constexpr int U = 4;  // elements in flight per thread
+  __shared__ int bsel[512];
+  grid_dependency_wait();
+  for (int e = threadIdx.x; e < p.E; e += blockDim.x) bsel[e] = w.st_mode[e] == 1 ? w.st_bin[e] : -1;
+  __syncthreads();
+  const long long tv = num_valid_rows(p);
+  const uint32_t n = static_cast<uint32_t>(p.T) * static_cast<uint32_t>(p.E);  // < 2^31
+  const uint32_t E = static_cast<uint32_t>(p.E);
+  const uint32_t step = gridDim.x * blockDim.x * U;
+  for (uint32_t i0 = blockIdx.x * blockDim.x * U + threadIdx.x; i0 < n; i0 += step) {
+    uint32_t k[U];
+    int tt[U], ee[U], bb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint32_t i = i0 + u * blockDim.x;
+      k[u] = 0u;
+      tt[u] = static_cast<int>(i / E);
+      ee[u] = static_cast<int>(i - static_cast<uint32_t>(tt[u]) * E);
+      bb[u] = i < n ? bsel[ee[u]] : -1;
+      if (bb[u] >= 0) k[u] = elem_pick_key<scalar_t>(p, w.stats[tt[u]], tt[u], ee[u], tt[u] < tv);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (k[u] != 0u && stream_bin(k[u], w.sh, w.nb) == bb[u]) {
+        const int e = ee[u];
+        const uint32_t idx = atomicAdd(&w.ncand[e], 1u);
+        if (idx < static_cast<uint32_t>(w.capc)) {
+          w.cand[static_cast<long long>(e) * w.capc + idx] = pick_composite(k[u], tt[u]);
+        }
+      }
     }
   }
 }
@@ -242,12 +278,10 @@ __device__ unsigned long long block_radix_rth(ForEach&& for_each, uint32_t r, Ra
 }
 
 // One CTA per expert: the exact threshold composite.
-template <int WS, int ITER, typename scalar_t>
+template <typename scalar_t>
 __global__ void __launch_bounds__(kFinalThreads) ec_stream_final_kernel(const Params p,
                                                                         const StreamWs w) {
-  constexpr int RPW = 32 / WS;
   __shared__ RadixShared sh;
-  extern __shared__ __align__(16) unsigned char smem[];  // row_scores group scratch
   grid_dependency_wait();
   const int e = blockIdx.x;
   const int mode = w.st_mode[e];
@@ -265,34 +299,15 @@ __global__ void __launch_bounds__(kFinalThreads) ec_stream_final_kernel(const Pa
         },
         r, sh);
   } else {
-    // Overflow: recompute expert e's keys of every row, keep those in the threshold bin.
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int seg = lane / WS;
-    const int sub = lane % WS;
-    const int nwarps = blockDim.x >> 5;
-    const GroupScratch scr = group_scratch<WS, ITER>(p, smem, nwarps, warp, seg);
+    // Overflow: expert e's keys recomputed from its logits column and the row statistics,
+    // those in the threshold bin kept.
     const long long tv = num_valid_rows(p);
     const int bstar = w.st_bin[e];
-    const int e_it = e / WS;
-    const int e_sub = e % WS;
     th = block_radix_rth(
         [&](auto&& f) {
-          for (int base = warp * RPW; base < p.T; base += nwarps * RPW) {
-            const int t = base + seg;
-            const bool row_in = t < p.T;
-            float s[ITER];
-            uint32_t rkey[ITER], pkey[ITER];
-            row_scores<WS, ITER, scalar_t>(p, t, sub, row_in, row_in && t < tv, scr, s, rkey,
-                                           pkey);
-            if (sub == e_sub) {
-              uint32_t k = 0u;
-#pragma unroll
-              for (int it = 0; it < ITER; ++it) {
-                if (it == e_it) k = pkey[it];
-              }
-              if (k != 0u && stream_bin(k, w.sh, w.nb) == bstar) f(pick_composite(k, t));
-            }
+          for (int t = tid; t < p.T; t += blockDim.x) {
+            const uint32_t k = elem_pick_key<scalar_t>(p, w.stats[t], t, e, t < tv);
+            if (k != 0u && stream_bin(k, w.sh, w.nb) == bstar) f(pick_composite(k, t));
           }
         },
         r, sh);
@@ -332,24 +347,19 @@ bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t 
   constexpr int RPW = 32 / WS;
   constexpr size_t per_warp_scratch = 32 * ITER * 9;  // sel + gkey + gsel
   const StreamDevice dev = stream_device();
-  if (dev.sms <= 0) return false;
+  if (dev.sms <= 0 || p.E > 512 || p.num_groups > 32) return false;
   const bool groups = p.num_groups > 0;
   // Pass 1: the histogram needs E * nb * 4 bytes, plus the group scratch per warp.
   const size_t hist_bytes = align16s(sizeof(uint32_t) * static_cast<size_t>(p.E) * w.nb);
-  int nw0 = PassCfg<ITER, 0>::THREADS / 32;
+  int nw0 = HistCfg<ITER>::THREADS / 32;
   size_t smem0 = hist_bytes + (groups ? nw0 * per_warp_scratch : 0);
   while (smem0 > static_cast<size_t>(dev.smem_optin) && groups && nw0 > 4) {
     nw0 /= 2;
     smem0 = hist_bytes + nw0 * per_warp_scratch;
   }
   if (smem0 > static_cast<size_t>(dev.smem_optin)) return false;
-  constexpr int nw1 = PassCfg<ITER, 1>::THREADS / 32;
-  const size_t smem1 = groups ? nw1 * per_warp_scratch : 0;
-  constexpr int nwf = kFinalThreads / 32;
-  const size_t smemf = groups ? nwf * per_warp_scratch : 0;
-  auto k0 = ec_stream_pass_kernel<WS, ITER, scalar_t, 0>;
-  auto k1 = ec_stream_pass_kernel<WS, ITER, scalar_t, 1>;
-  auto kf = ec_stream_final_kernel<WS, ITER, scalar_t>;
+  auto k0 = ec_stream_hist_kernel<WS, ITER, scalar_t>;
+  auto k1 = ec_stream_collect_kernel<scalar_t>;
   static size_t allowed0 = 48 * 1024;  // per instantiation (host-side attribute, capture-safe)
   if (smem0 > allowed0) {
     cudaFuncSetAttribute(k0, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem0));
@@ -357,7 +367,7 @@ bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t 
   }
   int occ0 = 0, occ1 = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ0, k0, nw0 * 32, smem0);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ1, k1, nw1 * 32, smem1);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ1, k1, 256, 0);
   if (occ0 < 1 || occ1 < 1) return false;
 
   // Pass 1: one wave of CTAs (each flushes its histogram once).
@@ -371,13 +381,13 @@ bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t 
     cudaLaunchKernelEx(&lc.cfg, ec_stream_bin_kernel, p, w);
   }
   {
-    LaunchCfg lc(dim3(blocks_for(p.T, nw1 * RPW, dev.sms * occ1)), dim3(nw1 * 32), smem1, pdl,
-                 stream);
+    const int per_cta = 256 * 4;
+    LaunchCfg lc(dim3(blocks_for(p.T * p.E, per_cta, dev.sms * occ1)), dim3(256), 0, pdl, stream);
     cudaLaunchKernelEx(&lc.cfg, k1, p, w);
   }
   {
-    LaunchCfg lc(dim3(p.E), dim3(kFinalThreads), smemf, pdl, stream);
-    cudaLaunchKernelEx(&lc.cfg, kf, p, w);
+    LaunchCfg lc(dim3(p.E), dim3(kFinalThreads), 0, pdl, stream);
+    cudaLaunchKernelEx(&lc.cfg, ec_stream_final_kernel<scalar_t>, p, w);
   }
   return true;
 }
@@ -404,7 +414,7 @@ bool launch_stream_pow2(const Params& p, const StreamWs& w, int pow2, bool pdl,
 
 bool launch_stream(const Params& p, const StreamWs& w, int kind, int pow2, bool pdl,
                    cudaStream_t stream) {
-  if (p.token_choice || p.T < 1 || w.nb < 64 || w.capc < 1) return false;
+  if (p.token_choice || p.T < 1 || w.nb < 32 || w.capc < 1) return false;
   switch (kind) {
     case kFloat32: return launch_stream_pow2<float>(p, w, pow2, pdl, stream);
     case kFloat16: return launch_stream_pow2<__half>(p, w, pow2, pdl, stream);
