@@ -206,21 +206,43 @@ __global__ void __launch_bounds__(256) ec_stream_bin_kernel(const Params p, cons
 struct RadixShared {
   uint32_t hist[256];
   uint32_t bin, above, cnt;
-  unsigned long long res;
+  unsigned long long res, all_and, all_or;
 };
 
-// The r-th largest (r >= 1) of a set of distinct 64-bit composites, MSB-first 8-bit digits.
+// The r-th largest (r >= 1) of a set of distinct 64-bit composites, MSB-first digits of up
+// to 8 bits, starting below the bits every element shares (one AND/OR pass first).
 // `for_each(f)` calls f(c) for every element this thread owns (all threads of the CTA call
 // it together; it may use warp collectives with warp-uniform control flow).
 template <typename ForEach>
 __device__ unsigned long long block_radix_rth(ForEach&& for_each, uint32_t r, RadixShared& sh) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  unsigned long long prefix = 0ull, pmask = 0ull;
-  int shift = 64;
+  if (tid == 0) {
+    sh.all_and = ~0ull;
+    sh.all_or = 0ull;
+  }
+  __syncthreads();
+  {
+    unsigned long long a = ~0ull, o = 0ull;
+    for_each([&](unsigned long long c) {
+      a &= c;
+      o |= c;
+    });
+    if (a != ~0ull) atomicAnd(&sh.all_and, a);
+    if (o != 0ull) atomicOr(&sh.all_or, o);
+  }
+  __syncthreads();
+  const unsigned long long diff = sh.all_and ^ sh.all_or;
+  if (diff == 0ull) return sh.all_and;  // a single element
+  const int hb = 63 - __clzll(static_cast<long long>(diff));  // highest bit that differs
+  const unsigned long long low = hb == 63 ? ~0ull : ((1ull << (hb + 1)) - 1ull);
+  unsigned long long prefix = sh.all_and & ~low, pmask = ~low;
+  int shift = hb + 1;
   uint32_t cnt = 0u;
   while (true) {
-    shift -= 8;
+    const int width = shift < 8 ? shift : 8;
+    shift -= width;
+    const unsigned long long dmask = (1ull << width) - 1ull;
     for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0u;
     if (tid == 0) {
       sh.bin = 0u;
@@ -229,7 +251,7 @@ __device__ unsigned long long block_radix_rth(ForEach&& for_each, uint32_t r, Ra
     }
     __syncthreads();
     for_each([&](unsigned long long c) {
-      if ((c & pmask) == prefix) atomicAdd(&sh.hist[static_cast<uint32_t>(c >> shift) & 255u], 1u);
+      if ((c & pmask) == prefix) atomicAdd(&sh.hist[static_cast<uint32_t>((c >> shift) & dmask)], 1u);
     });
     __syncthreads();
     if (tid < 32) {
@@ -262,7 +284,7 @@ __device__ unsigned long long block_radix_rth(ForEach&& for_each, uint32_t r, Ra
     r -= sh.above;
     cnt = sh.cnt;
     prefix |= static_cast<unsigned long long>(bin) << shift;
-    pmask |= 0xffull << shift;
+    pmask |= dmask << shift;
     __syncthreads();
     if (cnt <= 1u || shift == 0) break;
   }
@@ -282,6 +304,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kFinalThreads) ec_stream_final_kernel(const Params p,
                                                                         const StreamWs w) {
   __shared__ RadixShared sh;
+  __shared__ unsigned long long cand_s[kStreamCap];
   grid_dependency_wait();
   const int e = blockIdx.x;
   const int mode = w.st_mode[e];
@@ -292,7 +315,10 @@ __global__ void __launch_bounds__(kFinalThreads) ec_stream_final_kernel(const Pa
   if (mode == 1) {
     const uint32_t nc = w.ncand[e];
     const int n = nc < static_cast<uint32_t>(w.capc) ? static_cast<int>(nc) : w.capc;
-    const unsigned long long* c = w.cand + static_cast<long long>(e) * w.capc;
+    const unsigned long long* src = w.cand + static_cast<long long>(e) * w.capc;
+    for (int i = tid; i < n; i += blockDim.x) cand_s[i] = src[i];
+    __syncthreads();
+    const unsigned long long* c = cand_s;
     th = block_radix_rth(
         [&](auto&& f) {
           for (int i = tid; i < n; i += blockDim.x) f(c[i]);
@@ -370,10 +396,9 @@ bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t 
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ1, k1, 256, 0);
   if (occ0 < 1 || occ1 < 1) return false;
 
-  // Pass 1: one wave of CTAs (each flushes its histogram once).
   {
-    LaunchCfg lc(dim3(blocks_for(p.T, nw0 * RPW, dev.sms * occ0)), dim3(nw0 * 32), smem0, pdl,
-                 stream);
+    // At most one CTA per SM: each CTA flushes its whole histogram, so fewer, longer CTAs.
+    LaunchCfg lc(dim3(blocks_for(p.T, nw0 * RPW, dev.sms)), dim3(nw0 * 32), smem0, pdl, stream);
     cudaLaunchKernelEx(&lc.cfg, k0, p, w);
   }
   {
