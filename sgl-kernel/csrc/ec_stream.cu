@@ -161,6 +161,37 @@ __global__ void __launch_bounds__(256) ec_stream_collect_kernel(const Params p, 
   }
 }
 
+// Warp-wide: bins ordered from the top (j = 0 is the largest), lane l holding j in
+// [l * per_lane, l * per_lane + per_lane), count(j) their counts. In the one lane whose bin
+// holds the element of rank r (1-based, from the top), returns that j and sets `above` (the
+// count of the bins before it) and `cnt` (its count); elsewhere returns -1.
+template <typename Count>
+__device__ __forceinline__ int warp_rank_bin(Count count, int per_lane, long long r,
+                                             long long& above, long long& cnt) {
+  const int lane = threadIdx.x & 31;
+  uint32_t lsum = 0u;
+  for (int i = 0; i < per_lane; ++i) lsum += count(lane * per_lane + i);
+  uint32_t incl = lsum;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t o = __shfl_up_sync(kFull, incl, off);
+    if (lane >= off) incl += o;
+  }
+  long long run = static_cast<long long>(incl - lsum);
+  int found = -1;
+  for (int i = 0; i < per_lane; ++i) {
+    const int j = lane * per_lane + i;
+    const long long c = count(j);
+    if (found < 0 && run < r && r <= run + c) {
+      found = j;
+      above = run;
+      cnt = c;
+    }
+    run += c;
+  }
+  return found;
+}
+
 // One warp per expert: the bin holding the C-th best key, and the rank inside it.
 __global__ void __launch_bounds__(256) ec_stream_bin_kernel(const Params p, const StreamWs w) {
   grid_dependency_wait();
@@ -171,9 +202,9 @@ __global__ void __launch_bounds__(256) ec_stream_bin_kernel(const Params p, cons
   const long long tv = num_valid_rows(p);
   const long long cap = capacity_of(p, tv);
   const uint32_t* h = w.hist + static_cast<long long>(e) * w.nb;
-  const int bpl = w.nb / 32;  // bins per lane, lane 0 holds the top bins
+  const auto count = [&](int j) { return h[w.nb - 1 - j]; };  // from the top bin down
   uint32_t lsum = 0u;
-  for (int j = 0; j < bpl; ++j) lsum += h[w.nb - 1 - (lane * bpl + j)];
+  for (int i = 0; i < w.nb / 32; ++i) lsum += count(lane * (w.nb / 32) + i);
   const uint32_t total = __reduce_add_sync(kFull, lsum);
   if (cap <= 0 || cap >= static_cast<long long>(total)) {
     if (lane == 0) {
@@ -184,22 +215,12 @@ __global__ void __launch_bounds__(256) ec_stream_bin_kernel(const Params p, cons
     }
     return;
   }
-  uint32_t incl = lsum;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const uint32_t o = __shfl_up_sync(kFull, incl, off);
-    if (lane >= off) incl += o;
-  }
-  long long run = static_cast<long long>(incl - lsum);
-  for (int j = 0; j < bpl; ++j) {
-    const int bin = w.nb - 1 - (lane * bpl + j);
-    const long long c = h[bin];
-    if (run < cap && cap <= run + c) {  // exactly one (lane, j): 0 < cap < total
-      w.st_bin[e] = bin;
-      w.st_r[e] = static_cast<uint32_t>(cap - run);
-      w.st_mode[e] = c <= w.capc ? 1 : 2;
-    }
-    run += c;
+  long long above = 0, cnt = 0;
+  const int j = warp_rank_bin(count, w.nb / 32, cap, above, cnt);  // exists: 0 < cap < total
+  if (j >= 0) {
+    w.st_bin[e] = w.nb - 1 - j;
+    w.st_r[e] = static_cast<uint32_t>(cap - above);
+    w.st_mode[e] = cnt <= w.capc ? 1 : 2;
   }
 }
 
@@ -216,7 +237,6 @@ struct RadixShared {
 template <typename ForEach>
 __device__ unsigned long long block_radix_rth(ForEach&& for_each, uint32_t r, RadixShared& sh) {
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
   if (tid == 0) {
     sh.all_and = ~0ull;
     sh.all_or = 0ull;
@@ -255,28 +275,12 @@ __device__ unsigned long long block_radix_rth(ForEach&& for_each, uint32_t r, Ra
     });
     __syncthreads();
     if (tid < 32) {
-      uint32_t loc[8];
-      uint32_t lsum = 0u;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        loc[j] = sh.hist[255 - (lane * 8 + j)];
-        lsum += loc[j];
-      }
-      uint32_t incl = lsum;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t o = __shfl_up_sync(kFull, incl, off);
-        if (lane >= off) incl += o;
-      }
-      uint32_t run = incl - lsum;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (run < r && r <= run + loc[j]) {
-          sh.bin = static_cast<uint32_t>(255 - (lane * 8 + j));
-          sh.above = run;
-          sh.cnt = loc[j];
-        }
-        run += loc[j];
+      long long above = 0, c = 0;
+      const int j = warp_rank_bin([&](int jj) { return sh.hist[255 - jj]; }, 8, r, above, c);
+      if (j >= 0) {
+        sh.bin = static_cast<uint32_t>(255 - j);
+        sh.above = static_cast<uint32_t>(above);
+        sh.cnt = static_cast<uint32_t>(c);
       }
     }
     __syncthreads();
