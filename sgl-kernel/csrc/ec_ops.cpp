@@ -128,13 +128,14 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
       capc = v;
     }
     if (capc > T) capc = static_cast<int>(T);
-    at::Tensor ws = at::zeros({E * nb + E}, opts.dtype(at::kInt));
+    at::Tensor ws = at::zeros({E * nb + E + 1}, opts.dtype(at::kInt));
     at::Tensor st = at::empty({3 * E}, opts.dtype(at::kInt));
     at::Tensor cand = at::empty({E * capc}, opts.dtype(at::kLong));
     at::Tensor stats = at::empty({T, 4}, opts.dtype(at::kInt));
     ec::StreamWs w{};
     w.hist = reinterpret_cast<uint32_t*>(ws.data_ptr<int>());
     w.ncand = w.hist + E * nb;
+    w.done = w.ncand + E;
     w.st_mode = st.data_ptr<int>();
     w.st_bin = w.st_mode + E;
     w.st_r = reinterpret_cast<uint32_t*>(w.st_mode + 2 * E);

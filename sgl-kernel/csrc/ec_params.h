@@ -73,6 +73,7 @@ struct RowStatPacked {
 struct StreamWs {
   uint32_t* hist;            // [E * nb], zero on entry
   uint32_t* ncand;           // [E], zero on entry
+  uint32_t* done;            // [1], zero on entry: pass-1 CTAs finished
   int* st_mode;              // [E]: 0 = thr written, 1 = select among cand, 2 = overflow
   int* st_bin;               // [E] threshold bin
   uint32_t* st_r;            // [E] rank (1-based) of the threshold inside its bin
@@ -90,7 +91,7 @@ void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t st
 // ec_fused.cu, one launch: returns false, launching nothing, where it does not apply
 // (T > kFusedMaxT, pre-Hopper device, shared memory too large).
 bool launch_fused(const Params& p, int kind, int pow2, cudaStream_t stream);
-// ec_stream.cu: the four kernels before the route kernel (which the caller launches next);
+// ec_stream.cu: the three kernels before the route kernel (which the caller launches next);
 // returns false, launching nothing, where it does not apply (shared memory too small).
 bool launch_stream(const Params& p, const StreamWs& w, int kind, int pow2, bool pdl,
                    cudaStream_t stream);

@@ -8,9 +8,10 @@
 //           to the global histogram with 64-bit atomics (two bins per atomic). Each row's
 //           softmax max and sum and kept-group mask are stored (16 bytes per row), so that
 //           later passes recompute any single element's key without the row reductions.
-//   bin     ec_stream_bin_kernel: one warp per expert scans its bins from the top and finds
-//           the bin holding the C-th best key (C from num_token_non_padded, on the device):
-//           rank r inside it; thr = 1 (all eligible) / ~0 (none) are written directly.
+//   bin     the last CTA of pass 1 to finish (a counter): one warp per expert scans its bins
+//           from the top and finds the bin holding the C-th best key (C from
+//           num_token_non_padded, on the device) and the rank r inside it; thr = 1 (all
+//           eligible) / ~0 (none) are written directly.
 //   pass 2  ec_stream_collect_kernel: element-wise over the logits (elem_pick_key, the same
 //           float operations as row_scores); every composite (key << 32 | ~t) that falls
 //           into its expert's threshold bin is appended to the expert's candidate list (at
@@ -65,6 +66,65 @@ __device__ __forceinline__ GroupScratch group_scratch(const Params& p, unsigned 
   return GroupScratch{sel, gk, gs};
 }
 
+// Warp-wide: bins ordered from the top (j = 0 is the largest), lane l holding j in
+// [l * per_lane, l * per_lane + per_lane), count(j) their counts. In the one lane whose bin
+// holds the element of rank r (1-based, from the top), returns that j and sets `above` (the
+// count of the bins before it) and `cnt` (its count); elsewhere returns -1.
+template <typename Count>
+__device__ __forceinline__ int warp_rank_bin(Count count, int per_lane, long long r,
+                                             long long& above, long long& cnt) {
+  const int lane = threadIdx.x & 31;
+  uint32_t lsum = 0u;
+  for (int i = 0; i < per_lane; ++i) lsum += count(lane * per_lane + i);
+  uint32_t incl = lsum;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t o = __shfl_up_sync(kFull, incl, off);
+    if (lane >= off) incl += o;
+  }
+  long long run = static_cast<long long>(incl - lsum);
+  int found = -1;
+  for (int i = 0; i < per_lane; ++i) {
+    const int j = lane * per_lane + i;
+    const long long c = count(j);
+    if (found < 0 && run < r && r <= run + c) {
+      found = j;
+      above = run;
+      cnt = c;
+    }
+    run += c;
+  }
+  return found;
+}
+
+// One warp, expert e, after every CTA of pass 1 has flushed: the bin holding the C-th best
+// key and the rank inside it, or thr = all (1) / none (~0) directly.
+__device__ __forceinline__ void bin_scan(const Params& p, const StreamWs& w, int e, long long cap) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t* h = w.hist + static_cast<long long>(e) * w.nb;
+  // From the top bin down; L2 reads (the other CTAs' atomics), not L1.
+  const auto count = [&](int j) { return __ldcg(h + (w.nb - 1 - j)); };
+  uint32_t lsum = 0u;
+  for (int i = 0; i < w.nb / 32; ++i) lsum += count(lane * (w.nb / 32) + i);
+  const uint32_t total = __reduce_add_sync(kFull, lsum);
+  if (cap <= 0 || cap >= static_cast<long long>(total)) {
+    if (lane == 0) {
+      p.thr[e] = cap <= 0 ? ~0ull : 1ull;  // nothing / every eligible token is picked
+      w.st_mode[e] = 0;
+      w.st_bin[e] = -1;
+      w.st_r[e] = 0u;
+    }
+    return;
+  }
+  long long above = 0, cnt = 0;
+  const int j = warp_rank_bin(count, w.nb / 32, cap, above, cnt);  // exists: 0 < cap < total
+  if (j >= 0) {
+    w.st_bin[e] = w.nb - 1 - j;
+    w.st_r[e] = static_cast<uint32_t>(cap - above);
+    w.st_mode[e] = cnt <= w.capc ? 1 : 2;
+  }
+}
+
 template <int WS, int ITER, typename scalar_t>
 __global__ void __launch_bounds__(HistCfg<ITER>::THREADS)
     ec_stream_hist_kernel(const Params p, const StreamWs w) {
@@ -108,6 +168,16 @@ __global__ void __launch_bounds__(HistCfg<ITER>::THREADS)
     const unsigned long long v = h2[i];
     if (v != 0ull) atomicAdd(g2 + i, v);
   }
+  // The last CTA to finish scans every expert's histogram (saves a launch).
+  __shared__ bool s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(w.done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const long long cap = capacity_of(p, tv);
+  for (int e = warp; e < p.E; e += nwarps) bin_scan(p, w, e, cap);
 }
 
 // The pick key of element (t, e) alone, from the row statistics of pass 1: the float
@@ -158,69 +228,6 @@ __global__ void __launch_bounds__(256) ec_stream_collect_kernel(const Params p, 
         }
       }
     }
-  }
-}
-
-// Warp-wide: bins ordered from the top (j = 0 is the largest), lane l holding j in
-// [l * per_lane, l * per_lane + per_lane), count(j) their counts. In the one lane whose bin
-// holds the element of rank r (1-based, from the top), returns that j and sets `above` (the
-// count of the bins before it) and `cnt` (its count); elsewhere returns -1.
-template <typename Count>
-__device__ __forceinline__ int warp_rank_bin(Count count, int per_lane, long long r,
-                                             long long& above, long long& cnt) {
-  const int lane = threadIdx.x & 31;
-  uint32_t lsum = 0u;
-  for (int i = 0; i < per_lane; ++i) lsum += count(lane * per_lane + i);
-  uint32_t incl = lsum;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const uint32_t o = __shfl_up_sync(kFull, incl, off);
-    if (lane >= off) incl += o;
-  }
-  long long run = static_cast<long long>(incl - lsum);
-  int found = -1;
-  for (int i = 0; i < per_lane; ++i) {
-    const int j = lane * per_lane + i;
-    const long long c = count(j);
-    if (found < 0 && run < r && r <= run + c) {
-      found = j;
-      above = run;
-      cnt = c;
-    }
-    run += c;
-  }
-  return found;
-}
-
-// One warp per expert: the bin holding the C-th best key, and the rank inside it.
-__global__ void __launch_bounds__(256) ec_stream_bin_kernel(const Params p, const StreamWs w) {
-  grid_dependency_wait();
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int e = blockIdx.x * 8 + warp;
-  if (e >= p.E) return;  // whole warp
-  const long long tv = num_valid_rows(p);
-  const long long cap = capacity_of(p, tv);
-  const uint32_t* h = w.hist + static_cast<long long>(e) * w.nb;
-  const auto count = [&](int j) { return h[w.nb - 1 - j]; };  // from the top bin down
-  uint32_t lsum = 0u;
-  for (int i = 0; i < w.nb / 32; ++i) lsum += count(lane * (w.nb / 32) + i);
-  const uint32_t total = __reduce_add_sync(kFull, lsum);
-  if (cap <= 0 || cap >= static_cast<long long>(total)) {
-    if (lane == 0) {
-      p.thr[e] = cap <= 0 ? ~0ull : 1ull;  // nothing / every eligible token is picked
-      w.st_mode[e] = 0;
-      w.st_bin[e] = -1;
-      w.st_r[e] = 0u;
-    }
-    return;
-  }
-  long long above = 0, cnt = 0;
-  const int j = warp_rank_bin(count, w.nb / 32, cap, above, cnt);  // exists: 0 < cap < total
-  if (j >= 0) {
-    w.st_bin[e] = w.nb - 1 - j;
-    w.st_r[e] = static_cast<uint32_t>(cap - above);
-    w.st_mode[e] = cnt <= w.capc ? 1 : 2;
   }
 }
 
@@ -312,7 +319,7 @@ __global__ void __launch_bounds__(kFinalThreads) ec_stream_final_kernel(const Pa
   grid_dependency_wait();
   const int e = blockIdx.x;
   const int mode = w.st_mode[e];
-  if (mode == 0) return;  // thr written by ec_stream_bin_kernel
+  if (mode == 0) return;  // thr written by bin_scan
   const uint32_t r = w.st_r[e];
   const int tid = threadIdx.x;
   unsigned long long th;
@@ -404,10 +411,6 @@ bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t 
     // At most one CTA per SM: each CTA flushes its whole histogram, so fewer, longer CTAs.
     LaunchCfg lc(dim3(blocks_for(p.T, nw0 * RPW, dev.sms)), dim3(nw0 * 32), smem0, pdl, stream);
     cudaLaunchKernelEx(&lc.cfg, k0, p, w);
-  }
-  {
-    LaunchCfg lc(dim3((p.E + 7) / 8), dim3(256), 0, pdl, stream);
-    cudaLaunchKernelEx(&lc.cfg, ec_stream_bin_kernel, p, w);
   }
   {
     const int per_cta = 256 * 4;
