@@ -53,8 +53,8 @@ struct Params {
 // that recompute the expert's keys from the logits); then the usual route kernel.
 constexpr int kStreamCap = 4096;  // candidates kept per expert (default)
 
-// Bins per expert (nb bins span the 32 binades above 2^-30): at most 128 KB of shared memory
-// per CTA in pass 1 (E * nb * 4 bytes); with many experts, fewer bins at small T, where the
+// Bins per expert (nb bins span the 32 binades above 2^-30): at most ~132 KB of shared memory
+// per CTA in pass 1 (E * (nb + 2) * 4 bytes); with many experts, fewer bins at small T, where the
 // flush of the per-CTA histograms (one atomic per non-zero bin pair and CTA) would cost more
 // than the wider threshold bin (more candidates) does.
 inline int stream_bins(int E, long long T) {

@@ -135,10 +135,13 @@ __global__ void __launch_bounds__(HistCfg<ITER>::THREADS)
   const int seg = lane / WS;
   const int sub = lane % WS;
   const int nwarps = blockDim.x >> 5;
-  const int nbins = p.E * w.nb;
+  // Expert e's bins at hist[e * ld + b], ld = nb + 2: the lanes of a row (different
+  // experts) mostly hit different banks even when their keys fall into the same bin.
+  const int ld = w.nb + 2;
+  const int nsm = p.E * ld;
   uint32_t* hist = reinterpret_cast<uint32_t*>(smem);
-  for (int i = threadIdx.x; i < nbins; i += blockDim.x) hist[i] = 0u;
-  const size_t off = align16s(sizeof(uint32_t) * static_cast<size_t>(nbins));
+  for (int i = threadIdx.x; i < nsm; i += blockDim.x) hist[i] = 0u;
+  const size_t off = align16s(sizeof(uint32_t) * static_cast<size_t>(nsm));
   const GroupScratch scr = group_scratch<WS, ITER>(p, smem + off, nwarps, warp, seg);
   __syncthreads();
 
@@ -157,15 +160,17 @@ __global__ void __launch_bounds__(HistCfg<ITER>::THREADS)
     for (int it = 0; it < ITER; ++it) {
       const uint32_t k = pkey[it];
       if (k == 0u) continue;  // not eligible (also: e >= E, padding row, row out of range)
-      atomicAdd(&hist[(it * WS + sub) * w.nb + stream_bin(k, w.sh, w.nb)], 1u);
+      atomicAdd(&hist[(it * WS + sub) * ld + stream_bin(k, w.sh, w.nb)], 1u);
     }
   }
   __syncthreads();
   // Two 32-bit bins per 64-bit atomic (a bin's total is <= T < 2^31: no carry).
   const unsigned long long* h2 = reinterpret_cast<const unsigned long long*>(hist);
   unsigned long long* g2 = reinterpret_cast<unsigned long long*>(w.hist);
-  for (int i = threadIdx.x; i < nbins / 2; i += blockDim.x) {
-    const unsigned long long v = h2[i];
+  const int half = w.nb / 2;
+  for (int i = threadIdx.x; i < p.E * half; i += blockDim.x) {
+    const int e = i / half;
+    const unsigned long long v = h2[e * (ld / 2) + (i - e * half)];
     if (v != 0ull) atomicAdd(g2 + i, v);
   }
   // The last CTA to finish scans every expert's histogram (saves a launch).
@@ -387,7 +392,7 @@ bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t 
   if (dev.sms <= 0 || p.E > 512 || p.num_groups > 32) return false;
   const bool groups = p.num_groups > 0;
   // Pass 1: the histogram needs E * nb * 4 bytes, plus the group scratch per warp.
-  const size_t hist_bytes = align16s(sizeof(uint32_t) * static_cast<size_t>(p.E) * w.nb);
+  const size_t hist_bytes = align16s(sizeof(uint32_t) * static_cast<size_t>(p.E) * (w.nb + 2));
   int nw0 = HistCfg<ITER>::THREADS / 32;
   size_t smem0 = hist_bytes + (groups ? nw0 * per_warp_scratch : 0);
   while (smem0 > static_cast<size_t>(dev.smem_optin) && groups && nw0 > 4) {
