@@ -82,11 +82,6 @@ struct GroupScratch {
   unsigned char* gsel;
 };
 
-// Scores of one row (token t) in the segment layout.
-//   s     : weight score (softmax / sigmoid), fp32
-//   rkey  : row-order key of nan_to_num(select, nan=-inf) (0 for padding lanes e >= E)
-//   pkey  : pick key: order_key(select) if the token is valid and select > -inf, else 0
-// All lanes of the warp must call this together (shuffles and __syncwarp inside).
 // Row statistics that let one element's scores be recomputed alone (ec_stream.cu
 // elem_pick_key): the softmax max and sum, and the bit mask of the kept groups (<= 32 groups).
 struct RowStat {
@@ -95,6 +90,12 @@ struct RowStat {
   uint32_t gmask;
 };
 
+// Scores of one row (token t) in the segment layout.
+//   s     : weight score (softmax / sigmoid), fp32
+//   rkey  : row-order key of nan_to_num(select, nan=-inf) (0 for padding lanes e >= E)
+//   pkey  : pick key: order_key(select) if the token is valid and select > -inf, else 0
+// All lanes of the warp must call this together (shuffles and __syncwarp inside).
+// `rs` (optional) receives the row's softmax max and sum and kept-group mask.
 template <int WS, int ITER, typename scalar_t>
 __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool row_in,
                                            bool tok_valid, const GroupScratch& scr,
