@@ -16,9 +16,9 @@ Methods (same GPU, same bf16 logits, each captured in its own CUDA graph and rep
                 seeds' algorithm, so not the goal's baseline)
   ec_triton     our expert-choice Triton kernels
   ec_cuda       our expert-choice CUDA kernels (path chosen by shape, ``cuda.choose_path``)
-  ec_cuda_one_launch / ec_cuda_three_launch
+  ec_cuda_one_launch / ec_cuda_three_launch / ec_cuda_stream
                 the same with the path forced (``--no-paths`` to skip): the columns that
-                decide ``choose_path``'s threshold
+                decide ``choose_path``'s thresholds (stream: no key matrix, ec_stream.cu)
 
 Timing: 20 back-to-back calls (5 at T > 8192) are captured in one CUDA graph, as a model's
 layers sit in one decode graph; the graph is replayed in a timed loop and the median over 5
@@ -67,7 +67,7 @@ T_VALUES = [1, 32, 128, 1024, 8192, 32768]
 E_VALUES = [8, 64, 128, 256, 384]
 K_VALUES = [2, 8]
 CF = 1.25
-PATHS = ("one_launch", "three_launch")
+PATHS = ("one_launch", "three_launch", "stream")
 # The ">= 10x vs the seeds' dense algorithm" goal as issue 12 states it: every T >= 8192,
 # E in {64, 128, 256, 384}, k 8.
 DENSE_GOAL = {"min_T": 8192, "E": (64, 128, 256, 384), "k": (8,)}
@@ -259,6 +259,9 @@ def build_parser():
                     help=f"k values (default: {','.join(map(str, K_VALUES))})")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="start no new point after this many seconds; the tables cover the points measured")
+    ap.add_argument("--paths", default=None,
+                    help="comma-separated CUDA paths to time forced (default: %s)" % ",".join(PATHS))
+    ap.add_argument("--skip", default="", help="comma-separated methods not to time, e.g. ec_ref,ec_triton")
     return ap
 
 
@@ -389,7 +392,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"# {harness.device_line()}")
-    paths = () if args.no_paths else PATHS
+    paths = () if args.no_paths else (tuple(args.paths.split(",")) if args.paths else PATHS)
+    skip = set(filter(None, args.skip.split(",")))
     t_values, e_values = grid(args.quick, args.t_values, args.e_values)
     results = []
     checks = Checks()
@@ -404,8 +408,9 @@ def main(argv=None) -> int:
                 logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
                 row = {"T": T, "E": E, "k": k, "us": {}}
                 inner = 20 if T <= 8192 else 5
-                methods = build_methods(logits, k, skip=(), paths=paths,
+                methods = build_methods(logits, k, skip=skip, paths=paths,
                                         sglang_dir=args.sglang_dir)
+                methods = {n: f for n, f in methods.items() if n not in skip}
                 methods = check_methods(checks, methods, logits, k, (T, E, k))
                 for name, fn in methods.items():
                     try:

@@ -16,6 +16,8 @@ from sglang_moe_routing.expert_choice import expert_choice_topk, expert_choice_t
         (128, 128, "one_launch"),  # T * E = 16384
         (128, 256, "three_launch"),  # T * E > 16384
         (129, 8, "three_launch"),  # T > 128
+        (8191, 256, "three_launch"),
+        (8192, 8, "three_launch"),  # the stream path is opt-in until measured on a GPU
         (32768, 256, "three_launch"),
     ],
 )
@@ -28,6 +30,9 @@ def test_cuda_path_override(monkeypatch):
     monkeypatch.setenv("SGLANG_MOE_EC_PATH", "three_launch")
     assert ec_cuda.choose_path(1, 64) == "three_launch"
     assert ec_cuda.choose_path(1, 64, "one_launch") == "one_launch"  # the argument wins
+    assert ec_cuda.choose_path(32768, 64, "three_launch") == "three_launch"
+    monkeypatch.setenv("SGLANG_MOE_EC_PATH", "stream")
+    assert ec_cuda.choose_path(1, 64) == "stream"
     monkeypatch.setenv("SGLANG_MOE_EC_PATH", "fast")
     with pytest.raises(ValueError, match="path must be one of"):
         ec_cuda.choose_path(1, 64)

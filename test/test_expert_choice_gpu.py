@@ -267,7 +267,7 @@ def test_no_host_sync(backend):
 @pytest.mark.parametrize("min_tokens", [0, 32])
 @pytest.mark.parametrize(
     "backend",
-    BACKENDS + ["auto", "cuda_one_launch", "cuda_three_launch"],
+    BACKENDS + ["auto", "cuda_one_launch", "cuda_three_launch", "cuda_stream"],
 )
 def test_cuda_graph_replay_changing_num_valid(backend, min_tokens):
     """One captured graph replayed with T' crossing min_tokens (hybrid switch on the device)."""

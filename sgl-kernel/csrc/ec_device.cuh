@@ -82,16 +82,25 @@ struct GroupScratch {
   unsigned char* gsel;
 };
 
+// Row statistics that let one element's scores be recomputed alone (ec_stream.cu
+// elem_pick_key): the softmax max and sum, and the bit mask of the kept groups (<= 32 groups).
+struct RowStat {
+  float m;
+  float sum;
+  uint32_t gmask;
+};
+
 // Scores of one row (token t) in the segment layout.
 //   s     : weight score (softmax / sigmoid), fp32
 //   rkey  : row-order key of nan_to_num(select, nan=-inf) (0 for padding lanes e >= E)
 //   pkey  : pick key: order_key(select) if the token is valid and select > -inf, else 0
 // All lanes of the warp must call this together (shuffles and __syncwarp inside).
+// `rs` (optional) receives the row's softmax max and sum and kept-group mask.
 template <int WS, int ITER, typename scalar_t>
 __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool row_in,
                                            bool tok_valid, const GroupScratch& scr,
                                            float (&s)[ITER], uint32_t (&rkey)[ITER],
-                                           uint32_t (&pkey)[ITER]) {
+                                           uint32_t (&pkey)[ITER], RowStat* rs = nullptr) {
   const scalar_t* x = reinterpret_cast<const scalar_t*>(p.logits);
   float v[ITER];
 #pragma unroll
@@ -124,6 +133,10 @@ __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool
     for (int off = WS / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off, WS);
 #pragma unroll
     for (int it = 0; it < ITER; ++it) s[it] = s[it] / sum;
+    if (rs != nullptr) {
+      rs->m = m;
+      rs->sum = sum;
+    }
   } else {
 #pragma unroll
     for (int it = 0; it < ITER; ++it) s[it] = 1.0f / (1.0f + expf(-v[it]));
@@ -181,6 +194,11 @@ __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool
     for (int it = 0; it < ITER; ++it) {
       const int e = it * WS + sub;
       if (e < p.E && scr.gsel[e / gs] == 0) sel[it] = -INFINITY;
+    }
+    if (rs != nullptr) {
+      uint32_t mask = 0u;
+      for (int g = 0; g < ng && g < 32; ++g) mask |= static_cast<uint32_t>(scr.gsel[g] != 0) << g;
+      rs->gmask = mask;
     }
     __syncwarp();
   }

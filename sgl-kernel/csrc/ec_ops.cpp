@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "ec_params.h"
@@ -39,7 +40,8 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
                                 int64_t top_k, double cap_factor, bool renormalize,
                                 int64_t scoring, int64_t num_groups, int64_t topk_group,
                                 double scale, bool apply_scale, bool token_choice, bool pdl,
-                                bool one_launch, int64_t min_tokens, bool write_keys) {
+                                bool one_launch, int64_t min_tokens, bool write_keys,
+                                bool stream_path) {
   TORCH_CHECK(logits.is_cuda(), "expert choice CUDA kernel: logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2, "expert choice CUDA kernel: logits must be [T, E]");
   const int kind = scalar_kind(logits);
@@ -58,7 +60,9 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   auto opts = logits.options();
   at::Tensor out_w = at::empty({T, top_k}, opts.dtype(at::kFloat));
   at::Tensor out_ids = at::empty({T, top_k}, opts.dtype(at::kInt));
-  at::Tensor keys = at::empty({token_choice ? 0 : E, token_choice ? 0 : T}, opts.dtype(at::kInt));
+  // The streaming path (ec_stream.cu) needs no key matrix; keysT stays empty there.
+  const bool no_keys = token_choice || (stream_path && T > 0);
+  at::Tensor keys = at::empty({no_keys ? 0 : E, no_keys ? 0 : T}, opts.dtype(at::kInt));
   at::Tensor thr = at::empty({token_choice ? 0 : E}, opts.dtype(at::kLong));
   if (T == 0) return {out_w, out_ids, keys, thr};
 
@@ -100,7 +104,7 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   p.scale = static_cast<float>(scale);
   p.token_choice = token_choice ? 1 : 0;
   p.write_keys = write_keys ? 1 : 0;
-  p.keysT = token_choice ? nullptr : reinterpret_cast<uint32_t*>(keys.data_ptr<int>());
+  p.keysT = no_keys ? nullptr : reinterpret_cast<uint32_t*>(keys.data_ptr<int>());
   p.thr = token_choice ? nullptr : reinterpret_cast<unsigned long long*>(thr.data_ptr<int64_t>());
   p.out_w = out_w.data_ptr<float>();
   p.out_ids = out_ids.data_ptr<int>();
@@ -111,6 +115,46 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
     // Score, select and route in one thread-block-cluster launch (ec_fused.cu).
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {out_w, out_ids, keys, thr};
+  }
+  if (!token_choice && stream_path) {
+    // Histogram passes over the logits, no [E, T] matrix (ec_stream.cu), then the route.
+    const int nb = ec::stream_bins(static_cast<int>(E), T);
+    int capc = ec::kStreamCap;
+    // Test hook: fewer candidate slots, to drive the overflow path on small inputs.
+    if (const char* env = std::getenv("SGLANG_MOE_EC_STREAM_CAP")) {
+      const int v = std::atoi(env);
+      TORCH_CHECK(v >= 1 && v <= ec::kStreamCap, "expert choice CUDA kernel: "
+                  "$SGLANG_MOE_EC_STREAM_CAP must be in [1, ", ec::kStreamCap, "], got '", env, "'");
+      capc = v;
+    }
+    if (capc > T) capc = static_cast<int>(T);
+    at::Tensor ws = at::zeros({E * nb + E + 1}, opts.dtype(at::kInt));
+    at::Tensor st = at::empty({3 * E}, opts.dtype(at::kInt));
+    at::Tensor cand = at::empty({E * capc}, opts.dtype(at::kLong));
+    at::Tensor stats = at::empty({T, 4}, opts.dtype(at::kInt));
+    ec::StreamWs w{};
+    w.hist = reinterpret_cast<uint32_t*>(ws.data_ptr<int>());
+    w.ncand = w.hist + E * nb;
+    w.done = w.ncand + E;
+    w.st_mode = st.data_ptr<int>();
+    w.st_bin = w.st_mode + E;
+    w.st_r = reinterpret_cast<uint32_t*>(w.st_mode + 2 * E);
+    w.cand = reinterpret_cast<unsigned long long*>(cand.data_ptr<int64_t>());
+    w.stats = reinterpret_cast<ec::RowStatPacked*>(stats.data_ptr<int>());
+    w.nb = nb;
+    int lg = 0;
+    while ((1 << lg) < nb) ++lg;
+    w.sh = 28 - lg;  // nb bins span 2^28 key units (32 binades)
+    w.capc = capc;
+    if (ec::launch_stream(p, w, kind, pow2, pdl, stream)) {
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ec::launch_route(p, kind, pow2, pdl, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return {out_w, out_ids, keys, thr};
+    }
+    // Not applicable on this device (shared memory): the three launches below.
+    keys = at::empty({E, T}, opts.dtype(at::kInt));
+    p.keysT = reinterpret_cast<uint32_t*>(keys.data_ptr<int>());
   }
   if (!token_choice) {
     ec::launch_score(p, kind, pow2, stream);
@@ -130,5 +174,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("top_k"), py::arg("cap_factor"), py::arg("renormalize"), py::arg("scoring"),
         py::arg("num_groups"), py::arg("topk_group"), py::arg("scale"), py::arg("apply_scale"),
         py::arg("token_choice"), py::arg("pdl"), py::arg("one_launch") = false,
-        py::arg("min_tokens") = 0, py::arg("write_keys") = false);
+        py::arg("min_tokens") = 0, py::arg("write_keys") = false, py::arg("stream") = false);
 }

@@ -9,7 +9,8 @@ No host sync, CUDA-graph capturable. Large problems take three launches:
 3. ``ec_route``  (rows): recompute scores, mark picks, row top-k, weights.
 
 Steps 2 and 3 use programmatic dependent launch (Hopper) to hide launch gaps. Small problems
-take one launch of a thread-block cluster (``ec_fused.cu``, see ``choose_path``).
+take one launch of a thread-block cluster (``ec_fused.cu``, see ``choose_path``); large ones
+replace steps 1-2 by histogram passes over the logits (``ec_stream.cu``: no ``keysT``).
 
 The extension is built with ``torch.utils.cpp_extension.load`` from the sources found by
 ``kernel_source_dir`` (``$SGLANG_MOE_ROUTING_KERNEL_DIR``, else the checkout's
@@ -39,7 +40,7 @@ import torch
 from sglang_moe_routing.expert_choice.reference import validate_inputs
 
 _EXT_NAME = "sglang_moe_routing_ec_cuda"
-_SOURCES = ("ec_ops.cpp", "ec_score.cu", "ec_select.cu", "ec_route.cu", "ec_fused.cu")
+_SOURCES = ("ec_ops.cpp", "ec_score.cu", "ec_select.cu", "ec_route.cu", "ec_fused.cu", "ec_stream.cu")
 _DEPS = ("ec_params.h", "ec_device.cuh", "ec_warp_select.cuh")
 _LOCK = threading.Lock()
 _MODULE = None
@@ -277,12 +278,17 @@ def _pdl_default() -> bool:
 #     select -> route with cluster barriers and distributed shared memory) for small
 #     problems: T <= 128 and T * E <= 16384 (4.2-8.7 us there vs 6.5-11.6 us);
 #   three launches (score, select, route with programmatic dependent launch) elsewhere.
-# ``path="one_launch"`` / ``"three_launch"`` or ``$SGLANG_MOE_EC_PATH`` force one; the one-
-# launch kernel falls back to three launches where it does not fit (T > 1024, pre-Hopper
-# GPU, shared memory).
-PATHS = ("one_launch", "three_launch")
+#   stream (``ec_stream.cu``: per-expert histograms of the keys while streaming the logits,
+#     the threshold bin's tokens collected, then the route kernel; no [E, T] key matrix)
+#     only when forced: it has not yet run on a GPU, so ``auto`` never picks it
+#     (STREAM_MIN_T = None) until its GPU tests pass and bench_routing.py shows where it wins.
+# ``path="one_launch"`` / ``"three_launch"`` / ``"stream"`` or ``$SGLANG_MOE_EC_PATH`` force
+# one; the one-launch kernel falls back to three launches where it does not fit (T > 1024,
+# pre-Hopper GPU, shared memory), the stream path where its histogram does not fit.
+PATHS = ("one_launch", "three_launch", "stream")
 ONE_LAUNCH_MAX_T = 128
 ONE_LAUNCH_MAX_ELEMENTS = 16384
+STREAM_MIN_T = None  # e.g. 8192 once measured; None: never chosen by auto
 
 
 def choose_path(num_tokens: int, num_experts: int, path: Optional[str] = None) -> str:
@@ -290,7 +296,10 @@ def choose_path(num_tokens: int, num_experts: int, path: Optional[str] = None) -
     path = path or os.environ.get("SGLANG_MOE_EC_PATH") or "auto"
     if path == "auto":
         small = num_tokens <= ONE_LAUNCH_MAX_T and num_tokens * num_experts <= ONE_LAUNCH_MAX_ELEMENTS
-        return "one_launch" if small else "three_launch"
+        if small:
+            return "one_launch"
+        return ("stream" if STREAM_MIN_T is not None and num_tokens >= STREAM_MIN_T
+                else "three_launch")
     if path not in PATHS:
         raise ValueError(f"expert choice CUDA kernel: path must be one of auto, {', '.join(PATHS)}; got {path!r}")
     return path
@@ -382,7 +391,7 @@ def check_common_args(
 def _launch(router_logits, top_k, factor, renormalize, scoring_func, num_expert_group,
             topk_group, correction_bias, routed_scaling_factor,
             apply_routed_scaling_factor_on_output, *, token_choice, num_token_non_padded=None,
-            pdl=False, one_launch=False, min_tokens=0, write_keys=False):
+            pdl=False, one_launch=False, min_tokens=0, write_keys=False, stream=False):
     """Prepare the arguments (dtype, bias, T') the same way for both entry points and call
     the extension; returns ``(weights, ids, keysT, thr)``."""
     if not router_logits.is_cuda:
@@ -395,7 +404,7 @@ def _launch(router_logits, top_k, factor, renormalize, scoring_func, num_expert_
         logits, bias, n_dev, n_host, top_k, float(factor), bool(renormalize),
         0 if scoring_func == "softmax" else 1,
         int(num_expert_group or 0), int(topk_group or 0), scale, apply_scale,
-        token_choice, pdl, one_launch, int(min_tokens), write_keys,
+        token_choice, pdl, one_launch, int(min_tokens), write_keys, stream,
     )
 
 
@@ -419,9 +428,10 @@ def expert_choice_topk_cuda(
 ):
     """Expert-choice top-k on the CUDA kernels; same arguments/output as the reference.
 
-    ``path``: ``"one_launch"`` / ``"three_launch"`` / ``None`` (by shape, see ``choose_path``);
-    identical results. ``return_intermediates=True`` also returns ``(keysT [E, T] int32
-    (uint32 bits), thr [E] int64 (uint64 bits))`` for tests.
+    ``path``: ``"one_launch"`` / ``"three_launch"`` / ``"stream"`` / ``None`` (by shape, see
+    ``choose_path``); identical results. ``return_intermediates=True`` also returns ``(keysT
+    [E, T] int32 (uint32 bits; empty on the stream path), thr [E] int64 (uint64 bits))`` for
+    tests.
     """
     check_common_args(
         router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
@@ -435,6 +445,7 @@ def expert_choice_topk_cuda(
         routed_scaling_factor, apply_routed_scaling_factor_on_output, token_choice=False,
         num_token_non_padded=num_token_non_padded, pdl=_pdl_default() if pdl is None else bool(pdl),
         one_launch=chosen == "one_launch", min_tokens=min_tokens, write_keys=return_intermediates,
+        stream=chosen == "stream",
     )
     if return_intermediates:
         return w, ids, keys, thr
