@@ -40,9 +40,9 @@ Servers of one cost mode start together (``tools.server.start_all``) and are pau
 except the one measured. Writes multi_gpu_eplb.{json,md,png} and server logs to ``--out`` after
 every run, progress on stdout. ``--render JSON`` redraws md/png from a recorded JSON.
 
-GPU (see docs/compute_aware_eplb.md, "Multi-GPU run"):
-    python benchmark/multi_gpu_eplb.py --tp 2 --out $OUT/mg               # nvidia-h200-x2
-    python benchmark/multi_gpu_eplb.py --tp 1 --runs tc,ec --out $OUT/dry  # one-GPU dry run
+GPU: the exact device commands are in docs/compute_aware_eplb.md, "Multi-GPU run (issue 14)":
+    python benchmark/multi_gpu_eplb.py --tp 2 --costs hetero --out $OUT/mg   # nvidia-h200-x2
+    python benchmark/multi_gpu_eplb.py --tp 1 --start-together --out $OUT/dry  # one GPU: tc, ec
 """
 
 from __future__ import annotations
@@ -110,6 +110,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--profile-interval", type=int, default=4,
                     help="--expert-compute-profiling-interval (1 pass in N runs eagerly)")
     ap.add_argument("--moe-time-window", type=int, default=10, help="profiled passes per MoE-time window")
+    ap.add_argument("--ec-backend", default="auto", help="--expert-choice-backend of the ec run")
+    ap.add_argument("--start-together", action="store_true",
+                    help="start the servers of all cost modes at once (default: one cost mode at a time)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mem-fraction", type=float, default=0.12)
     ap.add_argument("--start-timeout", type=float, default=420)
@@ -153,6 +156,8 @@ def server_args(a: argparse.Namespace, run: str, cost: str) -> List[str]:
             "--expert-compute-profiling-interval", str(a.profile_interval),
             "--expert-moe-time-window", str(a.moe_time_window)]
     args += RUNS[run]
+    if run == "ec" and a.ec_backend != "auto":
+        args += ["--expert-choice-backend", a.ec_backend]
     if run in EPLB_RUNS:
         args += ["--eplb-rebalance-num-iterations", str(a.rebalance_iterations)]
         if a.redundant_experts:
@@ -364,7 +369,7 @@ class Bench:
             bad = a.batch - sum(len(o) == a.decode for o in outs)
             lost += bad
             got = sum(len(o) for o in outs)
-            d["rounds"].append({"s": round(dt, 4), "tokens": got, "lost": bad})
+            d["rounds"].append({"s": dt, "tokens": got, "lost": bad})
             if r >= a.warmup_rounds:
                 tokens, secs = tokens + got, secs + dt
             self.log(f"  {name} round {r + 1}/{a.rounds}: {got / dt:9.0f} tok/s{' (warm-up)' if r < a.warmup_rounds else ''}"
@@ -374,19 +379,21 @@ class Bench:
         d["throughput_tok_s"] = tokens / secs if secs else None
         return d
 
-    def run_cost(self, cost: str, model: Dict) -> None:
+    def run_group(self, costs: List[str], model: Dict) -> None:
+        """Start the servers of ``costs`` x runs together, then measure them one at a time
+        (the others paused)."""
         a = self.a
-        runs = planned_runs(a)
-        servers = {r: Server(model["path"], server_args(a, r, cost), log_path=str(self.out / f"server_{cost}_{r}.log"),
-                             env=NO_MULTICAST, timeout_s=a.start_timeout, mem_fraction=a.mem_fraction)
-                   for r in runs}
-        self.log(f"[{cost}] starting {len(servers)} servers together: {', '.join(runs)}")
+        keys = [(c, r) for c in costs for r in planned_runs(a)]
+        servers = {(c, r): Server(model["path"], server_args(a, r, c), log_path=str(self.out / f"server_{c}_{r}.log"),
+                                  env=NO_MULTICAST, timeout_s=a.start_timeout, mem_fraction=a.mem_fraction)
+                   for c, r in keys}
+        self.log(f"starting {len(servers)} servers together: {', '.join(f'{c}/{r}' for c, r in keys)}")
         errors = start_all(list(servers.values()))
         for srv in servers.values():
             srv.pause()
-        self.log(f"[{cost}] up: " + ", ".join(f"{r} {s.start_s:.0f} s" if e is None else f"{r} FAILED"
-                                              for (r, s), e in zip(servers.items(), errors)))
-        for (run, srv), err in zip(servers.items(), errors):
+        self.log("up: " + ", ".join(f"{c}/{r} {s.start_s:.0f} s" if e is None else f"{c}/{r} FAILED"
+                                    for ((c, r), s), e in zip(servers.items(), errors)))
+        for ((cost, run), srv), err in zip(servers.items(), errors):
             d: Dict = {"args": server_args(a, run, cost), "log": Path(srv.log_path).name}
             try:
                 if err:
@@ -431,11 +438,11 @@ class Bench:
             self.note(f"runs {skipped} skipped: SGLang 0.5.23 refuses --enable-eplb with ep_size 1 "
                       "(assert ep_size > 1); they need --tp >= 2")
         self.log(f"device {self.res['meta']['device']}; tp=ep={a.tp}; runs {planned_runs(a)}; costs {a.costs}")
-        for cost in a.costs:
+        for group in ([a.costs] if a.start_together else [[c] for c in a.costs]):
             if time.time() > self.deadline:
-                self.note(f"cost mode {cost} not run: --max-seconds reached")
+                self.note(f"cost mode(s) {group} not run: --max-seconds reached")
                 continue
-            self.run_cost(cost, model)
+            self.run_group(group, model)
         print("\n" + write(self.res, self.out), flush=True)
         self.log(f"wrote {self.out}/multi_gpu_eplb.{{json,md,png}}")
 

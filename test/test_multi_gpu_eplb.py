@@ -180,3 +180,31 @@ def test_deepseek_builder_applies_the_hot_bias(tmp_path):
     for name in a:
         layer = int(name.split("layers.")[1].split(".")[0])
         torch.testing.assert_close(b[name] - a[name], hot[layer])
+
+
+def test_measure_counts_throughput_and_lost_requests(tmp_path):
+    """Bench.measure against a stand-in server: timed rounds after the warm-up only, a short
+    output and a failed request are lost requests, probes first and last."""
+    a = mg.parse_args(["--rounds", "4", "--warmup-rounds", "1", "--batch", "3", "--decode", "5",
+                       "--out", str(tmp_path)])
+
+    class FakeServer:
+        calls = 0
+
+        def post(self, path, body, timeout):
+            FakeServer.calls += 1
+            n, new = len(body["input_ids"]), body["sampling_params"]["max_new_tokens"]
+            if FakeServer.calls == 3:  # second round: one short output
+                return [{"output_ids": [7] * new}] * (n - 1) + [{"output_ids": [7] * (new - 1)}]
+            if FakeServer.calls == 4:  # third round: the request fails
+                raise RuntimeError("HTTP 500")
+            return [{"output_ids": [ids[0]] * new} for ids in body["input_ids"]]
+
+    d = mg.Bench(a).measure(FakeServer(), "x", vocab=100)
+    assert d["lost_requests"] == 1 + 3
+    assert [r["lost"] for r in d["rounds"]] == [0, 1, 3, 0]
+    assert d["request_errors"] == ["HTTP 500"]
+    assert len(d["probe_first"]) == mg.PROBE_N and d["probe_first"] == d["probe_last"]
+    timed = d["rounds"][1:]
+    assert d["throughput_tok_s"] == pytest.approx(sum(r["tokens"] for r in timed) / sum(r["s"] for r in timed),
+                                                  rel=1e-9)
