@@ -81,10 +81,12 @@ COSTS = ("hetero", "homo")
 PROBE_N, PROBE_LEN, PROBE_NEW = 8, 16, 16
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
-# DeepSeek-V3 layout, big enough that the experts are a real share of a step, small enough to
-# build and load in seconds: 6 layers (first dense), 64 experts of 1024 -> 512, top-6 of 8 groups
-BENCH_MODEL = dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
-                   num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+# DeepSeek-V3 layout with DeepSeek-V2-Lite's expert shape (64 experts of 2048 -> 1408, top-6 of
+# 8 groups), 4 layers (first dense, 3.3 GB in bf16): a prefill chunk of 8192 tokens gives each
+# MoE layer milliseconds of GPU work, more than the host needs to launch it. The one-GPU dry run
+# of 2026-11-29 with 1024 -> 512 experts and 64-prompt rounds was host-bound (see the docs).
+BENCH_MODEL = dict(hidden_size=2048, intermediate_size=4096, moe_intermediate_size=1408,
+                   num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
                    n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4)
 
 
@@ -94,22 +96,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
     ap.add_argument("--costs", default=",".join(COSTS), help="comma list of hetero, homo")
     ap.add_argument("--model-size", default="bench", choices=("bench", "small"),
-                    help="bench: 64 experts of 1024x512, 6 layers; small: tools.models.DEEPSEEK_V3")
+                    help="bench: BENCH_MODEL (64 experts of 2048x1408, 4 layers); small: tools.models.DEEPSEEK_V3")
     ap.add_argument("--hot-fraction", type=float, default=0.25, help="hot experts per layer (share)")
     ap.add_argument("--hot-bias", type=float, default=0.3, help="correction-bias addend of hot experts")
     ap.add_argument("--slow-factor", type=int, default=3, help="hetero: slow experts cost F x per token")
     ap.add_argument("--slow-fraction", type=float, default=0.25, help="hetero: slow experts per layer (share)")
-    ap.add_argument("--rounds", type=int, default=16)
-    ap.add_argument("--warmup-rounds", type=int, default=4, help="rounds not timed (EPLB's first window)")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--warmup-rounds", type=int, default=3, help="rounds not timed (EPLB's first window)")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--decode", type=int, default=64, help="new tokens per request")
-    ap.add_argument("--rebalance-iterations", type=int, default=200,
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--decode", type=int, default=32, help="new tokens per request")
+    ap.add_argument("--rebalance-iterations", type=int, default=150,
                     help="--eplb-rebalance-num-iterations (forward passes between rebalances)")
     ap.add_argument("--redundant-experts", type=int, default=0, help="--ep-num-redundant-experts")
-    ap.add_argument("--profile-interval", type=int, default=4,
+    ap.add_argument("--profile-interval", type=int, default=10,
                     help="--expert-compute-profiling-interval (1 pass in N runs eagerly)")
-    ap.add_argument("--moe-time-window", type=int, default=10, help="profiled passes per MoE-time window")
+    ap.add_argument("--moe-time-window", type=int, default=5, help="profiled passes per MoE-time window")
     ap.add_argument("--ec-backend", default="auto", help="--expert-choice-backend of the ec run")
     ap.add_argument("--start-together", action="store_true",
                     help="start the servers of all cost modes at once (default: one cost mode at a time)")
@@ -117,11 +119,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--mem-fraction", type=float, default=0.12)
     ap.add_argument("--start-timeout", type=float, default=420)
     ap.add_argument("--request-timeout", type=float, default=300)
-    ap.add_argument("--max-seconds", type=float, default=520,
+    ap.add_argument("--max-seconds", type=float, default=440,
                     help="stop starting rounds/runs past this (a device call is 600 s)")
     ap.add_argument("--out", default="benchmark/out/multi_gpu_eplb")
     ap.add_argument("--model-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "multi_gpu_eplb_models"))
-    ap.add_argument("--render", metavar="JSON", help="redraw md/png from a recorded JSON into --out")
+    ap.add_argument("--render", metavar="JSON", nargs="+",
+                    help="redraw md/png into --out from recorded JSONs (several: their cost modes merged, "
+                    "e.g. one device call per cost mode); measures nothing")
     a = ap.parse_args(argv)
     a.runs = [r for r in a.runs.split(",") if r]
     a.costs = [c for c in a.costs.split(",") if c]
@@ -319,6 +323,19 @@ def write(res: Dict, out: Path) -> str:
 # ----------------------------------------------------------------------------- running
 
 
+def merge(results: List[Dict]) -> Dict:
+    """One result from several recorded ones: cost modes with runs are taken from each (a later
+    file wins), notes concatenated, commands and dates joined."""
+    out = json.loads(json.dumps(results[0]))
+    for r in results[1:]:
+        out["costs"].update({c: runs for c, runs in r["costs"].items() if runs})
+        out["notes"] += r.get("notes", [])
+    if len(results) > 1:
+        out["meta"]["command"] = "` and `".join(r["meta"]["command"] for r in results)
+        out["meta"]["date"] = ", ".join(r["meta"]["date"] for r in results)
+    return out
+
+
 def device_name() -> str:
     if not cuda_available():
         return "CPU (no CUDA)"
@@ -450,8 +467,7 @@ class Bench:
 def main(argv: Optional[List[str]] = None) -> None:
     a = parse_args(argv)
     if a.render:
-        res = json.loads(Path(a.render).read_text())
-        print(write(res, Path(a.out)))
+        print(write(merge([json.loads(Path(f).read_text()) for f in a.render]), Path(a.out)))
         return
     Bench(a).main()
 

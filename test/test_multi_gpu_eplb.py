@@ -28,7 +28,7 @@ def test_defaults_and_bad_arguments(capsys):
     assert mg.planned_runs(mg.parse_args(["--tp", "1"])) == ["tc", "ec"]  # SGLang: no EPLB on 1 GPU
     for argv, msg in ((["--runs", "tc,foo"], "unknown --runs/--costs value(s) ['foo']"),
                       (["--tp", "0"], "--tp must be >= 1, got 0"),
-                      (["--warmup-rounds", "16"], "--warmup-rounds (16) must be < --rounds (16)"),
+                      (["--warmup-rounds", "12"], "--warmup-rounds (12) must be < --rounds (12)"),
                       (["--hot-fraction", "2"], "--hot-fraction must be in [0, 1], got 2.0"),
                       (["--redundant-experts", "3"], "--redundant-experts (3) must be a multiple of --tp (2)")):
         with pytest.raises(SystemExit):
@@ -43,7 +43,7 @@ def test_run_flags():
     assert "--tp-size 4 --ep-size 4" in joined and "--moe-runner-backend triton" in joined
     assert "--enable-eplb --eplb-algorithm compute_aware --eplb-compute-cost-alpha 0.5" in joined
     assert "--expert-cost-slow-factor 3" in joined and "--ep-num-redundant-experts 4" in joined
-    assert "--enable-expert-compute-profiling" in joined and "--expert-moe-time-window 10" in joined
+    assert "--enable-expert-compute-profiling" in joined and "--expert-moe-time-window 5" in joined
     assert "--disable-cuda-graph" not in joined  # CUDA graphs stay on
     tc = mg.server_args(a, "tc", "homo")
     assert "--enable-eplb" not in tc and "--expert-cost-slow-factor" not in tc
@@ -148,6 +148,16 @@ def test_table_and_plot_from_recorded_json(tmp_path):
     assert (tmp_path / "o" / "multi_gpu_eplb.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "o" / "multi_gpu_eplb.json").read_text())["costs"]["hetero"]["tc"][
         "throughput_tok_s"] == 900.0
+    # a second device call's JSON (the other cost mode) merges into one table
+    res2 = json.loads(json.dumps(res))
+    res2["costs"] = {"hetero": {}, "homo": {"tc": _run(p, p, 950.0)}}
+    res2["meta"]["command"], res2["notes"] = "python y", []
+    rec2 = tmp_path / "rec2.json"
+    rec2.write_text(json.dumps(res2))
+    mg.main(["--render", str(rec), str(rec2), "--out", str(tmp_path / "m")])
+    md = (tmp_path / "m" / "multi_gpu_eplb.md").read_text()
+    assert "## cost mode: homo (all experts equal)" in md and "| ca05 | 1100 |" in md
+    assert "command: `python x` and `python y`" in md
 
 
 def test_hot_expert_bias():
