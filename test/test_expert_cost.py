@@ -367,3 +367,27 @@ def test_apply_hook_refuses_other_runners_with_one_line():
     with pytest.raises(RuntimeError, match=r"--expert-cost-slow-factor needs the Triton fused-MoE runner "
                                            r"\(--moe-runner-backend triton\), got FLASHINFER_CUTLASS; CUDA"):
         h._check(method, layer, d)
+
+
+def test_profiler_swap_sets_every_experts_class_on_every_rank(monkeypatch):
+    """The merged profiler of a rebalance copies the local rank's classes: they are set for all
+    logical experts at start-up from the seed, whatever experts the rank holds."""
+    from sglang_moe_routing.eplb import profiler as profmod
+    from sglang_moe_routing.eplb.profiler import ExpertComputeProfiler
+    from sglang_moe_routing.integration import config
+    from sglang_moe_routing.integration import expert_cost_hooks as h
+
+    base = ExpertComputeProfiler(4, 16, warmup_steps=3, interval=5, tile_sizes=(1, 16))
+    monkeypatch.setattr(profmod, "_GLOBAL_PROFILER", base)
+    config.set_sections({h.SECTION: h.ExpertCostConfig(slow_factor=3, slow_fraction=0.25, seed=7,
+                                                        moe_time_window=2, profiling=True)})
+    try:
+        h._after_init_location(None, object())
+    finally:
+        config.set_sections(None)
+    new = profmod.get_global_expert_compute_profiler()
+    assert isinstance(new, ClassSplitProfiler) and new.num_classes == 2 and new.moe_time.window == 2
+    assert (new.warmup_steps, new.interval, new.tile_sizes) == (3, 5, (1, 16))
+    assert torch.equal(new._expert_class.bool(), slow_expert_mask(4, 16, 0.25, 7))
+    merged = new.all_reduced(lambda t: t)
+    assert torch.equal(merged._expert_class, new._expert_class)

@@ -148,6 +148,12 @@ def _after_init_location(result, model_runner, *args, **kwargs):
         tile_sizes=prof.tile_sizes, num_classes=2 if cfg.classes_on else 1,
         min_samples=prof.min_samples, max_pending=prof.max_pending,
         moe_time=MoeTimeWindows(cfg.moe_time_window, emit) if cfg.moe_time_window else None)
+    if cfg.classes_on:
+        # every rank knows every expert's class (seeded): the merged statistics of a rebalance
+        # copy the local classes, so they must not depend on which experts a rank holds
+        mask = slow_expert_mask(new.num_layers, new.num_experts, cfg.slow_fraction, cfg.seed)
+        for layer in range(new.num_layers):
+            new.set_expert_classes(layer, mask[layer].long())
     set_global_expert_compute_profiler(new)
     logger.info("expert-cost: compute profiler with %d expert class(es)%s", new.num_classes,
                 f", MoE time every {cfg.moe_time_window} profiled passes" if cfg.moe_time_window else "")
