@@ -53,20 +53,21 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "benchmark"))
 
+from harness import fmt  # noqa: E402
+from serving_runner import build_model as build_in_subprocess, device_name, prompts  # noqa: E402
 from sglang_moe_routing.eplb.expert_cost import parse_moe_time_lines, window_balancedness  # noqa: E402
-from sglang_moe_routing.tools import models, serverlog  # noqa: E402
-from sglang_moe_routing.tools.server import Server, ServerError, cuda_available, start_all  # noqa: E402
+from sglang_moe_routing.tools import serverlog  # noqa: E402
+from sglang_moe_routing.tools.server import Server, ServerError, start_all  # noqa: E402
 
 RUNS = {
     "tc": [],
@@ -176,27 +177,13 @@ def planned_runs(a: argparse.Namespace) -> List[str]:
     return [r for r in a.runs if not (a.tp < 2 and r in EPLB_RUNS)]
 
 
-def prompts(vocab: int, n: int, length: int, seed: int) -> List[List[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(2, vocab, (n, length), generator=g).tolist()
-
-
 def build_model(a: argparse.Namespace) -> Dict:
     """tools.models.deepseek_v3 in a subprocess (this process must hold no CUDA context)."""
     kw = dict(hot_fraction=a.hot_fraction, hot_bias=a.hot_bias, seed=a.seed)
     if a.model_size == "bench":
         kw.update(BENCH_MODEL)
-    tag = f"ds_{a.model_size}_hot{a.hot_fraction:g}_{a.hot_bias:g}_s{a.seed}"
-    path = Path(a.model_dir) / tag
-    if not (path / "config.json").exists():
-        t0 = time.time()
-        code = ("import sys, json; from sglang_moe_routing.tools import models; "
-                "models.build('deepseek_v3', sys.argv[1], **json.loads(sys.argv[2]))")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(REPO / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-        subprocess.run([sys.executable, "-c", code, str(path), json.dumps(kw)], check=True, env=env)
-        print(f"  built {tag} in {time.time() - t0:.0f} s", flush=True)
-    cfg = json.loads((path / "config.json").read_text())
+    path = Path(a.model_dir) / f"ds_{a.model_size}_hot{a.hot_fraction:g}_{a.hot_bias:g}_s{a.seed}"
+    cfg = build_in_subprocess("deepseek_v3", path, **kw)
     return {"path": str(path), "vocab": cfg["vocab_size"], "config": {k: cfg.get(k) for k in (
         "hidden_size", "moe_intermediate_size", "num_hidden_layers", "first_k_dense_replace",
         "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "n_shared_experts")}, **kw}
@@ -234,10 +221,6 @@ def probe_checks(runs: Dict[str, Dict]) -> Dict:
             "ok": bool(same_first) and all(v == PROBE_N for v in same_first.values())}
 
 
-def fmt(x, spec=".3f"):
-    return "n/a" if x is None or x != x else format(x, spec)
-
-
 def table(res: Dict) -> str:
     m = res["meta"]
     md = [f"# Multi-GPU EPLB run (issue 14)\n", f"- device: {m['device']}", f"- date: {m['date']}",
@@ -262,8 +245,8 @@ def table(res: Dict) -> str:
             dur = rb.get("durations_s") or []
             last = (d.get("balancedness_lines") or [{}])[-1].get("after", {})
             md.append(
-                f"| {run} | {fmt(tp, '.0f')} | {fmt(tp / base if tp and base else None)} | "
-                f"{fmt(d.get('moe_balancedness_mean'))} / {fmt(d.get('moe_balancedness_last_half'))} "
+                f"| {run} | {fmt(tp, '.0f')} | {fmt(tp / base if tp and base else None, '.3f')} | "
+                f"{fmt(d.get('moe_balancedness_mean'), '.3f')} / {fmt(d.get('moe_balancedness_last_half'), '.3f')} "
                 f"({d.get('moe_windows', 0)}) | {' '.join(f'{k}={v:.3f}' for k, v in last.items()) or '-'} | "
                 f"{rb.get('done', 0)}/{rb.get('started', 0)}/{rb.get('skipped', 0)} | "
                 f"{fmt(statistics.fmean(dur) if dur else None, '.2f')}/{fmt(max(dur) if dur else None, '.2f')} | "
@@ -334,14 +317,6 @@ def merge(results: List[Dict]) -> Dict:
         out["meta"]["command"] = "` and `".join(r["meta"]["command"] for r in results)
         out["meta"]["date"] = ", ".join(r["meta"]["date"] for r in results)
     return out
-
-
-def device_name() -> str:
-    if not cuda_available():
-        return "CPU (no CUDA)"
-    r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-    names = r.stdout.strip().splitlines()
-    return f"{len(names)} x {names[0]}" if names else "CUDA device"
 
 
 class Bench:
@@ -430,7 +405,7 @@ class Bench:
             d["crashed"] = not d["alive_at_end"] or bool(d["errors"])
             rb = d["rebalances"]
             self.log(f"[{cost}] {run}: {fmt(d.get('throughput_tok_s'), '.0f')} tok/s, MoE balancedness "
-                     f"{fmt(d['moe_balancedness_mean'])} ({d['moe_windows']} windows), rebalances "
+                     f"{fmt(d['moe_balancedness_mean'], '.3f')} ({d['moe_windows']} windows), rebalances "
                      f"{rb['done']}/{rb['started']} (skipped {rb['skipped']}), lost {d.get('lost_requests')}, "
                      f"errors {len(d['errors'])}")
             self.res["costs"][cost][run] = d
