@@ -104,7 +104,7 @@ def _feature_modules() -> List[Any]:
     from sglang_moe_routing.integration import expert_choice_hooks
 
     mods = [expert_choice_hooks]
-    for name in ("eplb_hooks", "omni_hooks"):
+    for name in ("eplb_hooks", "omni_hooks", "expert_cost_hooks"):
         try:
             mods.append(__import__(f"sglang_moe_routing.integration.{name}", fromlist=[name]))
         except ModuleNotFoundError as e:

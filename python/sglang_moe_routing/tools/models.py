@@ -83,8 +83,24 @@ def qwen3_moe(path: str, size: str = "small", dtype: torch.dtype = torch.bfloat1
     return _save(model, path, dtype)
 
 
+def hot_expert_bias(num_layers: int, num_experts: int, fraction: float, bias: float,
+                    seed: int) -> torch.Tensor:
+    """[num_layers, num_experts] addend of ``e_score_correction_bias``: ``bias`` on a seeded
+    random ``fraction`` of each layer's experts (those are chosen more often: a skewed load)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"hot_fraction must be in [0, 1], got {fraction!r}")
+    out = torch.zeros(num_layers, num_experts)
+    k = int(round(fraction * num_experts))
+    for layer in range(num_layers):
+        g = torch.Generator().manual_seed(seed * 7919 + layer)
+        out[layer, torch.randperm(num_experts, generator=g)[:k]] = bias
+    return out
+
+
 def deepseek_v3(path: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                **overrides) -> Dict[str, Any]:
+                hot_fraction: float = 0.0, hot_bias: float = 0.0, **overrides) -> Dict[str, Any]:
+    """``hot_fraction``/``hot_bias``: add ``hot_bias`` to the correction bias of a seeded subset
+    of each MoE layer's experts (:func:`hot_expert_bias`), which makes them hot."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     kw = {**DEEPSEEK_V3, **overrides}
@@ -102,6 +118,13 @@ def deepseek_v3(path: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.copy_(0.05 * torch.randn(b.shape, generator=g))
+    if hot_bias and hot_fraction:
+        hot = hot_expert_bias(kw["num_hidden_layers"], kw["n_routed_experts"], hot_fraction, hot_bias, seed)
+        with torch.no_grad():
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if name.endswith("e_score_correction_bias"):
+                    layer = int(name.split("layers.")[1].split(".")[0])
+                    t.add_(hot[layer].to(t.device, t.dtype))
     return _save(model, path, dtype)
 
 
