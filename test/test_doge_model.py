@@ -1,4 +1,4 @@
-"""The Doge model file (``integration/models/doge.py``) against transformers' Doge, on CPU.
+"""The Doge model file (``models/doge.py``) against transformers' Doge, on CPU.
 
 Our model runs through SGLang's real layers, KV pools (``ReqToTokenPool``,
 ``MHATokenToKVPool``), ``ForwardBatch`` and ``LogitsProcessor``, in a single-process gloo
@@ -123,7 +123,7 @@ def make_hf(cfg: DogeConfig, seed: int = 0) -> HFDoge:
 
 
 def make_ours(cfg: DogeConfig, hf: HFDoge = None):
-    from sglang_moe_routing.integration.models.doge import DogeForCausalLM
+    from sglang_moe_routing.models.doge import DogeForCausalLM
 
     model = DogeForCausalLM(cfg).eval()
     if hf is not None:
@@ -375,7 +375,7 @@ def test_sglang_rope_and_pytorch_fallback_agree(sgl_env, monkeypatch):
     import sglang.srt.layers.rotary_embedding.base as rope_base
     from sglang.srt.layers.rotary_embedding import get_rope
 
-    from sglang_moe_routing.integration.models.doge import NeoxRotaryEmbedding
+    from sglang_moe_routing.models.doge import NeoxRotaryEmbedding
 
     monkeypatch.setattr(rope_base, "_is_cpu", True)  # skip the GPU-kernel import, native path
     sgl = get_rope(16, rotary_dim=16, max_position=64, base=500.0, is_neox_style=True)
@@ -395,7 +395,7 @@ def test_dynamic_mask_attention_equals_sglang_torch_native_when_mask_is_inert(sg
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
     from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-    from sglang_moe_routing.integration.models.doge import dynamic_mask_attention
+    from sglang_moe_routing.models.doge import dynamic_mask_attention
 
     cfg = tiny_config()
     runner = SglRunner(cfg)
@@ -424,7 +424,7 @@ def test_dynamic_mask_attention_equals_sglang_torch_native_when_mask_is_inert(sg
 def test_dynamic_mask_keep_window_and_ties():
     """Keys outside each query's top-``keep_window_size`` bias are dropped; equal biases at
     the cut keep the later key (so with a constant bias the window is the most recent keys)."""
-    from sglang_moe_routing.integration.models.doge import dynamic_mask_attention
+    from sglang_moe_routing.models.doge import dynamic_mask_attention
 
     g = torch.Generator().manual_seed(10)
     L, keep, D = 10, 4, 8
@@ -591,7 +591,7 @@ def test_plugin_registers_doge_with_sglang(sgl_env, tmp_path):
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.server_args import prepare_server_args
 
-    from sglang_moe_routing.integration.models.doge import DogeForCausalLM
+    from sglang_moe_routing.models.doge import DogeForCausalLM
 
     load_plugins()
     assert omni_hooks.GET_MODEL_ARCHITECTURE in HookRegistry._patched
