@@ -21,7 +21,7 @@ from sglang_moe_routing.omni import (
     omni_router_reference,
     resolve_backend,
 )
-from sglang_moe_routing.omni import triton_kernels as tk
+from sglang_moe_routing.omni import triton as tk
 
 try:
     from hypothesis import given, settings
