@@ -70,7 +70,7 @@ from sglang_moe_routing.omni import (  # noqa: E402
     omni_router_pruned_torch,
     omni_router_reference,
 )
-from sglang_moe_routing.omni import triton_kernels as tk  # noqa: E402
+from sglang_moe_routing.omni import triton as tk  # noqa: E402
 
 NS = [32, 64, 128, 256, 512, 1024]
 KS = [8, 32]

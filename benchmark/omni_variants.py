@@ -31,7 +31,7 @@ import harness  # noqa: E402
 from harness import Checks, fmt, graphed, time_flushed_ms  # noqa: E402
 
 from sglang_moe_routing.omni import omni_router_reference  # noqa: E402
-from sglang_moe_routing.omni import triton_kernels as tk  # noqa: E402
+from sglang_moe_routing.omni import triton as tk  # noqa: E402
 
 # The HBM bandwidth the floor assumes (bytes/s); bench_omni.py also prints the device-to-device
 # copy bandwidth it measures, so a run on another GPU shows how far this is off.

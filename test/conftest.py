@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
         return
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        # Seen on the H100: a cost fit came out flat while 11 other workers ran EC tests.
+        # Other workers' kernels share the GPU and enter the timed regions (a cost fit came
+        # out flat: docs/benchmarks.md, appendix).
         shared = pytest.mark.skip(
             reason="GPU timing test under pytest-xdist: run it without -n (the GPU is shared)")
         for item in items:

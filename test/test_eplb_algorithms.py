@@ -302,9 +302,9 @@ def test_validity_checker_catches_broken_maps():
 
 # --------------------------------------------------------------------------- frozen copy
 #
-# The implementation as it was before the steps moved to numpy (2026-11-29): torch ops per
-# greedy step. Kept verbatim (less validation) so that the faster code is checked against
-# the exact outputs it replaced, on uniform and heavy-tailed loads.
+# The implementation the numpy steps replaced: torch ops per greedy step. Kept verbatim (less
+# validation) so that the faster code is checked against the exact outputs it replaced, on
+# uniform and heavy-tailed loads.
 
 
 def _reference_balanced_packing(weight, num_packs):

@@ -20,6 +20,7 @@ from sglang_moe_routing.eplb.profiler import (  # noqa: E402
 )
 from sglang_moe_routing.integration import config, plugin  # noqa: E402
 from sglang_moe_routing.integration import eplb_hooks as eh  # noqa: E402
+from sglang_moe_routing.integration import eplb_profiling_hooks as eph  # noqa: E402
 
 from sgl_helpers import published_args  # noqa: E402
 
@@ -305,18 +306,18 @@ def test_profiling_hooks_only_installed_when_enabled(profiler_slot):
     class Runner:
         is_draft_worker = False
 
-    if not eh._profiling_hooks_installed:
+    if not eph._profiling_hooks_installed:
         assert not hasattr(FusedMoE.run_moe_core, "__wrapped__")
     with published_args("--eplb-algorithm", "compute_aware"):  # profiling off
         set_global_expert_location_metadata(_metadata(torch.arange(8).repeat(3, 1), 4), allow_overwrite=True)
-        eh._after_init_expert_location(None, Runner())
+        eph.after_init_expert_location(None, Runner())
         assert get_global_expert_compute_profiler() is None
     with published_args("--enable-expert-compute-profiling", "--expert-compute-profiling-interval", "3"):
         set_global_expert_location_metadata(_metadata(torch.arange(8).repeat(3, 1), 4), allow_overwrite=True)
-        eh._after_init_expert_location(None, Runner())
+        eph.after_init_expert_location(None, Runner())
         prof = get_global_expert_compute_profiler()
         assert prof is not None and (prof.num_layers, prof.num_experts, prof.interval) == (3, 8, 3)
-    assert eh._profiling_hooks_installed
+    assert eph._profiling_hooks_installed
     assert hasattr(FusedMoE.run_moe_core, "__wrapped__")
     from sglang.srt.model_executor.model_runner import ModelRunner
 
@@ -359,13 +360,13 @@ def test_moe_core_hook_records_local_slot_counts(profiler_slot):
         set_global_expert_location_metadata(_metadata(p2l, 2), allow_overwrite=True)
         ids = torch.tensor([[0, 1], [1, 4], [9, -1], [2, 2]])
         # not a profiled pass: straight through, nothing recorded
-        assert eh._around_run_moe_core(original, _FakeLayer(1), _dispatch(ids)) == "out"
+        assert eph._around_run_moe_core(original, _FakeLayer(1), _dispatch(ids)) == "out"
         assert prof.num_pending == 0
         prof.begin_step()
         # EP=2, rank 1, ids already local (dispatcher mapped them): local slots 0..4
-        assert eh._around_run_moe_core(original, _FakeLayer(1, ep_rank=1, ep_size=2), _dispatch(ids)) == "out"
+        assert eph._around_run_moe_core(original, _FakeLayer(1, ep_rank=1, ep_size=2), _dispatch(ids)) == "out"
         # EP=2, rank 1, global ids: slots 5..9 -> local 0..4
-        eh._around_run_moe_core(original, _FakeLayer(0, ep_rank=1, ep_size=2, mapped=False), _dispatch(ids + 0))
+        eph._around_run_moe_core(original, _FakeLayer(0, ep_rank=1, ep_size=2, mapped=False), _dispatch(ids + 0))
         prof.end_step()
     assert calls == [1, 1, 0]
     s = prof.get_statistics_summary()
@@ -389,10 +390,10 @@ def test_forward_hook_counts_passes(profiler_slot):
         return batch
 
     for i in range(5):
-        assert eh._around_model_runner_forward(original, Runner(), i) == i
+        assert eph._around_model_runner_forward(original, Runner(), i) == i
     assert seen == [False, True, False, True, False]
     Runner.is_draft_worker = True
-    eh._around_model_runner_forward(original, Runner(), 0)
+    eph._around_model_runner_forward(original, Runner(), 0)
     assert seen[-1] is False and prof.get_statistics_summary()["steps"] == 5
 
 
@@ -412,12 +413,12 @@ def test_moe_core_hook_deepep_counts_and_nested_calls_time_once(profiler_slot):
         return "inner"
 
     def outer(layer_, d):  # DeepEPMoE.run_moe_core -> super().run_moe_core (also hooked)
-        return eh._around_run_moe_core(inner, layer_, d)
+        return eph._around_run_moe_core(inner, layer_, d)
 
     with published_args():
         set_global_expert_location_metadata(_metadata(p2l, 2), allow_overwrite=True)
         prof.begin_step()
-        assert eh._around_run_moe_core(outer, layer, ll) == "inner"
+        assert eph._around_run_moe_core(outer, layer, ll) == "inner"
         prof.end_step()
     s = prof.get_statistics_summary()
     assert s["samples"] == 1
@@ -444,10 +445,10 @@ def test_profiled_pass_runs_eagerly_and_graph_runners_come_back(profiler_slot):
         if len(seen) == 3:
             raise RuntimeError("forward failed")
 
-    eh._around_model_runner_forward(original, runner)  # step 0: profiled
-    eh._around_model_runner_forward(original, runner)  # step 1: not
+    eph._around_model_runner_forward(original, runner)  # step 0: profiled
+    eph._around_model_runner_forward(original, runner)  # step 1: not
     with pytest.raises(RuntimeError):
-        eh._around_model_runner_forward(original, runner)  # step 2: profiled, raises
+        eph._around_model_runner_forward(original, runner)  # step 2: profiled, raises
     assert seen == [(None, None), (decode, prefill), (None, None)]
     assert (runner.decode_cuda_graph_runner, runner.prefill_cuda_graph_runner) == (decode, prefill)
 

@@ -6,9 +6,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from sglang_moe_routing.eplb.events import HostEvent
 from sglang_moe_routing.eplb.profiler import (
     ExpertComputeProfiler,
-    HostEvent,
     get_global_expert_compute_profiler,
     set_global_expert_compute_profiler,
 )

@@ -15,7 +15,7 @@ from sglang_moe_routing.omni import (
     omni_router_backward_reference,
     omni_router_reference,
 )
-from sglang_moe_routing.omni import triton_kernels as tk
+from sglang_moe_routing.omni import triton as tk
 from test_omni import assert_compiled_matches_eager, check_routing, make_logits, weight_tol
 
 pytestmark = pytest.mark.gpu

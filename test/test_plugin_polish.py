@@ -283,7 +283,7 @@ def test_help_groups_flags_under_the_plugin_title():
 
 
 def _demo(capsys, *argv):
-    from sglang_moe_routing.integration import demo
+    from sglang_moe_routing import demo
 
     assert demo.main(list(argv)) == 0
     return capsys.readouterr().out

@@ -5,9 +5,11 @@
 * :mod:`.reference`: the same algorithm as plain Python loops (specification, test oracle).
 * :mod:`.profiler`: :class:`ExpertComputeProfiler`, per-expert compute costs from CUDA
   events and a fitted grouped-GEMM cost model.
+* :mod:`.cost_model`: that cost model and its least-squares fit (:class:`KernelCostFit`);
+  :mod:`.events`: the profiler's timing events.
 
 Imports only torch and numpy; the SGLang wiring lives in
-``sglang_moe_routing.integration.eplb_hooks``.
+``sglang_moe_routing.integration`` (``eplb_flags``, ``eplb_hooks``, ``eplb_profiling_hooks``).
 """
 
 from sglang_moe_routing.eplb.compute_aware import (
@@ -17,10 +19,9 @@ from sglang_moe_routing.eplb.compute_aware import (
     gpu_loads,
     replica_token_counts,
 )
+from sglang_moe_routing.eplb.cost_model import DEFAULT_TILE_SIZES, KernelCostFit
 from sglang_moe_routing.eplb.profiler import (
-    DEFAULT_TILE_SIZES,
     ExpertComputeProfiler,
-    KernelCostFit,
     get_global_expert_compute_profiler,
     set_global_expert_compute_profiler,
 )

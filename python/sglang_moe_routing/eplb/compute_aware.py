@@ -178,10 +178,9 @@ def _check_cost_shape(token_weight: torch.Tensor, cost: torch.Tensor) -> None:
 # calls: they are kept few, and none of them is a torch op. Torch reductions over a dim
 # (``max(dim)``, ``argmax``) open an OpenMP parallel region even on these small arrays; when
 # the other cores are busy, every such call waits for a descheduled worker thread, which
-# turned a 4-8 ms placement into up to 270 ms on a busy 2-core machine, whatever the load
-# distribution (the earlier "slow on heavy-tailed loads" was this). Only two torch calls
-# remain, both serial at these sizes and both needed for bit-identity with upstream: the
-# visiting-order sort and the float32 sum of a group's weights.
+# multiplies the placement time whatever the load distribution (measured: docs/benchmarks.md,
+# appendix). Only two torch calls remain, both serial at these sizes and both needed for
+# bit-identity with upstream: the visiting-order sort and the float32 sum of a group's weights.
 
 
 def _visit_order(weight32: np.ndarray) -> np.ndarray:

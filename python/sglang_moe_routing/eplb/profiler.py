@@ -5,20 +5,10 @@ What is measured
 A *kernel sample* is one launch of expert computation: the layer, the token count of every
 expert slot the launch served, and its GPU time. SGLang's fused MoE runs all local experts
 of a layer in one launch, so a sample's time is a sum over experts and per-expert times
-cannot be read off an event pair. The profiler therefore fits, per layer shape and expert
-class, the grouped-GEMM cost model::
+cannot be read off an event pair. The profiler keeps the samples' normal equations and fits
+the grouped-GEMM cost model of :mod:`.cost_model` per layer shape and expert class::
 
     time(kernel) = c + sum over slots with n > 0 of (a + b * ceil(n / tile))
-
-(``c``: launch and fixed work; ``a``: per active expert, e.g. weight loads; ``b``: per tile
-of ``tile`` tokens, the padding a tiled GEMM pays). ``a`` is only identifiable when the
-number of active experts per launch varies (decode); with every slot always active
-(prefill) it is folded into ``c``, where it is the same for every GPU. ``tile`` is chosen among
-``tile_sizes`` by least squares; ``tile = 1`` is the linear model ``a + b * n``. A kernel
-that serves a single expert is the same model with one slot, so per-expert event pairs
-(unfused backends) go through the same path: then ``a`` is the per-invocation time and
-``c`` is folded into it. Experts of different precision or shape run in different kernels
-and are told apart by ``expert_class`` (one fit per class and layer shape).
 
 The expert's cost over a window of per-step token counts ``n_s`` is then
 ``sum_s (a [n_s > 0] + b * ceil(n_s / tile))``: :meth:`get_adjusted_expert_load`.
@@ -30,22 +20,8 @@ for an asynchronous device-to-host copy followed by a third event; :meth:`poll` 
 at the end of each forward pass) reads only samples whose copy event reports done through
 ``query()``. Nothing synchronises the device. Profiling runs on ``1`` forward pass in
 ``interval`` after ``warmup_steps`` passes. Samples pending for too long (more than
-``max_pending``) are dropped and counted, never waited for.
-
-What an event pair measures
----------------------------
-The time between two events is the device's timeline between them: kernel time *plus any
-time the device sat idle waiting for the host* to enqueue the next launch. When the host is
-ahead of the device (the usual case in a loaded server) the region's launches are all queued
-before the device reaches the start event and the time is pure kernel time. When the stream
-was drained just before the region (a host sync: ``.item()``, a pageable ``.cuda()`` copy,
-``torch.cuda.synchronize()``), the time also counts the host's work inside the region: Python
-and launch overhead, caching-allocator ``cudaMalloc``, first-call cuBLAS heuristics and lazy
-kernel loading (milliseconds). Right after the end event is recorded :meth:`record_kernel`
-asks the start event (``query()``, no wait) whether the device has already passed it; such
-samples are counted as ``host_bound`` in :meth:`get_statistics_summary`. They are still fitted:
-a constant launch overhead only moves ``c``, but many host-bound samples mean the fitted costs
-follow the host, not the kernels.
+``max_pending``) are dropped and counted, never waited for. Samples whose region may include
+host time are counted as ``host_bound`` (what an event pair measures: :mod:`.events`).
 
 Statistics are additive tensors (normal equations and per-expert sums), so ranks merge them
 with one all-reduce (:meth:`all_reduced`) and every rank then derives identical costs.
@@ -53,8 +29,6 @@ with one all-reduce (:meth:`all_reduced`) and every rank then derives identical 
 
 from __future__ import annotations
 
-import math
-import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,65 +36,19 @@ from typing import Any, Callable, Deque, Dict, Hashable, Iterator, List, Optiona
 
 import torch
 
+from sglang_moe_routing.eplb.cost_model import (
+    DEFAULT_TILE_SIZES,
+    KernelCostFit,
+    design_matrix,
+    fit_pooled,
+)
+from sglang_moe_routing.eplb.events import default_event_factory, device_reached, to_host_async
+
 __all__ = [
-    "DEFAULT_TILE_SIZES",
-    "KernelCostFit",
     "ExpertComputeProfiler",
-    "HostEvent",
     "get_global_expert_compute_profiler",
     "set_global_expert_compute_profiler",
 ]
-
-DEFAULT_TILE_SIZES: Tuple[int, ...] = (1, 16, 32, 64, 128)
-
-
-@dataclass(frozen=True)
-class KernelCostFit:
-    """Fitted ``time = c + sum_active (a + b * ceil(n / tile))`` (milliseconds)."""
-
-    a_ms: float
-    b_ms: float
-    c_ms: float
-    tile: int
-    samples: int
-    rmse_ms: float
-    source: str  # "layer-shape" | "class-pooled" | "all-pooled" | "default"
-
-    def expert_time(self, n: torch.Tensor) -> torch.Tensor:
-        n = n.double()
-        tiles = n if self.tile == 1 else torch.ceil(n / self.tile)
-        return self.a_ms * (n > 0) + self.b_ms * tiles
-
-
-_DEFAULT_FIT = KernelCostFit(0.0, 1.0, 0.0, 1, 0, float("nan"), "default")
-
-
-class HostEvent:
-    """Stand-in for ``torch.cuda.Event`` on machines without a GPU (host clock)."""
-
-    def __init__(self, enable_timing: bool = True):
-        self._t: Optional[float] = None
-
-    def record(self, stream: Any = None) -> None:
-        self._t = time.perf_counter()
-
-    def query(self) -> bool:
-        return self._t is not None
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_time(self, end: "HostEvent") -> float:
-        if self._t is None or end._t is None:
-            raise RuntimeError("elapsed_time on an event that was not recorded")
-        return (end._t - self._t) * 1e3
-
-
-def _default_event_factory(enable_timing: bool) -> Any:
-    if torch.cuda.is_available():
-        return torch.cuda.Event(enable_timing=enable_timing)
-    return HostEvent(enable_timing)
-
 
 @dataclass
 class _Pending:
@@ -156,7 +84,7 @@ class ExpertComputeProfiler:
         min_samples: kernel samples a fit needs before it is used
         max_pending: samples awaiting their events before the oldest are dropped
         event_factory: ``f(enable_timing) -> event`` (default: CUDA events when CUDA is
-            available, else :class:`HostEvent`)
+            available, else :class:`.events.HostEvent`)
     """
 
     def __init__(
@@ -187,7 +115,7 @@ class ExpertComputeProfiler:
         if len(set(tiles)) != len(tiles):
             raise ValueError(f"tile_sizes has duplicates: {tiles}")
         self.tile_sizes = tiles
-        self._event_factory = event_factory or _default_event_factory
+        self._event_factory = event_factory or default_event_factory
 
         L, E, C, T = self.num_layers, self.num_experts, self.num_classes, len(tiles)
         f64 = torch.float64
@@ -307,9 +235,9 @@ class ExpertComputeProfiler:
                 f"expert_ids shape {tuple(expert_ids.shape)} != token_counts shape "
                 f"{tuple(token_counts.shape)}"
             )
-        host_bound = _device_reached(start_event)
-        counts_host = _to_host_async(token_counts)
-        ids_host = _to_host_async(expert_ids) if expert_ids is not None else None
+        host_bound = device_reached(start_event)
+        counts_host = to_host_async(token_counts)
+        ids_host = to_host_async(expert_ids) if expert_ids is not None else None
         ready = self.new_event(False)
         ready.record()
         self._pending.append(
@@ -432,13 +360,7 @@ class ExpertComputeProfiler:
             raise ValueError("slots with expert id -1 must have a token count of 0")
 
         T = len(self.tile_sizes)
-        tiles = torch.stack(
-            [counts if t == 1 else torch.ceil(counts / t) for t in self.tile_sizes], -1
-        )  # [N, G, T]
-        n_active = (counts > 0).sum(1, dtype=torch.float64)
-        X = torch.stack(
-            [torch.ones(N, T, dtype=torch.float64), n_active[:, None].expand(N, T), tiles.sum(1)], -1
-        )  # [N, T, 3]
+        tiles, X = design_matrix(counts, self.tile_sizes)  # [N, G, T], [N, T, 3]
         idx = layers * self.num_classes + classes
         LC = self.num_layers * self.num_classes
         self._xtx.view(LC, T, 3, 3).index_add_(0, idx, X[..., :, None] * X[..., None, :])
@@ -459,92 +381,12 @@ class ExpertComputeProfiler:
     def fits(self) -> Dict[Tuple[int, int], KernelCostFit]:
         """Cost model per (layer, class), with fallbacks for layers without enough data:
         the layer-shape pool, then all layers of the class, then all samples, then the
-        unit model (cost = tokens)."""
-        if self._fit_cache is not None:
-            return self._fit_cache
-        keys = {}
-        pool_of_layer = torch.tensor([keys.setdefault(k, len(keys)) for k in self._pool_keys])
-        P, C = len(keys), self.num_classes
-        T = len(self.tile_sizes)
-        zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)
-        pxtx, pxty, pyty, pn = zeros(P, C, T, 3, 3), zeros(P, C, T, 3), zeros(P, C), zeros(P, C)
-        pxtx.index_add_(0, pool_of_layer, self._xtx)
-        pxty.index_add_(0, pool_of_layer, self._xty)
-        pyty.index_add_(0, pool_of_layer, self._yty)
-        pn.index_add_(0, pool_of_layer, self._nsamp)
-
-        class_fit = []
-        for c in range(C):
-            class_fit.append(
-                self._fit(pxtx[:, c].sum(0), pxty[:, c].sum(0), pyty[:, c].sum(), pn[:, c].sum(), "class-pooled")
+        unit model (cost = tokens); see :func:`.cost_model.fit_pooled`."""
+        if self._fit_cache is None:
+            self._fit_cache = fit_pooled(
+                self._xtx, self._xty, self._yty, self._nsamp, self._pool_keys, self.tile_sizes, self.min_samples
             )
-        all_fit = self._fit(pxtx.sum((0, 1)), pxty.sum((0, 1)), pyty.sum(), pn.sum(), "all-pooled")
-        pool_fit = {}
-        out: Dict[Tuple[int, int], KernelCostFit] = {}
-        for l in range(self.num_layers):
-            p = int(pool_of_layer[l])
-            for c in range(C):
-                if (p, c) not in pool_fit:
-                    pool_fit[(p, c)] = self._fit(pxtx[p, c], pxty[p, c], pyty[p, c], pn[p, c], "layer-shape")
-                out[(l, c)] = pool_fit[(p, c)] or class_fit[c] or all_fit or _DEFAULT_FIT
-        self._fit_cache = out
-        return out
-
-    def _fit(
-        self, xtx: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor, n: torch.Tensor, source: str
-    ) -> Optional[KernelCostFit]:
-        """Non-negative (a, b) least squares from the normal equations.
-
-        The model (which of ``a``, ``b`` and which tile) is chosen by the Bayesian
-        information criterion, a non-linear tile counting as one more parameter: noise alone
-        never turns a linear, per-token cost into a padded or per-expert one (which would
-        perturb placements that should equal token-based ones).
-        """
-        n = float(n)
-        if n < self.min_samples:
-            return None
-        yty = float(yty)
-        sse_floor = 1e-13 * yty + 1e-300  # below this the SSE is cancellation noise
-        best: Optional[Tuple[float, float, float, float, float, int]] = None
-        for ti, tile in enumerate(self.tile_sizes):
-            A, v = xtx[ti], xty[ti]
-            mean_act = float(A[0, 1]) / n
-            var_act = float(A[1, 1]) / n - mean_act * mean_act
-            const_active = var_act <= 1e-9 * max(mean_act * mean_act, 1.0)
-            subsets = [(0, 2), (0,)] if const_active else [(0, 1, 2), (0, 2), (0, 1), (0,)]
-            for sub in subsets:
-                idx = torch.tensor(sub)
-                As = A[idx][:, idx]
-                vs = v[idx]
-                # Solve on unit-diagonal scaled equations; the tiny ridge only matters for
-                # exactly collinear features (then any split of a and b fits equally well).
-                d = torch.sqrt(torch.diagonal(As)).clamp_min(1e-300)
-                An = As / (d[:, None] * d[None, :]) + 1e-12 * torch.eye(len(sub), dtype=torch.float64)
-                try:
-                    theta = torch.linalg.solve(An, vs / d) / d
-                except RuntimeError:
-                    continue
-                coef = {0: 0.0, 1: 0.0, 2: 0.0}
-                for k, j in enumerate(sub):
-                    coef[j] = float(theta[k])
-                if coef[1] < 0 or coef[2] < 0:
-                    continue
-                sse = yty - 2.0 * float(theta @ vs) + float(theta @ As @ theta)
-                c0, a, b = coef[0], coef[1], coef[2]
-                if const_active and abs(mean_act - 1.0) < 1e-6:
-                    # One expert per launch: the fixed time is the expert's per-invocation time.
-                    a, c0 = max(c0, 0.0), 0.0
-                # Otherwise with a constant number of active slots per launch, ``a`` cannot be
-                # told from ``c``; it is then the same on every GPU (same slot count), so it
-                # stays in ``c`` and does not steer the placement.
-                k = len(sub) + (1 if (tile != 1 and 2 in sub) else 0)
-                bic = n * math.log(max(sse, sse_floor) / n) + k * math.log(n)
-                if best is None or bic < best[0] - 1e-9:
-                    best = (bic, sse, a, b, c0, tile)
-        if best is None:
-            return None
-        _, sse, a, b, c0, tile = best
-        return KernelCostFit(a, b, c0, tile, int(n), math.sqrt(max(sse, 0.0) / n), source)
+        return self._fit_cache
 
     def has_fit(self) -> bool:
         """Whether at least one (layer shape, class) has ``min_samples`` samples."""
@@ -718,22 +560,6 @@ class ExpertComputeProfiler:
         if off != flat.numel():
             raise ValueError(f"statistics size mismatch: {flat.numel()} != {off}")
         return other
-
-
-def _device_reached(start_event: Any) -> bool:
-    """Whether the device has already passed ``start_event`` (non-blocking ``query()``).
-    Host-clock events measure host time by construction and are never flagged."""
-    if isinstance(start_event, HostEvent):
-        return False
-    return bool(start_event.query())
-
-
-def _to_host_async(t: torch.Tensor) -> torch.Tensor:
-    if t.is_cuda:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return host
-    return t.detach().clone()
 
 
 _GLOBAL_PROFILER: Optional[ExpertComputeProfiler] = None

@@ -1,1 +1,2 @@
-"""SGLang integration (the only subpackage that imports sglang)."""
+"""SGLang integration: the plugin entry point, flags and hooks (imports sglang; the model
+files live in ``sglang_moe_routing.models``)."""

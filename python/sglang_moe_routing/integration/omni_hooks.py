@@ -5,13 +5,13 @@ Doge model registration.
   of :func:`sglang_moe_routing.omni.omni_router` used by the Doge model's CDMoE layers. The
   value is parsed and validated in the launcher (section ``"omni"``) and reaches the
   scheduler processes with the ``ServerArgs`` record (see ``integration/config.py``).
-* ``DogeForCausalLM`` (``integration/models/doge.py``) is put into SGLang's
+* ``DogeForCausalLM`` (``models/doge.py``) is put into SGLang's
   ``ModelRegistry`` by a BEFORE hook on ``get_model_architecture``, the one function the
   model loader asks for a model class. Nothing of SGLang's model zoo is imported at plugin
   load time; the registry is touched only when a model is about to be built.
 
 The model package also works without the plugin:
-``SGLANG_EXTERNAL_MODEL_PACKAGE=sglang_moe_routing.integration.models``.
+``SGLANG_EXTERNAL_MODEL_PACKAGE=sglang_moe_routing.models``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ logger = logging.getLogger("sglang_moe_routing")
 SECTION = "omni"
 BACKENDS: Tuple[str, ...] = ("auto", "triton", "torch", "reference")
 DEFAULT_BACKEND = "auto"
-MODEL_PACKAGE = "sglang_moe_routing.integration.models"
+MODEL_PACKAGE = "sglang_moe_routing.models"
 ARCHITECTURES: Tuple[str, ...] = ("DogeForCausalLM",)
 GET_MODEL_ARCHITECTURE = "sglang.srt.model_loader.utils.get_model_architecture"
 

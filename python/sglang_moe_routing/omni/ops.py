@@ -25,7 +25,7 @@ from .reference import (
     omni_router_reference,
     validate_omni_inputs,
 )
-from .triton_kernels import (
+from .triton import (
     omni_router_bwd_triton,
     omni_router_fwd_triton,
     triton_supported,
