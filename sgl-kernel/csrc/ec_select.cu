@@ -11,7 +11,7 @@
 // (and skips the constant top bits of ~t): the first digit already spreads the keys.
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
 // Short columns (T <= kShortSelectMaxT) take one warp per expert instead
-// (ec_warp_select.cuh), which was faster there in the H100 runs.
+// (ec_warp_select.cuh), which is faster there (timings: docs/benchmarks.md, appendix).
 #include "ec_device.cuh"
 #include "ec_warp_select.cuh"
 
