@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqs", type=int, default=None,
                    help="held-out sequences per domain (default 32; tiny 8)")
     p.add_argument("--seq-len", type=int, default=0, help="0 = the training seq len")
-    p.add_argument("--modes", default="all", help="comma list of mode names, or all")
+    p.add_argument("--modes", default="all",
+                   help="comma list of mode names (hybrid = the hybrid mode), or all")
     p.add_argument("--backend", default="auto", help="expert-choice backend (auto|cuda|triton|"
                    "reference)")
     p.add_argument("--cal-seqs", type=int, default=None,
@@ -748,7 +749,12 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     n_seqs = args.eval_seqs or (8 if args.tiny else 32)
     comps = parse_compositions(args.compositions or (TINY_COMPOSITIONS if args.tiny
                                                      else FULL_COMPOSITIONS))
-    modes = [m for m in DEFAULT_MODES if args.modes == "all" or m.name in args.modes.split(",")]
+    wanted = set(args.modes.split(","))
+    modes = [m for m in DEFAULT_MODES
+             if args.modes == "all" or m.name in wanted or m.name.split("(")[0] in wanted]
+    if args.modes != "all" and len(modes) < len(wanted):
+        known = ", ".join(m.name.split("(")[0] for m in DEFAULT_MODES)
+        raise ValueError(f"--modes {args.modes!r}: known modes are {known} (or all)")
     if not modes or modes[0].kind != "tc":
         modes = [DEFAULT_MODES[0]] + modes
     code = heldout_sequences(streams["val"]["code"], n_seqs, seq_len)
