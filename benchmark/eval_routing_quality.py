@@ -43,8 +43,8 @@ Routing time per call (``--timing-tokens``): token choice in torch, ``thr`` (eag
 ``sgl_kernel``/``sglang`` or ``--sglang-dir`` provides it; CUDA-graph replay on a GPU.
 
 ``--max-seconds`` caps the wall clock: stages reached after it are left out (listed under
-``skipped``); decode compositions run last (after the invariance check). Results are written
-after every stage.
+``skipped``). Order: thr calibration, prefill compositions, batch invariance, routing timings,
+decode compositions (the slowest) last. Results are written after every stage.
 
     python benchmark/eval_routing_quality.py --ckpt OUT_OF_TRAIN_MOE_LM [--out DIR]
     (or ``train_moe_lm.py --eval``, which runs this in the training process)
@@ -765,7 +765,8 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     probe = torch.zeros(1, cfg.num_experts, device=device)
     ec_backend = resolve_backend(probe, cfg.num_experts_per_tok, args.backend)
     routing_kind = (log.get("args") or {}).get("routing", "tc")
-    label = args.label or f"{routing_kind.upper()}-trained Qwen3-MoE"
+    label = args.label or (f"{routing_kind.upper()}-trained Qwen3-MoE" + (
+        f" (cf {log['args'].get('ec_capacity_factor')})" if routing_kind == "ec" else ""))
     heldout = (f"{n} code + {n} prose sequences of {seq_len} tokens "
                f"({2 * n * (seq_len - 1)} scored tokens per composition); "
                f"E={cfg.num_experts}, k={cfg.num_experts_per_tok}, "
@@ -799,18 +800,6 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
         print(f"[eval] thr calibrated on {cal_info['tokens']} training tokens: load max/mean "
               f"{cal_info['load_max_mean_start']} -> {cal_info['load_max_mean_calibrated']} "
               f"({cal_info['seconds']:.1f}s)", flush=True)
-    timing_tokens = args.timing_tokens if args.timing_tokens is not None else (
-        "32" if args.tiny else FULL_TIMING_TOKENS)
-    if timing_tokens:
-        bias0 = biases.get(0, torch.zeros(cfg.num_experts))
-        result["timings"] = routing_timings(
-            cfg.num_experts, cfg.num_experts_per_tok, bias0, device, args.backend,
-            [int(t) for t in timing_tokens.split(",")], args.sglang_dir, args.seed,
-            compile_thr=args.timing_compile)
-        for r in result["timings"]:
-            print(f"[eval] time T={r['T']:<5} {r['method']:<45} {r['us']:8.1f} us "
-                  f"({r['timed']})", flush=True)
-
     def run_comp(comp: Composition) -> None:
         if time.time() > deadline:
             result["skipped"].append(f"composition {comp.name}")
@@ -848,6 +837,20 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
         print(f"[eval] invariance {r['mode']:<22} max |dlogprob| {r['max_abs_dlogprob']:.3e} "
               f"mean {r['mean_abs_dlogprob']:.3e} routing changed {r['routing_changed']:.2%}",
               flush=True)
+    write()
+    timing_tokens = args.timing_tokens if args.timing_tokens is not None else (
+        "32" if args.tiny else FULL_TIMING_TOKENS)
+    if timing_tokens and time.time() > deadline:
+        result["skipped"].append("routing timings")
+    elif timing_tokens:
+        bias0 = biases.get(0, torch.zeros(cfg.num_experts))
+        result["timings"] = routing_timings(
+            cfg.num_experts, cfg.num_experts_per_tok, bias0, device, args.backend,
+            [int(t) for t in timing_tokens.split(",")], args.sglang_dir, args.seed,
+            compile_thr=args.timing_compile)
+        for r in result["timings"]:
+            print(f"[eval] time T={r['T']:<5} {r['method']:<45} {r['us']:8.1f} us "
+                  f"({r['timed']})", flush=True)
     write()
     for comp in comps:
         if comp.chunk == 1:

@@ -14,6 +14,10 @@
 #    .sgl_yardstick/ of benchmark/sglang_yardstick.py is carried along)
 # CPU smoke:        QUALITY_TINY=1 OUT=/tmp/qs bash benchmark/quality_session.sh
 set -u
+export PYTHONPATH=${PYTHONPATH:-$PWD/python}
+# the Triton EC kernel unless told otherwise (the CUDA extension's JIT build would cost each
+# of the four Python processes its build/load time)
+export SGLANG_MOE_EC_DISABLE_CUDA_EXT=${SGLANG_MOE_EC_DISABLE_CUDA_EXT:-1}
 OUT=${OUT:-quality_out}
 WORK=${QUALITY_WORK:-/tmp/quality_work}
 PY=${PYTHON:-python3}

@@ -38,7 +38,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from sglang_moe_routing.expert_choice.reference import (
-    SCORING_FUNCS,
     compute_scores,
     token_choice_topk_reference,
     validate_routing_args,
