@@ -497,9 +497,12 @@ def routing_timings(num_experts: int, top_k: int, bias: torch.Tensor, device, ba
                     tokens: Sequence[int], sglang_dir: Optional[str], seed: int = 0,
                     compile_thr: bool = False) -> List[Dict]:
     """Routing time per call (bf16 logits ``[T, E]``) of token choice (torch), the ``thr``
-    mode (eager, and ``torch.compile`` with ``compile_thr``), expert choice (dispatch, cf 1.25) and, when
-    available, SGLang's fused ``topk_softmax`` without and with the ``thr`` bias as its
-    ``correction_bias`` (plus whether its ids equal ``threshold_topk``'s)."""
+    mode (eager, and ``torch.compile`` with ``compile_thr``), expert choice (dispatch, cf 1.25)
+    and, when available, SGLang's fused ``topk_softmax`` without and with the ``thr`` bias as
+    its ``correction_bias``. SGLang's kernel adds that bias to the LOGITS before the softmax
+    (its weights come from the biased softmax), which is not ``thr``'s rule (bias added to
+    the softmax scores for selection only): the row records on how many rows its ids still
+    equal ``threshold_topk``'s."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     bias = bias.to(device).float()
     sg = None
@@ -537,7 +540,7 @@ def routing_timings(num_experts: int, top_k: int, bias: torch.Tensor, device, ba
                 _, ref_ids = threshold_topk(x, top_k, bias)
                 same = (ti.sort(-1).values == ref_ids.sort(-1).values).all(-1).float().mean()
                 notes["sglang_bias_ids_equal_thr"] = same.item()
-                fns["thr: SGLang topk_softmax + correction_bias"] = \
+                fns["SGLang topk_softmax + correction_bias (bias on logits)"] = \
                     lambda: sg(tw, ti, x, True, 0.0, bias)
             except Exception as exc:  # noqa: BLE001
                 notes["sglang_bias_error"] = repr(exc)[:200]
