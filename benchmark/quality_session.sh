@@ -39,7 +39,7 @@ else
   SESSION_S=${QUALITY_SESSION_S:-560}
   TC_S=${QUALITY_TC_S:-215}; EC_S=${QUALITY_EC_S:-160}; PREP_CAP=150; TC_EVAL_S=170; EC_EVAL_S=75
   COMMON=""
-  DATA_ARGS="--max-code-mb 40 --max-prose-mb 25"
+  DATA_ARGS="--max-code-mb 30 --max-prose-mb 20"
   EVAL_COMMON=""
   SGL=""; [ -d .sgl_yardstick ] && SGL="--sglang-dir .sgl_yardstick"
   TC_EVAL_ARGS="--timing-compile $SGL"
