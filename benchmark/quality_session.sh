@@ -88,7 +88,7 @@ cat "$WORK/tc_eval.log" >> "$LOG"
 # 4. EC model's eval with what is left
 ecap=$(min $EC_EVAL_S $(( $(left) - 35 )))
 say "eval EC (cap ${ecap}s)"
-timeout $(( ecap + 40 )) $PY benchmark/eval_routing_quality.py --ckpt "$WORK/ec" \
+timeout $(( ecap + 25 )) $PY benchmark/eval_routing_quality.py --ckpt "$WORK/ec" \
   --out "$WORK/ec_eval" --max-seconds "$ecap" $EVAL_COMMON $EC_EVAL_ARGS >> "$LOG" 2>&1
 say "eval EC rc=$?"
 
@@ -97,7 +97,7 @@ for m in tc ec; do
   cp "$WORK/${m}_eval/routing_quality.json" "$OUT/${m}_quality.json" 2>/dev/null
   cp "$WORK/${m}_eval/routing_quality.md" "$OUT/${m}_quality.md" 2>/dev/null
 done
-timeout 60 $PY - "$OUT" >> "$LOG" 2>&1 <<'EOF'
+timeout 30 $PY - "$OUT" >> "$LOG" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
 sys.path.insert(0, "benchmark")
