@@ -13,8 +13,15 @@ through ``token_choice_topk_reference`` (same scoring and renormalisation; ident
 transformers' own top-k, checked bit for bit in ``test/test_train_moe_lm.py``). The weights are
 cast to the router logits' dtype and the ids to int64, as transformers' router returns them.
 
-Modes: ``tc`` (token choice), ``ec1.0``/``ec1.25``/``ec2.0`` (expert choice, ``min_tokens=0``),
-``hybrid`` (``cf=1.25``, ``min_tokens=32``: the plugin's defaults).
+Modes: ``tc`` (token choice), ``ec1.0``/``ec1.25``/``ec1.5``/``ec2.0`` (expert choice,
+``min_tokens=0``), ``hybrid`` (``cf=1.25``, ``min_tokens=32``: the plugin's defaults), ``thr``
+(per-expert selection biases, ``expert_choice/threshold.py``: ``ids = topk(softmax + b, k)``,
+weights from the unbiased softmax, renormalised as the config says; each token routes alone).
+``thr``'s biases are calibrated per layer on a calibration slice of the TRAINING split (one
+full-prefill forward, :func:`calibrate_threshold`), then frozen for the held-out evaluation.
+For EC modes the table also gives the share of fallback slots (a token picked by fewer than k
+experts gets its best remaining experts, uncapped) and the load of the picked slots alone;
+the load column counts every slot, fallback included (that is the compute).
 
 A "batch" is the set of token rows one MoE layer routes together in one forward. A
 composition ``T:BxC`` runs B held-out sequences of ``L`` tokens through the model C tokens at
@@ -28,11 +35,21 @@ choice at the same composition; load max/mean is per (layer, forward), averaged 
 Batch invariance: for a few fixed prompts, 10 batches that each hold the prompt (row 0) and
 random other held-out sequences as batch mates (full prefill, ``--inv-batch`` sequences): max
 and mean ``|delta logprob|`` of the prompt's next-token log-probabilities against the first
-batch.
+batch, and the share of the prompt's (layer, token) expert sets that changed.
+
+Routing time per call (``--timing-tokens``): token choice in torch, ``thr`` (eager and
+``torch.compile``), our EC dispatch (cf 1.25, backend auto) and SGLang's fused
+``topk_softmax`` (plain and with the ``thr`` bias as its ``correction_bias``) when an installed
+``sgl_kernel``/``sglang`` or ``--sglang-dir`` provides it; CUDA-graph replay on a GPU.
+
+``--max-seconds`` caps the wall clock: stages reached after it are left out (listed under
+``skipped``). Order: thr calibration, prefill compositions, batch invariance, routing timings,
+decode compositions (the slowest) last. Results are written after every stage.
 
     python benchmark/eval_routing_quality.py --ckpt OUT_OF_TRAIN_MOE_LM [--out DIR]
     (or ``train_moe_lm.py --eval``, which runs this in the training process)
-Writes ``routing_quality.md`` and ``routing_quality.json`` to ``--out`` (default: the ckpt).
+Writes ``routing_quality.md``, ``routing_quality.json`` and ``routing_quality.png`` (dppl vs
+load max/mean, one point per mode and composition) to ``--out`` (default: the ckpt).
 """
 
 from __future__ import annotations
@@ -54,6 +71,13 @@ import torch.nn.functional as F
 
 from sglang_moe_routing.expert_choice import expert_choice_topk, token_choice_topk_reference
 from sglang_moe_routing.expert_choice.dispatch import resolve_backend
+from sglang_moe_routing.expert_choice.reference import (
+    capacity,
+    compute_scores,
+    expert_pick_mask,
+    num_valid_tokens,
+)
+from sglang_moe_routing.expert_choice.threshold import calibrate_bias, threshold_topk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -72,7 +96,7 @@ ROUTING_PATH = (
 @dataclass(frozen=True)
 class Mode:
     name: str
-    kind: str  # "tc" | "ec"
+    kind: str  # "tc" | "ec" | "thr" (per-expert selection biases, calibrated)
     capacity_factor: float = 1.25
     min_tokens: int = 0
 
@@ -81,20 +105,39 @@ DEFAULT_MODES = (
     Mode("tc", "tc"),
     Mode("ec1.0", "ec", 1.0, 0),
     Mode("ec1.25", "ec", 1.25, 0),
+    Mode("ec1.5", "ec", 1.5, 0),
     Mode("ec2.0", "ec", 2.0, 0),
     Mode(f"hybrid(cf1.25,min{DEFAULT_MIN_TOKENS})", "ec", 1.25, DEFAULT_MIN_TOKENS),
+    Mode("thr", "thr"),
 )
 
 
 class RoutingState:
-    """What the patched routers route with, and what they record (per layer, per forward)."""
+    """What the patched routers route with, and what they record (per layer, per forward).
 
-    def __init__(self, mode: Mode, backend: str = "auto"):
+    ``biases``: ``{layer index: [E] fp32}`` for ``thr`` modes; while ``calibrating`` a layer
+    without a bias calibrates one on the logits it sees (``calibrate_bias``) and routes with
+    it, so later layers calibrate on the hidden states the earlier layers' routing produces.
+    For ``ec`` modes the routers also record which output slots the experts picked (the rest
+    are fallback slots, step 4 of the contract). ``capture_rows``: the ids of the first that
+    many rows are kept per forward (``captured``; the batch-invariance prompt).
+    """
+
+    def __init__(self, mode: Mode, backend: str = "auto",
+                 biases: Optional[Dict[int, torch.Tensor]] = None, cal_iters: int = 300):
         self.mode = mode
         self.backend = backend
+        self.biases: Dict[int, torch.Tensor] = dict(biases or {})
+        self.calibrating = False
+        self.cal_iters = cal_iters
+        self.cal_info: Dict[int, Dict[str, float]] = {}
         self.counts: List[torch.Tensor] = []  # [E] int64 per (layer, forward)
+        self.picked_counts: List[torch.Tensor] = []  # [E] int64, picked slots only (ec)
+        self.fallback: List[torch.Tensor] = []  # 0-d int64: fallback slots (ec)
         self.rows: set = set()  # T seen by the routers
         self.record = True
+        self.capture_rows = 0
+        self.captured: List[torch.Tensor] = []
 
     def reset(self) -> None:
         self.counts, self.rows = [], set()
@@ -104,7 +147,12 @@ class RoutingState:
             return dict(load_max_mean=float("nan"), load_max_mean_worst=float("nan"))
         c = torch.stack(self.counts).float()
         r = c.max(-1).values / c.mean(-1)
-        return dict(load_max_mean=r.mean().item(), load_max_mean_worst=r.max().item())
+        out = dict(load_max_mean=r.mean().item(), load_max_mean_worst=r.max().item())
+        if self.picked_counts:
+            pc = torch.stack(self.picked_counts).float()
+            out["picked_load_max_mean"] = (pc.max(-1).values / c.mean(-1)).mean().item()
+            out["fallback_share"] = (torch.stack(self.fallback).sum() / c.sum()).item()
+        return out
 
 
 def route(router, logits: torch.Tensor, state: RoutingState) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +161,33 @@ def route(router, logits: torch.Tensor, state: RoutingState) -> Tuple[torch.Tens
     if mode.kind == "tc":
         return token_choice_topk_reference(
             logits, router.top_k, renormalize=bool(router.norm_topk_prob), scoring_func="softmax")
+    if mode.kind == "thr":
+        layer = router._layer_idx
+        if layer not in state.biases:
+            if not state.calibrating:
+                raise ValueError(f"threshold mode {mode.name}: layer {layer} has no calibrated "
+                                 "bias (run calibrate_threshold first)")
+            hist: List[Dict[str, float]] = []
+            state.biases[layer] = calibrate_bias(logits, router.top_k, iters=state.cal_iters,
+                                                 history=hist)
+            state.cal_info[layer] = dict(start=hist[0]["load_max_mean"],
+                                         best=min(h["load_max_mean"] for h in hist))
+        return threshold_topk(logits, router.top_k, state.biases[layer],
+                              renormalize=bool(router.norm_topk_prob), scoring_func="softmax")
     return expert_choice_topk(
         logits, router.top_k, mode.capacity_factor, renormalize=bool(router.norm_topk_prob),
         scoring_func="softmax", min_tokens=mode.min_tokens, backend=state.backend)
+
+
+def picked_slots(logits: torch.Tensor, ids: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """``[T, k]`` bool: the expert in that slot picked the token (expert-choice step 3);
+    False = a fallback slot (step 4). Recomputed with the reference's steps."""
+    t, e = logits.shape
+    _, select = compute_scores(logits, "softmax")
+    cap = capacity(num_valid_tokens(t, None, logits.device), e, ids.shape[1],
+                   mode.capacity_factor, mode.min_tokens)
+    valid = torch.ones(t, dtype=torch.bool, device=logits.device)
+    return expert_pick_mask(select, valid, cap).gather(1, ids.long())
 
 
 def _patched_router_forward(self, hidden_states):
@@ -127,6 +199,13 @@ def _patched_router_forward(self, hidden_states):
     if state.record:
         state.counts.append(torch.bincount(ids.reshape(-1).long(), minlength=self.num_experts))
         state.rows.add(int(router_logits.shape[0]))
+        if state.mode.kind == "ec":
+            pk = picked_slots(router_logits, ids, state.mode)
+            state.picked_counts.append(
+                torch.bincount(ids[pk].long(), minlength=self.num_experts))
+            state.fallback.append((~pk).sum())
+    if state.capture_rows:
+        state.captured.append(ids[:state.capture_rows].sort(-1).values)
     return router_logits, weights.to(router_logits.dtype), ids.long()
 
 
@@ -143,8 +222,9 @@ def routers(model) -> List[torch.nn.Module]:
 def patch_routers(model, state: RoutingState) -> Iterator[RoutingState]:
     """Route every Qwen3-MoE layer of ``model`` through our functions while inside."""
     rs = routers(model)
-    for r in rs:
+    for i, r in enumerate(rs):
         r._routing_state = state
+        r._layer_idx = i
         r.forward = types.MethodType(_patched_router_forward, r)
     try:
         yield state
@@ -152,6 +232,7 @@ def patch_routers(model, state: RoutingState) -> Iterator[RoutingState]:
         for r in rs:
             del r.forward  # back to the class's forward
             del r._routing_state
+            del r._layer_idx
 
 
 # ----------------------------------------------------------------------------- forwards
@@ -163,6 +244,7 @@ class Composition:
     seqs: int  # B
     chunk: int  # C tokens per sequence per forward
     mixed: bool = False
+    seq_len: int = 0  # 0 = the held-out sequences' length; else their first seq_len tokens
 
     @property
     def tokens(self) -> int:
@@ -176,12 +258,18 @@ class Composition:
 
 
 def parse_compositions(spec: str) -> List[Composition]:
-    """``"32:32x1,256:8x32,4096:8x512,mixed4096:8x512"`` (``mixed`` prefix interleaves)."""
+    """``"256:8x32,4096:8x512,mixed4096:8x512,32:32x1/128"`` (``mixed`` prefix interleaves
+    the two domains; ``/L`` scores only the sequences' first L tokens, to keep decode short)."""
     out = []
     for item in spec.split(","):
-        name, shape = item.strip().split(":")
-        b, c = (int(v) for v in shape.lower().split("x"))
-        out.append(Composition(name, b, c, mixed=name.startswith("mixed")))
+        try:
+            name, shape = item.strip().split(":")
+            shape, _, trunc = shape.partition("/")
+            b, c = (int(v) for v in shape.lower().split("x"))
+            out.append(Composition(name, b, c, mixed=name.startswith("mixed"),
+                                   seq_len=int(trunc) if trunc else 0))
+        except ValueError:
+            raise ValueError(f"--compositions: bad item {item!r} (want NAME:BxC or NAME:BxC/L)")
     return out
 
 
@@ -216,6 +304,8 @@ def forward_logprobs(model, x: torch.Tensor, chunk: int) -> Tuple[torch.Tensor, 
 def batches_for(comp: Composition, code: np.ndarray, prose: np.ndarray
                 ) -> List[Tuple[np.ndarray, np.ndarray]]:
     """``[(tokens [B, L], domain flags [B] (0 code, 1 prose))]`` covering every sequence once."""
+    if comp.seq_len:
+        code, prose = code[:, :comp.seq_len], prose[:, :comp.seq_len]
     if comp.mixed:
         half = comp.seqs // 2
         n = min(len(code), len(prose)) // max(half, 1)
@@ -235,13 +325,19 @@ def batches_for(comp: Composition, code: np.ndarray, prose: np.ndarray
 
 @torch.no_grad()
 def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, prose, device,
-                     backend: str) -> List[Dict]:
+                     backend: str, biases: Optional[Dict[int, torch.Tensor]] = None,
+                     deadline: float = float("inf")) -> List[Dict]:
+    """One row per mode (token choice first: the agreement baseline); modes reached after
+    ``deadline`` (time.time()) are left out."""
     batches = batches_for(comp, code, prose)
     if not batches:
         raise ValueError(f"composition {comp.name}: not enough held-out sequences")
     rows, tc_pred = [], None
     for mode in modes:
-        state = RoutingState(mode, backend)
+        if time.time() > deadline and rows:
+            print(f"[eval] time cap: {comp.name} {mode.name} skipped", flush=True)
+            continue
+        state = RoutingState(mode, backend, biases)
         t0 = time.time()
         nll = {0: 0.0, 1: 0.0}
         cnt = {0: 0, 1: 0}
@@ -264,10 +360,11 @@ def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, pros
         agree = (pred == tc_pred).float().mean().item() if tc_pred is not None else float("nan")
         tot = cnt[0] + cnt[1]
         row = dict(
-            composition=comp.name, T=comp.tokens, shape=comp.describe(code.shape[1]),
+            composition=comp.name, T=comp.tokens,
+            shape=comp.describe(comp.seq_len or code.shape[1]),
             mode=mode.name, capacity_factor=mode.capacity_factor if mode.kind == "ec" else None,
             min_tokens=mode.min_tokens if mode.kind == "ec" else None,
-            ppl=math.exp((nll[0] + nll[1]) / tot),
+            kind=mode.kind, ppl=math.exp((nll[0] + nll[1]) / tot),
             ppl_code=math.exp(nll[0] / cnt[0]) if cnt[0] else None,
             ppl_prose=math.exp(nll[1] / cnt[1]) if cnt[1] else None,
             top1_agree_tc=agree, tokens_scored=tot, rows_per_forward=sorted(state.rows),
@@ -282,8 +379,12 @@ def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, pros
 
 @torch.no_grad()
 def batch_invariance(model, modes: Sequence[Mode], seqs: np.ndarray, n_prompts: int,
-                     n_trials: int, batch: int, device, backend: str, seed: int) -> List[Dict]:
-    """Per mode: max / mean |delta logprob| of fixed prompts' tokens across random batch mates."""
+                     n_trials: int, batch: int, device, backend: str, seed: int,
+                     biases: Optional[Dict[int, torch.Tensor]] = None,
+                     deadline: float = float("inf")) -> List[Dict]:
+    """Per mode: max / mean |delta logprob| of fixed prompts' tokens across random batch mates,
+    and the share of the prompt's (layer, token) expert sets that differ from the first
+    batch's (``routing_changed``)."""
     rng = np.random.default_rng(seed)
     n = len(seqs)
     prompt_idx = np.linspace(0, n - 1, num=n_prompts).astype(np.int64)
@@ -294,32 +395,166 @@ def batch_invariance(model, modes: Sequence[Mode], seqs: np.ndarray, n_prompts: 
                       for _ in range(n_trials)])
     out = []
     for mode in modes:
-        state = RoutingState(mode, backend)
+        if time.time() > deadline:
+            print(f"[eval] time cap: invariance {mode.name} skipped", flush=True)
+            continue
+        state = RoutingState(mode, backend, biases)
         state.record = False
+        state.capture_rows = seqs.shape[1]  # the prompt is row 0: its tokens come first
         deltas_max, deltas_sum, deltas_cnt = 0.0, 0.0, 0
+        changed, compared = 0, 0
         with patch_routers(model, state):
             for plan in plans:
-                ref = None
+                ref = ref_ids = None
                 for p, mates in plan:
                     x = torch.from_numpy(
                         np.concatenate([seqs[p:p + 1], seqs[mates]]).astype(np.int64)).to(device)
+                    state.captured = []
                     lp, _ = forward_logprobs(model, x, x.shape[1])
-                    lp = lp[0]
+                    lp, ids = lp[0], torch.stack(state.captured)  # [layers, L, k]
                     if ref is None:
-                        ref = lp
+                        ref, ref_ids = lp, ids
                         continue
                     d = (lp - ref).abs()
                     deltas_max = max(deltas_max, d.max().item())
                     deltas_sum += d.sum().item()
                     deltas_cnt += d.numel()
+                    changed += (ids != ref_ids).any(-1).sum().item()
+                    compared += ids.shape[0] * ids.shape[1]
         out.append(dict(mode=mode.name, prompts=int(n_prompts), trials=int(n_trials),
                         batch_seqs=int(batch), T=int(batch * seqs.shape[1]),
                         max_abs_dlogprob=deltas_max,
-                        mean_abs_dlogprob=deltas_sum / max(deltas_cnt, 1)))
+                        mean_abs_dlogprob=deltas_sum / max(deltas_cnt, 1),
+                        bitwise_identical=deltas_max == 0.0,
+                        routing_changed=changed / max(compared, 1)))
     return out
 
 
-# ----------------------------------------------------------------------------- tables
+# ----------------------------------------------------------------------------- threshold mode
+
+
+@torch.no_grad()
+def calibrate_threshold(model, cal_seqs: np.ndarray, device, backend: str, iters: int
+                        ) -> Tuple[Dict[int, torch.Tensor], Dict]:
+    """Per-layer selection biases for the ``thr`` mode from ONE full-prefill forward of the
+    calibration sequences (training split): each layer calibrates on the router logits it
+    sees, produced by the earlier layers' calibrated routing (``RoutingState.calibrating``)."""
+    state = RoutingState(Mode("thr", "thr"), backend, cal_iters=iters)
+    state.calibrating = True
+    t0 = time.time()
+    with patch_routers(model, state):
+        x = torch.from_numpy(cal_seqs.astype(np.int64)).to(device)
+        forward_logprobs(model, x, x.shape[1])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    info = dict(seqs=int(len(cal_seqs)), tokens=int(cal_seqs.size), iters=iters,
+                seconds=time.time() - t0,
+                load_max_mean_start=[state.cal_info[i]["start"] for i in sorted(state.cal_info)],
+                load_max_mean_calibrated=[state.cal_info[i]["best"]
+                                          for i in sorted(state.cal_info)])
+    return state.biases, info
+
+
+# ----------------------------------------------------------------------------- routing time
+
+
+def _time_cpu(fn, iters: int = 20) -> float:
+    fn()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return float(np.median(samples))
+
+
+def _time_cuda(fn) -> Tuple[float, str]:
+    """Microseconds per call: CUDA-graph replay (bench_routing.time_graph), else eager."""
+    import bench_routing
+
+    try:
+        return bench_routing.time_graph(fn), "cuda graph"
+    except Exception:  # noqa: BLE001 - not capturable: time it eagerly
+        torch.cuda.synchronize()
+        for _ in range(5):
+            fn()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(100):
+            fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) * 1000.0 / 100, "eager"
+
+
+def _torch_topk(x: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token choice as transformers' Qwen3-MoE router computes it (softmax, top-k, renorm)."""
+    v, i = torch.topk(torch.softmax(x, dtype=torch.float, dim=-1), top_k, dim=-1)
+    return v / v.sum(-1, keepdim=True), i
+
+
+def routing_timings(num_experts: int, top_k: int, bias: torch.Tensor, device, backend: str,
+                    tokens: Sequence[int], sglang_dir: Optional[str], seed: int = 0,
+                    compile_thr: bool = False) -> List[Dict]:
+    """Routing time per call (bf16 logits ``[T, E]``) of token choice (torch), the ``thr``
+    mode (eager, and ``torch.compile`` with ``compile_thr``), expert choice (dispatch, cf 1.25)
+    and, when available, SGLang's fused ``topk_softmax`` without and with the ``thr`` bias as
+    its ``correction_bias``. SGLang's kernel adds that bias to the LOGITS before the softmax
+    (its weights come from the biased softmax), which is not ``thr``'s rule (bias added to
+    the softmax scores for selection only): the row records on how many rows its ids still
+    equal ``threshold_topk``'s."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    bias = bias.to(device).float()
+    sg = None
+    if device.type == "cuda":
+        try:
+            import bench_routing
+
+            sg = bench_routing.sglang_topk_softmax(sglang_dir or "/nonexistent-sglang-dir")
+        except Exception as exc:  # noqa: BLE001
+            print(f"[eval] SGLang topk_softmax unavailable ({exc!r})", flush=True)
+    compiled = None
+    if device.type == "cuda" and compile_thr:
+        try:
+            compiled = torch.compile(threshold_topk)
+        except Exception as exc:  # noqa: BLE001
+            print(f"[eval] torch.compile unavailable ({exc!r})", flush=True)
+    out = []
+    for t in tokens:
+        x = torch.randn(t, num_experts, generator=g).to(device, torch.bfloat16)
+        fns = {
+            "tc: torch softmax+topk (transformers' router)": lambda: _torch_topk(x, top_k),
+            "thr: threshold_topk (eager)": lambda: threshold_topk(x, top_k, bias),
+            f"ec1.25: expert_choice_topk ({resolve_backend(x, top_k, backend)})":
+                lambda: expert_choice_topk(x, top_k, 1.25, backend=backend),
+        }
+        if compiled is not None:
+            fns["thr: threshold_topk (torch.compile)"] = lambda: compiled(x, top_k, bias)
+        notes = {}
+        if sg is not None:
+            tw = torch.empty(t, top_k, dtype=torch.float32, device=device)
+            ti = torch.empty(t, top_k, dtype=torch.int32, device=device)
+            fns["tc: SGLang topk_softmax"] = lambda: sg(tw, ti, x, True)
+            try:
+                sg(tw, ti, x, True, 0.0, bias)
+                _, ref_ids = threshold_topk(x, top_k, bias)
+                same = (ti.sort(-1).values == ref_ids.sort(-1).values).all(-1).float().mean()
+                notes["sglang_bias_ids_equal_thr"] = same.item()
+                fns["SGLang topk_softmax + correction_bias (bias on logits)"] = \
+                    lambda: sg(tw, ti, x, True, 0.0, bias)
+            except Exception as exc:  # noqa: BLE001
+                notes["sglang_bias_error"] = repr(exc)[:200]
+        for name, fn in fns.items():
+            try:
+                us, how = _time_cuda(fn) if device.type == "cuda" else (_time_cpu(fn), "cpu")
+            except Exception as exc:  # noqa: BLE001
+                print(f"[eval] timing {name} T={t} failed: {exc!r}", flush=True)
+                continue
+            out.append(dict(T=t, method=name, us=us, timed=how, **notes))
+    return out
+
+
+# ----------------------------------------------------------------------------- tables, plot
 
 
 def _f(v, fmt="{:.3f}"):
@@ -330,50 +565,134 @@ def markdown(result: Dict) -> str:
     lines = [f"# Routing quality: {result['model']}", "",
              f"Routing path: {result['routing_path']} (expert-choice backend: "
              f"{result['ec_backend']}).", "",
-             f"Held-out: {result['heldout']}", "",
-             "| batch T | composition | mode | ppl | ppl code | ppl prose | dppl vs TC | "
-             "top-1 = TC | load max/mean | worst |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Held-out: {result['heldout']}", ""]
+    cal = result.get("calibration")
+    if cal:
+        lines += [f"thr calibration: {cal['seqs']} training-split sequences ({cal['tokens']} "
+                  f"tokens, one forward), {cal['iters']} update steps per layer; per-layer "
+                  f"load max/mean on the calibration batch: top-k start "
+                  f"{', '.join(f'{v:.2f}' for v in cal['load_max_mean_start'])} -> calibrated "
+                  f"{', '.join(f'{v:.2f}' for v in cal['load_max_mean_calibrated'])} "
+                  f"({cal['seconds']:.1f}s).", ""]
+    lines += ["Load max/mean counts every output slot (the compute the experts do), averaged "
+              "over (layer, forward); 'picked' counts only the slots the experts chose (EC), "
+              "'fallback' is the share of slots filled by step 4 (token's best remaining "
+              "experts).", "",
+              "| batch T | composition | mode | ppl | ppl code | ppl prose | dppl vs TC | "
+              "top-1 = TC | load max/mean | worst | picked max/mean | fallback |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['composition']} (T={r['T']}) | {r['shape']} | {r['mode']} | {_f(r['ppl'])} | "
             f"{_f(r['ppl_code'])} | {_f(r['ppl_prose'])} | {_f(r['dppl_pct'], '{:+.2f}%')} | "
             f"{_f(r['top1_agree_tc'], '{:.4f}')} | {_f(r['load_max_mean'])} | "
-            f"{_f(r['load_max_mean_worst'])} |")
+            f"{_f(r['load_max_mean_worst'])} | {_f(r.get('picked_load_max_mean'))} | "
+            f"{_f(r.get('fallback_share'), '{:.1%}')} |")
     lines += ["", "Batch invariance (same prompt, random batch mates, full prefill):", "",
-              "| mode | prompts x trials | batch | max abs dlogprob | mean abs dlogprob |",
-              "|---|---|---|---|---|"]
+              "| mode | prompts x trials | batch | max abs dlogprob | mean abs dlogprob | "
+              "bitwise | prompt routing changed |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["invariance"]:
         lines.append(f"| {r['mode']} | {r['prompts']} x {r['trials']} | {r['batch_seqs']} seqs "
                      f"(T={r['T']}) | {r['max_abs_dlogprob']:.3e} | "
-                     f"{r['mean_abs_dlogprob']:.3e} |")
+                     f"{r['mean_abs_dlogprob']:.3e} | {'yes' if r['bitwise_identical'] else 'no'}"
+                     f" | {r['routing_changed']:.2%} |")
+    if result.get("timings"):
+        lines += ["", f"Routing time per call ({result['timing_device']}, bf16 logits, "
+                  f"E={result['E']}, k={result['k']}):", "",
+                  "| T | method | us/call | timed as |", "|---|---|---|---|"]
+        for r in result["timings"]:
+            extra = (f" (ids = thr on {r['sglang_bias_ids_equal_thr']:.1%} of rows)"
+                     if "correction_bias" in r["method"] and "sglang_bias_ids_equal_thr" in r
+                     else "")
+            lines.append(f"| {r['T']} | {r['method']}{extra} | {r['us']:.1f} | {r['timed']} |")
+    if result.get("skipped"):
+        lines += ["", f"Left out by the time cap: {', '.join(result['skipped'])}."]
     return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[Tuple[str, Dict]], path: Path, min_tokens: int = 256) -> None:
+    """PNG: dppl vs token choice (%) against load max/mean, one point per (mode, composition
+    with T >= min_tokens), one panel per evaluated model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
+    markers = "osD^v<>p*"
+    for ax, (label, res) in zip(axes[0], results):
+        comps = sorted({r["composition"] for r in res["rows"] if r["T"] >= min_tokens},
+                       key=lambda c: next(r["T"] for r in res["rows"] if r["composition"] == c))
+        modes = list(dict.fromkeys(r["mode"] for r in res["rows"]))
+        cmap = plt.get_cmap("tab10")
+        for r in res["rows"]:
+            if r["composition"] not in comps:
+                continue
+            ax.scatter(r["load_max_mean"], r["dppl_pct"],
+                       color=cmap(modes.index(r["mode"]) % 10),
+                       marker=markers[comps.index(r["composition"]) % len(markers)], s=45)
+            if r["composition"] == comps[-1]:
+                ax.annotate(r["mode"], (r["load_max_mean"], r["dppl_pct"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        for i, m in enumerate(modes):
+            ax.scatter([], [], color=cmap(i % 10), label=m)
+        for j, c in enumerate(comps):
+            t = next(r["T"] for r in res["rows"] if r["composition"] == c)
+            ax.scatter([], [], color="gray", marker=markers[j % len(markers)],
+                       label=f"{c} (T={t})")
+        ax.axhline(1.0, ls=":", color="gray", lw=0.8)
+        ax.axvline(1.15, ls=":", color="gray", lw=0.8)
+        ax.set_xlabel("expert load max/mean (all slots)")
+        ax.set_ylabel("perplexity vs token choice (%)")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-FULL_COMPOSITIONS = "32:32x1,256:8x32,4096:8x512,mixed4096:8x512"
-TINY_COMPOSITIONS = "32:8x4,256:2x128,1024:8x128,mixed1024:8x128"
+FULL_COMPOSITIONS = "256:8x32,4096:8x512,mixed4096:8x512,32:32x1/128"
+TINY_COMPOSITIONS = "256:2x128,1024:8x128,mixed1024:8x128,32:8x4"
+FULL_TIMING_TOKENS = "32,256,4096"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="train_moe_lm.py --out folder")
     p.add_argument("--out", default=None, help="where the table + JSON go (default: --ckpt)")
+    p.add_argument("--label", default="", help="model label for the tables and the plot")
     p.add_argument("--tiny", action="store_true", help="small settings for the CPU smoke test")
     p.add_argument("--device", default="auto")
     p.add_argument("--compositions", default=None,
-                   help=f"T:BxC list (default {FULL_COMPOSITIONS}; tiny {TINY_COMPOSITIONS})")
+                   help=f"T:BxC[/L] list (default {FULL_COMPOSITIONS}; tiny {TINY_COMPOSITIONS})")
     p.add_argument("--eval-seqs", type=int, default=None,
                    help="held-out sequences per domain (default 32; tiny 8)")
     p.add_argument("--seq-len", type=int, default=0, help="0 = the training seq len")
-    p.add_argument("--modes", default="all", help="comma list of mode names, or all")
+    p.add_argument("--modes", default="all",
+                   help="comma list of mode names (hybrid = the hybrid mode), or all")
     p.add_argument("--backend", default="auto", help="expert-choice backend (auto|cuda|triton|"
                    "reference)")
+    p.add_argument("--cal-seqs", type=int, default=None,
+                   help="thr calibration: training-split sequences (default 32; tiny 4)")
+    p.add_argument("--cal-iters", type=int, default=300, help="thr calibration update steps")
     p.add_argument("--inv-prompts", type=int, default=None, help="default 4 (tiny 2)")
     p.add_argument("--inv-trials", type=int, default=10)
     p.add_argument("--inv-batch", type=int, default=None, help="sequences per batch (def 8)")
+    p.add_argument("--timing-tokens", default=None,
+                   help=f"routing-time T list (default {FULL_TIMING_TOKENS}; tiny 32); "
+                   "'' = no timing")
+    p.add_argument("--timing-compile", action="store_true",
+                   help="also time threshold_topk under torch.compile (GPU; compiles take time)")
+    p.add_argument("--sglang-dir", default=None,
+                   help="staged SGLang topk_softmax sources (benchmark/sglang_yardstick.py); "
+                   "default: only an installed sgl_kernel/sglang is tried")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="wall-clock cap: stages reached later are left out (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -385,14 +704,25 @@ def heldout_sequences(stream: np.ndarray, n: int, seq_len: int) -> np.ndarray:
 
 
 def load_for_eval(ckpt: Path, device: torch.device):
+    """Model, ``{"val": streams, "train": streams}``, training args. Streams come from the
+    training run's ``--data-cache`` when it is there, else the corpus is rebuilt (the training
+    streams then from a deterministic subset of the training documents: every n-th, about
+    500 per domain; only the calibration slice needs them)."""
     import train_moe_lm as tml
     from transformers import Qwen3MoeForCausalLM
 
     log = json.loads((ckpt / "train_log.json").read_text())
     targs = argparse.Namespace(**log["args"])
-    tok = tml.load_tokenizer(ckpt / "tokenizer.json")
-    corpus = tml.collect_corpus(targs)
-    streams = {"val": {d: tml.encode_docs(tok, v) for d, v in corpus["val"].items()}}
+    cache = Path(getattr(targs, "data_cache", "") or "/nonexistent") / "streams.npz"
+    if cache.is_file():  # the training run's --data-cache (same corpus settings)
+        with np.load(cache) as z:
+            streams = {s: {d: z[f"{s}_{d}"] for d in ("code", "prose")} for s in ("train", "val")}
+    else:
+        tok = tml.load_tokenizer(ckpt / "tokenizer.json")
+        corpus = tml.collect_corpus(targs)
+        streams = {"val": {d: tml.encode_docs(tok, v) for d, v in corpus["val"].items()},
+                   "train": {d: tml.encode_docs(tok, v[::max(1, len(v) // 500)])
+                             for d, v in corpus["train"].items()}}
     model = Qwen3MoeForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).to(device)
     impl = log.get("experts_impl", "eager")
     try:
@@ -409,9 +739,12 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     import train_moe_lm as tml
 
+    t0 = time.time()
+    deadline = t0 + args.max_seconds if args.max_seconds > 0 else float("inf")
     device = tml.resolve_device(args.device)
-    targs = argparse.Namespace(**json.loads((ckpt / "train_log.json").read_text())["args"]) \
-        if (ckpt / "train_log.json").exists() else None
+    log = json.loads((ckpt / "train_log.json").read_text()) \
+        if (ckpt / "train_log.json").exists() else {}
+    targs = argparse.Namespace(**log["args"]) if log else None
     if model is None or streams is None:
         model, streams, targs = load_for_eval(ckpt, device)
     model.eval()
@@ -419,8 +752,13 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     n_seqs = args.eval_seqs or (8 if args.tiny else 32)
     comps = parse_compositions(args.compositions or (TINY_COMPOSITIONS if args.tiny
                                                      else FULL_COMPOSITIONS))
-    modes = [m for m in DEFAULT_MODES if args.modes == "all" or m.name in args.modes.split(",")]
-    if modes[0].kind != "tc":
+    wanted = set(args.modes.split(","))
+    modes = [m for m in DEFAULT_MODES
+             if args.modes == "all" or m.name in wanted or m.name.split("(")[0] in wanted]
+    if args.modes != "all" and len(modes) < len(wanted):
+        known = ", ".join(m.name.split("(")[0] for m in DEFAULT_MODES)
+        raise ValueError(f"--modes {args.modes!r}: known modes are {known} (or all)")
+    if not modes or modes[0].kind != "tc":
         modes = [DEFAULT_MODES[0]] + modes
     code = heldout_sequences(streams["val"]["code"], n_seqs, seq_len)
     prose = heldout_sequences(streams["val"]["prose"], n_seqs, seq_len)
@@ -429,37 +767,105 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     cfg = model.config
     probe = torch.zeros(1, cfg.num_experts, device=device)
     ec_backend = resolve_backend(probe, cfg.num_experts_per_tok, args.backend)
+    routing_kind = (log.get("args") or {}).get("routing", "tc")
+    label = args.label or (f"{routing_kind.upper()}-trained Qwen3-MoE" + (
+        f" (cf {log['args'].get('ec_capacity_factor')})" if routing_kind == "ec" else ""))
     heldout = (f"{n} code + {n} prose sequences of {seq_len} tokens "
                f"({2 * n * (seq_len - 1)} scored tokens per composition); "
                f"E={cfg.num_experts}, k={cfg.num_experts_per_tok}, "
                f"norm_topk_prob={cfg.norm_topk_prob}, device={device}")
-    print(f"[eval] routing path: {ROUTING_PATH}; EC backend {ec_backend}", flush=True)
+    print(f"[eval] {label}; routing path: {ROUTING_PATH}; EC backend {ec_backend}", flush=True)
     print(f"[eval] held-out: {heldout}", flush=True)
-    t0 = time.time()
-    rows = []
-    for comp in comps:
-        rs = eval_composition(model, comp, modes, code, prose, device, args.backend)
+    result = dict(model=f"{label} (Qwen3MoeForCausalLM from {ckpt})", label=label,
+                  trained_with=routing_kind, routing_path=ROUTING_PATH, ec_backend=ec_backend,
+                  heldout=heldout, E=cfg.num_experts, k=cfg.num_experts_per_tok,
+                  compositions=[asdict(c) for c in comps], modes=[asdict(m) for m in modes],
+                  rows=[], invariance=[], timings=[], timing_device=str(device), skipped=[],
+                  training={k: log[k] for k in ("steps", "tokens_seen", "train_seconds",
+                                                "stop_reason", "val_history", "device",
+                                                "experts_impl", "params", "tokens", "corpus")
+                            if k in log})
+
+    def write() -> None:
+        result["seconds"] = time.time() - t0
+        (out / "routing_quality.md").write_text(markdown(result))
+        (out / "routing_quality.json").write_text(json.dumps(result, indent=1))
+
+    biases: Dict[int, torch.Tensor] = {}
+    if any(m.kind == "thr" for m in modes):
+        cal_n = args.cal_seqs or (4 if args.tiny else 32)
+        cal = np.concatenate([
+            heldout_sequences(streams["train"]["code"], (cal_n + 1) // 2, seq_len),
+            heldout_sequences(streams["train"]["prose"], cal_n // 2, seq_len)])
+        biases, cal_info = calibrate_threshold(model, cal, device, args.backend, args.cal_iters)
+        result["calibration"] = cal_info
+        result["thr_biases"] = {str(i): b.tolist() for i, b in sorted(biases.items())}
+        print(f"[eval] thr calibrated on {cal_info['tokens']} training tokens: load max/mean "
+              f"{cal_info['load_max_mean_start']} -> {cal_info['load_max_mean_calibrated']} "
+              f"({cal_info['seconds']:.1f}s)", flush=True)
+    def run_comp(comp: Composition) -> None:
+        if time.time() > deadline:
+            result["skipped"].append(f"composition {comp.name}")
+            print(f"[eval] time cap: composition {comp.name} skipped", flush=True)
+            return
+        try:
+            rs = eval_composition(model, comp, modes, code, prose, device, args.backend, biases,
+                                  deadline)
+        except Exception as exc:  # noqa: BLE001 - one failed composition: keep the others
+            result["skipped"].append(f"composition {comp.name} ({exc})")
+            print(f"[eval] composition {comp.name} failed: {exc!r}", flush=True)
+            return
+        result["skipped"] += [f"{comp.name}/{m.name}" for m in modes
+                              if m.name not in {r["mode"] for r in rs}]
         for r in rs:
             print(f"[eval] {r['composition']:>10} T={r['T']:<5} {r['mode']:<22} ppl "
                   f"{r['ppl']:.3f} ({r['dppl_pct']:+.2f}%) top1=TC {r['top1_agree_tc']:.4f} "
                   f"load max/mean {r['load_max_mean']:.3f} rows/forward {r['rows_per_forward']} "
                   f"{r['seconds']:.1f}s", flush=True)
-        rows += rs
+        result["rows"] += rs
+        write()
+
+    # decode compositions (one token per sequence per forward) are the slowest: they run
+    # after the batch-invariance check, so a time cap drops them first
+    for comp in comps:
+        if comp.chunk > 1:
+            run_comp(comp)
     inv_seqs = np.concatenate([code, prose])
-    inv = batch_invariance(model, modes, inv_seqs, args.inv_prompts or (2 if args.tiny else 4),
-                           args.inv_trials, args.inv_batch or 8, device, args.backend, args.seed)
-    for r in inv:
+    result["invariance"] = batch_invariance(
+        model, modes, inv_seqs, args.inv_prompts or (2 if args.tiny else 4), args.inv_trials,
+        args.inv_batch or 8, device, args.backend, args.seed, biases, deadline)
+    result["skipped"] += [f"invariance/{m.name}" for m in modes
+                          if m.name not in {r["mode"] for r in result["invariance"]}]
+    for r in result["invariance"]:
         print(f"[eval] invariance {r['mode']:<22} max |dlogprob| {r['max_abs_dlogprob']:.3e} "
-              f"mean {r['mean_abs_dlogprob']:.3e}", flush=True)
-    result = dict(model=f"Qwen3MoeForCausalLM from {ckpt}", routing_path=ROUTING_PATH,
-                  ec_backend=ec_backend, heldout=heldout,
-                  compositions=[asdict(c) for c in comps], modes=[asdict(m) for m in modes],
-                  rows=rows, invariance=inv, seconds=time.time() - t0)
+              f"mean {r['mean_abs_dlogprob']:.3e} routing changed {r['routing_changed']:.2%}",
+              flush=True)
+    write()
+    timing_tokens = args.timing_tokens if args.timing_tokens is not None else (
+        "32" if args.tiny else FULL_TIMING_TOKENS)
+    if timing_tokens and time.time() > deadline:
+        result["skipped"].append("routing timings")
+    elif timing_tokens:
+        bias0 = biases.get(0, torch.zeros(cfg.num_experts))
+        result["timings"] = routing_timings(
+            cfg.num_experts, cfg.num_experts_per_tok, bias0, device, args.backend,
+            [int(t) for t in timing_tokens.split(",")], args.sglang_dir, args.seed,
+            compile_thr=args.timing_compile)
+        for r in result["timings"]:
+            print(f"[eval] time T={r['T']:<5} {r['method']:<45} {r['us']:8.1f} us "
+                  f"({r['timed']})", flush=True)
+    write()
+    for comp in comps:
+        if comp.chunk == 1:
+            run_comp(comp)
+    write()
+    try:
+        plot([(label, result)], out / "routing_quality.png")
+    except Exception as exc:  # noqa: BLE001 - the tables matter more than the picture
+        print(f"[eval] plot failed: {exc!r}", flush=True)
     md = markdown(result)
-    (out / "routing_quality.md").write_text(md)
-    (out / "routing_quality.json").write_text(json.dumps(result, indent=1))
     print(md, flush=True)
-    print(f"[eval] wrote {out / 'routing_quality.md'} and {out / 'routing_quality.json'} "
+    print(f"[eval] wrote {out / 'routing_quality.md'}, .json, .png "
           f"({result['seconds']:.0f}s)", flush=True)
     return result
 

@@ -18,6 +18,18 @@ windows of ``--seq-len`` tokens from the packed token stream. Stops at ``--max-m
 wall-clock, at ``--max-steps``, or when the validation loss has not improved by more than
 ``--min-rel-improvement`` (0.5%) over ``--patience`` evaluations.
 
+Routing in training (``--routing``): ``tc`` (default) is the model's own token-choice router.
+``ec`` routes every MoE block's tokens of the training batch (all ``batch * seq_len`` rows
+of one forward) by expert choice at ``--ec-capacity-factor`` (default 1.25): the expert ids
+come from our dispatch function ``expert_choice_topk`` (no gradient; the kernels' outputs are
+not differentiable), the weights are the softmax scores at those ids, renormalised as
+``norm_topk_prob`` says (exactly EC's step 5), computed in plain torch so the router gets
+gradients. The aux loss stays as configured (transformers computes it from the router logits'
+token-choice statistics). Validation losses during training use the same routing.
+
+``--data-cache DIR`` keeps the tokenizer and the token streams of a corpus configuration in
+DIR, so a second run (say, the EC-trained model) skips corpus reading and tokenizer training.
+
 Writes to ``--out``: ``model/`` (config + safetensors), ``tokenizer.json``, ``train_log.json``
 (config, corpus stats, every progress line). ``--eval`` then runs
 ``benchmark/eval_routing_quality.py`` on the held-out split in the same process (so a
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -46,6 +59,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 EOS = "<|endoftext|>"
 CODE, PROSE = "code", "prose"
@@ -285,6 +299,50 @@ def set_experts_impl(model, impl: str, device: torch.device) -> str:
     return "eager"
 
 
+def _ec_train_router_forward(self, hidden_states):
+    """``Qwen3MoeTopKRouter.forward`` with expert-choice routing of all rows (training)."""
+    from sglang_moe_routing.expert_choice import expert_choice_topk
+
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    with torch.no_grad():
+        _, ids = expert_choice_topk(router_logits.detach(), self.top_k, self._ec_cf,
+                                    renormalize=bool(self.norm_topk_prob),
+                                    scoring_func="softmax")
+    ids = ids.long()
+    weights = torch.softmax(router_logits, dtype=torch.float, dim=-1).gather(1, ids)
+    if self.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return router_logits, weights.to(router_logits.dtype), ids
+
+
+class ExpertChoiceTraining:
+    """Context manager: every ``Qwen3MoeTopKRouter`` of ``model`` routes by expert choice at
+    ``capacity_factor`` (differentiable weights, see the module docstring) while inside."""
+
+    def __init__(self, model, capacity_factor: float):
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+        if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"--ec-capacity-factor must be > 0, got {capacity_factor}")
+        self.routers = [m for m in model.modules() if isinstance(m, Qwen3MoeTopKRouter)]
+        self.cf = float(capacity_factor)
+
+    def __enter__(self):
+        import types
+
+        for r in self.routers:
+            r._ec_cf = self.cf
+            r.forward = types.MethodType(_ec_train_router_forward, r)
+        return self
+
+    def __exit__(self, *exc):
+        for r in self.routers:
+            del r.forward
+            del r._ec_cf
+        return False
+
+
 def sample_batch(stream: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator,
                  device) -> torch.Tensor:
     starts = rng.integers(0, len(stream) - seq_len - 1, size=batch)
@@ -345,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-code-mb", type=float, default=60.0)
     p.add_argument("--max-prose-mb", type=float, default=40.0)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--data-cache", default="",
+                   help="folder caching the tokenizer + token streams (reused when the corpus "
+                   "settings match)")
     # model
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
@@ -356,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-intermediate", type=int, default=256)
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--experts-impl", default="auto", help="auto|eager|grouped_mm|batched_mm")
+    p.add_argument("--routing", choices=("tc", "ec"), default="tc",
+                   help="routing in training: tc (token choice) or ec (expert choice)")
+    p.add_argument("--ec-capacity-factor", type=float, default=1.25,
+                   help="capacity factor of --routing ec")
     # optimisation
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
@@ -366,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0,
                    help="cosine horizon and hard stop; 0 = estimated from --max-minutes")
     p.add_argument("--max-minutes", type=float, default=7.0, help="wall-clock training budget")
+    p.add_argument("--stop-at", type=float, default=0.0,
+                   help="unix time by which training must end (the loop stops --stop-reserve-s "
+                   "earlier); 0 = none")
+    p.add_argument("--stop-reserve-s", type=float, default=15.0)
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build the corpus / tokenizer / token streams (--data-cache) and exit")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-windows", type=int, default=64)
     p.add_argument("--patience", type=int, default=3)
@@ -392,7 +463,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_DATA_KEYS = ("val_percent", "site_packages", "site_packages_code", "max_files", "max_file_kb",
+              "max_code_mb", "max_prose_mb", "vocab")
+
+
 def prepare_data(args, out: Path, log):
+    """Corpus, stats, tokenizer, token streams, token counts; from ``--data-cache`` when it
+    holds the same corpus settings (corpus is then None)."""
+    import shutil
+
+    key = {k: getattr(args, k) for k in _DATA_KEYS}
+    cache = Path(args.data_cache) if args.data_cache else None
+    if cache is not None and (cache / "meta.json").is_file():
+        meta = json.loads((cache / "meta.json").read_text())
+        if meta["key"] == key:
+            shutil.copy(cache / "tokenizer.json", out / "tokenizer.json")
+            tok = load_tokenizer(out / "tokenizer.json")
+            with np.load(cache / "streams.npz") as z:
+                streams = {s: {d: z[f"{s}_{d}"] for d in (CODE, PROSE)} for s in ("train", "val")}
+            log(f"[data] from cache {cache}: tokens {json.dumps(meta['tokens'])}")
+            return None, meta["stats"], tok, streams, meta["tokens"]
+        log(f"[data] cache {cache} holds other corpus settings; rebuilding it")
+    corpus, stats, tok, streams, ntok = _prepare_data(args, out, log)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "tokenizer.json", cache / "tokenizer.json")
+        np.savez(cache / "streams.npz",
+                 **{f"{s}_{d}": v for s, dom in streams.items() for d, v in dom.items()})
+        (cache / "meta.json").write_text(json.dumps(dict(key=key, stats=stats, tokens=ntok)))
+    return corpus, stats, tok, streams, ntok
+
+
+def _prepare_data(args, out: Path, log):
     t0 = time.time()
     corpus = collect_corpus(args)
     stats = corpus_stats(corpus)
@@ -426,6 +528,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         lines.append(msg)
 
     corpus, stats, tok, streams, ntok = prepare_data(args, out, log)
+    if args.prepare_only:
+        return dict(args=vars(args), corpus=stats, tokens=ntok, log=lines)
     train_stream = np.concatenate([streams["train"][CODE], streams["train"][PROSE]])
     val_stream = np.concatenate([streams["val"][CODE], streams["val"][PROSE]])
     val_win = torch.from_numpy(
@@ -437,13 +541,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     torch.manual_seed(args.seed)
     model = Qwen3MoeForCausalLM(cfg).to(device)
     impl = set_experts_impl(model, args.experts_impl, device)
+    ec_ctx = ExpertChoiceTraining(model, args.ec_capacity_factor) \
+        if args.routing == "ec" else contextlib.nullcontext()
+    ec_ctx.__enter__()
     n_params = sum(p.numel() for p in model.parameters())
     n_active = n_params - sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) \
         * (1 - args.top_k / args.experts)
     log(f"[model] Qwen3MoeForCausalLM layers={args.layers} hidden={args.hidden} "
         f"experts={args.experts} top_k={args.top_k} moe_inter={args.moe_intermediate} "
         f"params={n_params / 1e6:.1f}M active~{n_active / 1e6:.1f}M experts_impl={impl} "
-        f"device={device}")
+        f"device={device} routing={args.routing}"
+        + (f"(cf {args.ec_capacity_factor})" if args.routing == "ec" else ""))
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
@@ -453,6 +561,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                             fused=device.type == "cuda")
     rng = np.random.default_rng(args.seed)
     budget_s = args.max_minutes * 60.0
+    if args.stop_at:
+        # the caller's absolute deadline, less what the final validation + save take
+        budget_s = min(budget_s, args.stop_at - time.time() - args.stop_reserve_s)
+        if budget_s <= 0:
+            log(f"[train] --stop-at leaves no training time ({budget_s:.0f}s)")
     horizon = args.max_steps or 10 ** 9  # re-estimated from measured speed below
 
     def lr_at(step: int) -> float:
@@ -524,6 +637,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     log(f"[train] stopped: {stop_reason} after {step} steps, {tokens_seen} tokens, "
         f"{train_s:.0f}s; val_loss {history[0]['val_loss']:.4f} -> {history[-1]['val_loss']:.4f}")
 
+    ec_ctx.__exit__(None, None, None)  # the saved / evaluated model has its own router back
     model_dir = out / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
     result = dict(

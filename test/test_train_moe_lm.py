@@ -4,7 +4,10 @@ One short training run (module-scoped) on the real stdlib corpus, then: the outp
 validation loss is finite and went down from step 0, the patched router (our routing
 functions) reproduces transformers' own token-choice logits EXACTLY, the hybrid rule with
 ``min_tokens > T`` is exactly token choice, every batch composition routes exactly T rows per
-forward, and the eval produces its table rows.
+forward, and the eval produces its table rows (plus the thr mode: calibrated on the training
+split, bitwise batch-invariant; EC fallback accounting; routing timings; the plot). Expert-
+choice training: the router's weights equal the EC dispatch's, gradients reach the router,
+the model's own router is back afterwards. The data cache gives the same token streams.
 """
 
 from __future__ import annotations
@@ -31,10 +34,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("moe_data")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("moe_tiny")
-    result = tml.main(["--tiny", "--out", str(out), "--device", "cpu", "--max-steps", "60",
-                       "--eval-every", "20", "--patience", "100"])
+    result = tml.main(["--tiny", "--out", str(out), "--device", "cpu", "--max-steps", "40", "--max-minutes", "10",
+                       "--eval-every", "20", "--patience", "100",
+                       "--data-cache", str(data_cache)])
     return out, result
 
 
@@ -60,7 +69,7 @@ def test_training_outputs(trained):
     assert (out / "tokenizer.json").is_file()
     log = json.loads((out / "train_log.json").read_text())
     hist = log["val_history"]
-    assert hist[0]["step"] == 0 and hist[-1]["step"] == 60
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == 40
     assert all(math.isfinite(h["val_loss"]) for h in hist)
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.5
     # held-out split is by file and disjoint from training
@@ -96,6 +105,48 @@ def test_patched_token_choice_is_exactly_transformers(trained):
     assert not torch.equal(got_ec, ref)
 
 
+def test_expert_choice_training_router(trained):
+    from sglang_moe_routing.expert_choice import expert_choice_topk
+
+    out, result = trained
+    model = _model(out)
+    x = _val_batch(out, result, n=2, seq=32)
+    gate = erq.routers(model)[0]
+    h = torch.randn(x.numel(), model.config.hidden_size)
+    with tml.ExpertChoiceTraining(model, 1.0):
+        logits, w, ids = gate(h)
+        ew, eids = expert_choice_topk(logits.detach(), gate.top_k, 1.0)
+        assert torch.equal(ids, eids.long())
+        torch.testing.assert_close(w, ew, rtol=0, atol=1e-6)
+        # differentiable weights: the router gets a gradient through them
+        (w * torch.randn_like(w)).sum().backward()
+        assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
+        # the whole model trains under it (aux loss from the router logits still there)
+        loss = model(input_ids=x, labels=x, output_router_logits=True).loss
+        assert torch.isfinite(loss)
+    # the model's own token-choice router is back
+    _, _, tc_ids = gate(h)
+    assert torch.equal(tc_ids, torch.topk(torch.softmax(logits.detach(), -1), gate.top_k,
+                                          -1).indices)
+    assert not torch.equal(tc_ids, ids)
+
+
+def test_data_cache_roundtrip(trained, data_cache, tmp_path):
+    out, result = trained
+    args = tml.build_parser().parse_args(["--out", str(tmp_path), "--tiny",
+                                          "--data-cache", str(data_cache)])
+    tml.apply_tiny(args, ["--tiny", "--data-cache"])
+    lines = []
+    corpus, stats, tok, streams, ntok = tml.prepare_data(args, tmp_path, lines.append)
+    assert corpus is None and "from cache" in lines[0]  # no corpus read, no tokenizer trained
+    fresh = tml.token_streams(tml.load_tokenizer(out / "tokenizer.json"),
+                              tml.collect_corpus(args))
+    for s in ("train", "val"):
+        for d in ("code", "prose"):
+            assert np.array_equal(streams[s][d], fresh[s][d])
+    assert stats == result["corpus"]
+
+
 def test_chunked_compositions_route_exactly_T(trained):
     out, result = trained
     model = _model(out)
@@ -112,12 +163,14 @@ def test_chunked_compositions_route_exactly_T(trained):
 def test_eval_table(trained, tmp_path):
     out, result = trained
     comps = "32:4x8,256:2x128,mixed256:2x128"
+    hyb = next(m.name for m in erq.DEFAULT_MODES if m.name.startswith("hybrid"))
+    modes = ["tc", "ec1.25", "ec2.0", hyb, "thr"]
     res = erq.main(["--ckpt", str(out), "--out", str(tmp_path), "--tiny", "--device", "cpu",
-                    "--compositions", comps, "--eval-seqs", "4", "--inv-trials", "3"])
+                    "--compositions", comps, "--eval-seqs", "4", "--inv-trials", "3",
+                    "--inv-batch", "4", "--cal-iters", "100", "--modes", "tc,ec1.25,ec2.0,hybrid,thr"])
     md = (tmp_path / "routing_quality.md").read_text()
     js = json.loads((tmp_path / "routing_quality.json").read_text())
     assert "our dispatch function" in md and "our dispatch function" in js["routing_path"]
-    modes = [m.name for m in erq.DEFAULT_MODES]
     assert [(r["composition"], r["mode"]) for r in res["rows"]] == [
         (c, m) for c in ("32", "256", "mixed256") for m in modes]
     for r in res["rows"]:
@@ -136,5 +189,26 @@ def test_eval_table(trained, tmp_path):
     assert set(inv) == set(modes)
     # hybrid at T >= 32 is expert choice at cf 1.25
     by = {(r["composition"], r["mode"]): r for r in res["rows"]}
-    hyb = erq.DEFAULT_MODES[-1].name
     assert by[("256", hyb)]["ppl"] == by[("256", "ec1.25")]["ppl"]
+    # thr: each token routes alone -> bitwise batch-invariant; its biases came from the
+    # training split and balance the calibration batch better than plain top-k
+    assert inv["thr"]["bitwise_identical"] and inv["thr"]["routing_changed"] == 0.0
+    assert not inv["ec1.25"]["bitwise_identical"] and inv["ec1.25"]["routing_changed"] > 0
+    cal = js["calibration"]
+    n_layers = len(js["thr_biases"])
+    assert n_layers == len(cal["load_max_mean_start"]) == 2
+    assert all(c < s for c, s in zip(cal["load_max_mean_calibrated"],
+                                     cal["load_max_mean_start"]))
+    thr_ppl = [by[(c, "thr")]["ppl"] for c in ("256", "mixed256")]
+    assert thr_ppl[0] == pytest.approx(thr_ppl[1], rel=1e-3)
+    # EC fallback accounting: picked slots never exceed capacity; fallback shrinks with cf
+    for r in res["rows"]:
+        if r["kind"] == "ec" and r["composition"] == "256":
+            cap = math.ceil(r["capacity_factor"] * 256 * 2 / 8) / (256 * 2 / 8)
+            assert r["picked_load_max_mean"] <= cap + 1e-6
+            assert 0.0 <= r["fallback_share"] < 1.0
+    assert by[("256", "ec1.25")]["fallback_share"] > by[("256", "ec2.0")]["fallback_share"]
+    assert "fallback_share" not in by[("256", "thr")]
+    # routing timings (CPU here) for token choice, thr and EC; the plot
+    assert {t["method"].split(":")[0] for t in res["timings"]} >= {"tc", "thr", "ec1.25"}
+    assert (tmp_path / "routing_quality.png").stat().st_size > 10_000
