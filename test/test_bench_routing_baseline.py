@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
 
 from bench_routing import seeds_dense_expert_choice  # noqa: E402
 
+from sglang_moe_routing.expert_choice import RoutingSpec  # noqa: E402
 from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference  # noqa: E402
 
 
@@ -18,7 +19,7 @@ def test_seeds_dense_baseline_matches_reference_on_distinct_picks():
     for t, e, k in ((64, 8, 2), (256, 64, 8), (1000, 16, 4)):
         x = torch.randn(t, e)
         w, ids = seeds_dense_expert_choice(x, k)
-        w_ref, ids_ref = expert_choice_topk_reference(x, k, 1.25)
+        w_ref, ids_ref = expert_choice_topk_reference(x, RoutingSpec(k, 1.25))
         # int64 as topk gives them: the seeds do no cast, so the timed baseline does none
         assert ids.shape == (t, k) and ids.dtype == torch.int64
         torch.testing.assert_close(w.sum(-1), torch.ones(t))

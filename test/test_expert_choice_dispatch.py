@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from sglang_moe_routing.expert_choice import cuda as ec_cuda
-from sglang_moe_routing.expert_choice import expert_choice_topk, expert_choice_topk_reference
+from sglang_moe_routing.expert_choice import (
+    RoutingSpec,
+    expert_choice_topk,
+    expert_choice_topk_reference,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +45,7 @@ def test_cuda_path_override(monkeypatch):
 def test_cpu_tensors_use_the_reference():
     x = torch.randn(40, 16)
     a = expert_choice_topk(x, 4, 1.25, num_token_non_padded=torch.tensor(33), min_tokens=8)
-    b = expert_choice_topk_reference(x, 4, 1.25, num_token_non_padded=torch.tensor(33), min_tokens=8)
+    b = expert_choice_topk_reference(x, RoutingSpec(4, 1.25, min_tokens=8), torch.tensor(33))
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sglang_moe_routing.expert_choice import RoutingSpec
 from sglang_moe_routing.expert_choice.dispatch import expert_choice_topk, resolve_backend
 from sglang_moe_routing.expert_choice.reference import (
     compute_scores,
@@ -34,25 +35,29 @@ E_TO_K = {2: 1, 3: 2, 8: 2, 60: 4, 64: 8, 128: 8, 256: 8, 384: 12, 512: 16}
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 
 
-def _ec(backend, logits, k, cf=1.25, **kw):
+def _ec(backend, logits, k, cf=1.25, num_token_non_padded=None, return_intermediates=False,
+        **kw):
+    spec = RoutingSpec(k, cf, **kw)
     if backend.startswith("cuda"):
         from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
 
         path = backend[5:] if backend.startswith("cuda_") else None
-        return expert_choice_topk_cuda(logits, k, cf, path=path, **kw)
+        return expert_choice_topk_cuda(logits, spec, num_token_non_padded, path=path,
+                                       return_intermediates=return_intermediates)
     from sglang_moe_routing.expert_choice.triton_kernel import expert_choice_topk_triton
 
-    return expert_choice_topk_triton(logits, k, cf, **kw)
+    return expert_choice_topk_triton(logits, spec, num_token_non_padded,
+                                     return_intermediates=return_intermediates)
 
 
 def _tc(backend, logits, k, **kw):
     if backend == "cuda":
         from sglang_moe_routing.expert_choice.cuda import token_choice_topk_cuda
 
-        return token_choice_topk_cuda(logits, k, **kw)
+        return token_choice_topk_cuda(logits, RoutingSpec(k, **kw))
     from sglang_moe_routing.expert_choice.triton_kernel import token_choice_topk_triton
 
-    return token_choice_topk_triton(logits, k, **kw)
+    return token_choice_topk_triton(logits, RoutingSpec(k, **kw))
 
 
 def _order_keys(sel: torch.Tensor) -> torch.Tensor:
@@ -85,9 +90,13 @@ def _key_report(backend, logits, k, cf, kw) -> str:
             f" (max |d| = {int((got - want).abs().max()) if diff.any() else 0} ulp)")
 
 
+def _reference(logits, k, cf=1.25, num_token_non_padded=None, **kw):
+    return expert_choice_topk_reference(logits, RoutingSpec(k, cf, **kw), num_token_non_padded)
+
+
 def _check(backend, logits, k, cf=1.25, **kw):
     """Compare ``backend`` (for "cuda": each path) with one reference computation."""
-    ref_w, ref_ids = expert_choice_topk_reference(logits, k, cf, **kw)
+    ref_w, ref_ids = _reference(logits, k, cf, **kw)
     names = [f"cuda_{v}" for v in CUDA_PATHS] if backend == "cuda" else [backend]
     out = None
     for name in names:
@@ -189,7 +198,7 @@ def test_padding_rows(backend):
     for n in [torch.tensor([700], device="cuda"), torch.tensor(1, dtype=torch.int32, device="cuda"), 0, 999]:
         w, ids = _check(backend, logits, 8, num_token_non_padded=n)
         nv = int(torch.as_tensor(n).reshape(()).item())
-        tc_w, tc_ids = token_choice_topk_reference(logits, 8)
+        tc_w, tc_ids = token_choice_topk_reference(logits, RoutingSpec(8))
         assert torch.equal(ids[nv:], tc_ids[nv:])
         other = logits.clone()
         other[nv:] = torch.randn_like(other[nv:], dtype=torch.float32).to(other.dtype) * 4
@@ -236,7 +245,7 @@ def test_min_tokens_hybrid(backend):
         n_dev = torch.tensor([n], device="cuda")
         w, ids = _check(backend, logits, 8, min_tokens=32, num_token_non_padded=n_dev)
         if n < 32:
-            _, tc_ids = token_choice_topk_reference(logits, 8)
+            _, tc_ids = token_choice_topk_reference(logits, RoutingSpec(8))
             assert torch.equal(ids, tc_ids)
 
 
@@ -245,7 +254,7 @@ def test_token_choice_yardstick(backend):
     g = torch.Generator(device="cuda").manual_seed(9)
     logits = torch.randn(2000, 256, device="cuda", generator=g).to(torch.bfloat16)
     w, ids = _tc(backend, logits, 8)
-    rw, rids = token_choice_topk_reference(logits, 8)
+    rw, rids = token_choice_topk_reference(logits, RoutingSpec(8))
     assert torch.equal(ids, rids)
     torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
 
@@ -297,8 +306,7 @@ def test_cuda_graph_replay_changing_num_valid(backend, min_tokens):
         n_dev.fill_(n)
         graph.replay()
         torch.cuda.synchronize()
-        rw, rids = expert_choice_topk_reference(
-            static, k, num_token_non_padded=n, min_tokens=min_tokens)
+        rw, rids = expert_choice_topk_reference(static, RoutingSpec(k, min_tokens=min_tokens), n)
         assert torch.equal(ids, rids), f"replay with T'={n}, min_tokens={min_tokens}"
         torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
 
@@ -319,11 +327,11 @@ def test_one_launch_limits():
         kw = dict(kw)
         if "num_expert_group" in kw:
             kw["correction_bias"] = torch.randn(E, device="cuda", generator=g) * 0.05
-        rw, rids = expert_choice_topk_reference(logits, k, 1.25, **kw)
+        rw, rids = expert_choice_topk_reference(logits, RoutingSpec(k, 1.25, **kw))
         keys_by_path = {}
         for path in ("one_launch", "three_launch"):
-            w, ids, keys, _ = expert_choice_topk_cuda(logits, k, 1.25, path=path,
-                                                      return_intermediates=True, **kw)
+            w, ids, keys, _ = expert_choice_topk_cuda(logits, RoutingSpec(k, 1.25, **kw),
+                                                      path=path, return_intermediates=True)
             assert torch.equal(ids, rids), (T, E, k, path)
             torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
             keys_by_path[path] = keys
@@ -360,10 +368,12 @@ def test_op_opcheck_gpu(backend, case):
     g = torch.Generator(device="cuda").manual_seed(T + E)
     logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
     kw = make(g, T, E)
-    args = op_arguments(logits, k, cf, backend, **kw)
+    ntnp = kw.pop("num_token_non_padded", None)
+    spec = RoutingSpec(k, cf, **kw)
+    args = op_arguments(logits, spec, ntnp, backend)
     torch.library.opcheck(expert_choice_topk_op, args)
     w, ids = expert_choice_topk_op(*args)
-    rw, rids = expert_choice_topk_reference(logits, k, cf, **kw)
+    rw, rids = expert_choice_topk_reference(logits, spec, ntnp)
     assert w.dtype == torch.float32 and ids.dtype == torch.int32
     assert torch.equal(ids, rids), (backend, name)
     torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
@@ -389,7 +399,7 @@ def test_compile_fullgraph_equals_eager_gpu(backend, case):
     assert cw.dtype == torch.float32 and cids.dtype == torch.int32
     assert torch.equal(cids, eids), (backend, name)
     assert torch.equal(cw, ew), (backend, name)  # same kernel, same inputs: bit for bit
-    rw, rids = expert_choice_topk_reference(logits, k, cf, **kw)
+    rw, rids = _reference(logits, k, cf, **kw)
     assert torch.equal(cids, rids), (backend, name)
     torch.testing.assert_close(cw, rw, atol=1e-6, rtol=0)
 
@@ -426,11 +436,10 @@ def test_compile_fullgraph_changing_inputs_gpu(backend, dynamic):
         cw, cids = compiled(x, bias, ntnp, cf, mt)
         ew, eids = fn(x, bias, ntnp, cf, mt)
         assert torch.equal(cids, eids) and torch.equal(cw, ew), (backend, T, cf, mt)
-        rw, rids = expert_choice_topk_reference(
-            x, k, cf, scoring_func="sigmoid", num_expert_group=8, topk_group=4,
+        rw, rids = expert_choice_topk_reference(x, RoutingSpec(
+            k, cf, scoring_func="sigmoid", num_expert_group=8, topk_group=4,
             correction_bias=bias, routed_scaling_factor=2.5,
-            apply_routed_scaling_factor_on_output=True, num_token_non_padded=ntnp,
-            min_tokens=mt)
+            apply_routed_scaling_factor_on_output=True, min_tokens=mt), ntnp)
         assert torch.equal(cids, rids), (backend, T, cf, mt)
         torch.testing.assert_close(cw, rw, atol=1e-6, rtol=0)
 
@@ -466,7 +475,7 @@ def test_compiled_op_in_cuda_graph_gpu(backend):
         graph.replay()
         torch.cuda.synchronize()
         rw, rids = expert_choice_topk_reference(
-            static, k, num_token_non_padded=n_dev, min_tokens=min_tokens)
+            static, RoutingSpec(k, min_tokens=min_tokens), n_dev)
         assert torch.equal(ids, rids), f"{backend}: replay with T'={n}"
         torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
 
@@ -494,7 +503,7 @@ def test_out_of_range_auto_on_gpu_warns_once_and_compiles(caplog, monkeypatch):
                 w, ids = expert_choice_topk(x, 8)
     finally:
         pkg_logger.removeHandler(caplog.handler)
-    rw, rids = expert_choice_topk_reference(x, 8)
+    rw, rids = expert_choice_topk_reference(x, RoutingSpec(8))
     assert torch.equal(ids, rids) and torch.equal(w, rw)
     assert torch.equal(cids, rids) and torch.equal(cw, rw)
     msgs = {id(r): r.getMessage() for r in caplog.records}.values()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sglang_moe_routing.expert_choice import RoutingSpec
 from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
 
 pytestmark = pytest.mark.gpu
@@ -36,10 +37,11 @@ def _needs_cuda():
         pytest.skip("needs a CUDA GPU")
 
 
-def _cuda(path, logits, k, cf, **kw):
+def _cuda(path, logits, k, cf, num_token_non_padded=None, **kw):
     from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
 
-    return expert_choice_topk_cuda(logits, k, cf, path=path, **kw)
+    return expert_choice_topk_cuda(logits, RoutingSpec(k, cf, **kw), num_token_non_padded,
+                                   path=path)
 
 
 def _bits(w: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,9 @@ def _bits(w: torch.Tensor) -> torch.Tensor:
 
 def _check(logits, k, cf=1.25, **kw):
     """Stream path == reference (ids exact, weights 1e-6) and == three launches (bitwise)."""
-    rw, rids = expert_choice_topk_reference(logits, k, cf, **kw)
+    ntnp = kw.pop("num_token_non_padded", None)
+    rw, rids = expert_choice_topk_reference(logits, RoutingSpec(k, cf, **kw), ntnp)
+    kw["num_token_non_padded"] = ntnp
     sw, sids = _cuda("stream", logits, k, cf, **kw)
     tw, tids = _cuda("three_launch", logits, k, cf, **kw)
     what = (f"T={logits.shape[0]} E={logits.shape[1]} k={k} cf={cf} {logits.dtype} "
@@ -204,8 +208,9 @@ def test_stream_path_writes_no_key_matrix(monkeypatch):
     monkeypatch.setenv("SGLANG_MOE_EC_PATH", "stream")
     T = 8192
     logits = torch.randn(T, 64, device="cuda")
-    _, _, keys, thr = ec_cuda.expert_choice_topk_cuda(logits, 8, return_intermediates=True)
+    _, _, keys, thr = ec_cuda.expert_choice_topk_cuda(logits, RoutingSpec(8),
+                                                      return_intermediates=True)
     assert keys.numel() == 0 and thr.shape == (64,)
-    _, _, keys3, _ = ec_cuda.expert_choice_topk_cuda(logits, 8, path="three_launch",
+    _, _, keys3, _ = ec_cuda.expert_choice_topk_cuda(logits, RoutingSpec(8), path="three_launch",
                                                       return_intermediates=True)
     assert keys3.shape == (64, T)

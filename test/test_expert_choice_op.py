@@ -14,13 +14,14 @@ The GPU variants (compile with the cuda and triton backends) are in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from sglang_moe_routing.expert_choice import dispatch, expert_choice_topk
+from sglang_moe_routing.expert_choice import RoutingSpec, dispatch, expert_choice_topk
 from sglang_moe_routing.expert_choice.ops import OP_NAME, expert_choice_topk_op, op_arguments
 from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
 
@@ -62,9 +63,21 @@ def _build(T, E, cf, kw, seed=0):
     return logits, kw
 
 
+def _spec(k, cf, kw):
+    """``(RoutingSpec, num_token_non_padded)`` for the face's keyword arguments."""
+    kw = dict(kw)
+    ntnp = kw.pop("num_token_non_padded", None)
+    return RoutingSpec(k, cf, **kw), ntnp
+
+
+def _reference(logits, k, cf, kw):
+    return expert_choice_topk_reference(logits, *_spec(k, cf, kw))
+
+
 def _op_args(logits, k, cf, kw, backend="reference"):
     """The op's positional arguments for the face's keyword arguments."""
-    return op_arguments(logits, k, cf, backend, **kw)
+    spec, ntnp = _spec(k, cf, kw)
+    return op_arguments(logits, spec, ntnp, backend)
 
 
 def _assert_identical(out, ref):
@@ -86,6 +99,12 @@ def test_op_is_registered_with_the_documented_schema():
                  "Tensor? num_token_non_padded", "SymInt? num_token_non_padded_int",
                  "SymInt min_tokens", "str backend", "-> (Tensor, Tensor)"):
         assert part in schema, (part, schema)
+    # The op's arguments are the logits, the RoutingSpec's fields in order, T', the backend:
+    # a field added to the spec without the schema (or the other way round) fails here.
+    names = [a.name for a in op.default._schema.arguments]
+    fields = [f.name for f in dataclasses.fields(RoutingSpec)]
+    assert names == ["router_logits", *fields, "num_token_non_padded",
+                     "num_token_non_padded_int", "backend"]
 
 
 @pytest.mark.parametrize("name, T, E, k, cf, kw", CONFIGS, ids=[c[0] for c in CONFIGS])
@@ -93,14 +112,14 @@ def test_opcheck_reference(name, T, E, k, cf, kw):
     logits, kw = _build(T, E, cf, kw)
     args = _op_args(logits, k, cf, kw)
     torch.library.opcheck(expert_choice_topk_op, args)
-    ref = expert_choice_topk_reference(logits, k, cf, **kw)
+    ref = _reference(logits, k, cf, kw)
     _assert_identical(expert_choice_topk_op(*args), ref)
 
 
 @pytest.mark.parametrize("name, T, E, k, cf, kw", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_face_equals_reference(name, T, E, k, cf, kw):
     logits, kw = _build(T, E, cf, kw, seed=1)
-    ref = expert_choice_topk_reference(logits, k, cf, **kw)
+    ref = _reference(logits, k, cf, kw)
     _assert_identical(expert_choice_topk(logits, k, cf, **kw), ref)
     _assert_identical(expert_choice_topk(logits, k, cf, backend="reference", **kw), ref)
 
@@ -116,7 +135,7 @@ def test_compile_fullgraph_equals_eager(name, T, E, k, cf, kw):
 
     compiled = torch.compile(fn, fullgraph=True)
     _assert_identical(compiled(logits), fn(logits))
-    _assert_identical(compiled(logits), expert_choice_topk_reference(logits, k, cf, **kw))
+    _assert_identical(compiled(logits), _reference(logits, k, cf, kw))
 
 
 @pytest.mark.parametrize("dynamic", [None, True, False])
@@ -155,7 +174,7 @@ def test_compile_fullgraph_auto_backend_on_cpu(monkeypatch):
     compiled = torch.compile(fn, fullgraph=True)
     x = torch.randn(30, 8)
     n = torch.tensor(25)
-    ref = expert_choice_topk_reference(x, 2, num_token_non_padded=n, min_tokens=4)
+    ref = expert_choice_topk_reference(x, RoutingSpec(2, min_tokens=4), n)
     _assert_identical(compiled(x, n), ref)
 
 
@@ -184,7 +203,7 @@ def test_fake_tensor_shapes():
         bias = torch.empty(64)
         n = torch.empty((), dtype=torch.int64)
         w, ids = expert_choice_topk_op(
-            logits, 6, 1.25, True, "sigmoid", 8, 4, bias, 2.5, True, n, None, 16, "cuda")
+            logits, 6, 1.25, True, "sigmoid", 8, 4, bias, 2.5, True, 16, n, None, "cuda")
         assert w.shape == (37, 6) and w.dtype == torch.float32
         assert ids.shape == (37, 6) and ids.dtype == torch.int32
         assert w.device == logits.device == ids.device
@@ -200,7 +219,7 @@ def test_meta_tensors_through_the_face():
     # fake dtypes match the real ones for every input dtype
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         x = torch.randn(9, 8).to(dtype)
-        rw, rids = expert_choice_topk_reference(x, 2)
+        rw, rids = expert_choice_topk_reference(x, RoutingSpec(2))
         mw, mids = expert_choice_topk(x.to("meta"), 2)
         assert (mw.dtype, mids.dtype) == (rw.dtype, rids.dtype)
         assert mw.shape == rw.shape and mids.shape == rids.shape
@@ -218,14 +237,14 @@ def test_face_still_validates_eagerly():
         expert_choice_topk(x, 2, backend="fast")
     with pytest.raises(ValueError, match="backend"):
         expert_choice_topk_op(x, 2, 1.25, True, "softmax", None, None, None, None, False,
-                              None, None, 0, "auto")  # the op takes a resolved backend only
+                              0, None, None, "auto")  # the op takes a resolved backend only
 
 
 def test_grad_requiring_logits_bypass_the_op_and_stay_differentiable():
     x = torch.randn(24, 8, requires_grad=True)
     w, ids = expert_choice_topk(x, 2, 1.25, num_token_non_padded=20)
     xr = x.detach().clone().requires_grad_()
-    rw, rids = expert_choice_topk_reference(xr, 2, 1.25, num_token_non_padded=20)
+    rw, rids = expert_choice_topk_reference(xr, RoutingSpec(2, 1.25), 20)
     _assert_identical((w.detach(), ids), (rw.detach(), rids))
     assert w.requires_grad
     gw = torch.randn_like(w)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_moe_routing.expert_choice import (
+    RoutingSpec,
     expert_choice_topk,
     expert_choice_topk_reference as ec,
     expert_load,
@@ -54,8 +55,8 @@ def test_matches_brute_force(t, e, data):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(t, e, generator=g)
     bias = torch.randn(e, generator=g) * 0.1 if use_bias else None
-    w, ids = ec(logits, k, cf, scoring_func=scoring, correction_bias=bias,
-                num_token_non_padded=torch.tensor(t_valid))
+    w, ids = ec(logits, RoutingSpec(k, cf, scoring_func=scoring, correction_bias=bias),
+                torch.tensor(t_valid))
     wr, idr = _brute_force(logits, k, cf, t_valid, bias, scoring)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     assert torch.equal(ids[:t_valid].long(), idr[:t_valid])
@@ -68,7 +69,7 @@ def test_distinct_ids_and_capacity(t, e, data):
     k = data.draw(st.integers(1, min(e, 16)))
     cf = data.draw(st.floats(0.1, 3.0))
     logits = torch.randn(t, e, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999))))
-    w, ids = ec(logits, k, cf)
+    w, ids = ec(logits, RoutingSpec(k, cf))
     # k distinct, in-range ids per row; no zero-weight slots
     assert ids.min() >= 0 and ids.max() < e
     assert all(len(set(r)) == k for r in ids.tolist())
@@ -98,8 +99,8 @@ def test_single_token_is_token_choice(scoring, grouped):
         kw.update(num_expert_group=4, topk_group=2, correction_bias=torch.randn(16) * 0.1)
     for _ in range(20):
         x = torch.randn(1, 16)
-        w1, i1 = ec(x, 4, 1.25, **kw)
-        w2, i2 = tc(x, 4, **kw)
+        w1, i1 = ec(x, RoutingSpec(4, 1.25, **kw))
+        w2, i2 = tc(x, RoutingSpec(4, **kw))
         assert torch.equal(i1, i2)
         torch.testing.assert_close(w1, w2)
         # and equals plain torch.topk on the selection score (no ties in random data)
@@ -111,21 +112,21 @@ def test_single_token_is_token_choice(scoring, grouped):
 def test_padding_rows_change_nothing():
     torch.manual_seed(2)
     x = torch.randn(50, 8)
-    w_a, i_a = ec(x[:30], 2, 1.25)
+    w_a, i_a = ec(x[:30], RoutingSpec(2, 1.25))
     garbage = torch.randn(20, 8) * 100
-    w_b, i_b = ec(torch.cat([x[:30], garbage]), 2, 1.25, num_token_non_padded=torch.tensor(30))
+    w_b, i_b = ec(torch.cat([x[:30], garbage]), RoutingSpec(2, 1.25), torch.tensor(30))
     assert torch.equal(i_a, i_b[:30])
     torch.testing.assert_close(w_a, w_b[:30])
     # padding rows are well formed (token choice of their own logits)
-    assert torch.equal(i_b[30:], tc(garbage, 2)[1])
+    assert torch.equal(i_b[30:], tc(garbage, RoutingSpec(2))[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtypes(dtype):
     torch.manual_seed(3)
     x = torch.randn(64, 16).to(dtype)
-    w, ids = ec(x, 4, 1.25)
-    w32, ids32 = ec(x.float(), 4, 1.25)  # scores are computed in fp32 from the same values
+    w, ids = ec(x, RoutingSpec(4, 1.25))
+    w32, ids32 = ec(x.float(), RoutingSpec(4, 1.25))  # scores in fp32 from the same values
     assert w.dtype == torch.float32 and ids.dtype == torch.int32
     assert torch.equal(ids, ids32)
     torch.testing.assert_close(w, w32)
@@ -136,8 +137,8 @@ def test_non_contiguous_input():
     x = torch.randn(16, 64)
     xt = x.t()  # [64, 16] non-contiguous
     assert not xt.is_contiguous()
-    a = ec(xt, 2, 1.0)
-    b = ec(xt.contiguous(), 2, 1.0)
+    a = ec(xt, RoutingSpec(2, 1.0))
+    b = ec(xt.contiguous(), RoutingSpec(2, 1.0))
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 
@@ -146,8 +147,8 @@ def test_grouped_topk_respects_groups():
     e, g, tg = 32, 8, 3
     x = torch.randn(100, e)
     bias = torch.randn(e) * 0.1
-    _, ids = ec(x, 6, 1.25, scoring_func="sigmoid", num_expert_group=g, topk_group=tg,
-                correction_bias=bias)
+    _, ids = ec(x, RoutingSpec(6, 1.25, scoring_func="sigmoid", num_expert_group=g, topk_group=tg,
+                               correction_bias=bias))
     s = torch.sigmoid(x) + bias
     gs = s.view(100, g, e // g).topk(2, -1).values.sum(-1)
     allowed = gs.topk(tg, -1).indices
@@ -159,14 +160,15 @@ def test_grouped_topk_respects_groups():
 def test_routed_scaling_factor_and_no_renorm():
     torch.manual_seed(6)
     x = torch.randn(40, 8)
-    w1, i1 = ec(x, 2, 1.25, renormalize=False)
+    w1, i1 = ec(x, RoutingSpec(2, 1.25, renormalize=False))
     s = torch.softmax(x, -1)
     torch.testing.assert_close(w1, torch.gather(s, 1, i1.long()))
-    w2, i2 = ec(x, 2, 1.25, routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
-    w3, _ = ec(x, 2, 1.25)
+    w2, i2 = ec(x, RoutingSpec(2, 1.25, routed_scaling_factor=2.5,
+                               apply_routed_scaling_factor_on_output=True))
+    w3, _ = ec(x, RoutingSpec(2, 1.25))
     torch.testing.assert_close(w2, w3 * 2.5)
     # the factor is not applied unless asked, as upstream
-    w4, _ = ec(x, 2, 1.25, routed_scaling_factor=2.5)
+    w4, _ = ec(x, RoutingSpec(2, 1.25, routed_scaling_factor=2.5))
     torch.testing.assert_close(w4, w3)
 
 
@@ -174,11 +176,11 @@ def test_min_tokens_hybrid_is_exact_token_choice_on_device():
     torch.manual_seed(7)
     x = torch.randn(64, 8)
     n = torch.tensor(20)
-    w, ids = ec(x, 2, 1.25, num_token_non_padded=n, min_tokens=32)
-    wt, it = tc(x, 2)
+    w, ids = ec(x, RoutingSpec(2, 1.25, min_tokens=32), n)
+    wt, it = tc(x, RoutingSpec(2))
     assert torch.equal(ids[:20], it[:20])
     # at or above the threshold: expert choice (differs from token choice on this batch)
-    _, ids_ec = ec(x, 2, 1.25, num_token_non_padded=torch.tensor(64), min_tokens=32)
+    _, ids_ec = ec(x, RoutingSpec(2, 1.25, min_tokens=32), torch.tensor(64))
     assert not torch.equal(ids_ec, it)
 
 
@@ -189,8 +191,8 @@ def test_skewed_batch_balances_load():
     x = torch.randn(t, e)
     x[:, 0] += 2.0
     x[:, 1] += 1.5
-    _, ids_tc = tc(x, k)
-    _, ids_ec = ec(x, k, 1.25)
+    _, ids_tc = tc(x, RoutingSpec(k))
+    _, ids_ec = ec(x, RoutingSpec(k, 1.25))
     std_tc = expert_load(ids_tc, e).float().std(unbiased=False)
     std_ec = expert_load(ids_ec, e).float().std(unbiased=False)
     assert std_ec < std_tc / 3, (std_tc, std_ec)
@@ -202,32 +204,32 @@ def test_skewed_batch_balances_load():
 def test_bad_inputs():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="exceeds the number of experts"):
-        ec(x, 9)
+        ec(x, RoutingSpec(9))
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
-        ec(x, 2, 0.0)
+        ec(x, RoutingSpec(2, 0.0))
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
-        ec(x, 2, -1.0)
+        ec(x, RoutingSpec(2, -1.0))
     with pytest.raises(ValueError, match="finite"):
-        ec(x, 2, float("nan"))
+        ec(x, RoutingSpec(2, float("nan")))
     with pytest.raises(ValueError, match="floating point"):
-        ec(torch.ones(4, 8, dtype=torch.int64), 2)
+        ec(torch.ones(4, 8, dtype=torch.int64), RoutingSpec(2))
     with pytest.raises(ValueError, match=r"must be \[T, E\]"):
-        ec(torch.randn(8), 2)
+        ec(torch.randn(8), RoutingSpec(2))
     with pytest.raises(ValueError, match="scoring_func"):
-        ec(x, 2, scoring_func="relu")
+        ec(x, RoutingSpec(2, scoring_func="relu"))
     with pytest.raises(ValueError, match="divisible"):
-        ec(x, 2, num_expert_group=3, topk_group=1)
+        ec(x, RoutingSpec(2, num_expert_group=3, topk_group=1))
     with pytest.raises(ValueError, match="backend"):
         expert_choice_topk(x, 2, backend="nope")
     # T = 0: defined empty result
-    w, ids = ec(torch.randn(0, 8), 2)
+    w, ids = ec(torch.randn(0, 8), RoutingSpec(2))
     assert w.shape == (0, 2) and ids.shape == (0, 2) and ids.dtype == torch.int32
 
 
 def test_nan_logits_defined_result():
     x = torch.randn(32, 8)
     x[3, 2] = float("nan")  # softmax row 3 becomes all-NaN
-    w, ids = ec(x, 2, 1.25)
+    w, ids = ec(x, RoutingSpec(2, 1.25))
     assert all(len(set(r)) == 2 for r in ids.tolist())
     assert ids.min() >= 0 and ids.max() < 8
     assert torch.isnan(w[3]).all()  # the NaN is carried, not hidden

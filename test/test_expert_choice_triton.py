@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_moe_routing.expert_choice import dispatch
+from sglang_moe_routing.expert_choice import RoutingSpec, dispatch
 from sglang_moe_routing.expert_choice.reference import (
     compute_scores,
     expert_choice_topk_reference,
@@ -40,10 +40,12 @@ def _assert_same(out, ref, tag=""):
     torch.testing.assert_close(w.cpu(), w_ref.cpu(), atol=1e-6, rtol=0, equal_nan=True)
 
 
-def _run_both(logits, k, cf=1.25, **kw):
-    ref = expert_choice_topk_reference(logits, k, cf, **kw)
-    out = expert_choice_topk_triton(logits, k, cf, **kw)
-    _assert_same(out, ref, f"T={logits.shape[0]} E={logits.shape[1]} k={k} {kw}")
+def _run_both(logits, k, cf=1.25, num_token_non_padded=None, **kw):
+    spec = RoutingSpec(k, cf, **kw)
+    ref = expert_choice_topk_reference(logits, spec, num_token_non_padded)
+    out = expert_choice_topk_triton(logits, spec, num_token_non_padded)
+    tag = f"T={logits.shape[0]} E={logits.shape[1]} k={k} ntnp={num_token_non_padded} {kw}"
+    _assert_same(out, ref, tag)
     return out, ref
 
 
@@ -90,20 +92,20 @@ def test_padding_rows(ntnp):
     (w, ids), _ = _run_both(logits, 2, num_token_non_padded=ntnp)
     # Padding rows get plain token choice of their own logits.
     n = int(ntnp) if not isinstance(ntnp, torch.Tensor) else int(ntnp.reshape(()).cpu())
-    tc_w, tc_ids = token_choice_topk_reference(logits, 2)
+    tc_w, tc_ids = token_choice_topk_reference(logits, RoutingSpec(2))
     assert torch.equal(ids[n:].cpu(), tc_ids[n:].cpu())
     # Valid rows do not depend on what the padding rows hold.
     logits2 = logits.clone()
     logits2[n:] = torch.randn(40 - n, 8, generator=g).to(DEVICE) * 5
-    _, ids2 = expert_choice_topk_triton(logits2, 2, num_token_non_padded=ntnp)
+    _, ids2 = expert_choice_topk_triton(logits2, RoutingSpec(2), ntnp)
     assert torch.equal(ids2[:n].cpu(), ids[:n].cpu())
 
 
 def test_one_valid_token_is_token_choice():
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(1, 16, generator=g).to(DEVICE)
-    w, ids = expert_choice_topk_triton(logits, 4)
-    tw, tids = token_choice_topk_reference(logits, 4)
+    w, ids = expert_choice_topk_triton(logits, RoutingSpec(4))
+    tw, tids = token_choice_topk_reference(logits, RoutingSpec(4))
     assert torch.equal(ids.cpu(), tids.cpu())
     torch.testing.assert_close(w.cpu(), tw.cpu(), atol=1e-6, rtol=0)
 
@@ -151,7 +153,7 @@ def test_non_contiguous_inputs():
 
 def test_empty_batch():
     logits = torch.randn(0, 8, device=DEVICE)
-    w, ids = expert_choice_topk_triton(logits, 2)
+    w, ids = expert_choice_topk_triton(logits, RoutingSpec(2))
     assert w.shape == (0, 2) and ids.shape == (0, 2)
 
 
@@ -161,7 +163,8 @@ def test_intermediate_keys_and_capacity():
     logits = torch.randn(40, 12, generator=g).to(DEVICE)
     bias = (torch.randn(12, generator=g) * 0.05).to(DEVICE)
     kw = dict(scoring_func="sigmoid", correction_bias=bias, num_expert_group=4, topk_group=2)
-    w, ids, keys, thr = expert_choice_topk_triton(logits, 3, **kw, return_intermediates=True)
+    w, ids, keys, thr = expert_choice_topk_triton(
+        logits, RoutingSpec(3, **kw), return_intermediates=True)
     _, sel = compute_scores(logits, "sigmoid", bias)
     sel = mask_groups(sel, 4, 2, biased=True)
     bits = sel.cpu().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -187,20 +190,20 @@ def test_intermediate_keys_and_capacity():
 def test_token_choice_kernel_matches_reference():
     g = torch.Generator().manual_seed(14)
     logits = torch.randn(20, 10, generator=g).to(DEVICE)
-    out = token_choice_topk_triton(logits, 3)
-    _assert_same(out, token_choice_topk_reference(logits, 3), "token choice")
+    out = token_choice_topk_triton(logits, RoutingSpec(3))
+    _assert_same(out, token_choice_topk_reference(logits, RoutingSpec(3)), "token choice")
 
 
 def test_bad_inputs_raise():
     logits = torch.randn(8, 4, device=DEVICE)
     with pytest.raises(ValueError, match="top_k"):
-        expert_choice_topk_triton(logits, 5)
+        expert_choice_topk_triton(logits, RoutingSpec(5))
     with pytest.raises(ValueError, match="capacity_factor"):
-        expert_choice_topk_triton(logits, 2, 0.0)
+        expert_choice_topk_triton(logits, RoutingSpec(2, 0.0))
     with pytest.raises(ValueError, match="E <= 512"):
-        expert_choice_topk_triton(torch.randn(2, 600, device=DEVICE), 2)
+        expert_choice_topk_triton(torch.randn(2, 600, device=DEVICE), RoutingSpec(2))
     with pytest.raises(ValueError, match="integer"):
-        expert_choice_topk_triton(logits, 2, num_token_non_padded=torch.tensor(3.0))
+        expert_choice_topk_triton(logits, RoutingSpec(2), torch.tensor(3.0))
 
 
 def test_dispatch_rules(monkeypatch):
@@ -215,9 +218,9 @@ def test_dispatch_rules(monkeypatch):
     # Forced Triton on CPU runs the interpreter and matches the reference.
     if DEVICE == "cpu":
         out = dispatch.expert_choice_topk(logits, 2, backend="triton")
-        _assert_same(out, expert_choice_topk_reference(logits, 2), "dispatch triton")
+        _assert_same(out, expert_choice_topk_reference(logits, RoutingSpec(2)), "dispatch triton")
         out = dispatch.expert_choice_topk(logits, 2)
-        _assert_same(out, expert_choice_topk_reference(logits, 2), "dispatch auto")
+        _assert_same(out, expert_choice_topk_reference(logits, RoutingSpec(2)), "dispatch auto")
 
 
 def test_cuda_loader_messages(monkeypatch):
@@ -226,7 +229,7 @@ def test_cuda_loader_messages(monkeypatch):
     src = ec_cuda.kernel_source_dir()
     assert (src / "ec_route.cu").is_file()
     with pytest.raises(ValueError, match="CUDA tensor"):
-        ec_cuda.expert_choice_topk_cuda(torch.randn(4, 8), 2)
+        ec_cuda.expert_choice_topk_cuda(torch.randn(4, 8), RoutingSpec(2))
     # No nvcc, no CUDA_HOME: a clear RuntimeError naming nvcc.
     import torch.utils.cpp_extension as cpp_ext
 
@@ -250,5 +253,5 @@ def test_min_tokens_hybrid(ntnp):
     n = torch.tensor([ntnp]).to(DEVICE)
     (w, ids), _ = _run_both(logits, 2, min_tokens=16, num_token_non_padded=n)
     if ntnp < 16:
-        _, tc_ids = token_choice_topk_reference(logits, 2)
+        _, tc_ids = token_choice_topk_reference(logits, RoutingSpec(2))
         assert torch.equal(ids.cpu(), tc_ids.cpu())

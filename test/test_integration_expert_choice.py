@@ -15,6 +15,7 @@ from sglang.srt.plugins import load_plugins  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from sglang_moe_routing.expert_choice import (  # noqa: E402
+    RoutingSpec,
     expert_choice_topk_reference,
     token_choice_topk_reference,
 )
@@ -135,13 +136,13 @@ def test_topk_layer_routes_expert_choice_when_enabled():
     with published_args("--enable-expert-choice", "--expert-capacity-factor", "1.25"):
         layer = _make_topk(top_k=4, renormalize=True)
         out = layer(h, x)
-        w_ref, ids_ref = expert_choice_topk_reference(x, 4, 1.25, min_tokens=32)
+        w_ref, ids_ref = expert_choice_topk_reference(x, RoutingSpec(4, 1.25, min_tokens=32))
         assert torch.equal(out.topk_ids, ids_ref)
         torch.testing.assert_close(out.topk_weights, w_ref)
         assert out.router_logits is x
         # small batches (T < min_tokens) keep standard routing
         out_small = layer(h[:8], x[:8])
-        _, ids_tc = token_choice_topk_reference(x[:8], 4)
+        _, ids_tc = token_choice_topk_reference(x[:8], RoutingSpec(4))
         assert torch.equal(out_small.topk_ids.sort(-1).values, ids_tc.sort(-1).values)
 
 
@@ -159,7 +160,7 @@ def test_topk_layer_off_is_identical_to_upstream():
         assert torch.equal(ours.topk_ids, ups.topk_ids)
         assert torch.equal(ours.topk_weights, ups.topk_weights)
         # and that is token choice, not expert choice
-        _, ids_ec = expert_choice_topk_reference(x, 2, 1.25)
+        _, ids_ec = expert_choice_topk_reference(x, RoutingSpec(2, 1.25))
         assert not torch.equal(ours.topk_ids.sort(-1).values, ids_ec.sort(-1).values)
 
 
@@ -174,11 +175,11 @@ def test_deepseek_style_grouped_biased_sigmoid():
               routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
     with published_args("--enable-expert-choice"):
         out = _make_topk(**kw)(h, x)
-    w_ref, ids_ref = expert_choice_topk_reference(
-        x, k, 1.25, scoring_func="sigmoid", num_expert_group=8, topk_group=3,
+    w_ref, ids_ref = expert_choice_topk_reference(x, RoutingSpec(
+        k, 1.25, scoring_func="sigmoid", num_expert_group=8, topk_group=3,
         correction_bias=bias, routed_scaling_factor=2.5,
         apply_routed_scaling_factor_on_output=True,
-    )
+    ))
     assert torch.equal(out.topk_ids, ids_ref)
     torch.testing.assert_close(out.topk_weights, w_ref)
     torch.testing.assert_close(out.topk_weights.sum(-1), torch.full((200,), 2.5))
@@ -191,7 +192,7 @@ def test_padding_rows_masked_like_upstream():
     n = torch.tensor(40)
     with published_args("--enable-expert-choice"):
         out = _make_topk(top_k=2)(h, x, num_token_non_padded=n)
-    _, ids_ref = expert_choice_topk_reference(x[:40], 2, 1.25)
+    _, ids_ref = expert_choice_topk_reference(x[:40], RoutingSpec(2, 1.25))
     assert torch.equal(out.topk_ids[:40], ids_ref)
     assert (out.topk_ids[40:] == -1).all()  # upstream's padding mask ran
 
@@ -220,7 +221,7 @@ def test_eplb_logical_to_physical_and_recorder():
     with published_args("--enable-expert-choice"):  # the recorder lives in the runtime context
         expert_distribution.set_global_expert_distribution_recorder(Recorder())
         out = _make_topk(top_k=2)(torch.randn(64, 4), x, expert_location_dispatch_info=info)
-    _, ids_ref = expert_choice_topk_reference(x, 2, 1.25, min_tokens=32)
+    _, ids_ref = expert_choice_topk_reference(x, RoutingSpec(2, 1.25, min_tokens=32))
     assert torch.equal(out.topk_ids, perm[ids_ref.long()])
     assert len(seen) == 1 and torch.equal(seen[0], out.topk_ids)
 
@@ -276,7 +277,7 @@ def test_load_stats_logged_per_served_pass_and_capture_counts_dropped(caplog):
             ech._around_model_runner_forward(served, _Runner(), 64)
             stats = ech.get_expert_choice_load_stats()  # warm-up counts were dropped
             assert stats[0]["tokens_per_expert"] == torch.bincount(
-                expert_choice_topk_reference(x, 2, 1.25)[1].flatten().long(), minlength=8
+                expert_choice_topk_reference(x, RoutingSpec(2, 1.25))[1].flatten().long(), minlength=8
             ).tolist()
             assert not any("expert-choice load" in r.message for r in caplog.records)
             ech._around_model_runner_forward(served, _Runner(), 8)  # below min-tokens: TC, uncounted
@@ -364,10 +365,10 @@ def test_fused_shared_expert_slot_kept_routed_slots_expert_choice(fused_scaling)
         cfg = _shared_topk_config(k, **kw)
         out = sgl_topk.select_experts(hidden_states=h, router_logits=x, topk_config=cfg, layer_id=0)
         ups = _upstream_select_experts()(hidden_states=h, router_logits=x, topk_config=cfg, layer_id=0)
-    w_ref, ids_ref = expert_choice_topk_reference(
-        x, k, 1.25, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
+    w_ref, ids_ref = expert_choice_topk_reference(x, RoutingSpec(
+        k, 1.25, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
         correction_bias=bias, routed_scaling_factor=2.5,
-        apply_routed_scaling_factor_on_output=fused_scaling)
+        apply_routed_scaling_factor_on_output=fused_scaling))
     assert out.topk_ids.shape == (t, k + 1)
     assert torch.equal(out.topk_ids[:, :k], ids_ref)
     torch.testing.assert_close(out.topk_weights[:, :k], w_ref)
@@ -459,7 +460,7 @@ def test_padding_rows_with_and_without_real_token_count():
         whole = layer(h, x)
     assert torch.equal(padded.topk_ids[:33], alone.topk_ids)
     assert (padded.topk_ids[33:] == -1).all()
-    _, ids_all = expert_choice_topk_reference(x, 2, 1.25)
+    _, ids_all = expert_choice_topk_reference(x, RoutingSpec(2, 1.25))
     assert torch.equal(whole.topk_ids, ids_all)
 
 
@@ -475,7 +476,7 @@ def test_draft_layers_route_with_token_choice():
         ups = _upstream_select_experts()(hidden_states=h, router_logits=x,
                                          topk_config=draft.topk_config, layer_id=0)
     assert torch.equal(out_d.topk_ids, ups.topk_ids)
-    assert torch.equal(out_t.topk_ids, expert_choice_topk_reference(x, 2, 1.25)[1])
+    assert torch.equal(out_t.topk_ids, expert_choice_topk_reference(x, RoutingSpec(2, 1.25))[1])
 
 
 def test_startup_lists_layers_that_do_not_route_with_expert_choice(caplog):

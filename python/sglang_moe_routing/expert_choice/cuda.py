@@ -37,7 +37,12 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from sglang_moe_routing.expert_choice.reference import validate_inputs
+from sglang_moe_routing.expert_choice.kernel_args import (
+    check_kernel_args,
+    kernel_inputs,
+    prepare_num_valid,
+)
+from sglang_moe_routing.expert_choice.spec import RoutingSpec
 
 _EXT_NAME = "sglang_moe_routing_ec_cuda"
 _SOURCES = ("ec_ops.cpp", "ec_score.cu", "ec_select.cu", "ec_route.cu", "ec_fused.cu", "ec_stream.cu")
@@ -50,9 +55,6 @@ _LOAD_ERROR: Optional[BaseException] = None
 # (see ec_device.cuh).
 _EXTRA_CFLAGS = ("-O3",)
 _EXTRA_CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr", "-lineinfo")
-
-MAX_EXPERTS = 512
-MAX_TOP_K = 32
 
 
 def _missing_files(directory: Path) -> List[str]:
@@ -305,123 +307,31 @@ def choose_path(num_tokens: int, num_experts: int, path: Optional[str] = None) -
     return path
 
 
-def prepare_num_valid(
-    num_token_non_padded: Optional[Union[torch.Tensor, int]], num_tokens: int, device: torch.device
-) -> Tuple[Optional[torch.Tensor], int]:
-    """``T'`` as (device scalar tensor or None, host int used when the tensor is None)."""
-    if num_token_non_padded is None:
-        return None, num_tokens
-    if isinstance(num_token_non_padded, torch.Tensor):
-        if num_token_non_padded.numel() != 1:
-            raise ValueError(
-                "expert choice: num_token_non_padded must hold one value, got shape "
-                f"{tuple(num_token_non_padded.shape)}"
-            )
-        if num_token_non_padded.is_floating_point() or num_token_non_padded.is_complex():
-            raise ValueError(
-                "expert choice: num_token_non_padded must be an integer tensor, got "
-                f"{num_token_non_padded.dtype}"
-            )
-        if num_token_non_padded.device.type == "cpu":
-            # A host value: reading it does not touch the GPU.
-            return None, max(0, min(int(num_token_non_padded.reshape(())), num_tokens))
-        if num_token_non_padded.device != device:
-            raise ValueError(
-                "expert choice: num_token_non_padded is on "
-                f"{num_token_non_padded.device}, logits on {device}"
-            )
-        n = num_token_non_padded.reshape(1)
-        if n.dtype not in (torch.int32, torch.int64):
-            n = n.to(torch.int64)
-        return n, num_tokens
-    return None, max(0, min(int(num_token_non_padded), num_tokens))
-
-
-def kernel_inputs(
-    router_logits: torch.Tensor,
-    correction_bias: Optional[torch.Tensor],
-    routed_scaling_factor: Optional[float],
-    apply_routed_scaling_factor_on_output: bool,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], float, bool]:
-    """What both kernel wrappers (CUDA and Triton) pass down: logits in a kernel dtype (other
-    floats go to fp32), the bias as contiguous fp32 on the logits' device, and the output
-    scale with whether to apply it."""
-    logits = router_logits
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        logits = logits.float()
-    bias = None
-    if correction_bias is not None:
-        bias = correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
-    scale = float(routed_scaling_factor) if routed_scaling_factor is not None else 1.0
-    apply_scale = bool(apply_routed_scaling_factor_on_output and routed_scaling_factor is not None)
-    return logits, bias, scale, apply_scale
-
-
-def check_common_args(
-    router_logits: torch.Tensor,
-    top_k: int,
-    capacity_factor: float,
-    scoring_func: str,
-    num_expert_group: Optional[int],
-    topk_group: Optional[int],
-    correction_bias: Optional[torch.Tensor],
-    max_top_k: int,
-    min_tokens: int = 0,
-) -> None:
-    """The reference's checks plus the kernels' limits (shared by the CUDA and Triton wrappers)."""
-    validate_inputs(
-        router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
-        correction_bias, min_tokens,
-    )
-    num_tokens, num_experts = router_logits.shape
-    if num_experts > MAX_EXPERTS:
-        raise ValueError(
-            f"expert choice kernels support E <= {MAX_EXPERTS}, got E={num_experts}; "
-            "use backend='reference'"
-        )
-    if top_k > max_top_k:
-        raise ValueError(
-            f"expert choice kernels support top_k <= {max_top_k}, got {top_k}; "
-            "use backend='reference'"
-        )
-    if num_tokens >= 2**31 // max(num_experts, 1):
-        raise ValueError(f"expert choice kernels need T * E < 2**31, got T={num_tokens}")
-
-
-def _launch(router_logits, top_k, factor, renormalize, scoring_func, num_expert_group,
-            topk_group, correction_bias, routed_scaling_factor,
-            apply_routed_scaling_factor_on_output, *, token_choice, num_token_non_padded=None,
-            pdl=False, one_launch=False, min_tokens=0, write_keys=False, stream=False):
+def _launch(router_logits, spec: RoutingSpec, *, token_choice, num_token_non_padded=None,
+            pdl=False, one_launch=False, write_keys=False, stream=False):
     """Prepare the arguments (dtype, bias, T') the same way for both entry points and call
     the extension; returns ``(weights, ids, keysT, thr)``."""
     if not router_logits.is_cuda:
         raise ValueError("expert choice CUDA kernel: router_logits must be a CUDA tensor")
     mod = load_extension()
-    logits, bias, scale, apply_scale = kernel_inputs(
-        router_logits, correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output)
+    ki = kernel_inputs(router_logits, spec)
+    logits = ki.logits
     n_dev, n_host = prepare_num_valid(num_token_non_padded, logits.shape[0], logits.device)
+    # cf * k / E in the same double arithmetic as the reference; unused by token choice.
+    factor = 1.0 if token_choice else spec.capacity_ratio(logits.shape[1])
+    min_tokens = 0 if token_choice else int(spec.min_tokens)
     return mod.ec_topk(
-        logits, bias, n_dev, n_host, top_k, float(factor), bool(renormalize),
-        0 if scoring_func == "softmax" else 1,
-        int(num_expert_group or 0), int(topk_group or 0), scale, apply_scale,
-        token_choice, pdl, one_launch, int(min_tokens), write_keys, stream,
+        logits, ki.bias, n_dev, n_host, spec.top_k, float(factor), bool(spec.renormalize),
+        ki.scoring, ki.num_groups, ki.topk_group, ki.scale, ki.apply_scale,
+        token_choice, pdl, one_launch, min_tokens, write_keys, stream,
     )
 
 
 def expert_choice_topk_cuda(
     router_logits: torch.Tensor,
-    top_k: int,
-    capacity_factor: float = 1.25,
-    *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: Optional[int] = None,
-    topk_group: Optional[int] = None,
-    correction_bias: Optional[torch.Tensor] = None,
-    routed_scaling_factor: Optional[float] = None,
-    apply_routed_scaling_factor_on_output: bool = False,
+    spec: RoutingSpec,
     num_token_non_padded: Optional[Union[torch.Tensor, int]] = None,
-    min_tokens: int = 0,
+    *,
     pdl: Optional[bool] = None,
     path: Optional[str] = None,
     return_intermediates: bool = False,
@@ -433,19 +343,13 @@ def expert_choice_topk_cuda(
     [E, T] int32 (uint32 bits; empty on the stream path), thr [E] int64 (uint64 bits))`` for
     tests.
     """
-    check_common_args(
-        router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
-        correction_bias, MAX_TOP_K, min_tokens,
-    )
+    check_kernel_args(router_logits, spec)
     num_tokens, num_experts = router_logits.shape
     chosen = choose_path(num_tokens, num_experts, path)
     w, ids, keys, thr = _launch(
-        router_logits, top_k, capacity_factor * top_k / num_experts,  # same double arithmetic as the reference
-        renormalize, scoring_func, num_expert_group, topk_group, correction_bias,
-        routed_scaling_factor, apply_routed_scaling_factor_on_output, token_choice=False,
-        num_token_non_padded=num_token_non_padded, pdl=_pdl_default() if pdl is None else bool(pdl),
-        one_launch=chosen == "one_launch", min_tokens=min_tokens, write_keys=return_intermediates,
-        stream=chosen == "stream",
+        router_logits, spec, token_choice=False, num_token_non_padded=num_token_non_padded,
+        pdl=_pdl_default() if pdl is None else bool(pdl), one_launch=chosen == "one_launch",
+        write_keys=return_intermediates, stream=chosen == "stream",
     )
     if return_intermediates:
         return w, ids, keys, thr
@@ -453,28 +357,13 @@ def expert_choice_topk_cuda(
 
 
 def token_choice_topk_cuda(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: Optional[int] = None,
-    topk_group: Optional[int] = None,
-    correction_bias: Optional[torch.Tensor] = None,
-    routed_scaling_factor: Optional[float] = None,
-    apply_routed_scaling_factor_on_output: bool = False,
+    router_logits: torch.Tensor, spec: RoutingSpec
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused token-choice top-k (one launch, same scoring code): the benchmark's yardstick.
 
-    Same output as ``token_choice_topk_reference``.
+    Same output as ``token_choice_topk_reference``; ``spec.capacity_factor`` and
+    ``spec.min_tokens`` are not used.
     """
-    check_common_args(
-        router_logits, top_k, 1.0, scoring_func, num_expert_group, topk_group,
-        correction_bias, MAX_TOP_K,
-    )
-    w, ids, _, _ = _launch(
-        router_logits, top_k, 1.0, renormalize, scoring_func, num_expert_group, topk_group,
-        correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output,
-        token_choice=True,
-    )
+    check_kernel_args(router_logits, spec, token_choice=True)
+    w, ids, _, _ = _launch(router_logits, spec, token_choice=True)
     return w, ids

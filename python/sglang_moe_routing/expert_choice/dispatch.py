@@ -7,39 +7,37 @@ one ("triton" also runs on CPU tensors under ``TRITON_INTERPRET=1``).
 Environment: ``SGLANG_MOE_EC_BACKEND`` overrides ``backend="auto"`` (cuda|triton|reference);
 ``SGLANG_MOE_EC_DISABLE_CUDA_EXT=1`` skips the CUDA C++ kernel in auto mode.
 
-``expert_choice_topk`` is the public face: validation, backend resolution (environment reads,
-the kernels' availability, the once-per-shape warning for CUDA inputs outside the kernels'
-range) happen here in Python; the routing itself is the custom op
-``torch.ops.sglang_moe_routing.expert_choice_topk`` (``ops.py``), which ``torch.compile``
-keeps as one opaque call (``fullgraph=True`` works) and which runs the chosen backend's
-function unchanged.
+Two faces: ``expert_choice_route(router_logits, spec, num_token_non_padded, backend=...)``
+takes a ``RoutingSpec`` (what the SGLang hook calls); ``expert_choice_topk(router_logits,
+top_k, capacity_factor, **fields)`` builds the spec from keywords (users, benchmarks).
+Validation and backend resolution (environment reads, the kernels' availability, the
+once-per-shape warning for CUDA inputs outside the kernels' range) happen here in Python; the
+routing itself is the custom op ``torch.ops.sglang_moe_routing.expert_choice_topk``
+(``ops.py``), which ``torch.compile`` keeps as one opaque call (``fullgraph=True`` works) and
+which runs the chosen backend's function unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Set, Tuple, Union
+from typing import Any, Optional, Set, Tuple, Union
 
 import torch
 
+from sglang_moe_routing.expert_choice.kernel_args import MAX_EXPERTS, MAX_TOP_K
 from sglang_moe_routing.expert_choice.ops import (
     expert_choice_topk_impl,
     expert_choice_topk_op,
     op_arguments,
 )
-from sglang_moe_routing.expert_choice.reference import (  # noqa: F401 - re-exported
-    expert_choice_topk_reference,
-    validate_inputs,
-)
+from sglang_moe_routing.expert_choice.spec import RoutingSpec, validate_inputs
 
 logger = logging.getLogger(__name__)
 # The out-of-range warning goes to the package logger (what SGLang users configure).
 _range_logger = logging.getLogger("sglang_moe_routing")
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
-KERNEL_MAX_EXPERTS = 512
-KERNEL_MAX_TOP_K = 32
 
 _cuda_ok: Optional[bool] = None
 _triton_ok: Optional[bool] = None
@@ -109,7 +107,7 @@ def _warn_outside_kernel_range(num_experts: int, top_k: int) -> None:
         "sglang-moe-routing: expert choice with E=%d, k=%d is outside the CUDA/Triton kernels' "
         "range (E <= %d, k <= %d): the PyTorch reference runs instead (several times slower; "
         "see docs/benchmarks.md)",
-        key[0], key[1], KERNEL_MAX_EXPERTS, KERNEL_MAX_TOP_K,
+        key[0], key[1], MAX_EXPERTS, MAX_TOP_K,
     )
 
 
@@ -134,7 +132,7 @@ def resolve_backend(router_logits: torch.Tensor, top_k: int, backend: str = "aut
         return "reference"
     if router_logits.dim() != 2:
         return "reference"  # the reference raises the clear error
-    if router_logits.shape[-1] > KERNEL_MAX_EXPERTS or top_k > KERNEL_MAX_TOP_K:
+    if router_logits.shape[-1] > MAX_EXPERTS or top_k > MAX_TOP_K:
         _warn_outside_kernel_range(router_logits.shape[-1], top_k)
         return "reference"
     if _cuda_backend_available():
@@ -144,52 +142,52 @@ def resolve_backend(router_logits: torch.Tensor, top_k: int, backend: str = "aut
     return "reference"
 
 
+def expert_choice_route(
+    router_logits: torch.Tensor,
+    spec: RoutingSpec,
+    num_token_non_padded: Optional[Union[torch.Tensor, int]] = None,
+    *,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Expert-choice top-k of ``router_logits [T, E]`` under ``spec``; the output of
+    ``expert_choice_topk_reference(router_logits, spec, num_token_non_padded)``.
+
+    Validates the inputs, resolves ``backend`` (:func:`resolve_backend`: environment,
+    availability, kernel limits) here, in Python, then calls the custom op
+    ``torch.ops.sglang_moe_routing.expert_choice_topk`` (``ops.py``) with the resolved
+    backend, so ``torch.compile(fullgraph=True)`` sees one opaque call. When autograd would
+    record a graph (grad mode on and the logits or the bias require grad) the op's
+    implementation is called directly instead: the op has no autograd formula, the
+    reference's weights are differentiable.
+    """
+    # Dynamo may hand float arguments over as SymFloats (dynamic=True, or a float that changed
+    # between calls), which ``math.isfinite`` cannot trace: while compiling the capacity factor
+    # is not checked here; the op's real implementation validates every field at run time.
+    validate_inputs(router_logits, spec, check_capacity_factor=not torch.compiler.is_compiling())
+    args = op_arguments(
+        router_logits, spec, num_token_non_padded,
+        resolve_backend(router_logits, spec.top_k, backend),
+    )
+    bias = spec.correction_bias
+    if torch.is_grad_enabled() and (
+        router_logits.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return expert_choice_topk_impl(*args)
+    return expert_choice_topk_op(*args)
+
+
 def expert_choice_topk(
     router_logits: torch.Tensor,
     top_k: int,
     capacity_factor: float = 1.25,
     *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: Optional[int] = None,
-    topk_group: Optional[int] = None,
-    correction_bias: Optional[torch.Tensor] = None,
-    routed_scaling_factor: Optional[float] = None,
-    apply_routed_scaling_factor_on_output: bool = False,
     num_token_non_padded: Optional[Union[torch.Tensor, int]] = None,
-    min_tokens: int = 0,
     backend: str = "auto",
+    **fields: Any,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Expert-choice top-k; same arguments and output as ``expert_choice_topk_reference``.
-
-    Validates the arguments, resolves ``backend`` (:func:`resolve_backend`: environment,
-    availability, kernel limits) here, in Python, then calls the custom op
-    ``torch.ops.sglang_moe_routing.expert_choice_topk`` (``ops.py``) with the resolved
-    backend, so ``torch.compile(fullgraph=True)`` sees one opaque call. An int
-    ``num_token_non_padded`` travels as the op's ``num_token_non_padded_int``, a tensor as
-    its ``num_token_non_padded``. When autograd would record a graph (grad mode on and the
-    logits or the bias require grad) the backend function is called directly instead, as
-    before the op existed: the op has no autograd formula, the reference's weights are
-    differentiable.
-    """
-    # Dynamo may hand float arguments over as SymFloats (dynamic=True, or a float that changed
-    # between calls), which ``math.isfinite`` cannot trace: while compiling the capacity factor
-    # is not checked here; the op's real implementation validates every argument at run time.
-    validate_inputs(
-        router_logits, top_k, 1.0 if torch.compiler.is_compiling() else capacity_factor,
-        scoring_func, num_expert_group, topk_group, correction_bias, min_tokens,
-    )
-    args = op_arguments(
-        router_logits, top_k, capacity_factor, resolve_backend(router_logits, top_k, backend),
-        renormalize=renormalize, scoring_func=scoring_func,
-        num_expert_group=num_expert_group, topk_group=topk_group,
-        correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-        apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
-        num_token_non_padded=num_token_non_padded, min_tokens=min_tokens,
-    )
-    if torch.is_grad_enabled() and (
-        router_logits.requires_grad
-        or (correction_bias is not None and correction_bias.requires_grad)
-    ):
-        return expert_choice_topk_impl(*args)
-    return expert_choice_topk_op(*args)
+    """Keyword face of :func:`expert_choice_route`: ``fields`` are the other
+    ``RoutingSpec`` fields (``renormalize``, ``scoring_func``, ``num_expert_group``,
+    ``topk_group``, ``correction_bias``, ``routed_scaling_factor``,
+    ``apply_routed_scaling_factor_on_output``, ``min_tokens``), with the same defaults."""
+    spec = RoutingSpec(top_k, capacity_factor, **fields)
+    return expert_choice_route(router_logits, spec, num_token_non_padded, backend=backend)

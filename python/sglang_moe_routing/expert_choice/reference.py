@@ -32,96 +32,11 @@ the fallback); the weights carry the NaN, as token-choice routing would.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 
-SCORING_FUNCS = ("softmax", "sigmoid")
-
-
-def validate_routing_args(
-    num_tokens: int,
-    num_experts: int,
-    top_k: int,
-    capacity_factor: float,
-    scoring_func: str,
-    num_expert_group: Optional[int],
-    topk_group: Optional[int],
-    min_tokens: int = 0,
-) -> None:
-    """Raise ``ValueError`` with a clear message for arguments no routing can honour."""
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"expert choice: top_k must be a positive int, got {top_k!r}")
-    if top_k > num_experts:
-        raise ValueError(
-            f"expert choice: top_k={top_k} exceeds the number of experts E={num_experts}"
-        )
-    if not isinstance(capacity_factor, (int, float)) or not math.isfinite(capacity_factor):
-        raise ValueError(
-            f"expert choice: capacity_factor must be a finite number, got {capacity_factor!r}"
-        )
-    if capacity_factor <= 0:
-        raise ValueError(
-            f"expert choice: capacity_factor must be > 0, got {capacity_factor}"
-        )
-    if not isinstance(min_tokens, int) or min_tokens < 0:
-        raise ValueError(f"expert choice: min_tokens must be an int >= 0, got {min_tokens!r}")
-    if scoring_func not in SCORING_FUNCS:
-        raise ValueError(
-            f"expert choice: scoring_func must be one of {SCORING_FUNCS}, got {scoring_func!r}"
-        )
-    if (num_expert_group is None) != (topk_group is None):
-        raise ValueError(
-            "expert choice: num_expert_group and topk_group must be given together"
-        )
-    if num_expert_group is not None:
-        if num_expert_group < 1 or num_experts % num_expert_group != 0:
-            raise ValueError(
-                f"expert choice: E={num_experts} is not divisible into "
-                f"num_expert_group={num_expert_group} groups"
-            )
-        if not 1 <= topk_group <= num_expert_group:
-            raise ValueError(
-                f"expert choice: topk_group={topk_group} must be in [1, {num_expert_group}]"
-            )
-        if top_k > topk_group * (num_experts // num_expert_group):
-            raise ValueError(
-                f"expert choice: top_k={top_k} exceeds the experts in topk_group={topk_group} "
-                f"groups of {num_experts // num_expert_group}"
-            )
-
-
-def validate_inputs(
-    router_logits: torch.Tensor,
-    top_k: int,
-    capacity_factor: float,
-    scoring_func: str,
-    num_expert_group: Optional[int],
-    topk_group: Optional[int],
-    correction_bias: Optional[torch.Tensor],
-    min_tokens: int = 0,
-) -> None:
-    """Tensor and argument checks every implementation shares (clear ``ValueError``s)."""
-    if router_logits.dim() != 2:
-        raise ValueError(
-            f"expert choice: router_logits must be [T, E], got shape {tuple(router_logits.shape)}"
-        )
-    if not router_logits.is_floating_point():
-        raise ValueError(
-            f"expert choice: router_logits must be floating point, got {router_logits.dtype}"
-        )
-    num_tokens, num_experts = router_logits.shape
-    validate_routing_args(
-        num_tokens, num_experts, top_k, capacity_factor, scoring_func,
-        num_expert_group, topk_group, min_tokens,
-    )
-    if correction_bias is not None and correction_bias.shape != (num_experts,):
-        raise ValueError(
-            f"expert choice: correction_bias must have shape [{num_experts}], "
-            f"got {tuple(correction_bias.shape)}"
-        )
-
+from sglang_moe_routing.expert_choice.spec import RoutingSpec, check_spec, validate_inputs
 
 def compute_scores(
     router_logits: torch.Tensor,
@@ -261,51 +176,45 @@ def token_select(
 
 
 def finalize_weights(
-    weight_scores: torch.Tensor,
-    topk_ids: torch.Tensor,
-    renormalize: bool,
-    routed_scaling_factor: Optional[float],
-    apply_routed_scaling_factor_on_output: bool,
+    weight_scores: torch.Tensor, topk_ids: torch.Tensor, spec: RoutingSpec
 ) -> torch.Tensor:
     """Step 5: gather ``s``, renormalise, scale. Returns ``[T, k]`` fp32."""
     w = torch.gather(weight_scores, 1, topk_ids)
-    if renormalize:
+    if spec.renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
-    if apply_routed_scaling_factor_on_output and routed_scaling_factor is not None:
-        w = w * routed_scaling_factor
+    scale = spec.output_scale()
+    if scale is not None:
+        w = w * scale
     return w
+
+
+def _scores(router_logits: torch.Tensor, spec: RoutingSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: ``(select_scores, weight_scores)``, the selection scores group-masked."""
+    bias = spec.correction_bias
+    weight_scores, select_scores = compute_scores(router_logits, spec.scoring_func, bias)
+    if spec.num_expert_group is not None:
+        select_scores = mask_groups(
+            select_scores, spec.num_expert_group, spec.topk_group, biased=bias is not None
+        )
+    return select_scores, weight_scores
 
 
 def expert_choice_topk_reference(
     router_logits: torch.Tensor,
-    top_k: int,
-    capacity_factor: float = 1.25,
-    *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: Optional[int] = None,
-    topk_group: Optional[int] = None,
-    correction_bias: Optional[torch.Tensor] = None,
-    routed_scaling_factor: Optional[float] = None,
-    apply_routed_scaling_factor_on_output: bool = False,
+    spec: RoutingSpec,
     num_token_non_padded: Optional[Union[torch.Tensor, int]] = None,
-    min_tokens: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Expert-choice routing (see the module docstring for the contract).
 
     Args:
         router_logits: ``[T, E]`` bf16/fp16/fp32, any strides.
-        top_k: experts per token ``k``.
-        capacity_factor: ``cf > 0``.
+        spec: the layer's routing (``RoutingSpec``: k, capacity factor, scoring, ...).
         num_token_non_padded: ``T'`` (int or 0-d/1-element tensor); ``None`` = all rows.
-        min_tokens: hybrid threshold; ``T' < min_tokens`` routes exactly as token choice.
     Returns:
         ``(topk_weights [T, k] float32, topk_ids [T, k] int32)``.
     """
-    validate_inputs(
-        router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
-        correction_bias, min_tokens,
-    )
+    validate_inputs(router_logits, spec)
+    top_k = spec.top_k
     num_tokens, num_experts = router_logits.shape
     device = router_logits.device
     if num_tokens == 0:
@@ -314,54 +223,29 @@ def expert_choice_topk_reference(
             torch.empty(0, top_k, dtype=torch.int32, device=device),
         )
 
-    weight_scores, select_scores = compute_scores(router_logits, scoring_func, correction_bias)
-    if num_expert_group is not None:
-        select_scores = mask_groups(
-            select_scores, num_expert_group, topk_group, biased=correction_bias is not None
-        )
-
+    select_scores, weight_scores = _scores(router_logits, spec)
     t_valid = num_valid_tokens(num_tokens, num_token_non_padded, device)
     valid_rows = torch.arange(num_tokens, device=device) < t_valid
-    cap = capacity(t_valid, num_experts, top_k, capacity_factor, min_tokens)
+    cap = capacity(t_valid, num_experts, top_k, spec.capacity_factor, spec.min_tokens)
     picked = expert_pick_mask(select_scores, valid_rows, cap)
     topk_ids = token_select(select_scores, picked, top_k)
-    topk_weights = finalize_weights(
-        weight_scores, topk_ids, renormalize, routed_scaling_factor,
-        apply_routed_scaling_factor_on_output,
-    )
+    topk_weights = finalize_weights(weight_scores, topk_ids, spec)
     return topk_weights, topk_ids.to(torch.int32)
 
 
 def token_choice_topk_reference(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: Optional[int] = None,
-    topk_group: Optional[int] = None,
-    correction_bias: Optional[torch.Tensor] = None,
-    routed_scaling_factor: Optional[float] = None,
-    apply_routed_scaling_factor_on_output: bool = False,
+    router_logits: torch.Tensor, spec: RoutingSpec
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Standard token-choice top-k with the same scoring (the baseline EC is compared to).
+    """Standard token-choice top-k with the same scoring (the baseline EC is compared to);
+    ``spec.capacity_factor`` and ``spec.min_tokens`` are not used.
 
     Same ordering rule as EC's fallback (score desc, expert id asc). Returns
     ``(topk_weights [T, k] float32, topk_ids [T, k] int32)``.
     """
     num_tokens, num_experts = router_logits.shape
-    validate_routing_args(
-        num_tokens, num_experts, top_k, 1.0, scoring_func, num_expert_group, topk_group
-    )
-    weight_scores, select_scores = compute_scores(router_logits, scoring_func, correction_bias)
-    if num_expert_group is not None:
-        select_scores = mask_groups(
-            select_scores, num_expert_group, topk_group, biased=correction_bias is not None
-        )
+    check_spec(spec, num_experts, token_choice=True)
+    select_scores, weight_scores = _scores(router_logits, spec)
     no_pick = torch.zeros_like(select_scores, dtype=torch.bool)
-    topk_ids = token_select(select_scores, no_pick, top_k)
-    topk_weights = finalize_weights(
-        weight_scores, topk_ids, renormalize, routed_scaling_factor,
-        apply_routed_scaling_factor_on_output,
-    )
+    topk_ids = token_select(select_scores, no_pick, spec.top_k)
+    topk_weights = finalize_weights(weight_scores, topk_ids, spec)
     return topk_weights, topk_ids.to(torch.int32)

@@ -31,10 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_moe_routing.expert_choice.cuda import check_common_args, kernel_inputs, prepare_num_valid
-
-MAX_EXPERTS = 512
-MAX_TOP_K = 32
+from sglang_moe_routing.expert_choice.kernel_args import (
+    check_kernel_args,
+    kernel_inputs,
+    prepare_num_valid,
+)
+from sglang_moe_routing.expert_choice.spec import RoutingSpec
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -312,28 +314,16 @@ def _block_rows(p: int, num_tokens: int) -> int:
     return max(1, min(bt, _next_pow2(max(num_tokens, 1))))
 
 
-def _groups(num_experts: int, num_expert_group, topk_group):
-    """(groups, groups kept, group size); (0, 0, 1) without grouped top-k."""
-    ng = int(num_expert_group or 0)
-    tg = int(topk_group or 0)
-    gs = num_experts // ng if ng > 0 else 1
-    return ng, tg, gs
+def _group_size(num_experts: int, num_groups: int) -> int:
+    """Experts per group; 1 without grouped top-k (``num_groups == 0``)."""
+    return num_experts // num_groups if num_groups > 0 else 1
 
 
 def expert_choice_topk_triton(
     router_logits: torch.Tensor,
-    top_k: int,
-    capacity_factor: float = 1.25,
-    *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: Optional[int] = None,
-    topk_group: Optional[int] = None,
-    correction_bias: Optional[torch.Tensor] = None,
-    routed_scaling_factor: Optional[float] = None,
-    apply_routed_scaling_factor_on_output: bool = False,
+    spec: RoutingSpec,
     num_token_non_padded: Optional[Union[torch.Tensor, int]] = None,
-    min_tokens: int = 0,
+    *,
     return_intermediates: bool = False,
 ):
     """Expert-choice top-k with the Triton kernels; same arguments/output as the reference.
@@ -341,14 +331,12 @@ def expert_choice_topk_triton(
     ``return_intermediates=True`` also returns ``keysT [E, T]`` (int32 holding uint32 keys)
     and ``thr [E]`` (int64 holding uint64 thresholds).
     """
-    check_common_args(
-        router_logits, top_k, capacity_factor, scoring_func, num_expert_group, topk_group,
-        correction_bias, MAX_TOP_K, min_tokens,
-    )
-    logits, bias, scale, apply_scale = kernel_inputs(
-        router_logits, correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output)
-    ng, tg, gs = _groups(logits.shape[1], num_expert_group, topk_group)
+    check_kernel_args(router_logits, spec)
+    ki = kernel_inputs(router_logits, spec)
+    logits, bias, top_k = ki.logits, ki.bias, spec.top_k
+    ng, tg = ki.num_groups, ki.topk_group
     num_tokens, num_experts = logits.shape
+    gs = _group_size(num_experts, ng)
     device = logits.device
     out_w = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     out_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
@@ -364,7 +352,7 @@ def expert_choice_topk_triton(
     ngp = _next_pow2(max(ng, 1))
     bias_arg = bias if bias is not None else out_w  # dummy pointer, never read
     opts = _launch_options()
-    scoring = 0 if scoring_func == "softmax" else 1
+    scoring = ki.scoring
     grid_rows = (triton.cdiv(num_tokens, bt),)
     st, se = logits.stride()
     _ec_score_kernel[grid_rows](
@@ -372,21 +360,21 @@ def expert_choice_topk_triton(
         WS=ws, ITER=it, BLOCK_T=bt, SCORING=scoring, HAS_BIAS=bias is not None,
         HAS_GROUPS=ng > 0, NGP=ngp, HAS_NTNP=has_ntnp, LOG_WS=ws.bit_length() - 1, GS_GE2=gs >= 2, num_warps=4, **opts,
     )
-    factor = capacity_factor * top_k / num_experts  # same double arithmetic as the reference
+    factor = spec.capacity_ratio(num_experts)  # same double arithmetic as the reference
     factor_bits = struct.unpack("<q", struct.pack("<d", float(factor)))[0]
     _ec_select_kernel[(num_experts,)](
-        keys, thr, num_tokens, ntnp_arg, n_host, factor_bits, int(min_tokens),
+        keys, thr, num_tokens, ntnp_arg, n_host, factor_bits, int(spec.min_tokens),
         HAS_NTNP=has_ntnp, BLOCK=4096 if num_tokens > 8192 else (1024 if num_tokens > 256 else 256),
         num_warps=8 if num_tokens > 8192 else 4, **opts,
     )
     _ec_route_kernel[grid_rows](
         logits, st, se, num_tokens, num_experts, bias_arg, ntnp_arg, n_host, thr,
-        out_w, out_ids, gs, ng, tg, top_k, scale,
+        out_w, out_ids, gs, ng, tg, top_k, ki.scale,
         WS=ws, ITER=it, BLOCK_T=bt, SCORING=scoring, HAS_BIAS=bias is not None,
         HAS_GROUPS=ng > 0, NGP=ngp, HAS_NTNP=has_ntnp, LOG_WS=ws.bit_length() - 1, GS_GE2=gs >= 2,
         KP=_next_pow2(top_k),
-        RENORM=bool(renormalize),
-        APPLY_SCALE=apply_scale,
+        RENORM=bool(spec.renormalize),
+        APPLY_SCALE=ki.apply_scale,
         TOKEN_CHOICE=False, num_warps=4, **opts,
     )
     if return_intermediates:
@@ -394,27 +382,15 @@ def expert_choice_topk_triton(
     return out_w, out_ids
 
 
-def token_choice_topk_triton(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: Optional[int] = None,
-    topk_group: Optional[int] = None,
-    correction_bias: Optional[torch.Tensor] = None,
-    routed_scaling_factor: Optional[float] = None,
-    apply_routed_scaling_factor_on_output: bool = False,
-):
-    """Fused token-choice top-k (one launch, same scoring code as the EC kernels)."""
-    check_common_args(
-        router_logits, top_k, 1.0, scoring_func, num_expert_group, topk_group,
-        correction_bias, MAX_TOP_K,
-    )
-    logits, bias, scale, apply_scale = kernel_inputs(
-        router_logits, correction_bias, routed_scaling_factor, apply_routed_scaling_factor_on_output)
-    ng, tg, gs = _groups(logits.shape[1], num_expert_group, topk_group)
+def token_choice_topk_triton(router_logits: torch.Tensor, spec: RoutingSpec):
+    """Fused token-choice top-k (one launch, same scoring code as the EC kernels);
+    ``spec.capacity_factor`` and ``spec.min_tokens`` are not used."""
+    check_kernel_args(router_logits, spec, token_choice=True)
+    ki = kernel_inputs(router_logits, spec)
+    logits, bias, top_k = ki.logits, ki.bias, spec.top_k
+    ng, tg = ki.num_groups, ki.topk_group
     num_tokens, num_experts = logits.shape
+    gs = _group_size(num_experts, ng)
     device = logits.device
     out_w = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     out_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
@@ -426,11 +402,11 @@ def token_choice_topk_triton(
     st, se = logits.stride()
     _ec_route_kernel[(triton.cdiv(num_tokens, bt),)](
         logits, st, se, num_tokens, num_experts, bias_arg, out_ids, num_tokens, out_ids,
-        out_w, out_ids, gs, ng, tg, top_k, scale,
-        WS=ws, ITER=it, BLOCK_T=bt, SCORING=0 if scoring_func == "softmax" else 1,
+        out_w, out_ids, gs, ng, tg, top_k, ki.scale,
+        WS=ws, ITER=it, BLOCK_T=bt, SCORING=ki.scoring,
         HAS_BIAS=bias is not None, HAS_GROUPS=ng > 0, NGP=_next_pow2(max(ng, 1)), HAS_NTNP=False,
-        LOG_WS=ws.bit_length() - 1, GS_GE2=gs >= 2, KP=_next_pow2(top_k), RENORM=bool(renormalize),
-        APPLY_SCALE=apply_scale,
+        LOG_WS=ws.bit_length() - 1, GS_GE2=gs >= 2, KP=_next_pow2(top_k), RENORM=bool(spec.renormalize),
+        APPLY_SCALE=ki.apply_scale,
         TOKEN_CHOICE=True, num_warps=4, **_launch_options(),
     )
     return out_w, out_ids

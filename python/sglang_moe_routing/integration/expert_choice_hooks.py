@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from sglang_moe_routing.expert_choice import expert_choice_topk
+from sglang_moe_routing.expert_choice import RoutingSpec, expert_choice_route
 from sglang_moe_routing.expert_choice.dispatch import BACKENDS
 from sglang_moe_routing.integration import config
 
@@ -531,23 +531,9 @@ def route_expert_choice(
         correction_bias=topk_config.correction_bias,
         info=expert_location_dispatch_info,
     )
-    grouped = bool(topk_config.use_grouped_topk)
-    fused_scaling = bool(topk_config.apply_routed_scaling_factor_on_output)
-    topk_weights, topk_ids = expert_choice_topk(
-        router_logits,
-        top_k,
-        cfg.capacity_factor,
-        renormalize=topk_config.renormalize,
-        scoring_func=topk_config.scoring_func,
-        num_expert_group=topk_config.num_expert_group if grouped else None,
-        topk_group=topk_config.topk_group if grouped else None,
-        correction_bias=correction_bias,
-        routed_scaling_factor=topk_config.routed_scaling_factor,
-        apply_routed_scaling_factor_on_output=fused_scaling,
-        num_token_non_padded=num_token_non_padded,
-        min_tokens=cfg.min_tokens,
-        backend=cfg.backend,
-    )
+    spec = routing_spec(topk_config, cfg, top_k, correction_bias)
+    topk_weights, topk_ids = expert_choice_route(
+        router_logits, spec, num_token_non_padded, backend=cfg.backend)
     if cfg.stats_interval > 0 and layer_id is not None:
         _stats.add(layer_id, topk_ids, router_logits.shape[-1], num_token_non_padded)
     if n_shared:
@@ -555,7 +541,7 @@ def route_expert_choice(
             topk_weights, topk_ids, n_shared, router_logits.shape[-1],
             sgl_topk.fused_shared_expert_weight(
                 routed_scaling_factor=topk_config.routed_scaling_factor,
-                fused_in_topk=fused_scaling,
+                fused_in_topk=spec.apply_routed_scaling_factor_on_output,
             ),
         )
     topk_ids, topk_weights, recorder_topk_ids = sgl_topk._post_process_topk_ids(
@@ -571,6 +557,29 @@ def route_expert_choice(
     if recorder_topk_ids is not None:
         get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_topk_ids)
     return sgl_topk.StandardTopKOutput(topk_weights, topk_ids, router_logits)
+
+
+def routing_spec(topk_config: Any, cfg: ExpertChoiceConfig, top_k: int,
+                 correction_bias: Optional[torch.Tensor]) -> RoutingSpec:
+    """The ``RoutingSpec`` of one ``select_experts`` call: the layer's ``TopKConfig`` (scoring,
+    renormalisation, grouped top-k, routed scaling) plus the plugin's settings (capacity
+    factor, min tokens). ``top_k`` is the routed experts' share of ``topk_config.top_k``
+    (fused shared-expert slots excluded); ``correction_bias`` is upstream's, after
+    ``transform_select_experts_inputs``."""
+    grouped = bool(topk_config.use_grouped_topk)
+    return RoutingSpec(
+        top_k=top_k,
+        capacity_factor=cfg.capacity_factor,
+        renormalize=topk_config.renormalize,
+        scoring_func=topk_config.scoring_func,
+        num_expert_group=topk_config.num_expert_group if grouped else None,
+        topk_group=topk_config.topk_group if grouped else None,
+        correction_bias=correction_bias,
+        routed_scaling_factor=topk_config.routed_scaling_factor,
+        apply_routed_scaling_factor_on_output=bool(
+            topk_config.apply_routed_scaling_factor_on_output),
+        min_tokens=cfg.min_tokens,
+    )
 
 
 def append_shared_slots(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_shared: int,
