@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from harness import Checks, md_table, time_graph, torch_token_choice  # noqa: E402
 
+from sglang_moe_routing.expert_choice import RoutingSpec  # noqa: E402
 from sglang_moe_routing.expert_choice.reference import (  # noqa: E402
     expert_choice_topk_reference,
     token_choice_topk_reference,
@@ -146,18 +147,18 @@ def build_methods(logits, k, skip, paths=PATHS, sglang_dir=None):
         tw = torch.empty(logits.shape[0], k, dtype=torch.float32, device=logits.device)
         ti = torch.empty(logits.shape[0], k, dtype=torch.int32, device=logits.device)
         m["sglang_tc"] = lambda: (sg(tw, ti, logits, True), tw, ti)[1:]
-    m["fused_tc"] = lambda: ec_cuda.token_choice_topk_cuda(logits, k)
+    m["fused_tc"] = lambda: ec_cuda.token_choice_topk_cuda(logits, RoutingSpec(k))
     m["ec_dense"] = lambda: seeds_dense_expert_choice(logits, k)
     if "ec_ref" not in skip:
         m["ec_ref"] = lambda: expert_choice_topk_reference(
-            logits, k, CF, num_token_non_padded=n_dev)
+            logits, RoutingSpec(k, CF), n_dev)
     m["ec_triton"] = lambda: ec_triton.expert_choice_topk_triton(
-        logits, k, CF, num_token_non_padded=n_dev)
+        logits, RoutingSpec(k, CF), n_dev)
     m["ec_cuda"] = lambda: ec_cuda.expert_choice_topk_cuda(
-        logits, k, CF, num_token_non_padded=n_dev)
+        logits, RoutingSpec(k, CF), n_dev)
     for path in paths:  # both CUDA paths forced (identical results)
         m[f"ec_cuda_{path}"] = (lambda path=path: ec_cuda.expert_choice_topk_cuda(
-            logits, k, CF, num_token_non_padded=n_dev, path=path))
+            logits, RoutingSpec(k, CF), n_dev, path=path))
     return m
 
 
@@ -184,12 +185,12 @@ def check_methods(checks: Checks, methods: dict, logits, k: int, point: tuple) -
             continue
         if name in TOKEN_CHOICE:
             if tc_ref is None:
-                tc_ref = token_choice_topk_reference(logits, k)
+                tc_ref = token_choice_topk_reference(logits, RoutingSpec(k))
                 probs = torch.softmax(logits.float(), dim=-1)
             checks.record((name, *point), harness.compare_token_choice(w, ids, probs, *tc_ref))
         else:
             if ref is None:
-                ref = expert_choice_topk_reference(logits, k, CF)
+                ref = expert_choice_topk_reference(logits, RoutingSpec(k, CF))
             checks.record((name, *point), harness.compare_routing(w, ids, *ref, atol=1e-6))
     return kept
 
@@ -204,11 +205,11 @@ def profile_kernels(points, out_dir: Path):
     for T, E, k in points:
         logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
         for _ in range(3):
-            ec_cuda.expert_choice_topk_cuda(logits, k, CF)
+            ec_cuda.expert_choice_topk_cuda(logits, RoutingSpec(k, CF))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
-                ec_cuda.expert_choice_topk_cuda(logits, k, CF)
+                ec_cuda.expert_choice_topk_cuda(logits, RoutingSpec(k, CF))
             torch.cuda.synchronize()
         for evt in prof.key_averages():
             if evt.device_type is not None and "ec_" in evt.key:

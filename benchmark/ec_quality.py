@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sglang_moe_routing.expert_choice import (
+    RoutingSpec,
     expert_choice_topk_reference,
     expert_load,
     routing_fidelity,
@@ -57,14 +58,14 @@ def evaluate(block, tokens: int, skew: float, cfs, seed: int = 0):
     logits = torch.nn.functional.linear(h, block.gate.weight)
     logits = logits + skew * torch.tensor([1.0, 0.8] + [0.0] * (E - 2))
     scores = torch.softmax(logits, -1)
-    w_tc, ids_tc = token_choice_topk_reference(logits, K)
+    w_tc, ids_tc = token_choice_topk_reference(logits, RoutingSpec(K))
     out_tc = routed_output(block, h, w_tc, ids_tc)
     load_tc = expert_load(ids_tc, E).float()
     rows = [dict(cf="token choice", std=load_tc.std(unbiased=False).item(),
                  max_mean=(load_tc.max() / load_tc.mean()).item(), fidelity=1.0,
                  changed=0.0, rel_out=0.0)]
     for cf in cfs:
-        w, ids = expert_choice_topk_reference(logits, K, cf)
+        w, ids = expert_choice_topk_reference(logits, RoutingSpec(K, cf))
         load = expert_load(ids, E).float()
         out = routed_output(block, h, w, ids)
         changed = (ids.sort(-1).values != ids_tc.sort(-1).values).any(-1).float().mean().item()

@@ -69,7 +69,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sglang_moe_routing.expert_choice import expert_choice_topk, token_choice_topk_reference
+from sglang_moe_routing.expert_choice import (
+    RoutingSpec,
+    expert_choice_topk,
+    token_choice_topk_reference,
+)
 from sglang_moe_routing.expert_choice.dispatch import resolve_backend
 from sglang_moe_routing.expert_choice.reference import (
     capacity,
@@ -159,8 +163,8 @@ def route(router, logits: torch.Tensor, state: RoutingState) -> Tuple[torch.Tens
     """``(weights fp32 [T,k], ids int32 [T,k])`` for one router's logits under ``state.mode``."""
     mode = state.mode
     if mode.kind == "tc":
-        return token_choice_topk_reference(
-            logits, router.top_k, renormalize=bool(router.norm_topk_prob), scoring_func="softmax")
+        return token_choice_topk_reference(logits, RoutingSpec(
+            router.top_k, renormalize=bool(router.norm_topk_prob), scoring_func="softmax"))
     if mode.kind == "thr":
         layer = router._layer_idx
         if layer not in state.biases:

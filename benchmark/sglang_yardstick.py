@@ -396,6 +396,7 @@ def check(dest: Path, with_fused: bool) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from harness import Checks, compare_token_choice, md_table, time_graph, torch_token_choice
 
+    from sglang_moe_routing.expert_choice import RoutingSpec
     from sglang_moe_routing.expert_choice.reference import token_choice_topk_reference
 
     fn = load(dest)
@@ -407,7 +408,7 @@ def check(dest: Path, with_fused: bool) -> int:
             from sglang_moe_routing.expert_choice import cuda as ec_cuda
 
             ec_cuda.load_extension()
-            fused = ec_cuda.token_choice_topk_cuda
+            fused = lambda x, k: ec_cuda.token_choice_topk_cuda(x, RoutingSpec(k))  # noqa: E731
         except Exception as exc:  # noqa: BLE001
             print(f"fused_tc unavailable: {exc}")
     dev = torch.cuda.get_device_name()
@@ -423,7 +424,7 @@ def check(dest: Path, with_fused: bool) -> int:
         w = torch.empty(T, k, dtype=torch.float32, device="cuda")
         ids = torch.empty(T, k, dtype=torch.int32, device="cuda")
         inputs[T, E, k] = logits, w, ids
-        ref = token_choice_topk_reference(logits, k)
+        ref = token_choice_topk_reference(logits, RoutingSpec(k))
         probs = torch.softmax(logits.float(), dim=-1)
         fn(w, ids, logits, True)
         got = {"sglang_tc": (w, ids), "torch_tc": torch_token_choice(logits, k)}

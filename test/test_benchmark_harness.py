@@ -19,6 +19,7 @@ import omni_variants  # noqa: E402
 import sglang_yardstick  # noqa: E402
 from harness import Checks  # noqa: E402
 
+from sglang_moe_routing.expert_choice import RoutingSpec  # noqa: E402
 from sglang_moe_routing.expert_choice.reference import (  # noqa: E402
     expert_choice_topk_reference,
     token_choice_topk_reference,
@@ -173,7 +174,7 @@ def test_benchmarks_do_not_import_each_other_in_a_circle():
 def test_routing_comparisons_against_the_reference():
     torch.manual_seed(0)
     x = torch.randn(200, 16)
-    w, ids = expert_choice_topk_reference(x, 4, 1.25)
+    w, ids = expert_choice_topk_reference(x, RoutingSpec(4, 1.25))
     assert harness.compare_routing(w, ids, w.clone(), ids.clone()) is None
     bad = ids.clone()
     bad[7, 0] = (bad[7, 0] + 1) % 16
@@ -182,7 +183,7 @@ def test_routing_comparisons_against_the_reference():
 
     # token choice: an exact tie may pick either expert, a wrong pick may not
     logits = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
-    ref_w, ref_ids = token_choice_topk_reference(logits, 2)
+    ref_w, ref_ids = token_choice_topk_reference(logits, RoutingSpec(2))
     probs = torch.softmax(logits, -1)
     tie = torch.tensor([[0, 2]], dtype=torch.int32) if ref_ids[0, 1] == 1 else torch.tensor([[0, 1]], dtype=torch.int32)
     assert harness.compare_token_choice(ref_w, tie, probs, ref_w, ref_ids) is None
@@ -203,7 +204,7 @@ def test_bench_routing_checks_real_methods_and_refuses_a_wrong_one():
     logits = torch.randn(T, E)
 
     def wrong():
-        w, ids = expert_choice_topk_reference(logits, k, bench_routing.CF)
+        w, ids = expert_choice_topk_reference(logits, RoutingSpec(k, bench_routing.CF))
         ids = ids.clone()
         ids[3] = ids[3].flip(0) if ids[3, 0] != ids[3, 1] else ids[3]
         ids[5, 0] = (ids[5, 0] + 1) % E
@@ -215,8 +216,8 @@ def test_bench_routing_checks_real_methods_and_refuses_a_wrong_one():
     methods = {
         "torch_tc": lambda: harness.torch_token_choice(logits, k),
         "ec_dense": lambda: bench_routing.seeds_dense_expert_choice(logits, k),
-        "ec_ref": lambda: expert_choice_topk_reference(logits, k, bench_routing.CF),
-        "ec_triton": lambda: expert_choice_topk_triton(logits, k, bench_routing.CF),
+        "ec_ref": lambda: expert_choice_topk_reference(logits, RoutingSpec(k, bench_routing.CF)),
+        "ec_triton": lambda: expert_choice_topk_triton(logits, RoutingSpec(k, bench_routing.CF)),
         "ec_cuda": wrong,
         "ec_cuda_one_launch": unsupported,
     }
