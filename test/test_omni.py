@@ -482,16 +482,62 @@ def test_torch_compile_custom_op():
     assert_compiled_matches_eager(f, x, y, backend="aot_eager")
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_opcheck(backend):
     """torch.library's own consistency checks (schema, fake impl, autograd registration)."""
     x, y = make_logits(3, 8, torch.float32, device=DEV, seed=23)
     x.requires_grad_(True)
     y.requires_grad_(True)
     torch.library.opcheck(
         torch.ops.sglang_moe_routing.omni_router.default,
-        (x, y, 4, False, False),
+        (x, y, 4, False, False, backend),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_op_torch_backends_equal_direct_calls_and_their_gradients(backend):
+    """Every backend runs behind the op: without autograd the face goes through it, with
+    autograd the face calls the torch function itself; the op's own backward (the
+    fixed-selection reference) gives the same gradients up to rounding."""
+    fn = omni_router_pruned_torch if backend == "torch" else omni_router_reference
+    x, y = make_logits(6, 9, torch.float32, seed=29)
+    for ids_dtype in (torch.int64, torch.int32):
+        rw, rids = fn(x, y, 5, renormalize=True, ids_dtype=ids_dtype)
+        with torch.no_grad():
+            w, ids = omni_router(x, y, 5, renormalize=True, backend=backend, ids_dtype=ids_dtype)
+        assert torch.equal(ids, rids) and torch.equal(w, rw) and ids.dtype == ids_dtype
+    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    g = torch.randn(6, 5)
+    w, _ = omni_router(xg, yg, 5, renormalize=True, backend=backend)
+    dx, dy = torch.autograd.grad(w, (xg, yg), g)
+    w_op, _ = torch.ops.sglang_moe_routing.omni_router(xg, yg, 5, True, False, backend)
+    ox, oy = torch.autograd.grad(w_op, (xg, yg), g)
+    torch.testing.assert_close(ox, dx, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(oy, dy, atol=1e-6, rtol=1e-6)
+
+
+def test_torch_backend_compiles_as_one_op_call():
+    """Without autograd, ``torch.compile(fullgraph=True)`` records one op call for the torch
+    backend (its topk graph is not traced) and equals eager."""
+    x, y = make_logits(7, 12, torch.float32, seed=31)
+    graphs = []
+
+    def backend(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(a, b):
+        return omni_router(a, b, 6, backend="torch")
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        w, ids = torch.compile(f, fullgraph=True, backend=backend)(x, y)
+        rw, rids = f(x, y)
+    assert torch.equal(ids, rids) and torch.equal(w, rw)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("sglang_moe_routing.omni_router" in t for t in targets) == 1, targets
+    assert not any("topk" in t for t in targets), targets
 
 
 def test_grid_pairs_cover_the_top_k():

@@ -1,26 +1,39 @@
-"""Public Omni router API: backend dispatch, autograd and the ``torch.library`` op.
+"""Omni routing as the ``torch.library`` custom op ``sglang_moe_routing::omni_router`` (the
+same pattern as ``expert_choice/ops.py``).
 
-``omni_router(x, y, top_k, renormalize=False, backend="auto")`` returns
-``(topk_weights [T, k] in x.dtype, topk_ids [T, k] int64)`` (see ``reference.py`` for the
-contract). Backends:
+``torch.compile`` treats the op as opaque: it records one call whose output shapes come from
+the fake implementation, and the real implementation runs the resolved backend's function
+unchanged. Use :func:`sglang_moe_routing.omni.omni_router` (``dispatch.py``), the public face:
+it validates the arguments and resolves ``backend="auto"`` outside the op, then calls it.
 
-* ``"triton"``: the fused kernels through the custom op
-  ``torch.ops.sglang_moe_routing.omni_router`` (autograd registered, fake tensor impl for
-  ``torch.compile``, no host sync so it can be captured in a CUDA graph once compiled);
-* ``"torch"``: the exact pruned ``k' x k'`` grid in plain torch (any device, fp64 too);
-* ``"reference"``: the naive ``n * n`` materialisation (tests and small shapes only);
-* ``"auto"``: ``"triton"`` for CUDA tensors the kernels support, else ``"torch"``.
+Schema (inferred from :func:`omni_router_impl`)::
 
-All backends are differentiable with respect to ``x`` and ``y``.
+    sglang_moe_routing::omni_router(Tensor x, Tensor y, SymInt top_k, bool renormalize,
+                                    bool ids_int32, str backend) -> (Tensor, Tensor)
+
+``backend`` is already resolved: one of :data:`RESOLVED_BACKENDS` (``"triton"``: the fused
+kernels; ``"torch"``: the exact pruned grid in plain torch; ``"reference"``: the naive
+``n * n`` materialisation). Returns ``(weights [T, k] in x.dtype, ids [T, k] int32 or
+int64)``.
+
+Autograd: the op's backward is the op ``sglang_moe_routing::omni_router_backward`` (the Triton
+backward kernel) for ``"triton"``, the fixed-selection reference
+(``omni_router_backward_reference``) for the torch backends. The face sends torch-backend calls that autograd must record past the op, to
+:func:`omni_router_impl` directly, so that autograd differentiates the torch ops themselves
+(as ``expert_choice/dispatch.py`` does for the expert-choice reference).
+
+:class:`OmniRouterFunction` is the same forward and backward as a
+``torch.autograd.Function`` over the Triton kernels (kept for callers that use it directly).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 
 from .reference import (
+    omni_router_backward_reference,
     omni_router_pruned_torch,
     omni_router_reference,
     validate_omni_inputs,
@@ -31,24 +44,44 @@ from .triton import (
     triton_supported,
 )
 
-__all__ = ["omni_router", "OmniRouterFunction", "BACKENDS", "resolve_backend"]
+__all__ = ["OP_NAME", "RESOLVED_BACKENDS", "OmniRouterFunction", "backend_function",
+           "omni_router_impl", "omni_router_op"]
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+OP_NAME = "sglang_moe_routing::omni_router"
+RESOLVED_BACKENDS = ("triton", "torch", "reference")
 
 
-# ----------------------------------------------------------------------------- custom op
-
-
-@torch.library.custom_op("sglang_moe_routing::omni_router", mutates_args=())
-def _omni_router_op(
-    x: torch.Tensor, y: torch.Tensor, top_k: int, renormalize: bool, ids_int32: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    ids_dtype = torch.int32 if ids_int32 else torch.int64
+def _triton_forward(x, y, top_k, *, renormalize, ids_dtype):
     return omni_router_fwd_triton(x, y, top_k, renormalize, ids_dtype)
 
 
-@_omni_router_op.register_fake
-def _omni_router_op_fake(x, y, top_k, renormalize, ids_int32):
+def backend_function(backend: str) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+    """``fn(x, y, top_k, *, renormalize, ids_dtype)`` of a resolved backend."""
+    if backend == "triton":
+        return _triton_forward
+    if backend == "torch":
+        return omni_router_pruned_torch
+    if backend == "reference":
+        return omni_router_reference
+    raise ValueError(
+        f"omni_router op: backend must be one of {RESOLVED_BACKENDS} (resolved), got {backend!r}"
+    )
+
+
+def omni_router_impl(
+    x: torch.Tensor, y: torch.Tensor, top_k: int, renormalize: bool, ids_int32: bool, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The op's real implementation: the resolved backend's forward, unchanged. Also called
+    directly (not through the op) when autograd must record a torch backend's operations."""
+    ids_dtype = torch.int32 if ids_int32 else torch.int64
+    return backend_function(backend)(x, y, top_k, renormalize=renormalize, ids_dtype=ids_dtype)
+
+
+omni_router_op = torch.library.custom_op(OP_NAME, omni_router_impl, mutates_args=())
+
+
+@omni_router_op.register_fake
+def _omni_router_fake(x, y, top_k, renormalize, ids_int32, backend):
     T = x.shape[0]
     w = x.new_empty((T, top_k))
     ids = x.new_empty((T, top_k), dtype=torch.int32 if ids_int32 else torch.int64)
@@ -63,29 +96,30 @@ def _omni_router_backward_op(
 
 
 @_omni_router_backward_op.register_fake
-def _omni_router_backward_op_fake(x, y, ids, grad_weights, renormalize):
+def _omni_router_backward_fake(x, y, ids, grad_weights, renormalize):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         y, memory_format=torch.contiguous_format
     )
 
 
-def _op_setup_context(ctx, inputs, output):
-    x, y, _top_k, renormalize, _ids_int32 = inputs
+def _setup_context(ctx, inputs, output):
+    x, y, _top_k, renormalize, _ids_int32, backend = inputs
     _w, ids = output
     ctx.save_for_backward(x, y, ids)
     ctx.renormalize = renormalize
+    ctx.backend = backend
 
 
-def _op_backward(ctx, grad_w, _grad_ids):
+def _backward(ctx, grad_w, _grad_ids):
     x, y, ids = ctx.saved_tensors
-    dx, dy = _omni_router_backward_op(x, y, ids, grad_w, ctx.renormalize)
-    return dx, dy, None, None, None
+    if ctx.backend == "triton":
+        dx, dy = _omni_router_backward_op(x, y, ids, grad_w, ctx.renormalize)
+    else:  # autograd of the fixed selection; not an op (autograd does not run inside one)
+        dx, dy = omni_router_backward_reference(x, y, ids, grad_w, renormalize=ctx.renormalize)
+    return dx, dy, None, None, None, None
 
 
-_omni_router_op.register_autograd(_op_backward, setup_context=_op_setup_context)
-
-
-# ----------------------------------------------------------------------------- autograd.Function
+omni_router_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class OmniRouterFunction(torch.autograd.Function):
@@ -116,55 +150,3 @@ class OmniRouterFunction(torch.autograd.Function):
             grad_w = torch.zeros(ids.shape, dtype=x.dtype, device=x.device)
         dx, dy = omni_router_bwd_triton(x, y, ids, grad_w, ctx.renormalize)
         return dx, dy, None, None, None
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-
-def resolve_backend(x: torch.Tensor, top_k: int, backend: str = "auto") -> str:
-    """The backend ``omni_router`` runs for these inputs (``auto`` resolved)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"omni_router: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if x.is_cuda and triton_supported(x, top_k) is None:
-            return "triton"
-        return "torch"
-    if backend == "triton":
-        reason = triton_supported(x, top_k)
-        if reason is not None:
-            raise ValueError(f"omni_router: backend='triton' cannot run here: {reason}")
-    return backend
-
-
-def omni_router(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    top_k: int,
-    *,
-    renormalize: bool = False,
-    backend: str = "auto",
-    ids_dtype: torch.dtype = torch.int64,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Omni (Cartesian-product) routing of ``E = n * n`` experts from two logit vectors.
-
-    Args:
-        x, y: ``[T, n]`` router logits (fp16 / bf16 / fp32; fp64 on the torch backends).
-            Column slices of one ``[T, 2n]`` tensor are fine (row stride is honoured).
-        top_k: experts per token, ``1 <= top_k <= n * n``.
-        renormalize: renormalise the softmax weights again (``norm_topk_prob``).
-        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
-        ids_dtype: ``torch.int64`` (default, as transformers' ``DogeCDMoE``) or
-            ``torch.int32``.
-
-    Returns:
-        ``topk_weights [T, top_k]`` in ``x.dtype`` (softmax computed in fp32) and
-        ``topk_ids [T, top_k]`` with ``id = i * n + j``, sorted by descending score
-        ``x[t, i] + y[t, j]``. Differentiable with respect to ``x`` and ``y``.
-    """
-    validate_omni_inputs(x, y, top_k, ids_dtype)
-    which = resolve_backend(x, top_k, backend)
-    if which == "triton":
-        return _omni_router_op(x, y, top_k, bool(renormalize), ids_dtype == torch.int32)
-    if which == "torch":
-        return omni_router_pruned_torch(x, y, top_k, renormalize=renormalize, ids_dtype=ids_dtype)
-    return omni_router_reference(x, y, top_k, renormalize=renormalize, ids_dtype=ids_dtype)
