@@ -86,6 +86,11 @@ def prepare_backends() -> str:
     """
     if not torch.cuda.is_available():
         return "reference"
+    return _fastest_gpu_backend()
+
+
+def _fastest_gpu_backend() -> str:
+    """CUDA C++ if it builds, else Triton, else the reference (the availability probes)."""
     if _cuda_backend_available():
         return "cuda"
     if _triton_backend_available():
@@ -135,11 +140,7 @@ def resolve_backend(router_logits: torch.Tensor, top_k: int, backend: str = "aut
     if router_logits.shape[-1] > MAX_EXPERTS or top_k > MAX_TOP_K:
         _warn_outside_kernel_range(router_logits.shape[-1], top_k)
         return "reference"
-    if _cuda_backend_available():
-        return "cuda"
-    if _triton_backend_available():
-        return "triton"
-    return "reference"
+    return _fastest_gpu_backend()
 
 
 def expert_choice_route(
