@@ -23,9 +23,8 @@ from typing import Tuple
 
 import torch
 
-from .ops import omni_router_impl, omni_router_op
+from .ops import omni_router_impl, omni_router_op, triton_supported
 from .reference import validate_omni_inputs
-from .triton_kernels import triton_supported
 
 __all__ = ["BACKENDS", "omni_router", "resolve_backend"]
 
