@@ -245,6 +245,18 @@ def test_cuda_loader_messages(monkeypatch):
     assert ec_cuda.kernel_source_dir() == src
 
 
+def test_triton_backend_does_not_load_the_cuda_module():
+    """The Triton wrapper shares its checks and input preparation with the CUDA one through
+    kernel_args.py, not through the CUDA loader module."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import sglang_moe_routing.expert_choice.triton_kernel; "
+            "print('sglang_moe_routing.expert_choice.cuda' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("ntnp", [5, 30])
 def test_min_tokens_hybrid(ntnp):
     """T' < min_tokens routes exactly as token choice (decided on the device)."""

@@ -563,3 +563,23 @@ def test_self_check_names_feature_symbol_and_version(monkeypatch):
     assert "\n" not in msg
     assert "expert-choice routing: sglang.srt.layers.moe.topk.fused_shared_expert_weight" in msg
     assert plugin.SUPPORTED_SGLANG in msg and "found 0.5.23" in msg
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_routing_spec_built_from_topk_config_and_plugin_settings(grouped):
+    """routing_spec: every TopKConfig field EC uses, plus the plugin's capacity factor and
+    min tokens; group fields only when the layer uses grouped top-k (as upstream)."""
+    from sglang.srt.layers.moe.topk import TopKConfig
+
+    bias = torch.randn(16)
+    tk = TopKConfig(top_k=4, use_grouped_topk=grouped, num_expert_group=4, topk_group=2,
+                    renormalize=False, scoring_func="sigmoid", correction_bias=bias,
+                    routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
+    cfg = ech.ExpertChoiceConfig(enabled=True, capacity_factor=1.5, min_tokens=7)
+    spec = ech.routing_spec(tk, cfg, 3, bias)
+    assert isinstance(spec, RoutingSpec)
+    assert (spec.top_k, spec.capacity_factor, spec.min_tokens) == (3, 1.5, 7)
+    assert (spec.renormalize, spec.scoring_func) == (False, "sigmoid")
+    assert (spec.num_expert_group, spec.topk_group) == ((4, 2) if grouped else (None, None))
+    assert spec.correction_bias is bias
+    assert spec.routed_scaling_factor == 2.5 and spec.apply_routed_scaling_factor_on_output
