@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_moe_routing.expert_choice import token_choice_topk_reference
+from sglang_moe_routing.expert_choice import RoutingSpec, token_choice_topk_reference
 from sglang_moe_routing.expert_choice.threshold import (
     calibrate_bias,
     ec_threshold_bias,
@@ -47,7 +47,8 @@ def test_matches_spec_and_format(dtype, renormalize, scoring):
     rw, rids = threshold_topk_reference(x, K, b, renormalize=renormalize, scoring_func=scoring)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     assert ids.shape == (300, K) and w.shape == (300, K)
-    tw, tids = token_choice_topk_reference(x, K, renormalize=renormalize, scoring_func=scoring)
+    tw, tids = token_choice_topk_reference(
+        x, RoutingSpec(K, renormalize=renormalize, scoring_func=scoring))
     assert (ids.dtype, w.dtype, ids.shape, w.shape) == (tids.dtype, tw.dtype, tids.shape, tw.shape)
     assert torch.equal(ids, rids)
     torch.testing.assert_close(w, rw, rtol=0, atol=1e-6)
@@ -61,7 +62,7 @@ def test_zero_bias_is_token_choice_and_bias_changes_selection_only():
     x = _skewed(500, 2)
     w0, i0 = threshold_topk(x, K, torch.zeros(E))
     wn, i_n = threshold_topk(x, K, None)
-    tw, ti = token_choice_topk_reference(x, K)
+    tw, ti = token_choice_topk_reference(x, RoutingSpec(K))
     assert torch.equal(i0, ti) and torch.equal(i_n, ti)
     torch.testing.assert_close(w0, tw, rtol=0, atol=1e-6)
     # as transformers' Qwen3-MoE router: topk of softmax, renormalised
@@ -100,8 +101,8 @@ def test_expert_choice_is_not_batch_invariant():
     from sglang_moe_routing.expert_choice import expert_choice_topk_reference
 
     x = _skewed(256, 6)
-    _, ids = expert_choice_topk_reference(x, K, 1.0)
-    _, ids_half = expert_choice_topk_reference(x[:128], K, 1.0)
+    _, ids = expert_choice_topk_reference(x, RoutingSpec(K, 1.0))
+    _, ids_half = expert_choice_topk_reference(x[:128], RoutingSpec(K, 1.0))
     assert not torch.equal(ids[:128], ids_half)
 
 

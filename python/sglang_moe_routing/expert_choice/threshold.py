@@ -37,11 +37,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sglang_moe_routing.expert_choice.reference import (
-    compute_scores,
-    token_choice_topk_reference,
-    validate_routing_args,
-)
+from sglang_moe_routing.expert_choice.reference import compute_scores, token_choice_topk_reference
+from sglang_moe_routing.expert_choice.spec import RoutingSpec, check_spec
 
 __all__ = [
     "threshold_topk",
@@ -61,7 +58,7 @@ def _check(router_logits: torch.Tensor, top_k: int, bias: Optional[torch.Tensor]
             f"{router_logits.dtype} {tuple(router_logits.shape)}"
         )
     t, e = router_logits.shape
-    validate_routing_args(t, e, top_k, 1.0, scoring_func, None, None)
+    check_spec(RoutingSpec(top_k, scoring_func=scoring_func), e, token_choice=True)
     if bias is not None and tuple(bias.shape) != (e,):
         raise ValueError(
             f"threshold routing: bias must have shape [{e}], got {tuple(bias.shape)}"
@@ -107,10 +104,10 @@ def threshold_topk_reference(
     """The spec: token choice with ``bias`` as selection-only correction bias (stable ties:
     equal biased scores go to the lower expert id)."""
     _check(router_logits, top_k, bias, scoring_func)
-    return token_choice_topk_reference(
-        router_logits, top_k, renormalize=renormalize, scoring_func=scoring_func,
+    return token_choice_topk_reference(router_logits, RoutingSpec(
+        top_k, renormalize=renormalize, scoring_func=scoring_func,
         correction_bias=None if bias is None else bias.float(),
-    )
+    ))
 
 
 def load_max_over_mean(topk_ids: torch.Tensor, num_experts: int) -> float:
