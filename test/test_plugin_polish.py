@@ -302,3 +302,23 @@ def test_demo_says_when_min_tokens_turned_expert_choice_off(capsys):
     out = _demo(capsys, "--tokens", "16")
     assert "Expert choice OFF for this batch: T=16 < min tokens=32" in out
     assert "C = min(" not in out
+
+
+def test_upstream_missing_resolves_functions_and_class_attributes(monkeypatch):
+    """The self-checks' resolver: module functions and class attributes of the installed
+    sglang resolve; a removed one, an unknown module or class is reported by name."""
+    from sglang.srt.layers.moe.fused_moe_triton import layer
+
+    from sglang_moe_routing.integration import eplb_hooks
+    from sglang_moe_routing.integration.upstream import missing
+
+    ok = ["sglang.srt.layers.moe.topk.select_experts",
+          "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.run_moe_core"]
+    bad = ["sglang.srt.layers.moe.topk.no_such_function",
+           "sglang.srt.no_such_module.f", "sglang.srt.layers.moe.topk.NoSuchClass.f"]
+    assert missing(ok + bad) == bad
+    monkeypatch.delattr(layer.FusedMoE, "run_moe_core")
+    with config.published_server_args("--enable-expert-compute-profiling"):
+        config.set_sections(None)
+        assert any("compute-aware EPLB: sglang.srt.layers.moe.fused_moe_triton.layer."
+                   "FusedMoE.run_moe_core" == m for m in eplb_hooks.self_check())

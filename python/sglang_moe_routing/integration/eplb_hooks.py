@@ -335,29 +335,9 @@ def self_check() -> list:
     need = _needs(section())
     if not need:
         return []
-    import importlib
+    from .upstream import missing
 
-    missing = []
-    for t in (t for t, (_, _, when) in _RUNTIME.items() if when in need):
-        mod, _, attr = t.rpartition(".")
-        owner = mod
-        try:
-            obj = importlib.import_module(mod)
-        except ImportError:
-            owner, _, cls = mod.rpartition(".")
-            try:
-                obj = getattr(importlib.import_module(owner), cls)
-            except (ImportError, AttributeError):
-                missing.append(t)
-                continue
-        if not hasattr(obj, attr):
-            missing.append(t)
+    targets = [t for t, (_, _, when) in _RUNTIME.items() if when in need]
     if "profiling" in need:
-        for t in ("sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.run_moe_core",):
-            mod, cls, attr = t.rsplit(".", 2)
-            try:
-                if not hasattr(getattr(importlib.import_module(mod), cls), attr):
-                    missing.append(t)
-            except (ImportError, AttributeError):
-                missing.append(t)
-    return [f"compute-aware EPLB: {m}" for m in missing]
+        targets.append("sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.run_moe_core")
+    return [f"compute-aware EPLB: {m}" for m in missing(targets)]

@@ -286,14 +286,6 @@ def runtime_hooks(force: bool = False) -> list:
 
 
 def self_check() -> list:
-    import importlib
+    from .upstream import missing
 
-    missing = []
-    for t in _targets(_section()):
-        mod, cls, attr = t.rsplit(".", 2)
-        try:
-            if not hasattr(getattr(importlib.import_module(mod), cls), attr):
-                missing.append(t)
-        except (ImportError, AttributeError):
-            missing.append(t)
-    return [f"expert cost classes: {m}" for m in missing]
+    return [f"expert cost classes: {m}" for m in missing(_targets(_section()))]
