@@ -322,3 +322,31 @@ def test_upstream_missing_resolves_functions_and_class_attributes(monkeypatch):
         config.set_sections(None)
         assert any("compute-aware EPLB: sglang.srt.layers.moe.fused_moe_triton.layer."
                    "FusedMoE.run_moe_core" == m for m in eplb_hooks.self_check())
+
+
+@pytest.mark.parametrize("argv, env, asked", [
+    (["--model-path", "m", "--enable-expert-choice"], {}, ["--enable-expert-choice"]),
+    (["--expert-capacity-factor=2"], {}, ["--expert-capacity-factor"]),
+    (["--model-path", "m"], {"SGLANG_EXPERT_CHOICE": "1"}, ["SGLANG_EXPERT_CHOICE=1"]),
+    (["--model-path", "m"], {"SGLANG_EXPERT_CHOICE": "0"}, []),
+])
+def test_unsupported_sglang_with_a_feature_requested_stops_the_launcher(monkeypatch, argv, env, asked):
+    """SGLang swallows a plugin's Exception (the feature would be silently off): when a plugin
+    flag or SGLANG_EXPERT_CHOICE asks for a feature, the version error is a SystemExit."""
+    _fake_sglang_version(monkeypatch, "0.6.0")
+    monkeypatch.setattr(HookRegistry, "register", classmethod(lambda cls, *a, **k: None))
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(sys, "argv", ["launch_server"] + argv)
+    monkeypatch.delenv("SGLANG_EXPERT_CHOICE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert plugin.features_requested() == asked
+    if not asked:
+        with pytest.raises(RuntimeError, match="found 0.6.0"):
+            plugin.register()
+        return
+    with pytest.raises(SystemExit) as exc:
+        plugin.register()
+    msg = str(exc.value.code)
+    assert "\n" not in msg and "found 0.6.0" in msg and asked[0] in msg
+    assert plugin._registered is False

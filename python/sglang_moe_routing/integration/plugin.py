@@ -173,15 +173,49 @@ def _around_prepare_server_args(original, argv, *a, **kw):
         raise SystemExit(2) from None
 
 
+def features_requested(argv: Optional[List[str]] = None,
+                       environ: Optional[Dict[str, str]] = None) -> List[str]:
+    """The plugin flags in ``argv`` (default ``sys.argv``) and the enabling environment
+    variables set in ``environ``: what would silently not happen if the plugin did not load."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    opts = set()
+    try:
+        parser = argparse.ArgumentParser(add_help=False)
+        group = parser.add_argument_group("probe")
+        for mod in _feature_modules():
+            mod.add_cli_args(group)
+        opts = {o for a in parser._actions for o in a.option_strings}
+    except Exception:  # noqa: BLE001 - an sglang we do not support may break the imports
+        opts = set()
+    from sglang_moe_routing.integration.expert_choice_hooks import ENV_ENABLE
+
+    got = sorted({t.split("=", 1)[0] for t in argv if t.split("=", 1)[0] in opts})
+    on = ("1", "true", "yes", "on")
+    return got + [f"{v}={environ[v]}" for v in (ENV_ENABLE,)
+                  if environ.get(v, "").strip().lower() in on]
+
+
 def register() -> None:
     """Check the sglang version, then register all hooks (idempotent).
 
-    Raises ``RuntimeError`` (before registering anything) for an unsupported sglang.
+    Raises ``RuntimeError`` (before registering anything) for an unsupported sglang; SGLang's
+    ``load_plugins`` logs it and runs without the plugin. When the command line or the
+    environment asks for a plugin feature (``features_requested``), it raises ``SystemExit``
+    instead, which SGLang does not catch: the server stops with that one line rather than
+    starting with the feature silently off.
     """
     global _registered
     if _registered:
         return
-    check_sglang_version()
+    try:
+        check_sglang_version()
+    except RuntimeError as exc:
+        asked = features_requested()
+        if asked:  # SGLang logs and swallows a plugin's Exception; the feature would be off
+            raise SystemExit(f"error: {exc}; not started because {', '.join(asked)} asks for "
+                             "a plugin feature") from None
+        raise
     _registered = True
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER
