@@ -50,193 +50,53 @@ decode compositions (the slowest) last. Results are written after every stage.
     (or ``train_moe_lm.py --eval``, which runs this in the training process)
 Writes ``routing_quality.md``, ``routing_quality.json`` and ``routing_quality.png`` (dppl vs
 load max/mean, one point per mode and composition) to ``--out`` (default: the ckpt).
+
+Files: the routing modes, the router patch and the routing timings are in
+``benchmark/quality_modes.py``, the tables and the plot in ``benchmark/quality_report.py``; this
+file holds the forwards (compositions, batch invariance, thr calibration), the stages and the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
 import time
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from sglang_moe_routing.expert_choice import (
-    RoutingSpec,
-    expert_choice_topk,
-    token_choice_topk_reference,
-)
 from sglang_moe_routing.expert_choice.dispatch import resolve_backend
-from sglang_moe_routing.expert_choice.reference import (
-    capacity,
-    compute_scores,
-    expert_pick_mask,
-    num_valid_tokens,
-)
-from sglang_moe_routing.expert_choice.threshold import calibrate_bias, threshold_topk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFAULT_MIN_TOKENS = 32  # the plugin's default (integration/expert_choice_hooks.py)
+from harness import resolve_device  # noqa: E402
+from moe_corpus import (  # noqa: E402
+    collect_corpus,
+    encode_docs,
+    fixed_windows,
+    load_tokenizer,
+)
+from quality_modes import (  # noqa: E402
+    DEFAULT_MODES,
+    Mode,
+    RoutingState,
+    patch_routers,
+    routers,  # noqa: F401 - callers reach it as eval_routing_quality.routers
+    routing_timings,
+)
+from quality_report import markdown, plot  # noqa: E402
+
 ROUTING_PATH = (
     "our dispatch function sglang_moe_routing.expert_choice.expert_choice_topk with the TopK "
     "config SGLang passes for Qwen3-MoE (scoring_func=softmax, renormalize=norm_topk_prob, "
     "top_k=num_experts_per_tok); token choice through token_choice_topk_reference (same "
     "scoring); SGLang's TopK itself is not in this process"
 )
-
-
-# ----------------------------------------------------------------------------- routing patch
-
-
-@dataclass(frozen=True)
-class Mode:
-    name: str
-    kind: str  # "tc" | "ec" | "thr" (per-expert selection biases, calibrated)
-    capacity_factor: float = 1.25
-    min_tokens: int = 0
-
-
-DEFAULT_MODES = (
-    Mode("tc", "tc"),
-    Mode("ec1.0", "ec", 1.0, 0),
-    Mode("ec1.25", "ec", 1.25, 0),
-    Mode("ec1.5", "ec", 1.5, 0),
-    Mode("ec2.0", "ec", 2.0, 0),
-    Mode(f"hybrid(cf1.25,min{DEFAULT_MIN_TOKENS})", "ec", 1.25, DEFAULT_MIN_TOKENS),
-    Mode("thr", "thr"),
-)
-
-
-class RoutingState:
-    """What the patched routers route with, and what they record (per layer, per forward).
-
-    ``biases``: ``{layer index: [E] fp32}`` for ``thr`` modes; while ``calibrating`` a layer
-    without a bias calibrates one on the logits it sees (``calibrate_bias``) and routes with
-    it, so later layers calibrate on the hidden states the earlier layers' routing produces.
-    For ``ec`` modes the routers also record which output slots the experts picked (the rest
-    are fallback slots, step 4 of the contract). ``capture_rows``: the ids of the first that
-    many rows are kept per forward (``captured``; the batch-invariance prompt).
-    """
-
-    def __init__(self, mode: Mode, backend: str = "auto",
-                 biases: Optional[Dict[int, torch.Tensor]] = None, cal_iters: int = 300):
-        self.mode = mode
-        self.backend = backend
-        self.biases: Dict[int, torch.Tensor] = dict(biases or {})
-        self.calibrating = False
-        self.cal_iters = cal_iters
-        self.cal_info: Dict[int, Dict[str, float]] = {}
-        self.counts: List[torch.Tensor] = []  # [E] int64 per (layer, forward)
-        self.picked_counts: List[torch.Tensor] = []  # [E] int64, picked slots only (ec)
-        self.fallback: List[torch.Tensor] = []  # 0-d int64: fallback slots (ec)
-        self.rows: set = set()  # T seen by the routers
-        self.record = True
-        self.capture_rows = 0
-        self.captured: List[torch.Tensor] = []
-
-    def reset(self) -> None:
-        self.counts, self.rows = [], set()
-
-    def load_stats(self) -> Dict[str, float]:
-        if not self.counts:
-            return dict(load_max_mean=float("nan"), load_max_mean_worst=float("nan"))
-        c = torch.stack(self.counts).float()
-        r = c.max(-1).values / c.mean(-1)
-        out = dict(load_max_mean=r.mean().item(), load_max_mean_worst=r.max().item())
-        if self.picked_counts:
-            pc = torch.stack(self.picked_counts).float()
-            out["picked_load_max_mean"] = (pc.max(-1).values / c.mean(-1)).mean().item()
-            out["fallback_share"] = (torch.stack(self.fallback).sum() / c.sum()).item()
-        return out
-
-
-def route(router, logits: torch.Tensor, state: RoutingState) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(weights fp32 [T,k], ids int32 [T,k])`` for one router's logits under ``state.mode``."""
-    mode = state.mode
-    if mode.kind == "tc":
-        return token_choice_topk_reference(logits, RoutingSpec(
-            router.top_k, renormalize=bool(router.norm_topk_prob), scoring_func="softmax"))
-    if mode.kind == "thr":
-        layer = router._layer_idx
-        if layer not in state.biases:
-            if not state.calibrating:
-                raise ValueError(f"threshold mode {mode.name}: layer {layer} has no calibrated "
-                                 "bias (run calibrate_threshold first)")
-            hist: List[Dict[str, float]] = []
-            state.biases[layer] = calibrate_bias(logits, router.top_k, iters=state.cal_iters,
-                                                 history=hist)
-            state.cal_info[layer] = dict(start=hist[0]["load_max_mean"],
-                                         best=min(h["load_max_mean"] for h in hist))
-        return threshold_topk(logits, router.top_k, state.biases[layer],
-                              renormalize=bool(router.norm_topk_prob), scoring_func="softmax")
-    return expert_choice_topk(
-        logits, router.top_k, mode.capacity_factor, renormalize=bool(router.norm_topk_prob),
-        scoring_func="softmax", min_tokens=mode.min_tokens, backend=state.backend)
-
-
-def picked_slots(logits: torch.Tensor, ids: torch.Tensor, mode: Mode) -> torch.Tensor:
-    """``[T, k]`` bool: the expert in that slot picked the token (expert-choice step 3);
-    False = a fallback slot (step 4). Recomputed with the reference's steps."""
-    t, e = logits.shape
-    _, select = compute_scores(logits, "softmax")
-    cap = capacity(num_valid_tokens(t, None, logits.device), e, ids.shape[1],
-                   mode.capacity_factor, mode.min_tokens)
-    valid = torch.ones(t, dtype=torch.bool, device=logits.device)
-    return expert_pick_mask(select, valid, cap).gather(1, ids.long())
-
-
-def _patched_router_forward(self, hidden_states):
-    """Drop-in for ``Qwen3MoeTopKRouter.forward``: same logits, routing through our functions."""
-    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states, self.weight)
-    state: RoutingState = self._routing_state
-    weights, ids = route(self, router_logits, state)
-    if state.record:
-        state.counts.append(torch.bincount(ids.reshape(-1).long(), minlength=self.num_experts))
-        state.rows.add(int(router_logits.shape[0]))
-        if state.mode.kind == "ec":
-            pk = picked_slots(router_logits, ids, state.mode)
-            state.picked_counts.append(
-                torch.bincount(ids[pk].long(), minlength=self.num_experts))
-            state.fallback.append((~pk).sum())
-    if state.capture_rows:
-        state.captured.append(ids[:state.capture_rows].sort(-1).values)
-    return router_logits, weights.to(router_logits.dtype), ids.long()
-
-
-def routers(model) -> List[torch.nn.Module]:
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
-
-    found = [m for m in model.modules() if isinstance(m, Qwen3MoeTopKRouter)]
-    if not found:
-        raise ValueError("no Qwen3MoeTopKRouter in the model")
-    return found
-
-
-@contextlib.contextmanager
-def patch_routers(model, state: RoutingState) -> Iterator[RoutingState]:
-    """Route every Qwen3-MoE layer of ``model`` through our functions while inside."""
-    rs = routers(model)
-    for i, r in enumerate(rs):
-        r._routing_state = state
-        r._layer_idx = i
-        r.forward = types.MethodType(_patched_router_forward, r)
-    try:
-        yield state
-    finally:
-        for r in rs:
-            del r.forward  # back to the class's forward
-            del r._routing_state
-            del r._layer_idx
 
 
 # ----------------------------------------------------------------------------- forwards
@@ -459,204 +319,6 @@ def calibrate_threshold(model, cal_seqs: np.ndarray, device, backend: str, iters
     return state.biases, info
 
 
-# ----------------------------------------------------------------------------- routing time
-
-
-def _time_cpu(fn, iters: int = 20) -> float:
-    fn()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return float(np.median(samples))
-
-
-def _time_cuda(fn) -> Tuple[float, str]:
-    """Microseconds per call: CUDA-graph replay (bench_routing.time_graph), else eager."""
-    import bench_routing
-
-    try:
-        return bench_routing.time_graph(fn), "cuda graph"
-    except Exception:  # noqa: BLE001 - not capturable: time it eagerly
-        torch.cuda.synchronize()
-        for _ in range(5):
-            fn()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(100):
-            fn()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) * 1000.0 / 100, "eager"
-
-
-def _torch_topk(x: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token choice as transformers' Qwen3-MoE router computes it (softmax, top-k, renorm)."""
-    v, i = torch.topk(torch.softmax(x, dtype=torch.float, dim=-1), top_k, dim=-1)
-    return v / v.sum(-1, keepdim=True), i
-
-
-def routing_timings(num_experts: int, top_k: int, bias: torch.Tensor, device, backend: str,
-                    tokens: Sequence[int], sglang_dir: Optional[str], seed: int = 0,
-                    compile_thr: bool = False) -> List[Dict]:
-    """Routing time per call (bf16 logits ``[T, E]``) of token choice (torch), the ``thr``
-    mode (eager, and ``torch.compile`` with ``compile_thr``), expert choice (dispatch, cf 1.25)
-    and, when available, SGLang's fused ``topk_softmax`` without and with the ``thr`` bias as
-    its ``correction_bias``. SGLang's kernel adds that bias to the LOGITS before the softmax
-    (its weights come from the biased softmax), which is not ``thr``'s rule (bias added to
-    the softmax scores for selection only): the row records on how many rows its ids still
-    equal ``threshold_topk``'s."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    bias = bias.to(device).float()
-    sg = None
-    if device.type == "cuda":
-        try:
-            import bench_routing
-
-            sg = bench_routing.sglang_topk_softmax(sglang_dir or "/nonexistent-sglang-dir")
-        except Exception as exc:  # noqa: BLE001
-            print(f"[eval] SGLang topk_softmax unavailable ({exc!r})", flush=True)
-    compiled = None
-    if device.type == "cuda" and compile_thr:
-        try:
-            compiled = torch.compile(threshold_topk)
-        except Exception as exc:  # noqa: BLE001
-            print(f"[eval] torch.compile unavailable ({exc!r})", flush=True)
-    out = []
-    for t in tokens:
-        x = torch.randn(t, num_experts, generator=g).to(device, torch.bfloat16)
-        fns = {
-            "tc: torch softmax+topk (transformers' router)": lambda: _torch_topk(x, top_k),
-            "thr: threshold_topk (eager)": lambda: threshold_topk(x, top_k, bias),
-            f"ec1.25: expert_choice_topk ({resolve_backend(x, top_k, backend)})":
-                lambda: expert_choice_topk(x, top_k, 1.25, backend=backend),
-        }
-        if compiled is not None:
-            fns["thr: threshold_topk (torch.compile)"] = lambda: compiled(x, top_k, bias)
-        notes = {}
-        if sg is not None:
-            tw = torch.empty(t, top_k, dtype=torch.float32, device=device)
-            ti = torch.empty(t, top_k, dtype=torch.int32, device=device)
-            fns["tc: SGLang topk_softmax"] = lambda: sg(tw, ti, x, True)
-            try:
-                sg(tw, ti, x, True, 0.0, bias)
-                _, ref_ids = threshold_topk(x, top_k, bias)
-                same = (ti.sort(-1).values == ref_ids.sort(-1).values).all(-1).float().mean()
-                notes["sglang_bias_ids_equal_thr"] = same.item()
-                fns["SGLang topk_softmax + correction_bias (bias on logits)"] = \
-                    lambda: sg(tw, ti, x, True, 0.0, bias)
-            except Exception as exc:  # noqa: BLE001
-                notes["sglang_bias_error"] = repr(exc)[:200]
-        for name, fn in fns.items():
-            try:
-                us, how = _time_cuda(fn) if device.type == "cuda" else (_time_cpu(fn), "cpu")
-            except Exception as exc:  # noqa: BLE001
-                print(f"[eval] timing {name} T={t} failed: {exc!r}", flush=True)
-                continue
-            out.append(dict(T=t, method=name, us=us, timed=how, **notes))
-    return out
-
-
-# ----------------------------------------------------------------------------- tables, plot
-
-
-def _f(v, fmt="{:.3f}"):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-
-
-def markdown(result: Dict) -> str:
-    lines = [f"# Routing quality: {result['model']}", "",
-             f"Routing path: {result['routing_path']} (expert-choice backend: "
-             f"{result['ec_backend']}).", "",
-             f"Held-out: {result['heldout']}", ""]
-    cal = result.get("calibration")
-    if cal:
-        lines += [f"thr calibration: {cal['seqs']} training-split sequences ({cal['tokens']} "
-                  f"tokens, one forward), {cal['iters']} update steps per layer; per-layer "
-                  f"load max/mean on the calibration batch: top-k start "
-                  f"{', '.join(f'{v:.2f}' for v in cal['load_max_mean_start'])} -> calibrated "
-                  f"{', '.join(f'{v:.2f}' for v in cal['load_max_mean_calibrated'])} "
-                  f"({cal['seconds']:.1f}s).", ""]
-    lines += ["Load max/mean counts every output slot (the compute the experts do), averaged "
-              "over (layer, forward); 'picked' counts only the slots the experts chose (EC), "
-              "'fallback' is the share of slots filled by step 4 (token's best remaining "
-              "experts).", "",
-              "| batch T | composition | mode | ppl | ppl code | ppl prose | dppl vs TC | "
-              "top-1 = TC | load max/mean | worst | picked max/mean | fallback |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['composition']} (T={r['T']}) | {r['shape']} | {r['mode']} | {_f(r['ppl'])} | "
-            f"{_f(r['ppl_code'])} | {_f(r['ppl_prose'])} | {_f(r['dppl_pct'], '{:+.2f}%')} | "
-            f"{_f(r['top1_agree_tc'], '{:.4f}')} | {_f(r['load_max_mean'])} | "
-            f"{_f(r['load_max_mean_worst'])} | {_f(r.get('picked_load_max_mean'))} | "
-            f"{_f(r.get('fallback_share'), '{:.1%}')} |")
-    lines += ["", "Batch invariance (same prompt, random batch mates, full prefill):", "",
-              "| mode | prompts x trials | batch | max abs dlogprob | mean abs dlogprob | "
-              "bitwise | prompt routing changed |",
-              "|---|---|---|---|---|---|---|"]
-    for r in result["invariance"]:
-        lines.append(f"| {r['mode']} | {r['prompts']} x {r['trials']} | {r['batch_seqs']} seqs "
-                     f"(T={r['T']}) | {r['max_abs_dlogprob']:.3e} | "
-                     f"{r['mean_abs_dlogprob']:.3e} | {'yes' if r['bitwise_identical'] else 'no'}"
-                     f" | {r['routing_changed']:.2%} |")
-    if result.get("timings"):
-        lines += ["", f"Routing time per call ({result['timing_device']}, bf16 logits, "
-                  f"E={result['E']}, k={result['k']}):", "",
-                  "| T | method | us/call | timed as |", "|---|---|---|---|"]
-        for r in result["timings"]:
-            extra = (f" (ids = thr on {r['sglang_bias_ids_equal_thr']:.1%} of rows)"
-                     if "correction_bias" in r["method"] and "sglang_bias_ids_equal_thr" in r
-                     else "")
-            lines.append(f"| {r['T']} | {r['method']}{extra} | {r['us']:.1f} | {r['timed']} |")
-    if result.get("skipped"):
-        lines += ["", f"Left out by the time cap: {', '.join(result['skipped'])}."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: Sequence[Tuple[str, Dict]], path: Path, min_tokens: int = 256) -> None:
-    """PNG: dppl vs token choice (%) against load max/mean, one point per (mode, composition
-    with T >= min_tokens), one panel per evaluated model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
-    markers = "osD^v<>p*"
-    for ax, (label, res) in zip(axes[0], results):
-        comps = sorted({r["composition"] for r in res["rows"] if r["T"] >= min_tokens},
-                       key=lambda c: next(r["T"] for r in res["rows"] if r["composition"] == c))
-        modes = list(dict.fromkeys(r["mode"] for r in res["rows"]))
-        cmap = plt.get_cmap("tab10")
-        for r in res["rows"]:
-            if r["composition"] not in comps:
-                continue
-            ax.scatter(r["load_max_mean"], r["dppl_pct"],
-                       color=cmap(modes.index(r["mode"]) % 10),
-                       marker=markers[comps.index(r["composition"]) % len(markers)], s=45)
-            if r["composition"] == comps[-1]:
-                ax.annotate(r["mode"], (r["load_max_mean"], r["dppl_pct"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        for i, m in enumerate(modes):
-            ax.scatter([], [], color=cmap(i % 10), label=m)
-        for j, c in enumerate(comps):
-            t = next(r["T"] for r in res["rows"] if r["composition"] == c)
-            ax.scatter([], [], color="gray", marker=markers[j % len(markers)],
-                       label=f"{c} (T={t})")
-        ax.axhline(1.0, ls=":", color="gray", lw=0.8)
-        ax.axvline(1.15, ls=":", color="gray", lw=0.8)
-        ax.set_xlabel("expert load max/mean (all slots)")
-        ax.set_ylabel("perplexity vs token choice (%)")
-        ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -702,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def heldout_sequences(stream: np.ndarray, n: int, seq_len: int) -> np.ndarray:
-    import train_moe_lm as tml
-
-    return tml.fixed_windows(stream, n, seq_len)
+    return fixed_windows(stream, n, seq_len)
 
 
 def load_for_eval(ckpt: Path, device: torch.device):
@@ -712,7 +372,6 @@ def load_for_eval(ckpt: Path, device: torch.device):
     training run's ``--data-cache`` when it is there, else the corpus is rebuilt (the training
     streams then from a deterministic subset of the training documents: every n-th, about
     500 per domain; only the calibration slice needs them)."""
-    import train_moe_lm as tml
     from transformers import Qwen3MoeForCausalLM
 
     log = json.loads((ckpt / "train_log.json").read_text())
@@ -722,10 +381,10 @@ def load_for_eval(ckpt: Path, device: torch.device):
         with np.load(cache) as z:
             streams = {s: {d: z[f"{s}_{d}"] for d in ("code", "prose")} for s in ("train", "val")}
     else:
-        tok = tml.load_tokenizer(ckpt / "tokenizer.json")
-        corpus = tml.collect_corpus(targs)
-        streams = {"val": {d: tml.encode_docs(tok, v) for d, v in corpus["val"].items()},
-                   "train": {d: tml.encode_docs(tok, v[::max(1, len(v) // 500)])
+        tok = load_tokenizer(ckpt / "tokenizer.json")
+        corpus = collect_corpus(targs)
+        streams = {"val": {d: encode_docs(tok, v) for d, v in corpus["val"].items()},
+                   "train": {d: encode_docs(tok, v[::max(1, len(v) // 500)])
                              for d, v in corpus["train"].items()}}
     model = Qwen3MoeForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).to(device)
     impl = log.get("experts_impl", "eager")
@@ -741,11 +400,9 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     ckpt = Path(args.ckpt)
     out = Path(args.out or ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    import train_moe_lm as tml
-
     t0 = time.time()
     deadline = t0 + args.max_seconds if args.max_seconds > 0 else float("inf")
-    device = tml.resolve_device(args.device)
+    device = resolve_device(args.device)
     log = json.loads((ckpt / "train_log.json").read_text()) \
         if (ckpt / "train_log.json").exists() else {}
     targs = argparse.Namespace(**log["args"]) if log else None

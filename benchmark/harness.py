@@ -240,6 +240,15 @@ def device_line() -> str:
     return f"device: {dev}; torch {torch.__version__}"
 
 
+def resolve_device(name: str):
+    """``--device``: ``auto`` = CUDA when available, else CPU; any other name as given."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 # ----------------------------------------------------------------------------- correctness gate
 
 

@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmark"
 sys.path.insert(0, str(BENCH))
 
 import eval_routing_quality as erq  # noqa: E402
+import moe_corpus as mc  # noqa: E402
 import train_moe_lm as tml  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -56,10 +57,10 @@ def _model(out: Path):
 
 
 def _val_batch(out: Path, result, n: int = 4, seq: int = 64) -> torch.Tensor:
-    tok = tml.load_tokenizer(out / "tokenizer.json")
-    stream = tml.encode_docs(tok, tml.collect_corpus(
+    tok = mc.load_tokenizer(out / "tokenizer.json")
+    stream = mc.encode_docs(tok, mc.collect_corpus(
         __import__("argparse").Namespace(**result["args"]))["val"]["code"])
-    return torch.from_numpy(tml.fixed_windows(stream, n, seq).astype(np.int64))
+    return torch.from_numpy(mc.fixed_windows(stream, n, seq).astype(np.int64))
 
 
 def test_training_outputs(trained):
@@ -73,7 +74,7 @@ def test_training_outputs(trained):
     assert all(math.isfinite(h["val_loss"]) for h in hist)
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.5
     # held-out split is by file and disjoint from training
-    corpus = tml.collect_corpus(__import__("argparse").Namespace(**log["args"]))
+    corpus = mc.collect_corpus(__import__("argparse").Namespace(**log["args"]))
     train_files = {d.rel for dom in corpus["train"].values() for d in dom}
     val_files = {d.rel for dom in corpus["val"].values() for d in dom}
     assert val_files and not (train_files & val_files)
@@ -137,10 +138,10 @@ def test_data_cache_roundtrip(trained, data_cache, tmp_path):
                                           "--data-cache", str(data_cache)])
     tml.apply_tiny(args, ["--tiny", "--data-cache"])
     lines = []
-    corpus, stats, tok, streams, ntok = tml.prepare_data(args, tmp_path, lines.append)
+    corpus, stats, tok, streams, ntok = mc.prepare_data(args, tmp_path, lines.append)
     assert corpus is None and "from cache" in lines[0]  # no corpus read, no tokenizer trained
-    fresh = tml.token_streams(tml.load_tokenizer(out / "tokenizer.json"),
-                              tml.collect_corpus(args))
+    fresh = mc.token_streams(mc.load_tokenizer(out / "tokenizer.json"),
+                             mc.collect_corpus(args))
     for s in ("train", "val"):
         for d in ("code", "prose"):
             assert np.array_equal(streams[s][d], fresh[s][d])
