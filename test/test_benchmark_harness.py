@@ -308,3 +308,19 @@ def test_eplb_speed_refuses_the_speedup_when_alpha0_differs_from_upstream(monkey
     table = [ln for ln in out.splitlines() if ln.startswith("| uniform") or ln.startswith("| heavy")]
     assert [REFUSED + "ours)" in ln for ln in table] == [False, True, False, True]
     assert out.count(": PASS") == 1 and out.count(": " + REFUSED + "ours)") == 1
+
+
+def test_issue_12_fused_goals_cover_their_t_ranges():
+    """<= 2x the fused TC kernel at 32 <= T <= 1024 and <= 3x at T = 32768: the points in
+    range count, a slow point is missed, a point outside both ranges is not counted."""
+    checks = Checks()
+    rows = []
+    for T, c in ((1, 99.0), (32, 19.0), (1024, 21.0), (8192, 99.0), (32768, 29.0)):
+        for name in ("ec_cuda", "fused_tc", "torch_tc"):
+            checks.record((name, T, 64, 8), None)
+        rows.append({"T": T, "E": 64, "k": 8, "us": {"ec_cuda": c, "fused_tc": 10.0, "torch_tc": 50.0}})
+    _, goals = bench_routing.tables(rows, checks, paths=())
+    two = goals["within_2x_fused_tc_32<=T<=1024"]
+    assert (two["met"], two["of"], two["missed"]) == (1, 2, ["T=1024,E=64,k=8"])
+    three = goals["within_3x_fused_tc_T=32768"]
+    assert (three["met"], three["of"], three["yardstick"]) == (1, 1, "fused_tc")
