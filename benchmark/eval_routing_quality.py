@@ -96,6 +96,7 @@ from quality_modes import (  # noqa: E402
     RoutingState,
     SglangTopK,
     patch_routers,
+    probe_router_paths,
     resolve_router_path,
     routers,  # noqa: F401 - callers reach it as eval_routing_quality.routers
     routing_timings,
@@ -476,6 +477,23 @@ def run_eval(args: argparse.Namespace, device: torch.device, sglang: Optional[Sg
     cfg = model.config
     probe = torch.zeros(1, cfg.num_experts, device=device)
     ec_backend = resolve_backend(probe, cfg.num_experts_per_tok, args.backend)
+    router_probe = None
+    if sglang is not None:  # SGLang's TopK on this device, against the dispatch path
+        try:
+            router_probe = probe_router_paths(sglang, cfg.num_experts, cfg.num_experts_per_tok,
+                                              bool(cfg.norm_topk_prob), args.backend, device)
+        except Exception as exc:  # noqa: BLE001 - auto: fall back; sglang: stop, one line
+            msg = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if args.router_path == "sglang":
+                raise SystemExit(f"error: --router-path sglang: SGLang's TopK failed on "
+                                 f"{device} ({msg})") from None
+            sglang.__exit__(None, None, None)
+            sglang = None
+            routing_path = routing_path_text(
+                "dispatch", None, f"--router-path auto: SGLang's TopK failed on {device} ({msg})")
+        else:
+            print(f"[eval] router probe (sglang TopK vs dispatch, random logits): "
+                  f"{router_probe}", flush=True)
     routing_kind = (log.get("args") or {}).get("routing", "tc")
     label = args.label or (f"{routing_kind.upper()}-trained Qwen3-MoE" + (
         f" (cf {log['args'].get('ec_capacity_factor')})" if routing_kind == "ec" else ""))
@@ -487,6 +505,7 @@ def run_eval(args: argparse.Namespace, device: torch.device, sglang: Optional[Sg
     print(f"[eval] held-out: {heldout}", flush=True)
     result = dict(model=f"{label} (Qwen3MoeForCausalLM from {ckpt})", label=label,
                   trained_with=routing_kind, routing_path=routing_path, ec_backend=ec_backend,
+                  router_probe=router_probe,
                   heldout=heldout, E=cfg.num_experts, k=cfg.num_experts_per_tok,
                   compositions=[asdict(c) for c in comps], modes=[asdict(m) for m in modes],
                   rows=[], invariance=[], timings=[], timing_device=str(device), skipped=[],

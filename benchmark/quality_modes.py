@@ -187,6 +187,33 @@ class SglangTopK:
         return out.topk_weights, out.topk_ids
 
 
+def probe_router_paths(sglang: SglangTopK, num_experts: int, top_k: int, renormalize: bool,
+                       backend: str, device: torch.device, tokens: int = 256,
+                       modes: Sequence[Mode] = DEFAULT_MODES, seed: int = 0) -> Dict[str, Dict]:
+    """Random router logits ``[tokens, E]`` (bf16 on a GPU, as under the eval's autocast) through
+    both paths for every mode the plugin serves: per mode, the share of rows whose expert ids
+    are identical (same order) and the largest weight difference. Raises whatever SGLang's
+    ``TopK`` raises (the eval then falls back to the dispatch path under ``auto``)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    logits = torch.randn(tokens, num_experts, generator=g).to(device, dtype)
+    router = types.SimpleNamespace(_layer_idx=0, top_k=top_k, norm_topk_prob=renormalize)
+    out = {}
+    for mode in modes:
+        if mode.kind not in SGLANG_KINDS:
+            continue
+        w_ref, i_ref = route(router, logits, RoutingState(mode, backend))
+        sglang.set_mode(mode, backend)
+        try:
+            w, i = route(router, logits, RoutingState(mode, backend, sglang=sglang))
+        finally:
+            sglang.set_mode(None)
+        out[mode.name] = dict(
+            rows=tokens, ids_identical=(i.long() == i_ref.long()).all(-1).float().mean().item(),
+            max_abs_dweight=(w.float() - w_ref.float()).abs().max().item())
+    return out
+
+
 def resolve_router_path(choice: str, device: torch.device) -> Tuple[str, Optional[SglangTopK], str]:
     """``(path, entered SglangTopK or None, note)`` for ``--router-path``: ``auto`` takes
     SGLang's ``TopK`` when ``import sglang`` works and the plugin sets up (else the dispatch

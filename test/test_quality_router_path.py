@@ -51,8 +51,8 @@ def _tiny_model(norm_topk_prob: bool):
     return model
 
 
-@pytest.fixture(scope="module")
-def sglang_path():
+@pytest.fixture
+def sglang_path():  # per test: the eval's own SglangTopK resets the published server args
     pytest.importorskip("sglang")
     path, sg, note = qm.resolve_router_path("sglang", CPU)
     assert path == "sglang" and sg is not None
@@ -109,7 +109,7 @@ def test_sglang_topk_equals_dispatch(sglang_path, monkeypatch, norm_topk_prob):
             assert len(hook_calls) == (layers if ec_on else 0), (mode.name, x.numel())
             ids_by[(mode.name, x.numel())] = [i for _, i in got]
     # SGLang's own TopK layers (one per MoE layer, Qwen3-MoE's config) did the routing
-    built = [m for (_, _, norm), m in sglang_path._layers.items() if norm == norm_topk_prob]
+    built = list(sglang_path._layers.values())
     assert all(isinstance(m, sgl_topk.TopK) for m in built)
     assert {m.layer_id for m in built} == set(range(layers))
     assert all(m.topk_config.renormalize == norm_topk_prob and m.topk_config.scoring_func
@@ -121,8 +121,8 @@ def test_sglang_topk_equals_dispatch(sglang_path, monkeypatch, norm_topk_prob):
                for a, b in zip(ids_by[(HYBRID.name, 64)], ids_by[("ec1.25", 64)]))
 
 
-def test_eval_report_names_the_path_and_rows_agree(sglang_path, tmp_path):
-    model = _tiny_model(True)
+def _eval_inputs(tmp_path):
+    """The tiny model, random token streams (train/val x code/prose), small eval settings."""
     rng = np.random.default_rng(0)
     streams = {s: {d: rng.integers(1, 96, 4096).astype(np.int64) for d in ("code", "prose")}
                for s in ("train", "val")}
@@ -130,6 +130,11 @@ def test_eval_report_names_the_path_and_rows_agree(sglang_path, tmp_path):
               "--compositions", "64:2x32,16:2x8", "--modes", "tc,ec1.25,hybrid,thr",
               "--inv-prompts", "1", "--inv-trials", "2", "--inv-batch", "2",
               "--cal-seqs", "2", "--cal-iters", "20", "--timing-tokens="]
+    return _tiny_model(True), streams, common
+
+
+def test_eval_report_names_the_path_and_rows_agree(sglang_path, tmp_path):
+    model, streams, common = _eval_inputs(tmp_path)
     res = {}
     for path in ("dispatch", "sglang"):
         res[path] = erq.main(common + ["--out", str(tmp_path / path), "--router-path", path],
@@ -138,6 +143,11 @@ def test_eval_report_names_the_path_and_rows_agree(sglang_path, tmp_path):
     js = json.loads((tmp_path / "sglang" / "routing_quality.json").read_text())
     assert "Routing path: SGLang " in md and "own TopK" in js["routing_path"]
     assert "thr is not a plugin mode" in js["routing_path"]
+    # the start-up probe: random logits through both paths, identical on CPU (fp32)
+    assert set(js["router_probe"]) == {"tc", "ec1.0", "ec1.25", "ec1.5", "ec2.0", HYBRID.name}
+    assert all(p["ids_identical"] == 1.0 and p["max_abs_dweight"] <= 1e-6
+               for p in js["router_probe"].values())
+    assert "Router probe" in md and res["dispatch"]["router_probe"] is None
     assert "our dispatch function" in res["dispatch"]["routing_path"]
     assert "--router-path dispatch" in res["dispatch"]["routing_path"]
     rows = {p: {(r["composition"], r["mode"]): r for r in res[p]["rows"]} for p in res}
@@ -149,6 +159,29 @@ def test_eval_report_names_the_path_and_rows_agree(sglang_path, tmp_path):
         assert r["ppl"] == pytest.approx(d["ppl"], rel=1e-6), key
         assert r["load_max_mean"] == d["load_max_mean"], key
         assert r["top1_agree_tc"] == d["top1_agree_tc"], key
+
+
+def test_topk_failure_on_the_device(sglang_path, tmp_path, monkeypatch):
+    """SGLang's TopK raising at the start-up probe: auto goes on with the dispatch path and
+    says why; --router-path sglang stops with one line."""
+    model, streams, common = _eval_inputs(tmp_path)
+    common = [a if a != "64:2x32,16:2x8" else "64:2x32" for a in common]
+    common[common.index("tc,ec1.25,hybrid,thr")] = "tc,ec1.25"
+
+    def broken(self, *a, **k):
+        raise RuntimeError("no kernel\nfor this device")
+
+    monkeypatch.setattr(qm.SglangTopK, "route", broken)
+    with pytest.raises(SystemExit, match=r"^error: --router-path sglang: SGLang's TopK failed "
+                       r"on cpu \(RuntimeError: no kernel for this device\)$"):
+        erq.main(common + ["--out", str(tmp_path / "s"), "--router-path", "sglang"],
+                 model=model, streams=streams)
+    res = erq.main(common + ["--out", str(tmp_path / "a"), "--router-path", "auto"],
+                   model=model, streams=streams)
+    assert "our dispatch function" in res["routing_path"]
+    assert "SGLang's TopK failed on cpu (RuntimeError: no kernel" in res["routing_path"]
+    assert res["router_probe"] is None and len(res["rows"]) == 2
+    assert all(r["router_path"] == "dispatch" for r in res["rows"])
 
 
 def test_auto_falls_back_and_sglang_fails_in_one_line_without_sglang(monkeypatch, tmp_path):
