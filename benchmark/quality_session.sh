@@ -4,22 +4,24 @@
 # Qwen3-MoE, an expert-choice-trained one (the TC model's routing-quality eval runs on the same
 # GPU meanwhile), the EC model's eval, and one plot of both. Every stage is capped from the
 # session's end time (train_moe_lm --stop-at, eval_routing_quality --max-seconds, `timeout` as
-# the backstop), so results are written even when a stage runs slow. Stage budgets scale with
-# QUALITY_SESSION_S (560 s full, 240 s tiny = 1x; a 420 s session still trains and evaluates
-# both models, the EC model's eval then on fewer modes: tc, ec1.25, thr, with the 32-token
-# composition). Checkpoints stay in $QUALITY_WORK (default /tmp/quality_work); $OUT gets at
-# most 6 files:
+# the backstop), so results are written even when a stage runs slow. Stage budgets (and the
+# corpus size) scale with QUALITY_SESSION_S (560 s full, 240 s tiny = 1x); a shorter session
+# (e.g. 420 s) still trains and evaluates both models, the EC model's eval then on tc, ec1.25
+# and thr, with the 32-token composition over the first 64 tokens. Checkpoints stay in
+# $QUALITY_WORK (default /tmp/quality_work); $OUT gets at most 6 files:
 #   tc_quality.{json,md}  ec_quality.{json,md}  quality.png  session.log
 #
-# Routing path of the evals (--router-path auto, the "Routing path" line of each table): SGLang's
-# own TopK with the plugin wherever `import sglang` works, else our dispatch function. On the GPU
-# machine (no sglang there) a staged .gpuenv/ (../shared/gpu-sglang/README.md; carry it along)
-# is installed first (RUNS=none .gpuenv/device.sh, log in $QUALITY_WORK/device.log), then the
-# evals run with PYTHONPATH=/tmp/site:/tmp/plugsite:$PWD/python. QUALITY_SGLANG=0 skips that;
-# QUALITY_ROUTER_PATH=dispatch|sglang overrides auto.
+# Routing path of the evals (--router-path auto; the "Routing path" line of each table says
+# which ran): SGLang's own TopK with the plugin wherever `import sglang` works, else our dispatch
+# function. The GPU machine has no sglang: a staged .gpuenv/ (../shared/gpu-sglang/README.md;
+# carry it along) is installed in the background while the data is prepared (RUNS=none
+# .gpuenv/device.sh, log in $QUALITY_WORK/device.log), and the evals then run with
+# PYTHONPATH=/tmp/site:/tmp/plugsite:$PWD/python (the trainings never import sglang).
+# QUALITY_SGLANG=0 skips the install; QUALITY_ROUTER_PATH=dispatch|sglang overrides auto.
 #
-# GPU (repo root):  export PYTHONPATH=$PWD/python SGLANG_MOE_EC_DISABLE_CUDA_EXT=1
-#                   bash benchmark/quality_session.sh
+# GPU (repo root, device tool with carry [".gpuenv"]):
+#   export PYTHONPATH=$PWD/python SGLANG_MOE_EC_DISABLE_CUDA_EXT=1
+#   bash benchmark/quality_session.sh
 #   (SGLang's topk_softmax is timed too when sgl_kernel/sglang imports, or when the staged
 #    .sgl_yardstick/ of benchmark/sglang_yardstick.py is carried along)
 # CPU smoke:        QUALITY_TINY=1 OUT=/tmp/qs bash benchmark/quality_session.sh
@@ -65,7 +67,9 @@ else
   if [ "$SESSION_S" -ge "$BASE_S" ]; then
     EC_EVAL_ARGS="--modes tc,ec1.0,ec1.25,ec2.0,thr --timing-tokens="
   else  # shorter session: the modes that matter most, still with the 32-token composition
-    EC_EVAL_ARGS="--modes tc,ec1.25,thr --compositions 256:8x32,4096:8x512,32:32x1/128 --inv-prompts 2 --timing-tokens="
+    # (decode over the first 64 tokens; ~60 s on an H200 with SGLang's import)
+    EC_EVAL_S=$(( EC_EVAL_S > 60 ? EC_EVAL_S : 60 ))
+    EC_EVAL_ARGS="--modes tc,ec1.25,thr --compositions 256:8x32,4096:8x512,32:32x1/64 --inv-prompts 2 --timing-tokens="
   fi
 fi
 END=$((T0 + SESSION_S))
