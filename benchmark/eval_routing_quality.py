@@ -2,16 +2,23 @@
 trained Qwen3-MoE checkpoint (issue 11, items 2-3), on the held-out split of
 ``benchmark/train_moe_lm.py``.
 
-Routing path: SGLang's ``TopK`` does not run in this (transformers) process, so each
-``Qwen3MoeTopKRouter`` of the model has its ``forward`` replaced (:func:`patch_routers`) by one
-that computes the same router logits (``F.linear(h, gate.weight)``) and routes them through
-**our dispatch function** ``sglang_moe_routing.expert_choice.expert_choice_topk`` with exactly
-the config SGLang's ``TopK`` passes for Qwen3-MoE: ``top_k = num_experts_per_tok``,
-``scoring_func="softmax"``, ``renormalize = norm_topk_prob``, no grouping, no correction bias,
-no routed scaling; plus the capacity factor and ``min_tokens`` of the mode. Token choice goes
-through ``token_choice_topk_reference`` (same scoring and renormalisation; identical to
-transformers' own top-k, checked bit for bit in ``test/test_train_moe_lm.py``). The weights are
-cast to the router logits' dtype and the ids to int64, as transformers' router returns them.
+Routing path (``--router-path``, default ``auto``: ``sglang`` when ``import sglang`` works, else
+``dispatch``; the report's "Routing path" line says which ran). ``sglang``: each
+``Qwen3MoeTopKRouter`` of the (transformers) model has its ``forward`` replaced
+(:func:`patch_routers`) by one that computes the same router logits (``F.linear(h,
+gate.weight)``) and routes them through **SGLang's own** ``sglang.srt.layers.moe.topk.TopK``, one
+per layer, built as SGLang's ``qwen3_moe`` builds it (``top_k = num_experts_per_tok``,
+``renormalize = norm_topk_prob``, no grouping, softmax scoring, no correction bias, no routed
+scaling), with our plugin's hooks installed and its expert-choice section set per mode
+(``quality_modes.SglangTopK``): token choice is upstream's ``select_experts``, EC and hybrid
+modes are the plugin's hook inside ``TopK``. ``dispatch``: the same logits through **our
+dispatch function** ``sglang_moe_routing.expert_choice.expert_choice_topk`` with exactly that
+config plus the capacity factor and ``min_tokens`` of the mode; token choice through
+``token_choice_topk_reference`` (same scoring and renormalisation; identical to transformers'
+own top-k, checked bit for bit in ``test/test_train_moe_lm.py``). The two paths give identical
+ids and weights (``test/test_quality_router_path.py``). ``thr`` is not a plugin mode: it takes
+``threshold_topk`` on either path. The weights are cast to the router logits' dtype and the
+ids to int64, as transformers' router returns them.
 
 Modes: ``tc`` (token choice), ``ec1.0``/``ec1.25``/``ec1.5``/``ec2.0`` (expert choice,
 ``min_tokens=0``), ``hybrid`` (``cf=1.25``, ``min_tokens=32``: the plugin's defaults), ``thr``
@@ -84,8 +91,13 @@ from moe_corpus import (  # noqa: E402
 from quality_modes import (  # noqa: E402
     DEFAULT_MODES,
     Mode,
+    ROUTER_PATHS,
+    SGLANG_KINDS,
     RoutingState,
+    SglangTopK,
     patch_routers,
+    probe_router_paths,
+    resolve_router_path,
     routers,  # noqa: F401 - callers reach it as eval_routing_quality.routers
     routing_timings,
 )
@@ -97,6 +109,19 @@ ROUTING_PATH = (
     "top_k=num_experts_per_tok); token choice through token_choice_topk_reference (same "
     "scoring); SGLang's TopK itself is not in this process"
 )
+
+
+def routing_path_text(path: str, sglang: Optional[SglangTopK], note: str) -> str:
+    """The report's "Routing path" line for the path ``resolve_router_path`` chose."""
+    if sglang is None:
+        return f"{ROUTING_PATH} [{note}]"
+    return (f"SGLang {sglang.version}'s own TopK (sglang.srt.layers.moe.topk.TopK, one per MoE "
+            "layer, built as SGLang's qwen3_moe builds it: top_k=num_experts_per_tok, "
+            "renormalize=norm_topk_prob, use_grouped_topk=False, softmax scoring; STANDARD "
+            "output) with the sglang-moe-routing plugin's hooks installed: tc = upstream's "
+            "select_experts, ec*/hybrid = the plugin's expert-choice hook inside TopK (section "
+            "set per mode: capacity factor, min tokens, backend); thr is not a plugin mode and "
+            f"routes through our threshold_topk (dispatch path) [{note}]")
 
 
 # ----------------------------------------------------------------------------- forwards
@@ -187,10 +212,15 @@ def batches_for(comp: Composition, code: np.ndarray, prose: np.ndarray
     return out
 
 
+def _mode_path(mode: Mode, sglang: Optional[SglangTopK]) -> str:
+    return "sglang TopK" if sglang is not None and mode.kind in SGLANG_KINDS else "dispatch"
+
+
 @torch.no_grad()
 def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, prose, device,
                      backend: str, biases: Optional[Dict[int, torch.Tensor]] = None,
-                     deadline: float = float("inf")) -> List[Dict]:
+                     deadline: float = float("inf"), sglang: Optional[SglangTopK] = None
+                     ) -> List[Dict]:
     """One row per mode (token choice first: the agreement baseline); modes reached after
     ``deadline`` (time.time()) are left out."""
     batches = batches_for(comp, code, prose)
@@ -201,7 +231,7 @@ def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, pros
         if time.time() > deadline and rows:
             print(f"[eval] time cap: {comp.name} {mode.name} skipped", flush=True)
             continue
-        state = RoutingState(mode, backend, biases)
+        state = RoutingState(mode, backend, biases, sglang=sglang)
         t0 = time.time()
         nll = {0: 0.0, 1: 0.0}
         cnt = {0: 0, 1: 0}
@@ -228,7 +258,8 @@ def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, pros
             shape=comp.describe(comp.seq_len or code.shape[1]),
             mode=mode.name, capacity_factor=mode.capacity_factor if mode.kind == "ec" else None,
             min_tokens=mode.min_tokens if mode.kind == "ec" else None,
-            kind=mode.kind, ppl=math.exp((nll[0] + nll[1]) / tot),
+            kind=mode.kind, router_path=_mode_path(mode, sglang),
+            ppl=math.exp((nll[0] + nll[1]) / tot),
             ppl_code=math.exp(nll[0] / cnt[0]) if cnt[0] else None,
             ppl_prose=math.exp(nll[1] / cnt[1]) if cnt[1] else None,
             top1_agree_tc=agree, tokens_scored=tot, rows_per_forward=sorted(state.rows),
@@ -245,7 +276,8 @@ def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, pros
 def batch_invariance(model, modes: Sequence[Mode], seqs: np.ndarray, n_prompts: int,
                      n_trials: int, batch: int, device, backend: str, seed: int,
                      biases: Optional[Dict[int, torch.Tensor]] = None,
-                     deadline: float = float("inf")) -> List[Dict]:
+                     deadline: float = float("inf"), sglang: Optional[SglangTopK] = None
+                     ) -> List[Dict]:
     """Per mode: max / mean |delta logprob| of fixed prompts' tokens across random batch mates,
     and the share of the prompt's (layer, token) expert sets that differ from the first
     batch's (``routing_changed``)."""
@@ -262,7 +294,7 @@ def batch_invariance(model, modes: Sequence[Mode], seqs: np.ndarray, n_prompts: 
         if time.time() > deadline:
             print(f"[eval] time cap: invariance {mode.name} skipped", flush=True)
             continue
-        state = RoutingState(mode, backend, biases)
+        state = RoutingState(mode, backend, biases, sglang=sglang)
         state.record = False
         state.capture_rows = seqs.shape[1]  # the prompt is row 0: its tokens come first
         deltas_max, deltas_sum, deltas_cnt = 0.0, 0.0, 0
@@ -285,7 +317,8 @@ def batch_invariance(model, modes: Sequence[Mode], seqs: np.ndarray, n_prompts: 
                     deltas_cnt += d.numel()
                     changed += (ids != ref_ids).any(-1).sum().item()
                     compared += ids.shape[0] * ids.shape[1]
-        out.append(dict(mode=mode.name, prompts=int(n_prompts), trials=int(n_trials),
+        out.append(dict(mode=mode.name, router_path=_mode_path(mode, sglang),
+                        prompts=int(n_prompts), trials=int(n_trials),
                         batch_seqs=int(batch), T=int(batch * seqs.shape[1]),
                         max_abs_dlogprob=deltas_max,
                         mean_abs_dlogprob=deltas_sum / max(deltas_cnt, 1),
@@ -341,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=0, help="0 = the training seq len")
     p.add_argument("--modes", default="all",
                    help="comma list of mode names (hybrid = the hybrid mode), or all")
+    p.add_argument("--router-path", default="auto", choices=ROUTER_PATHS,
+                   help="sglang: route tc/ec/hybrid through SGLang's own TopK with the plugin; "
+                   "dispatch: through our dispatch function; auto (default): sglang when "
+                   "`import sglang` works, else dispatch")
     p.add_argument("--backend", default="auto", help="expert-choice backend (auto|cuda|triton|"
                    "reference)")
     p.add_argument("--cal-seqs", type=int, default=None,
@@ -397,12 +434,24 @@ def load_for_eval(ckpt: Path, device: torch.device):
 
 def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     args = build_parser().parse_args(argv)
+    t0 = time.time()
+    device = resolve_device(args.device)
+    path, sglang, note = resolve_router_path(args.router_path, device)  # before the model loads
+    try:
+        return run_eval(args, device, sglang, routing_path_text(path, sglang, note), t0,
+                        model, streams)
+    finally:
+        if sglang is not None:
+            sglang.__exit__(None, None, None)
+
+
+def run_eval(args: argparse.Namespace, device: torch.device, sglang: Optional[SglangTopK],
+             routing_path: str, t0: float, model=None, streams=None) -> Dict:
+    """The stages of :func:`main` (``sglang``: the entered router path, or None)."""
     ckpt = Path(args.ckpt)
     out = Path(args.out or ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     deadline = t0 + args.max_seconds if args.max_seconds > 0 else float("inf")
-    device = resolve_device(args.device)
     log = json.loads((ckpt / "train_log.json").read_text()) \
         if (ckpt / "train_log.json").exists() else {}
     targs = argparse.Namespace(**log["args"]) if log else None
@@ -428,6 +477,23 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     cfg = model.config
     probe = torch.zeros(1, cfg.num_experts, device=device)
     ec_backend = resolve_backend(probe, cfg.num_experts_per_tok, args.backend)
+    router_probe = None
+    if sglang is not None:  # SGLang's TopK on this device, against the dispatch path
+        try:
+            router_probe = probe_router_paths(sglang, cfg.num_experts, cfg.num_experts_per_tok,
+                                              bool(cfg.norm_topk_prob), args.backend, device)
+        except Exception as exc:  # noqa: BLE001 - auto: fall back; sglang: stop, one line
+            msg = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if args.router_path == "sglang":
+                raise SystemExit(f"error: --router-path sglang: SGLang's TopK failed on "
+                                 f"{device} ({msg})") from None
+            sglang.__exit__(None, None, None)
+            sglang = None
+            routing_path = routing_path_text(
+                "dispatch", None, f"--router-path auto: SGLang's TopK failed on {device} ({msg})")
+        else:
+            print(f"[eval] router probe (sglang TopK vs dispatch, random logits): "
+                  f"{router_probe}", flush=True)
     routing_kind = (log.get("args") or {}).get("routing", "tc")
     label = args.label or (f"{routing_kind.upper()}-trained Qwen3-MoE" + (
         f" (cf {log['args'].get('ec_capacity_factor')})" if routing_kind == "ec" else ""))
@@ -435,10 +501,11 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
                f"({2 * n * (seq_len - 1)} scored tokens per composition); "
                f"E={cfg.num_experts}, k={cfg.num_experts_per_tok}, "
                f"norm_topk_prob={cfg.norm_topk_prob}, device={device}")
-    print(f"[eval] {label}; routing path: {ROUTING_PATH}; EC backend {ec_backend}", flush=True)
+    print(f"[eval] {label}; routing path: {routing_path}; EC backend {ec_backend}", flush=True)
     print(f"[eval] held-out: {heldout}", flush=True)
     result = dict(model=f"{label} (Qwen3MoeForCausalLM from {ckpt})", label=label,
-                  trained_with=routing_kind, routing_path=ROUTING_PATH, ec_backend=ec_backend,
+                  trained_with=routing_kind, routing_path=routing_path, ec_backend=ec_backend,
+                  router_probe=router_probe,
                   heldout=heldout, E=cfg.num_experts, k=cfg.num_experts_per_tok,
                   compositions=[asdict(c) for c in comps], modes=[asdict(m) for m in modes],
                   rows=[], invariance=[], timings=[], timing_device=str(device), skipped=[],
@@ -471,7 +538,7 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
             return
         try:
             rs = eval_composition(model, comp, modes, code, prose, device, args.backend, biases,
-                                  deadline)
+                                  deadline, sglang)
         except Exception as exc:  # noqa: BLE001 - one failed composition: keep the others
             result["skipped"].append(f"composition {comp.name} ({exc})")
             print(f"[eval] composition {comp.name} failed: {exc!r}", flush=True)
@@ -494,7 +561,7 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     inv_seqs = np.concatenate([code, prose])
     result["invariance"] = batch_invariance(
         model, modes, inv_seqs, args.inv_prompts or (2 if args.tiny else 4), args.inv_trials,
-        args.inv_batch or 8, device, args.backend, args.seed, biases, deadline)
+        args.inv_batch or 8, device, args.backend, args.seed, biases, deadline, sglang)
     result["skipped"] += [f"invariance/{m.name}" for m in modes
                           if m.name not in {r["mode"] for r in result["invariance"]}]
     for r in result["invariance"]:

@@ -1,8 +1,9 @@
 """The routing modes of ``benchmark/eval_routing_quality.py`` and how they reach the model:
 ``Mode`` / ``DEFAULT_MODES`` (``tc``, ``ec*``, ``hybrid``, ``thr``), ``RoutingState`` (what the
-patched routers route with and record), ``route`` (one router's logits through our dispatch
-functions), ``patch_routers`` (every ``Qwen3MoeTopKRouter.forward`` of a transformers model
-replaced while inside), and ``routing_timings`` (routing time per call of each method, with
+patched routers route with and record), ``SglangTopK`` (SGLang's own ``TopK`` layers with the
+plugin's hooks: the ``sglang`` router path), ``route`` (one router's logits through SGLang's
+``TopK`` or through our dispatch functions), ``patch_routers`` (every ``Qwen3MoeTopKRouter.forward``
+of a transformers model replaced while inside), and ``routing_timings`` (routing time per call of each method, with
 SGLang's ``topk_softmax`` when it is available). The eval's module docstring says what each
 mode computes and why the routing path matches SGLang's ``TopK`` for Qwen3-MoE.
 """
@@ -35,6 +36,8 @@ from sglang_moe_routing.expert_choice.threshold import calibrate_bias, threshold
 
 
 DEFAULT_MIN_TOKENS = 32  # the plugin's default (integration/expert_choice_hooks.py)
+ROUTER_PATHS = ("auto", "sglang", "dispatch")
+SGLANG_KINDS = ("tc", "ec")  # the mode kinds SGLang's TopK + the plugin serve (thr is ours)
 
 
 # ----------------------------------------------------------------------------- routing patch
@@ -71,9 +74,11 @@ class RoutingState:
     """
 
     def __init__(self, mode: Mode, backend: str = "auto",
-                 biases: Optional[Dict[int, torch.Tensor]] = None, cal_iters: int = 300):
+                 biases: Optional[Dict[int, torch.Tensor]] = None, cal_iters: int = 300,
+                 sglang: Optional["SglangTopK"] = None):
         self.mode = mode
         self.backend = backend
+        self.sglang = sglang  # route tc / ec modes through SGLang's TopK (None: dispatch)
         self.biases: Dict[int, torch.Tensor] = dict(biases or {})
         self.calibrating = False
         self.cal_iters = cal_iters
@@ -102,9 +107,152 @@ class RoutingState:
         return out
 
 
-def route(router, logits: torch.Tensor, state: RoutingState) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(weights fp32 [T,k], ids int32 [T,k])`` for one router's logits under ``state.mode``."""
+class SglangTopK:
+    """The ``sglang`` router path: SGLang's own ``sglang.srt.layers.moe.topk.TopK``, one per MoE
+    layer, built as SGLang's ``qwen3_moe`` model builds it (``top_k = num_experts_per_tok``,
+    ``renormalize = norm_topk_prob``, ``use_grouped_topk=False``, ``layer_id``; default scoring
+    ``softmax``, no correction bias, no routed scaling; output format STANDARD, what SGLang's
+    triton MoE runner binds), with the plugin registered and its routing hooks applied
+    (``plugin.install_feature_hooks(force=True)``, as a server with expert choice on) and
+    SGLang's server args published in this process (the plugin's
+    ``config.published_server_args``, as the demo and the integration tests do). Token choice is
+    upstream's own ``select_experts`` (the plugin's section says expert choice is off); EC /
+    hybrid modes set the section (capacity factor, min tokens, backend) so the plugin's hook
+    routes inside ``TopK``. Use as a context manager; raises ``ImportError`` without sglang."""
+
+    def __init__(self, device: torch.device):
+        import sglang  # noqa: F401 - ImportError here: no sglang
+
+        self.device = device
+        self.version = getattr(sglang, "__version__", "?")
+        self._stack = contextlib.ExitStack()
+        self._layers: Dict[Tuple[int, int, bool], torch.nn.Module] = {}
+
+    def __enter__(self) -> "SglangTopK":
+        import logging
+        import os
+        import warnings
+
+        os.environ.setdefault("SGLANG_LOGGING_LEVEL", "WARNING")
+        warnings.filterwarnings("ignore", message="Only CUDA", category=UserWarning)
+        from sglang.srt.plugins import load_plugins
+
+        from sglang_moe_routing.integration import config, plugin
+
+        load_plugins()  # our entry point; SGLang logs and skips a failing plugin, so:
+        plugin.register()  # raises here (one line) when this sglang is not supported
+        plugin.install_feature_hooks(force=True)
+        self._stack.enter_context(config.published_server_args(
+            "--log-level", "warning", "--device", self.device.type))
+        self._stack.callback(config.set_sections, None)
+        logging.getLogger().setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._layers.clear()
+
+    def layer(self, layer_idx: int, top_k: int, renormalize: bool) -> torch.nn.Module:
+        key = (layer_idx, top_k, renormalize)
+        if key not in self._layers:
+            from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
+
+            self._layers[key] = TopK(top_k=top_k, renormalize=renormalize,
+                                     use_grouped_topk=False, layer_id=layer_idx,
+                                     output_format=TopKOutputFormat.STANDARD)
+        return self._layers[key]
+
+    @staticmethod
+    def set_mode(mode: Optional[Mode], backend: str = "auto") -> None:
+        """The plugin's expert-choice section for ``mode`` (None: back to the published args)."""
+        from sglang_moe_routing.integration import config
+        from sglang_moe_routing.integration.expert_choice_hooks import (
+            SECTION,
+            ExpertChoiceConfig,
+        )
+
+        if mode is None:
+            config.set_sections(None)
+            return
+        ec = mode.kind == "ec"
+        config.set_sections({SECTION: ExpertChoiceConfig(
+            enabled=ec, capacity_factor=mode.capacity_factor if ec else 1.25,
+            min_tokens=mode.min_tokens if ec else DEFAULT_MIN_TOKENS, backend=backend,
+            source="cli" if ec else "default")})
+
+    def route(self, router, hidden_states: torch.Tensor, logits: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = self.layer(router._layer_idx, int(router.top_k),
+                         bool(router.norm_topk_prob))(hidden_states, logits)
+        return out.topk_weights, out.topk_ids
+
+
+def probe_router_paths(sglang: SglangTopK, num_experts: int, top_k: int, renormalize: bool,
+                       backend: str, device: torch.device, tokens: int = 256,
+                       modes: Sequence[Mode] = DEFAULT_MODES, seed: int = 0) -> Dict[str, Dict]:
+    """Random router logits ``[tokens, E]`` (bf16 on a GPU, as under the eval's autocast) through
+    both paths for every mode the plugin serves: per mode, the share of rows whose expert ids
+    are identical (same order) and the largest weight difference. Raises whatever SGLang's
+    ``TopK`` raises (the eval then falls back to the dispatch path under ``auto``)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    logits = torch.randn(tokens, num_experts, generator=g).to(device, dtype)
+    router = types.SimpleNamespace(_layer_idx=0, top_k=top_k, norm_topk_prob=renormalize)
+    out = {}
+    for mode in modes:
+        if mode.kind not in SGLANG_KINDS:
+            continue
+        w_ref, i_ref = route(router, logits, RoutingState(mode, backend))
+        sglang.set_mode(mode, backend)
+        try:
+            w, i = route(router, logits, RoutingState(mode, backend, sglang=sglang))
+        finally:
+            sglang.set_mode(None)
+        out[mode.name] = dict(
+            rows=tokens, ids_identical=(i.long() == i_ref.long()).all(-1).float().mean().item(),
+            max_abs_dweight=(w.float() - w_ref.float()).abs().max().item())
+    return out
+
+
+def resolve_router_path(choice: str, device: torch.device) -> Tuple[str, Optional[SglangTopK], str]:
+    """``(path, entered SglangTopK or None, note)`` for ``--router-path``: ``auto`` takes
+    SGLang's ``TopK`` when ``import sglang`` works and the plugin sets up (else the dispatch
+    path; the note says why); ``sglang`` exits with one line when either fails. The caller
+    closes the returned ``SglangTopK`` (``__exit__``)."""
+    if choice not in ROUTER_PATHS:
+        raise SystemExit(f"error: --router-path must be one of {', '.join(ROUTER_PATHS)}, "
+                         f"got {choice!r}")
+    if choice == "dispatch":
+        return "dispatch", None, "--router-path dispatch"
+    try:
+        sg = SglangTopK(device)
+    except ImportError as exc:
+        if choice == "sglang":
+            raise SystemExit(f"error: --router-path sglang: sglang is not importable "
+                             f"({type(exc).__name__}: {exc}); install sglang or use "
+                             "--router-path dispatch") from None
+        return "dispatch", None, f"--router-path auto: sglang not importable ({exc})"
+    try:
+        sg.__enter__()
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - plugin/sglang mismatch
+        sg.__exit__(None, None, None)
+        msg = " ".join(str(exc).split())[:300]
+        if choice == "sglang":
+            raise SystemExit(f"error: --router-path sglang: SGLang {sg.version}'s TopK with the "
+                             f"plugin could not be set up ({type(exc).__name__}: {msg})") from None
+        return "dispatch", None, f"--router-path auto: SGLang setup failed ({msg})"
+    return "sglang", sg, f"--router-path {choice}"
+
+
+def route(router, logits: torch.Tensor, state: RoutingState,
+          hidden_states: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(weights fp32 [T,k], ids [T,k])`` for one router's logits under ``state.mode``: through
+    SGLang's ``TopK`` when ``state.sglang`` is set and the mode is one the plugin serves, else
+    through our functions."""
     mode = state.mode
+    if state.sglang is not None and mode.kind in SGLANG_KINDS:
+        return state.sglang.route(router, logits if hidden_states is None else hidden_states,
+                                  logits)
     if mode.kind == "tc":
         return token_choice_topk_reference(logits, RoutingSpec(
             router.top_k, renormalize=bool(router.norm_topk_prob), scoring_func="softmax"))
@@ -142,7 +290,7 @@ def _patched_router_forward(self, hidden_states):
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     state: RoutingState = self._routing_state
-    weights, ids = route(self, router_logits, state)
+    weights, ids = route(self, router_logits, state, hidden_states)
     if state.record:
         state.counts.append(torch.bincount(ids.reshape(-1).long(), minlength=self.num_experts))
         state.rows.add(int(router_logits.shape[0]))
@@ -167,15 +315,20 @@ def routers(model) -> List[torch.nn.Module]:
 
 @contextlib.contextmanager
 def patch_routers(model, state: RoutingState) -> Iterator[RoutingState]:
-    """Route every Qwen3-MoE layer of ``model`` through our functions while inside."""
+    """Route every Qwen3-MoE layer of ``model`` through ``route`` while inside (SGLang's
+    ``TopK`` with the mode's plugin section set when ``state.sglang``, else our functions)."""
     rs = routers(model)
     for i, r in enumerate(rs):
         r._routing_state = state
         r._layer_idx = i
         r.forward = types.MethodType(_patched_router_forward, r)
+    if state.sglang is not None:
+        state.sglang.set_mode(state.mode, state.backend)
     try:
         yield state
     finally:
+        if state.sglang is not None:
+            state.sglang.set_mode(None)
         for r in rs:
             del r.forward  # back to the class's forward
             del r._routing_state

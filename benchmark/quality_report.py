@@ -20,8 +20,15 @@ def _f(v, fmt="{:.3f}"):
 def markdown(result: Dict) -> str:
     lines = [f"# Routing quality: {result['model']}", "",
              f"Routing path: {result['routing_path']} (expert-choice backend: "
-             f"{result['ec_backend']}).", "",
-             f"Held-out: {result['heldout']}", ""]
+             f"{result['ec_backend']}).", ""]
+    probe = result.get("router_probe")
+    if probe:
+        lines += ["Router probe (random logits, bf16 on a GPU; SGLang's TopK vs the dispatch "
+                  "path): " + "; ".join(
+                      f"{m}: ids identical on {p['ids_identical']:.1%} of {p['rows']} rows, "
+                      f"max |dweight| {p['max_abs_dweight']:.1e}" for m, p in probe.items()),
+                  ""]
+    lines += [f"Held-out: {result['heldout']}", ""]
     cal = result.get("calibration")
     if cal:
         lines += [f"thr calibration: {cal['seqs']} training-split sequences ({cal['tokens']} "

@@ -168,7 +168,8 @@ def test_eval_table(trained, tmp_path):
     modes = ["tc", "ec1.25", "ec2.0", hyb, "thr"]
     res = erq.main(["--ckpt", str(out), "--out", str(tmp_path), "--tiny", "--device", "cpu",
                     "--compositions", comps, "--eval-seqs", "4", "--inv-trials", "3",
-                    "--inv-batch", "4", "--cal-iters", "100", "--modes", "tc,ec1.25,ec2.0,hybrid,thr"])
+                    "--inv-batch", "4", "--cal-iters", "100", "--modes", "tc,ec1.25,ec2.0,hybrid,thr",
+                    "--router-path", "dispatch"])  # the sglang path: test_quality_router_path
     md = (tmp_path / "routing_quality.md").read_text()
     js = json.loads((tmp_path / "routing_quality.json").read_text())
     assert "our dispatch function" in md and "our dispatch function" in js["routing_path"]
