@@ -1,0 +1,530 @@
+"""Expert choice vs token choice through SGLang's own ``bench_one_batch`` (issue 9's 3% goal).
+
+Each run is one subprocess of ``sglang.benchmark.one_batch`` (a ModelRunner in-process, no
+HTTP server, CUDA graphs as SGLang's defaults, a static batch per point): the plugin is
+loaded first (``load_plugins()``; one_batch does not call it), the input ids are seeded
+(``np.random.seed`` + ``--random-seed``: every run gets the same prompts), and one_batch
+appends one JSON line per point to its ``--result-filename``. Runs, in this order:
+
+    (TC, EC, EC, TC) x --repeats, then UP
+    TC: plugin loaded, expert choice off       EC: + --enable-expert-choice
+    UP: upstream alone (SGLANG_PLUGINS=__none__, no load_plugins): a control for TC
+
+so drift over the call hits TC and EC alike. Every run measures the batch sizes ``--passes``
+times (``--batch-size 1 8 ... 1 8 ...``); the first pass is discarded when there are two or
+more (one_batch warms up only the first batch size), the rest give the median per point.
+Per run and point: prefill latency (one extend of B x --input-len tokens) and one_batch's
+median decode-step latency (over --output-len - 1 steps).
+
+Checks (a failed one refuses every EC/TC ratio, as ``harness.Checks`` does, exit status 1):
+the run exited 0 and wrote every point; its log shows the plugin's CLI flags were there
+(TC, EC) or absent (UP); EC runs log "expert choice routes X of Y MoE (TopK) layers" with
+X > 0, TC and UP runs log no such line.
+
+Verdicts per B and phase (tokens per forward pass: prefill B x L, decode B; EC routes a pass
+by token choice below --expert-choice-min-tokens):
+* tokens >= min-tokens: "met" when EC/TC throughput >= --goal (0.97), judged only when the
+  TC-vs-TC spread ((max - min) / median of the TC runs) is below --noise-limit (1%); else
+  "noise floor too high".
+* tokens < min-tokens (same kernels on both sides): "nothing measurable" when |EC/TC - 1| is
+  within the noise floor (the larger of the TC-vs-TC and EC-vs-EC spreads, itself below
+  --noise-limit).
+The goal rows are B >= 32 (both phases) and the decode rows below min-tokens.
+
+Writes bench_one_batch_ec.{json,md,png} and run_<i>_<label>.{log,jsonl} to --out ($OUT).
+
+GPU (one H200; the ``onebatch`` stage of benchmark/gpu_serving_session.sh):
+    python3 benchmark/bench_one_batch_ec.py --max-seconds 240
+CPU smoke (tiny model, ~1 min a run):
+    python benchmark/bench_one_batch_ec.py --qwen-size small --batch-sizes 1,8,32 \\
+        --input-len 16 --output-len 4 --repeats 1 --no-upstream --out /tmp/ob_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+from harness import Checks, fmt, md_table  # noqa: E402
+
+NAME = "bench_one_batch_ec"
+KINDS = {"tc": "TC (plugin, EC off)", "ec": "EC", "up": "upstream (no plugin)"}
+
+# The child: seed, plugins, proof of the plugin's presence, then one_batch's own CLI.
+CHILD = r"""
+import json, os, sys, argparse
+import numpy as np
+np.random.seed(int(os.environ["ONEBATCH_SEED"]))
+if os.environ["ONEBATCH_PLUGIN"] == "1":
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+from sglang.srt.server_args import ServerArgs
+p = argparse.ArgumentParser()
+ServerArgs.add_cli_args(p)
+has = any(a.dest == "enable_expert_choice" for a in p._actions)
+print("ONEBATCH plugin_flags=" + ("yes" if has else "no"), flush=True)
+sys.argv = ["sglang.benchmark.one_batch"] + json.loads(os.environ["ONEBATCH_ARGV"])
+from sglang.benchmark.one_batch import cli_main
+cli_main()
+"""
+
+COVERAGE_RE = re.compile(r"expert choice routes (\d+) of (\d+) MoE \(TopK\) layers")
+LAYER_RE = re.compile(r"layer \S+ routes with expert choice")
+FLAGS_RE = re.compile(r"^ONEBATCH plugin_flags=(yes|no)\s*$", re.M)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def run_order(repeats: int, upstream: bool, order: Optional[str] = None) -> List[Dict[str, str]]:
+    """``[{"label", "kind"}]``: (TC, EC, EC, TC) x ``repeats``, then the upstream control; or
+    the kinds of ``order`` ("tc,ec,up") as given."""
+    if order:
+        kinds = [k.strip() for k in order.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in KINDS]
+        if bad or not kinds:
+            raise ValueError(f"--order: {bad or 'nothing'} not among {', '.join(KINDS)}")
+    elif repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    else:
+        kinds = ["tc", "ec", "ec", "tc"] * repeats + (["up"] if upstream else [])
+    seen: Dict[str, int] = {}
+    out = []
+    for k in kinds:
+        seen[k] = seen.get(k, 0) + 1
+        out.append({"label": f"{k}{seen[k]}", "kind": k})
+    return out
+
+
+def one_batch_argv(model: str, tokenizer: str, batch_sizes: Sequence[int], passes: int,
+                   input_len: int, output_len: int, result: str, seed: int, kind: str,
+                   ec_args: Sequence[str], device_args: Sequence[str],
+                   extra: Sequence[str]) -> List[str]:
+    """one_batch's arguments for one run (``ec_args`` only for kind ``ec``)."""
+    argv = ["--model-path", model, "--tokenizer-path", tokenizer,
+            "--batch-size", *[str(b) for b in list(batch_sizes) * passes],
+            "--input-len", str(input_len), "--output-len", str(output_len),
+            "--result-filename", result, "--random-seed", str(seed), "--run-name", kind]
+    return argv + list(device_args) + (list(ec_args) if kind == "ec" else []) + list(extra)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def parse_log(text: str) -> Dict[str, object]:
+    """What a run's log proves: ``plugin_flags`` (True/False/None: the child's marker line),
+    ``coverage`` ([X, Y] from "expert choice routes X of Y MoE (TopK) layers", or None),
+    ``ec_layer_lines`` (count of "layer N routes with expert choice" lines)."""
+    flags = FLAGS_RE.findall(text)
+    cov = COVERAGE_RE.findall(text)
+    return {"plugin_flags": (flags[-1] == "yes") if flags else None,
+            "coverage": [int(cov[-1][0]), int(cov[-1][1])] if cov else None,
+            "ec_layer_lines": len(LAYER_RE.findall(text))}
+
+
+def parse_jsonl(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]:
+    """one_batch's result lines -> ``{B: {"prefill_latency", "decode_latency", "samples"}}``
+    (seconds; median over the passes after the first when ``passes`` >= 2). A B with fewer
+    than ``passes`` records is left out (the run did not finish it)."""
+    recs: Dict[int, List[dict]] = {}
+    for line in text.splitlines():
+        if line.strip():
+            r = json.loads(line)
+            recs.setdefault(int(r["batch_size"]), []).append(r)
+    out = {}
+    for b in batch_sizes:
+        rs = recs.get(b, [])
+        if len(rs) < passes:
+            continue
+        used = rs[1:passes] if passes >= 2 else rs[:1]
+        pre = [float(r["prefill_latency"]) for r in used]
+        dec = [float(r["median_decode_latency"]) for r in used if "median_decode_latency" in r]
+        out[b] = {"prefill_latency": statistics.median(pre),
+                  "decode_latency": statistics.median(dec) if dec else None,
+                  "samples": {"prefill": pre, "decode": dec}}
+    return out
+
+
+def run_failure(kind: str, rc: Optional[int], log: Dict[str, object], points: Dict[int, dict],
+                batch_sizes: Sequence[int]) -> Optional[str]:
+    """None when the run is usable, else a one-line reason (expert choice silently off, the
+    plugin missing where it should be, a crash, points missing)."""
+    if rc != 0:
+        return f"exit status {rc}"
+    missing = [b for b in batch_sizes if b not in points]
+    if missing:
+        return f"no result for B={missing}"
+    flags, cov = log["plugin_flags"], log["coverage"]
+    if flags is None:
+        return "no 'ONEBATCH plugin_flags=' line in the log"
+    if kind in ("tc", "ec") and not flags:
+        return "the plugin did not load (its CLI flags are absent)"
+    if kind == "up" and flags:
+        return "the plugin loaded in the upstream run (SGLANG_PLUGINS=__none__ ignored?)"
+    if kind == "ec":
+        if cov is None:
+            return "expert choice was OFF: no 'expert choice routes X of Y' line"
+        if cov[0] == 0:
+            return f"expert choice was OFF: it routes 0 of {cov[1]} MoE layers"
+    elif cov is not None or log["ec_layer_lines"]:
+        return f"expert choice was ON in a {kind} run (coverage {cov})"
+    return None
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def spread(xs: Sequence[float]) -> Optional[float]:
+    """(max - min) / median, None with fewer than two values."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    return (max(xs) - min(xs)) / statistics.median(xs)
+
+
+def verdict(ratio: Optional[float], tc_spread: Optional[float], ec_spread: Optional[float],
+            tokens: int, min_tokens: int, goal: float, noise_limit: float) -> str:
+    """The per-point verdict (see the module docstring)."""
+    if ratio is None:
+        return "n/a"
+    if tc_spread is None:
+        return "not judged: needs >= 2 TC runs (noise floor)"
+    if tokens < min_tokens:
+        floor = max(tc_spread, ec_spread or 0.0)
+        if floor >= noise_limit:
+            return f"noise floor too high ({floor:.1%})"
+        if abs(ratio - 1.0) <= floor:
+            return "nothing measurable"
+        return f"MEASURABLE: |EC/TC - 1| = {abs(ratio - 1):.1%} > noise {floor:.1%}"
+    if tc_spread >= noise_limit:
+        return f"noise floor too high (TC-vs-TC {tc_spread:.1%})"
+    return "met" if ratio >= goal else f"MISSED (EC/TC {ratio:.3f} < {goal})"
+
+
+def analyse(runs: Sequence[dict], batch_sizes: Sequence[int], input_len: int, min_tokens: int,
+            goal: float = 0.97, noise_limit: float = 0.01, goal_min_batch: int = 32) -> dict:
+    """Rows per (B, phase) from ``runs`` ([{"label", "kind", "failure", "points"}]) and the
+    overall goal verdict. Ratios are throughputs (EC/TC = TC latency / EC latency) of the
+    medians over the runs of each kind; refused when any TC or EC run failed."""
+    checks = Checks()
+    for r in runs:
+        checks.record(r["label"], r.get("failure"))
+    tc_ec = [r["label"] for r in runs if r["kind"] in ("tc", "ec")]
+    up = [r["label"] for r in runs if r["kind"] == "up"]
+    refusal = checks.refusal(*tc_ec)
+    rows = []
+    for b in batch_sizes:
+        for phase in ("prefill", "decode"):
+            lat = {k: [r["points"][b][phase + "_latency"] for r in runs
+                       if r["kind"] == k and not r.get("failure") and b in r.get("points", {})
+                       and r["points"][b].get(phase + "_latency") is not None]
+                   for k in KINDS}
+            med = {k: statistics.median(v) if v else None for k, v in lat.items()}
+            tokens = b * input_len if phase == "prefill" else b
+            ratio = None
+            if not refusal and med["tc"] and med["ec"] and lat["tc"] and lat["ec"]:
+                ratio = med["tc"] / med["ec"]
+            tcs, ecs = spread(lat["tc"]), spread(lat["ec"])
+            goal_row = b >= goal_min_batch or (phase == "decode" and tokens < min_tokens)
+            rows.append({
+                "B": b, "phase": phase, "tokens": tokens, "ec_routes": tokens >= min_tokens,
+                "latency_s": lat, "median_s": med, "ec_over_tc": ratio,
+                "ec_over_tc_text": refusal or (fmt(ratio, ".3f") if ratio else "-"),
+                "tc_spread": tcs, "ec_spread": ecs,
+                "tc_over_up": (med["up"] / med["tc"]) if (med["up"] and med["tc"]
+                                                          and not checks.refusal(*up)) else None,
+                "goal_row": goal_row,
+                "verdict": refusal or verdict(ratio, tcs, ecs, tokens, min_tokens, goal,
+                                              noise_limit)})
+    judged = [r["verdict"] for r in rows if r["goal_row"]]
+    if refusal:
+        overall = refusal
+    elif any(v.startswith(("MISSED", "MEASURABLE")) for v in judged):
+        overall = "MISSED"
+    elif judged and all(v in ("met", "nothing measurable") for v in judged):
+        overall = "met"
+    else:
+        overall = "not judged (noise floor too high or too few runs at some goal rows)"
+    return {"rows": rows, "overall": overall, "checks": checks.to_json(),
+            "exit_code": checks.exit_code()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _ms(xs):
+    return ", ".join(fmt(x * 1e3, ".2f") for x in xs) if xs else "-"
+
+
+def _pct(x):
+    return "-" if x is None else f"{x:.2%}"
+
+
+def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
+    head = [f"# EC vs TC through SGLang bench_one_batch\n",
+            f"- device: {meta['device']}", f"- date: {meta['date']}",
+            f"- torch {meta['torch']}, sglang {meta['sglang']}",
+            f"- command: `{meta['command']}`", f"- model: {meta['model']}",
+            f"- per point: {meta['timing']}",
+            "- runs (in order): " + ", ".join(
+                f"{r['label']} {fmt(r.get('wall_s'), '.0f')} s"
+                + (f" **FAILED: {r['failure']}**" if r.get("failure") else "")
+                + (f" (EC on {r['log']['coverage'][0]}/{r['log']['coverage'][1]} layers)"
+                   if r["kind"] == "ec" and (r.get("log") or {}).get("coverage") else "")
+                for r in runs),
+            f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else "",
+            f"\n**Goal (EC costs <= {1 - meta['goal']:.0%} at B >= 32, nothing measurable "
+            f"below min-tokens): {result['overall']}**\n",
+            "Latencies in ms, one value per run (TC runs, then EC runs, in run order). "
+            "EC/TC = throughput ratio of the medians; spread = (max - min) / median over the "
+            "runs of one configuration (TC-vs-TC is the noise floor); TC/UP = plugin loaded "
+            "with EC off vs upstream.\n"]
+    rows = [[r["B"], r["phase"], r["tokens"], "EC" if r["ec_routes"] else "TC (< min)",
+             _ms(r["latency_s"]["tc"]), _ms(r["latency_s"]["ec"]), _ms(r["latency_s"]["up"]),
+             r["ec_over_tc_text"], _pct(r["tc_spread"]), _pct(r["ec_spread"]),
+             fmt(r["tc_over_up"], ".3f") if r["tc_over_up"] else "-",
+             ("**" + r["verdict"] + "**") if r["goal_row"] else r["verdict"] + " (not a goal row)"]
+            for r in result["rows"]]
+    table = md_table(["B", "phase", "tokens/pass", "EC routes", "TC ms", "EC ms", "UP ms",
+                      "EC/TC", "TC-vs-TC", "EC-vs-EC", "TC/UP", "verdict"], rows)
+    return "\n".join(h for h in head if h) + "\n" + table + "\n"
+
+
+def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str) -> None:
+    colors = {"tc": "tab:blue", "ec": "tab:red", "up": "tab:gray"}
+    panels = []
+    for phase in ("prefill", "decode"):
+        lines = []
+        for r in runs:
+            pts = [(b, r["points"][b][phase + "_latency"] * 1e3) for b in batch_sizes
+                   if b in r.get("points", {}) and r["points"][b].get(phase + "_latency")]
+            if pts and not r.get("failure"):
+                lines.append((r["label"], [p[0] for p in pts], [p[1] for p in pts],
+                              "o-" if r["kind"] != "up" else "s--", colors[r["kind"]]))
+        panels.append({"title": f"{phase} latency", "xlabel": "batch size B", "lines": lines})
+    harness.line_panels(panels, path, suptitle=title, ylabel="ms", sharey=False, legend="panel")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def write_tokenizer(path: Path) -> str:
+    """A one-word tokenizer: one_batch loads a tokenizer though it feeds token ids."""
+    if not (path / "tokenizer.json").exists():
+        from tokenizers import Tokenizer, models as tok_models
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(tok_models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(path))
+    return str(path)
+
+
+class Bench:
+    def __init__(self, args):
+        from importlib.metadata import version
+
+        import torch
+        from serving_runner import device_name
+        from sglang_moe_routing.tools.server import cuda_available
+
+        self.a = args
+        self.t0 = time.time()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cuda = cuda_available()
+        self.meta = {"device": device_name(),
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "torch": torch.__version__, "sglang": version("sglang"),
+                     "command": shlex.join(["python3"] + sys.argv), "goal": args.goal,
+                     "noise_limit": args.noise_limit, "skipped": [],
+                     "timing": (f"B x {args.input_len} seeded random ids (seed {args.seed}), "
+                                f"{args.output_len} output tokens; {args.passes} passes over the "
+                                f"batch sizes per run" + (", the first discarded"
+                                                          if args.passes > 1 else ""))}
+        self.runs: List[dict] = []
+
+    def log(self, msg: str) -> None:
+        print(f"[{NAME} +{time.time() - self.t0:5.0f} s] {msg}", flush=True)
+
+    def device_args(self) -> List[str]:
+        given = " ".join(self.a.extra_args)
+        if self.cuda:
+            return [] if "--attention-backend" in given else ["--attention-backend", "triton"]
+        out = ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32"]
+        return out + ([] if "--max-total-tokens" in given else ["--max-total-tokens", "8192"])
+
+    def env(self, kind: str) -> Dict[str, str]:
+        env = {**os.environ, "ONEBATCH_SEED": str(self.a.seed),
+               "ONEBATCH_PLUGIN": "0" if kind == "up" else "1"}
+        env.setdefault("SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", "python")
+        paths = [str(REPO / "python")] + [p for p in [env.get("PYTHONPATH")] if p]
+        if not self.cuda:  # SGLang's RoPE imports vllm._custom_ops off CUDA (never calls it)
+            from sglang_moe_routing.tools.server import _cpu_shim
+
+            paths.insert(0, _cpu_shim(str(self.out / "cpu_shim")))
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        if kind == "up":
+            env["SGLANG_PLUGINS"] = "__none__"
+        return env
+
+    def one(self, i: int, spec: dict, model: str, tok: str) -> dict:
+        a, kind = self.a, spec["kind"]
+        stem = self.out / f"run_{i}_{spec['label']}"
+        result = Path(str(stem) + ".jsonl")
+        result.unlink(missing_ok=True)
+        ec = ["--enable-expert-choice", "--expert-capacity-factor", str(a.ec_capacity_factor),
+              "--expert-choice-min-tokens", str(a.ec_min_tokens)]
+        argv = one_batch_argv(model, tok, a.batch_sizes, a.passes, a.input_len, a.output_len,
+                              str(result), a.seed, kind, ec, self.device_args(), a.extra_args)
+        env = self.env(kind)
+        env["ONEBATCH_ARGV"] = json.dumps(argv)
+        left = self.deadline - time.time()
+        t0 = time.time()
+        with open(str(stem) + ".log", "w") as logf:
+            try:
+                rc = subprocess.run([sys.executable, "-c", CHILD], env=env, stdout=logf,
+                                    stderr=subprocess.STDOUT, timeout=max(left, 1)).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout (--max-seconds)"
+        text = Path(str(stem) + ".log").read_text(errors="replace")
+        points = parse_jsonl(result.read_text(), a.batch_sizes, a.passes) if result.exists() else {}
+        log = parse_log(text)
+        run = {**spec, "args": argv, "rc": rc, "wall_s": time.time() - t0, "log": log,
+               "points": points}
+        run["failure"] = run_failure(kind, rc, log, points, a.batch_sizes)
+        if run["failure"] and rc != 0:
+            run["log_tail"] = text[-3000:]
+        self.log(f"{spec['label']}: {'FAILED: ' + run['failure'] if run['failure'] else 'ok'} "
+                 f"in {run['wall_s']:.0f} s; EC coverage {log['coverage']}, plugin flags "
+                 f"{log['plugin_flags']}; decode ms "
+                 + " ".join(f"B{b}={fmt((p['decode_latency'] or 0) * 1e3, '.2f')}"
+                            for b, p in points.items()))
+        return run
+
+    def main(self) -> int:
+        a = self.a
+        self.deadline = self.t0 + a.max_seconds
+        mdir = Path(a.model_dir)
+        model = mdir / f"qwen3_moe_{a.qwen_size}"
+        kw = {"size": a.qwen_size}
+        if not self.cuda:
+            kw["dtype"] = "float32"
+        if a.qwen_size == "small":  # one_batch's random ids are < 10000
+            kw["vocab_size"] = 10000
+        cfg = build_checkpoint(model, kw)
+        tok = write_tokenizer(mdir / "tokenizer")
+        self.meta["model"] = (f"Qwen3-MoE {a.qwen_size}: {cfg.get('num_experts', cfg.get('num_local_experts'))} experts, top-"
+                              f"{cfg.get('num_experts_per_tok')}, {cfg.get('num_hidden_layers')} "
+                              f"layers, random weights; EC = --expert-capacity-factor "
+                              f"{a.ec_capacity_factor} --expert-choice-min-tokens {a.ec_min_tokens}")
+        plan = run_order(a.repeats, a.upstream, a.order)
+        self.log(f"{self.meta['device']}; plan {[p['label'] for p in plan]}; budget "
+                 f"{a.max_seconds:.0f} s")
+        for i, spec in enumerate(plan):
+            left = self.deadline - time.time()
+            last = max((r["wall_s"] for r in self.runs), default=0.0)
+            if last * 1.1 > left:
+                self.meta["skipped"].append(f"{spec['label']} (last run took {last:.0f} s, "
+                                            f"{left:.0f} s left of --max-seconds)")
+                self.log(f"{spec['label']}: skipped, {left:.0f} s left, the last run took "
+                         f"{last:.0f} s")
+                continue
+            self.log(f"{spec['label']}: starting ({KINDS[spec['kind']]})")
+            self.runs.append(self.one(i, spec, str(model), tok))
+            self.write()
+        result = self.write()
+        print("\n" + result["markdown"], flush=True)
+        self.log(f"goal: {result['overall']}; wrote {self.out}/{NAME}.{{json,md,png}}")
+        return result["exit_code"]
+
+    def write(self) -> dict:
+        a = self.a
+        result = analyse(self.runs, a.batch_sizes, a.input_len, a.ec_min_tokens, a.goal,
+                         a.noise_limit)
+        text = markdown(self.meta, self.runs, result)
+        (self.out / f"{NAME}.md").write_text(text)
+        (self.out / f"{NAME}.json").write_text(json.dumps(
+            {"meta": self.meta, "elapsed_s": time.time() - self.t0, "runs": self.runs,
+             "result": result}, indent=1, default=str))
+        try:
+            plot(self.runs, a.batch_sizes, self.out / f"{NAME}.png",
+                 f"{self.meta['device']}: TC vs EC, sglang bench_one_batch")
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"plot failed: {exc}")
+        result["markdown"] = text
+        return result
+
+
+def build_checkpoint(path: Path, kw: dict) -> dict:
+    """``tools.models.build("qwen3_moe", ...)`` in a subprocess (this process holds no CUDA
+    context while the runs measure); ``kw["dtype"]`` by name (it crosses as JSON)."""
+    if (path / "config.json").exists():
+        return json.loads((path / "config.json").read_text())
+    code = ("import sys, json, torch; from sglang_moe_routing.tools import models; "
+            "kw = json.loads(sys.argv[2]); kw['dtype'] = getattr(torch, kw.get('dtype', 'bfloat16')); "
+            "models.build('qwen3_moe', sys.argv[1], **kw)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    subprocess.run([sys.executable, "-c", code, str(path), json.dumps(kw)], check=True, env=env)
+    return json.loads((path / "config.json").read_text())
+
+
+def parse_args(argv=None):
+    from sglang_moe_routing.tools import models
+
+    ap = harness.base_parser(__doc__)
+    ap.add_argument("--batch-sizes", type=lambda s: harness.int_list(s, "--batch-sizes"),
+                    default=[1, 8, 32, 128, 512])
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64,
+                    help="decode steps + 1 (one_batch's median decode latency is over the steps)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="passes over the batch sizes per run; the first is discarded when >= 2")
+    ap.add_argument("--repeats", type=int, default=1, help="(TC, EC, EC, TC) blocks")
+    ap.add_argument("--order", default=None,
+                    help="the runs' kinds in order, e.g. tc,ec,up (instead of --repeats/--upstream)")
+    ap.add_argument("--upstream", action=argparse.BooleanOptionalAction, default=True,
+                    help="end with an upstream-only control run (SGLANG_PLUGINS=__none__)")
+    ap.add_argument("--qwen-size", default="big", choices=list(models.QWEN3_SIZES))
+    ap.add_argument("--ec-capacity-factor", type=float, default=1.25)
+    ap.add_argument("--ec-min-tokens", type=int, default=32)
+    ap.add_argument("--goal", type=float, default=0.97, help="EC/TC throughput at least this")
+    ap.add_argument("--noise-limit", type=float, default=0.01,
+                    help="judge a point only when the TC-vs-TC spread is below this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-args", type=shlex.split, default=[],
+                    help="more one_batch/server arguments for every run (one string)")
+    ap.add_argument("--max-seconds", type=float, default=540,
+                    help="start no run the last run's time says will not fit (default 540)")
+    ap.add_argument("--model-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                        "bench_one_batch_models"))
+    a = ap.parse_args(argv)
+    for flag, v, lo in (("--input-len", a.input_len, 1), ("--output-len", a.output_len, 2),
+                        ("--passes", a.passes, 1), ("--repeats", a.repeats, 1)):
+        if v < lo:
+            ap.error(f"{flag} must be >= {lo}, got {v}")
+    try:
+        run_order(a.repeats, a.upstream, a.order)
+    except ValueError as exc:
+        ap.error(str(exc))
+    return a
+
+
+if __name__ == "__main__":
+    sys.exit(Bench(parse_args()).main())

@@ -1,0 +1,269 @@
+"""benchmark/bench_one_batch_ec.py's CPU-side logic on recorded data: the log and JSONL parsing
+(lines from a real one_batch run on this CPU, tiny Qwen3-MoE, 2026-11-29), the run order, the
+checks that refuse ratios (expert choice silently off, plugin missing) and the verdicts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+
+import bench_one_batch_ec as ob  # noqa: E402
+
+# ----------------------------------------------------------------------------- recorded data
+
+EC_LOG = """\
+ONEBATCH plugin_flags=yes
+[2026-11-29 17:03:37 TP0] sglang-moe-routing: expert-choice kernels ready (backend=reference)
+[2026-11-29 17:03:37 TP0] sglang-moe-routing: expert choice routes 2 of 2 MoE (TopK) layers
+max_total_num_tokens=8192
+Warmup ...
+Prefill. latency: 0.50760 s, throughput:     31.52 token/s
+Decode.  median latency: 0.01558 s, median throughput:     64.17 token/s
+Benchmark ...
+[2026-11-29 17:03:38 TP0] sglang-moe-routing: layer 0 routes with expert choice (E=8, top_k=2, cf=1.25)
+[2026-11-29 17:03:38 TP0] sglang-moe-routing: layer 1 routes with expert choice (E=8, top_k=2, cf=1.25)
+Prefill. latency: 0.01386 s, throughput:   9233.65 token/s
+"""
+
+TC_LOG = """\
+ONEBATCH plugin_flags=yes
+max_total_num_tokens=8192
+Warmup ...
+Prefill. latency: 0.50760 s, throughput:     31.52 token/s
+"""
+
+# run_1_ec1.jsonl of the CPU run: --batch-size 1 8 32 1 8 32 (two passes), input 16, output 4
+EC_JSONL = [
+    {"run_name": "ec", "batch_size": 1, "input_len": 16, "output_len": 4, "prefill_latency": 0.23659211000085634, "median_decode_latency": 0.003308376999484608},  # noqa: E501
+    {"run_name": "ec", "batch_size": 8, "input_len": 16, "output_len": 4, "prefill_latency": 0.01386233999983233, "median_decode_latency": 0.0056745360016066115},  # noqa: E501
+    {"run_name": "ec", "batch_size": 32, "input_len": 16, "output_len": 4, "prefill_latency": 0.02528435000022, "median_decode_latency": 0.009437677001187694},  # noqa: E501
+    {"run_name": "ec", "batch_size": 1, "input_len": 16, "output_len": 4, "prefill_latency": 0.004193067999949562, "median_decode_latency": 0.003450328000326408},  # noqa: E501
+    {"run_name": "ec", "batch_size": 8, "input_len": 16, "output_len": 4, "prefill_latency": 0.007231404999402002, "median_decode_latency": 0.004141282999626128},  # noqa: E501
+    {"run_name": "ec", "batch_size": 32, "input_len": 16, "output_len": 4, "prefill_latency": 0.013594772999567795, "median_decode_latency": 0.015437035999639193},  # noqa: E501
+]
+
+
+def _jsonl(recs):
+    return "\n".join(json.dumps(r) for r in recs) + "\n"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def test_parse_log_reads_plugin_marker_and_ec_coverage():
+    ec = ob.parse_log(EC_LOG)
+    assert ec == {"plugin_flags": True, "coverage": [2, 2], "ec_layer_lines": 2}
+    tc = ob.parse_log(TC_LOG)
+    assert tc == {"plugin_flags": True, "coverage": None, "ec_layer_lines": 0}
+    up = ob.parse_log(TC_LOG.replace("plugin_flags=yes", "plugin_flags=no"))
+    assert up["plugin_flags"] is False
+    assert ob.parse_log("no marker here")["plugin_flags"] is None
+    partial = ob.parse_log("sglang-moe-routing: expert choice routes 3 of 8 MoE (TopK) layers; "
+                           "the others keep token choice:")
+    assert partial["coverage"] == [3, 8]
+
+
+def test_parse_jsonl_discards_the_first_pass():
+    pts = ob.parse_jsonl(_jsonl(EC_JSONL), [1, 8, 32], passes=2)
+    assert set(pts) == {1, 8, 32}
+    # the second pass, not the first (B=1's first prefill is 0.237 s: one_batch's warm-up
+    # covers only the first batch size's shapes)
+    assert pts[1]["prefill_latency"] == pytest.approx(0.004193067999949562)
+    assert pts[1]["decode_latency"] == pytest.approx(0.003450328000326408)
+    assert pts[32]["decode_latency"] == pytest.approx(0.015437035999639193)
+    one = ob.parse_jsonl(_jsonl(EC_JSONL[:3]), [1, 8, 32], passes=1)
+    assert one[1]["prefill_latency"] == pytest.approx(0.23659211000085634)
+    # three passes: median of passes 2 and 3
+    three = ob.parse_jsonl(_jsonl(EC_JSONL + EC_JSONL[3:]), [1, 8, 32], passes=3)
+    assert three[8]["decode_latency"] == pytest.approx(0.004141282999626128)
+    assert len(three[8]["samples"]["decode"]) == 2
+
+
+def test_parse_jsonl_leaves_out_unfinished_points():
+    pts = ob.parse_jsonl(_jsonl(EC_JSONL[:4]), [1, 8, 32], passes=2)
+    assert set(pts) == {1}
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_run_order_interleaves_tc_ec_ec_tc_then_upstream():
+    assert [r["label"] for r in ob.run_order(1, True)] == ["tc1", "ec1", "ec2", "tc2", "up1"]
+    two = ob.run_order(2, False)
+    assert [r["kind"] for r in two] == ["tc", "ec", "ec", "tc"] * 2
+    assert [r["label"] for r in two][4:] == ["tc3", "ec3", "ec4", "tc4"]
+    with pytest.raises(ValueError, match="--repeats"):
+        ob.run_order(0, True)
+    assert [r["label"] for r in ob.run_order(1, True, "tc,ec,tc,up")] == ["tc1", "ec1", "tc2", "up1"]
+    with pytest.raises(ValueError, match="--order: \\['xx'\\]"):
+        ob.run_order(1, True, "tc,xx")
+
+
+def test_one_batch_argv_repeats_batch_sizes_and_adds_ec_flags_only_to_ec():
+    ec_args = ["--enable-expert-choice", "--expert-capacity-factor", "1.25"]
+    kw = dict(model="/m", tokenizer="/t", batch_sizes=[1, 32], passes=2, input_len=256,
+              output_len=64, result="/r.jsonl", seed=0, ec_args=ec_args,
+              device_args=["--attention-backend", "triton"], extra=["--mem-fraction-static", "0.5"])
+    ec = ob.one_batch_argv(kind="ec", **kw)
+    i = ec.index("--batch-size")
+    assert ec[i + 1:i + 5] == ["1", "32", "1", "32"] and ec[i + 5] == "--input-len"
+    assert "--enable-expert-choice" in ec and ec[-2:] == ["--mem-fraction-static", "0.5"]
+    for kind in ("tc", "up"):
+        assert "--enable-expert-choice" not in ob.one_batch_argv(kind=kind, **kw)
+
+
+def test_child_code_compiles():
+    compile(ob.CHILD, "<child>", "exec")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _pts():
+    return ob.parse_jsonl(_jsonl(EC_JSONL), [1, 8, 32], passes=2)
+
+
+@pytest.mark.parametrize("kind, log, rc, want", [
+    ("ec", EC_LOG, 0, None),
+    ("tc", TC_LOG, 0, None),
+    ("up", TC_LOG.replace("=yes", "=no"), 0, None),
+    ("ec", TC_LOG, 0, "expert choice was OFF: no 'expert choice routes"),
+    ("ec", EC_LOG.replace("routes 2 of 2", "routes 0 of 2"), 0, "expert choice was OFF: it routes 0"),
+    ("tc", EC_LOG, 0, "expert choice was ON in a tc run"),
+    ("ec", EC_LOG.replace("=yes", "=no"), 0, "the plugin did not load"),
+    ("up", TC_LOG, 0, "the plugin loaded in the upstream run"),
+    ("tc", "Prefill.", 0, "no 'ONEBATCH plugin_flags=' line"),
+    ("ec", EC_LOG, 1, "exit status 1"),
+])
+def test_run_failure(kind, log, rc, want):
+    got = ob.run_failure(kind, rc, ob.parse_log(log), _pts(), [1, 8, 32])
+    assert got == want if want is None else got.startswith(want)
+
+
+def test_run_failure_names_missing_points():
+    pts = ob.parse_jsonl(_jsonl(EC_JSONL[:4]), [1, 8, 32], passes=2)
+    assert ob.run_failure("ec", 0, ob.parse_log(EC_LOG), pts, [1, 8, 32]) == "no result for B=[8, 32]"
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _run(label, kind, decode_ms, prefill_ms=None, failure=None):
+    pts = {b: {"decode_latency": d / 1e3,
+               "prefill_latency": (prefill_ms or {}).get(b, 100.0) / 1e3}
+           for b, d in decode_ms.items()}
+    return {"label": label, "kind": kind, "failure": failure, "points": pts}
+
+
+def _rows(result):
+    return {(r["B"], r["phase"]): r for r in result["rows"]}
+
+
+def test_analyse_verdicts_per_point():
+    # decode ms per B; TC runs agree within 0.5% at B=1 and 32, 2% at B=128
+    runs = [_run("tc1", "tc", {1: 10.0, 32: 10.0, 128: 10.0}),
+            _run("ec1", "ec", {1: 10.01, 32: 10.2, 128: 10.0}),
+            _run("ec2", "ec", {1: 10.02, 32: 10.25, 128: 10.0}),
+            _run("tc2", "tc", {1: 10.05, 32: 10.05, 128: 10.2}),
+            _run("up1", "up", {1: 9.0, 32: 10.0, 128: 10.0})]
+    res = ob.analyse(runs, [1, 32, 128], input_len=256, min_tokens=32)
+    rows = _rows(res)
+    r1 = rows[(1, "decode")]
+    assert not r1["ec_routes"] and r1["goal_row"]
+    assert r1["verdict"] == "nothing measurable"  # |1.0025/1.0015 - 1| < 0.5% spread
+    r32 = rows[(32, "decode")]
+    assert r32["ec_over_tc"] == pytest.approx(10.025 / 10.225)
+    assert r32["tc_spread"] == pytest.approx(0.05 / 10.025)
+    assert r32["verdict"] == "met"  # 0.980 >= 0.97
+    assert rows[(128, "decode")]["verdict"].startswith("noise floor too high (TC-vs-TC 2.0%")
+    assert rows[(1, "prefill")]["ec_routes"] and not rows[(1, "prefill")]["goal_row"]
+    assert rows[(1, "decode")]["tc_over_up"] == pytest.approx(9.0 / 10.025)
+    assert res["overall"].startswith("not judged") and res["exit_code"] == 0
+
+
+def test_analyse_missed_and_measurable():
+    runs = [_run("tc1", "tc", {1: 10.0, 32: 10.0}), _run("ec1", "ec", {1: 10.3, 32: 10.5}),
+            _run("ec2", "ec", {1: 10.3, 32: 10.5}), _run("tc2", "tc", {1: 10.0, 32: 10.0})]
+    rows = _rows(res := ob.analyse(runs, [1, 32], input_len=256, min_tokens=32))
+    assert rows[(32, "decode")]["verdict"].startswith("MISSED (EC/TC 0.952")
+    assert rows[(1, "decode")]["verdict"].startswith("MEASURABLE: |EC/TC - 1| = 2.9%")
+    assert res["overall"] == "MISSED"
+    # prefill (100 ms everywhere, spread 0): met at every B
+    assert rows[(32, "prefill")]["verdict"] == "met"
+
+
+def test_analyse_met_overall_and_single_tc_run_not_judged():
+    runs = [_run("tc1", "tc", {1: 10.0, 32: 10.0}), _run("ec1", "ec", {1: 10.0, 32: 10.1}),
+            _run("ec2", "ec", {1: 10.0, 32: 10.1}), _run("tc2", "tc", {1: 10.0, 32: 10.0})]
+    assert ob.analyse(runs, [1, 32], 256, 32)["overall"] == "met"
+    one = ob.analyse(runs[:2], [1, 32], 256, 32)
+    assert _rows(one)[(32, "decode")]["verdict"].startswith("not judged: needs >= 2 TC runs")
+
+
+def test_a_failed_run_refuses_every_ratio():
+    runs = [_run("tc1", "tc", {32: 10.0}),
+            _run("ec1", "ec", {32: 10.0}, failure="expert choice was OFF: no line"),
+            _run("ec2", "ec", {32: 10.0}), _run("tc2", "tc", {32: 10.0})]
+    res = ob.analyse(runs, [32], 256, 32)
+    for r in res["rows"]:
+        assert r["ec_over_tc"] is None
+        assert r["verdict"] == r["ec_over_tc_text"] == "n/a (correctness check failed: ec1)"
+    assert res["overall"] == "n/a (correctness check failed: ec1)" and res["exit_code"] == 1
+    md = ob.markdown({"device": "CPU", "date": "d", "torch": "t", "sglang": "s", "command": "c",
+                      "model": "m", "timing": "t", "goal": 0.97}, runs, res)
+    assert "**FAILED: expert choice was OFF" in md and "n/a (correctness check failed: ec1)" in md
+
+
+def test_spread():
+    assert ob.spread([10.0]) is None
+    assert ob.spread([10.0, 11.0, 12.0]) == pytest.approx(2 / 11)
+
+
+def test_parse_args_rejects_bad_values():
+    with pytest.raises(SystemExit):
+        ob.parse_args(["--passes", "0"])
+    with pytest.raises(SystemExit):
+        ob.parse_args(["--batch-sizes", "1,x"])
+    with pytest.raises(SystemExit):
+        ob.parse_args(["--order", "tc,ecc"])
+    a = ob.parse_args(["--out", "/tmp/x", "--extra-args", "--mem-fraction-static 0.5"])
+    assert a.batch_sizes == [1, 8, 32, 128, 512] and a.extra_args == ["--mem-fraction-static", "0.5"]
+
+
+# ----------------------------------------------------------------------------- CPU smoke
+
+
+@pytest.mark.slow
+def test_cpu_smoke_one_run_of_each_kind(tmp_path):
+    """The script end to end on the CPU (tiny Qwen3-MoE, SGLang's torch-native paths): one TC,
+    one EC and one upstream run, each checked from its own log; ~1 min on 2 cores."""
+    pytest.importorskip("sglang")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU smoke; on a CUDA machine the GPU command in the docstring runs")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(repo / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    r = subprocess.run(
+        [sys.executable, str(repo / "benchmark" / "bench_one_batch_ec.py"), "--qwen-size", "small",
+         "--batch-sizes", "1,32", "--input-len", "16", "--output-len", "3", "--order", "tc,ec,up",
+         "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models"),
+         "--max-seconds", "400"], env=env, capture_output=True, text=True, timeout=450)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((tmp_path / "out" / "bench_one_batch_ec.json").read_text())
+    runs = {x["label"]: x for x in d["runs"]}
+    assert set(runs) == {"tc1", "ec1", "up1"}
+    assert all(x["failure"] is None for x in runs.values()), [x["failure"] for x in runs.values()]
+    assert runs["ec1"]["log"]["coverage"] == [2, 2] and runs["ec1"]["log"]["ec_layer_lines"] == 2
+    assert runs["tc1"]["log"] == {"plugin_flags": True, "coverage": None, "ec_layer_lines": 0}
+    assert runs["up1"]["log"]["plugin_flags"] is False
+    rows = {(x["B"], x["phase"]): x for x in d["result"]["rows"]}
+    assert rows[(32, "decode")]["ec_over_tc"] > 0  # a ratio, not a refusal
+    assert rows[(32, "decode")]["verdict"].startswith("not judged: needs >= 2 TC runs")
+    assert (tmp_path / "out" / "bench_one_batch_ec.png").stat().st_size > 0
