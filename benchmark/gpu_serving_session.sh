@@ -5,6 +5,8 @@
 #   server  the GPU server suite (test/test_gpu_server.py, real launch_server processes)
 #   units   the kernel/hook GPU tests (EC, EPLB profiler, Omni)
 #   bench   benchmark/bench_serving.py with BENCH_ARGS
+#   onebatch  benchmark/bench_one_batch_ec.py (SGLang's bench_one_batch, TC vs EC) with
+#           ONEBATCH_ARGS, within ONEBATCH_LIMIT seconds (default 270)
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
 set -u
@@ -31,6 +33,11 @@ for s in ${STAGES:-server}; do
     bench) TAIL=60 stage bench ${BENCH_LIMIT:-540} python3 benchmark/bench_serving.py --out /tmp/bench_serving ${BENCH_ARGS:-}
            cp /tmp/bench_serving/bench_serving.{md,json,png} "$OUT/" 2>/dev/null
            tar -czf "$OUT/bench_logs.tgz" -C /tmp/bench_serving . 2>/dev/null ;;
+    onebatch) ol=${ONEBATCH_LIMIT:-270}
+           TAIL=40 stage onebatch "$ol" python3 benchmark/bench_one_batch_ec.py --out /tmp/onebatch \
+              --max-seconds $(( ol - 10 )) ${ONEBATCH_ARGS:-}
+           cp /tmp/onebatch/bench_one_batch_ec.{md,json,png} "$OUT/" 2>/dev/null
+           tar -czf "$OUT/onebatch_logs.tgz" -C /tmp/onebatch --exclude=cpu_shim . 2>/dev/null ;;
   esac
 done
 echo "session done in $(( $(date +%s) - T0 )) s"
