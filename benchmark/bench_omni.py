@@ -11,6 +11,7 @@ n=512, T=4096, k=8, and writes ``bench_omni.png`` / ``.csv`` / ``.json`` to ``--
   python3 benchmark/bench_omni.py --quick                          # goal shape only
   python3 benchmark/bench_omni.py --autotune --precompile 14       # tuned configs
   python3 benchmark/bench_omni.py --lane-sweep                     # MODE_LANE configs only
+  python3 benchmark/bench_omni.py --packed --shapes '512,8,4096'   # packed bf16x2 variants
 
 ``--quick`` (and ``--variants``) first prints a forward-variants table (``omni_variants.py``):
 the default heuristic kernel vs MODE_ITER and MODE_LANE configs, each timed ``flushed`` (one

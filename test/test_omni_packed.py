@@ -11,6 +11,9 @@ emulation; the ``gpu`` tests add the large shapes.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +23,10 @@ from sglang_moe_routing.omni import triton as tk
 from sglang_moe_routing.omni.triton import forward_packed as fp
 from test_omni import DEV, check_routing, make_logits
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+import omni_variants  # noqa: E402
+from harness import Checks  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 ASMS = (True, False) if DEV == "cuda" else (False,)
@@ -27,13 +34,15 @@ ASMS = (True, False) if DEV == "cuda" else (False,)
 
 def iter_output(x, y, k, renorm=False, ids_dtype=torch.int64):
     """MODE_ITER with the chunk size both variants use (their bit-exact target)."""
-    return tk.omni_router_fwd_triton(x, y, k, renorm, ids_dtype, config=fp.packed_config(x.shape[1], k))
+    cfg = fp.packed_config(x.shape[1], k)
+    return tk.omni_router_fwd_triton(x, y, k, renorm, ids_dtype, config=cfg)
 
 
 def assert_bit_equal(w, ids, w2, ids2):
-    assert torch.equal(ids, ids2), f"ids differ in rows {(ids != ids2).any(1).nonzero().flatten()[:8].tolist()}"
-    assert torch.equal(w.view(torch.int16) if w.element_size() == 2 else w.view(torch.int32),
-                       w2.view(torch.int16) if w2.element_size() == 2 else w2.view(torch.int32)), "weights differ"
+    bad_rows = (ids != ids2).any(1).nonzero().flatten()[:8].tolist()
+    assert torch.equal(ids, ids2), f"ids differ in rows {bad_rows}"
+    bits = torch.int16 if w.element_size() == 2 else torch.int32
+    assert torch.equal(w.view(bits), w2.view(bits)), "weights differ"
 
 
 def run_packed(x, y, k, renorm=False, ids_dtype=torch.int64, asm=True, block_t=4):
@@ -204,6 +213,39 @@ def test_s16x2_emulation_matches_numpy():
     assert np.array_equal(out.cpu().numpy(), want)
 
 
+def test_bench_rows_checked_and_refused():
+    """The benchmark's packed rows (bench_omni.py --packed) launch what they name and pass
+    both checks; an output in another order than MODE_ITER's passes the reference check
+    but not the bit-exact one, and the row's ratio is then refused."""
+    n, k, T = 128, 8, 4
+    rows = omni_variants._variant_configs(n, k, T, torch.device(DEV), packed_only=True)
+    names = [r[0] for r in rows]
+    assert names[0].startswith("default") and len(rows) == 3, names  # spot: one of each
+    assert "packed-iter" in names[1] and "lane-packed" in names[2]
+    x, y = make_logits(T, n, torch.bfloat16, device=DEV, seed=3)
+    checks = Checks()
+    for name, cfg, stage in rows[1:]:
+        assert omni_variants.is_full(stage)
+        w = torch.full((T, k), float("nan"), device=DEV, dtype=x.dtype)
+        ids = torch.full((T, k), -1, device=DEV, dtype=torch.int64)
+        omni_variants._launch_variant(cfg, stage, k)(x, y, w, ids)
+        checks.run((name, n, k, T), lambda: omni_variants.check_forward(x, y, k, w, ids)
+                   or omni_variants.check_same_as_iter(cfg, stage, x, y, k, w, ids))
+    assert not checks.failures, checks.failures
+    swapped = ids.clone()
+    swapped[0, [1, 2]] = ids[0, [2, 1]]
+    cfg, stage = rows[2][1], rows[2][2]
+    key = ("swapped", n, k, T)
+    checks.run(key, lambda: omni_variants.check_forward(x, y, k, w, swapped)
+               or omni_variants.check_same_as_iter(cfg, stage, x, y, k, w, swapped))
+    assert omni_variants.check_forward(x, y, k, w, swapped) is None
+    assert checks.failures[key] == "ids differ from MODE_ITER's in 1 rows"
+    assert checks.ratio(1.0, 2.0, key).startswith("n/a (correctness check failed: swapped")
+    assert rows == omni_variants._variant_configs(n, k, T, torch.device(DEV), packed_only=True)
+    goal = omni_variants._variant_configs(512, 8, 4096, torch.device(DEV), packed_only=True)
+    assert len(goal) == 1 + len(omni_variants.PACKED_VARIANTS) + len(omni_variants.LANEPK_VARIANTS)
+
+
 # ----------------------------------------------------------------------------- GPU, large shapes
 
 # The goal shape with every launch shape benchmark/omni_variants.py times (PACKED_VARIANTS,
@@ -219,11 +261,10 @@ GPU_CASES = [(512, 8, dt, True) for dt in (torch.bfloat16, torch.float16)] + [
 def test_gpu_variants_bit_exact_large(n, k, dtype, full):
     """T = 4096 (the goal's batch) and 7: both variants against MODE_ITER bit for bit and
     the reference's scores."""
-    from omni_variants import LANEPK_VARIANTS, PACKED_VARIANTS
     from test_omni_gpu import reference_ids_chunked
 
-    packed = sorted({(bt, nw) for bt, nw, _ in PACKED_VARIANTS}) if full else [(2, 1)]
-    lanes = sorted({(bt, nw) for bt, nw, _ in LANEPK_VARIANTS}) if full else [(2, 1)]
+    packed = sorted({(bt, nw) for bt, nw, _ in omni_variants.PACKED_VARIANTS}) if full else [(2, 1)]
+    lanes = sorted({(bt, nw) for bt, nw, _ in omni_variants.LANEPK_VARIANTS}) if full else [(2, 1)]
     for T in (4096, 7):
         x, y = make_logits(T, n, dtype, device="cuda", seed=n * 7 + k + T)
         w2, ids2 = iter_output(x, y, k)

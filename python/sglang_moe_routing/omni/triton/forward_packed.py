@@ -40,14 +40,8 @@ from .config import (
 )
 
 if HAS_TRITON:
-    from .keys import (
-        _MIN32,
-        _col_lo,
-        _decode_col,
-        _keys_of,
-        _pruned_grid_store,
-        _scratch_grid_store,
-    )
+    from .forward import _reload_chunk
+    from .keys import _MIN32, _col_lo, _pruned_grid_store, _scratch_grid_store
 
     # both 16-bit halves at their minimum: a masked word, below every real (flipped) logit
     # or equal to the flipped -NaN 0xFFFF, which the column range check keeps valid
@@ -125,13 +119,8 @@ if HAS_TRITON:
         key is the chunk's best key ``<=`` the entry (the entry itself once it is exact), and
         the entry becomes the chunk's next key below the popped one."""
         best = tl.max(cmax, axis=1)  # [BLOCK_T]
-        chunk = _decode_col(best, True) // S
-        col = chunk[:, None] * S + tl.arange(0, S)[None, :]  # [BLOCK_T, S]
-        m = (rmask & (best > _MIN32))[:, None] & (col < n)
-        v = tl.load(ptr + rows[:, None] * stride + col, mask=m, other=0.0)
-        key, _mag = _keys_of(v, _col_lo(col, True), True)
-        key = tl.where(m, key, _MIN32)
-        popped, nxt = tl.reduce((tl.where(key <= best[:, None], key, _MIN32),
+        chunk, key, m = _reload_chunk(best, ptr, rows, rmask, stride, n, True, _MIN32, S)
+        popped, nxt = tl.reduce((tl.where(m & (key <= best[:, None]), key, _MIN32),
                                  tl.full(key.shape, _MIN32, tl.int32)), 1, _top2_combine)
         cmax = tl.where(tl.arange(0, C)[None, :] == chunk[:, None], nxt[:, None], cmax)
         return popped, cmax
@@ -159,14 +148,8 @@ if HAS_TRITON:
     def _omni_fwd_packed_kernel(
         x_ptr, y_ptr, w_ptr, ids_ptr, scr_ptr, pair_ptr,
         T, n, k, stride_x, stride_y, stride_w, stride_ids,
-        IS_BF16: tl.constexpr,
-        RENORM: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        NP: tl.constexpr,
-        K: tl.constexpr,
-        S: tl.constexpr,
-        P: tl.constexpr,
-        ASM: tl.constexpr,
+        IS_BF16: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr,
+        K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, ASM: tl.constexpr,
     ):
         """MODE_ITER (pruned grid) with packed proxy chunk maxima; 16-bit logits, even ``n``
         and strides. One program: ``BLOCK_T`` tokens; scratch and pair table as MODE_ITER."""
@@ -176,7 +159,7 @@ if HAS_TRITON:
         rows = rows.to(tl.int64)
         xk, yk, xnan, ynan = _packed_iter_lists(x_ptr, y_ptr, rows, rmask, stride_x, stride_y, n,
                                                 k, IS_BF16, BLOCK_T, NP, K, S, ASM)
-        _pruned_grid_store(xk, yk, xnan | ynan, scr_ptr + rows[:, None] * (2 * K), pair_ptr, rows,
+        _pruned_grid_store(xk, yk, xnan, ynan, scr_ptr + rows[:, None] * (2 * K), pair_ptr, rows,
                            rmask, n, k, w_ptr, stride_w, ids_ptr, stride_ids, True, IS_BF16,
                            RENORM, K, P)
 
@@ -186,32 +169,28 @@ if HAS_TRITON:
     _LEXH = tl.constexpr(-2147483647)
 
     @triton.jit
+    def _mm(a, b, OP: tl.constexpr, IS_MAX: tl.constexpr):
+        """max (``IS_MAX``) or min: OP 0 int32, 1 packed s16x2 (PTX), 2 packed emulated."""
+        if OP == 0:
+            if IS_MAX:
+                out = tl.maximum(a, b)
+            else:
+                out = tl.minimum(a, b)
+        elif IS_MAX:
+            if OP == 1:
+                out = _s16x2_max_asm(a, b)
+            else:
+                out = _s16x2_max_emu(a, b)
+        elif OP == 1:
+            out = _s16x2_min_asm(a, b)
+        else:
+            out = _s16x2_min_emu(a, b)
+        return out
+
+    @triton.jit
     def _ce(a, b, OP: tl.constexpr):
-        """Compare-exchange ``(max, min)``: OP 0 int32, 1 packed s16x2 (PTX), 2 packed emulated."""
-        if OP == 0:
-            return tl.maximum(a, b), tl.minimum(a, b)
-        elif OP == 1:
-            return _s16x2_max_asm(a, b), _s16x2_min_asm(a, b)
-        else:
-            return _s16x2_max_emu(a, b), _s16x2_min_emu(a, b)
-
-    @triton.jit
-    def _mx(a, b, OP: tl.constexpr):
-        if OP == 0:
-            return tl.maximum(a, b)
-        elif OP == 1:
-            return _s16x2_max_asm(a, b)
-        else:
-            return _s16x2_max_emu(a, b)
-
-    @triton.jit
-    def _mn(a, b, OP: tl.constexpr):
-        if OP == 0:
-            return tl.minimum(a, b)
-        elif OP == 1:
-            return _s16x2_min_asm(a, b)
-        else:
-            return _s16x2_min_emu(a, b)
+        """Compare-exchange ``(max, min)``."""
+        return _mm(a, b, OP, True), _mm(a, b, OP, False)
 
     @triton.jit
     def _sort4(a, b, c, d, OP: tl.constexpr):
@@ -227,10 +206,10 @@ if HAS_TRITON:
     def _merge4(a0, a1, a2, a3, b0, b1, b2, b3, OP: tl.constexpr):
         """Sorted top 4 of two sorted 4-lists: the elementwise max against the reversed
         second list is the top-4 multiset as a bitonic sequence; a 4-element bitonic sort."""
-        c0 = _mx(a0, b3, OP)
-        c1 = _mx(a1, b2, OP)
-        c2 = _mx(a2, b1, OP)
-        c3 = _mx(a3, b0, OP)
+        c0 = _mm(a0, b3, OP, True)
+        c1 = _mm(a1, b2, OP, True)
+        c2 = _mm(a2, b1, OP, True)
+        c3 = _mm(a3, b0, OP, True)
         c0, c2 = _ce(c0, c2, OP)
         c1, c3 = _ce(c1, c3, OP)
         c0, c1 = _ce(c0, c1, OP)
@@ -251,15 +230,8 @@ if HAS_TRITON:
     def _omni_fwd_lanepk_kernel(
         x_ptr, y_ptr, w_ptr, ids_ptr, scr_ptr, pair_ptr,
         T, n, k, stride_x, stride_y, sxw, syw, dxyw, stride_w, stride_ids,
-        IS_BF16: tl.constexpr,
-        RENORM: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        NP: tl.constexpr,
-        K: tl.constexpr,
-        S: tl.constexpr,
-        P: tl.constexpr,
-        ASM: tl.constexpr,
-        PATH: tl.constexpr,
+        IS_BF16: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr,
+        K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, ASM: tl.constexpr, PATH: tl.constexpr,
     ):
         """Lane-packed forward: 16 lanes per logit row, lane ``r`` owning the contiguous
         columns ``[r*G, (r+1)*G)`` (``G = NP/16``); x and y rows of ``BLOCK_T`` tokens.
@@ -298,7 +270,8 @@ if HAS_TRITON:
         tmask = tok < T
         t64 = tok.to(tl.int64)
         # y rows are addressed from x's pointer (dxyw words away): one load covers both
-        base = x_ptr.to(tl.pointer_type(tl.int32)) + (t64 * sxw + (qq % 2).to(tl.int64) * (dxyw + t64 * (syw - sxw)))
+        roff = t64 * sxw + (qq % 2).to(tl.int64) * (dxyw + t64 * (syw - sxw))
+        base = x_ptr.to(tl.pointer_type(tl.int32)) + roff
         nw = n // 2
         wl = rr * W
         a0, f0 = _lpk_word(base, wl, nw, tmask)
@@ -306,7 +279,7 @@ if HAS_TRITON:
         a2, f2 = _lpk_word(base, wl + 2, nw, tmask)
         a3, f3 = _lpk_word(base, wl + 3, nw, tmask)
         l0, l1, l2, l3 = _sort4(a0, a1, a2, a3, OP)
-        mnw = _mn(_mn(f0, f1, OP), _mn(f2, f3, OP), OP)
+        mnw = _mm(_mm(f0, f1, OP, False), _mm(f2, f3, OP, False), OP, False)
         for v in tl.static_range(1, V):
             a0, f0 = _lpk_word(base, wl + 4 * v, nw, tmask)
             a1, f1 = _lpk_word(base, wl + 4 * v + 1, nw, tmask)
@@ -314,7 +287,7 @@ if HAS_TRITON:
             a3, f3 = _lpk_word(base, wl + 4 * v + 3, nw, tmask)
             b0, b1, b2, b3 = _sort4(a0, a1, a2, a3, OP)
             l0, l1, l2, l3 = _merge4(l0, l1, l2, l3, b0, b1, b2, b3, OP)
-            mnw = _mn(mnw, _mn(_mn(f0, f1, OP), _mn(f2, f3, OP), OP), OP)
+            mnw = _mm(mnw, _mm(_mm(f0, f1, OP, False), _mm(f2, f3, OP, False), OP, False), OP, False)
         # the two halves' sorted lists (odd / even columns) -> the lane's sorted top-4 values
         m0, m1, m2, m3 = _merge4(l0 >> 16, l1 >> 16, l2 >> 16, l3 >> 16,
                                  (l0 << 16) >> 16, (l1 << 16) >> 16, (l2 << 16) >> 16,
@@ -379,7 +352,7 @@ if HAS_TRITON:
             tl.store(scr_ptr + (pid * Q + qq).to(tl.int64) * K + kk, std, mask=tmask)
         tl.debug_barrier()
         tok_nan = tl.max(tl.reshape(row_nan, [BLOCK_T, 2]), axis=1) > 0
-        _scratch_grid_store(tok_nan, sel, pair_ptr, r64, rmask, n, k, w_ptr, stride_w, ids_ptr,
+        _scratch_grid_store(tok_nan, tok_nan, sel, pair_ptr, r64, rmask, n, k, w_ptr, stride_w, ids_ptr,
                             stride_ids, True, IS_BF16, RENORM, K, P)
 
 
@@ -417,15 +390,8 @@ def launch_fwd_packed(x, y, top_k, renormalize, w, ids, cfg: FwdConfig, asm: boo
     pairs, P = _pair_table(top_k, x.device)
     _omni_fwd_packed_kernel[(triton.cdiv(T, cfg.block_t),)](
         x, y, w, ids, scratch, pairs, T, n, top_k, x.stride(0), y.stride(0), w.stride(0),
-        ids.stride(0),
-        IS_BF16=x.dtype == torch.bfloat16,
-        RENORM=bool(renormalize),
-        BLOCK_T=cfg.block_t,
-        NP=NP,
-        K=K,
-        S=cfg.chunk,
-        P=P,
-        ASM=bool(asm) and not _interpreting(),
+        ids.stride(0), IS_BF16=x.dtype == torch.bfloat16, RENORM=bool(renormalize),
+        BLOCK_T=cfg.block_t, NP=NP, K=K, S=cfg.chunk, P=P, ASM=bool(asm) and not _interpreting(),
         num_warps=cfg.num_warps,
     )
     return True
@@ -480,16 +446,8 @@ def launch_fwd_lanepk(x, y, top_k, renormalize, w, ids, cfg: FwdConfig, asm: boo
     dxyw = (y.data_ptr() - x.data_ptr()) // 4
     _omni_fwd_lanepk_kernel[(nprog,)](
         x, y, w, ids, scratch, pairs, T, n, top_k, x.stride(0), y.stride(0), x.stride(0) // 2,
-        y.stride(0) // 2, dxyw, w.stride(0), ids.stride(0),
-        IS_BF16=x.dtype == torch.bfloat16,
-        RENORM=bool(renormalize),
-        BLOCK_T=cfg.block_t,
-        NP=NP,
-        K=K,
-        S=cfg.chunk,
-        P=P,
-        ASM=bool(asm) and not _interpreting(),
-        PATH=path,
-        num_warps=cfg.num_warps,
+        y.stride(0) // 2, dxyw, w.stride(0), ids.stride(0), IS_BF16=x.dtype == torch.bfloat16,
+        RENORM=bool(renormalize), BLOCK_T=cfg.block_t, NP=NP, K=K, S=cfg.chunk, P=P,
+        ASM=bool(asm) and not _interpreting(), PATH=path, num_warps=cfg.num_warps,
     )
     return True

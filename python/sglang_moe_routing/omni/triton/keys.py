@@ -118,7 +118,7 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _pruned_grid_store(xk, yk, tok_nan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w,
+    def _pruned_grid_store(xk, yk, xnan, ynan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w,
                            ids_ptr, stride_ids, IS16: tl.constexpr, IS_BF16: tl.constexpr,
                            RENORM: tl.constexpr, K: tl.constexpr, P: tl.constexpr):
         """Pruned candidate grid of two sorted ``[BLOCK_T, K]`` per-axis key lists (through the
@@ -127,15 +127,16 @@ if HAS_TRITON:
         tl.store(scr + kk, xk, mask=rmask[:, None])
         tl.store(scr + K + kk, yk, mask=rmask[:, None])
         tl.debug_barrier()
-        _scratch_grid_store(tok_nan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w, ids_ptr,
+        _scratch_grid_store(xnan, ynan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w, ids_ptr,
                             stride_ids, IS16, IS_BF16, RENORM, K, P)
 
     @triton.jit
-    def _scratch_grid_store(tok_nan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w, ids_ptr,
+    def _scratch_grid_store(xnan, ynan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w, ids_ptr,
                             stride_ids, IS16: tl.constexpr, IS_BF16: tl.constexpr,
                             RENORM: tl.constexpr, K: tl.constexpr, P: tl.constexpr):
         """The pruned grid read from per-token scratch rows ``scr`` that already hold the two
-        sorted lists ``[x list, y list]`` (stored before a barrier), then :func:`_store_topk`."""
+        sorted lists ``[x list, y list]`` (stored before a barrier), then :func:`_store_topk`
+        (``xnan | ynan``: the tokens whose weights are NaN)."""
         if IS16:
             MINK: tl.constexpr = _MIN32
         else:
@@ -147,4 +148,4 @@ if HAS_TRITON:
         xa = tl.load(scr + a, mask=pm, other=MINK)
         yb = tl.load(scr + K + b, mask=pm, other=MINK)
         top = _topk_desc(_grid_keys(xa, yb, n, IS16, IS_BF16, MINK), K)
-        _store_topk(top, k, K, tok_nan, rows, rmask, w_ptr, stride_w, ids_ptr, stride_ids, RENORM)
+        _store_topk(top, k, K, xnan | ynan, rows, rmask, w_ptr, stride_w, ids_ptr, stride_ids, RENORM)
