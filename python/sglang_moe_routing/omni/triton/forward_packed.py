@@ -76,12 +76,33 @@ if HAS_TRITON:
         return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
 
     @triton.jit
+    def _lowest_bit(m):
+        """Index of the lowest set bit of a non-zero int32 / int64 (exponent of the float of
+        the isolated bit, a power of two, so exact)."""
+        if m.dtype == tl.int32:
+            b = (m & -m).to(tl.uint32, bitcast=True).to(tl.float32)
+        else:
+            b = (m & -m).to(tl.uint64, bitcast=True).to(tl.float32)
+        return (b.to(tl.int32, bitcast=True) >> 23) - 127
+
+    @triton.jit
     def _halves_max(w):
         return tl.maximum(w >> 16, (w << 16) >> 16)
 
     @triton.jit
     def _halves_min(w):
         return tl.minimum(w >> 16, (w << 16) >> 16)
+
+    @triton.jit
+    def _flip2(w, ASM: tl.constexpr):
+        """Both 16-bit halves of ``w`` made order-preserving (negative: magnitude bits
+        flipped); PTX: a sign-replicating byte permute and one logic op."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 s; prmt.b32 s, $1, 0, 0xBB99; and.b32 s, s, 0x7FFF7FFF; "
+                "xor.b32 $0, $1, s; }", "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return w ^ (((w >> 15) & 0x10001) * 0x7FFF)
 
     @triton.jit
     def _packed_chunk_maxima(ptr, rows, rmask, stride, n, IS_BF16: tl.constexpr,
@@ -99,7 +120,7 @@ if HAS_TRITON:
         m = rmask[:, None, None] & (wcol < n // 2)
         wptr = ptr.to(tl.pointer_type(tl.int32))
         w = tl.load(wptr + rows[:, None, None] * (stride // 2) + wcol, mask=m, other=0)
-        f = w ^ (((w >> 15) & 0x10001) * 0x7FFF)  # both halves order-preserving
+        f = _flip2(w, ASM)  # both halves order-preserving
         fmax = tl.where(m, f, _PKMIN)  # masked words: 0 for the min (neutral), min for the max
         if ASM:
             cm = tl.reduce(fmax, 2, _s16x2_max_asm)
@@ -217,14 +238,18 @@ if HAS_TRITON:
         return c0, c1, c2, c3
 
     @triton.jit
-    def _lpk_word(base, c, nw, tmask):
+    def _lpk_word(base, c, nw, EVEN_N: tl.constexpr, ASM: tl.constexpr):
         """Word ``c`` ([Q, R] word indices) of each lane, both halves flipped to
-        order-preserving; masked words: both halves at their minimum (for the max lists)
-        and 0 (neutral, for the min channel)."""
-        m = tmask & (c < nw)
-        w = tl.load(base + c, mask=m, other=0)
-        f = w ^ (((w >> 15) & 0x10001) * 0x7FFF)
-        return tl.where(m, f, _PKMIN), f
+        order-preserving; words past ``n``: both halves at their minimum (for the max
+        lists) and 0 (neutral, for the min channel). Rows are clamped to valid tokens."""
+        if EVEN_N:
+            f = _flip2(tl.load(base + c), ASM)
+            fmax = f
+        else:
+            m = c < nw
+            f = _flip2(tl.load(base + c, mask=m, other=0), ASM)
+            fmax = tl.where(m, f, _PKMIN)
+        return fmax, f
 
     @triton.jit(do_not_specialize=["T", "k"])
     def _omni_fwd_lanepk_kernel(
@@ -232,6 +257,7 @@ if HAS_TRITON:
         T, n, k, stride_x, stride_y, sxw, syw, dxyw, stride_w, stride_ids,
         IS_BF16: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr,
         K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, ASM: tl.constexpr, PATH: tl.constexpr,
+        EVEN_N: tl.constexpr,
     ):
         """Lane-packed forward: 16 lanes per logit row, lane ``r`` owning the contiguous
         columns ``[r*G, (r+1)*G)`` (``G = NP/16``); x and y rows of ``BLOCK_T`` tokens.
@@ -242,10 +268,12 @@ if HAS_TRITON:
         2. ``min(k, n)`` pops over the lane heads ``value << 16 | 0x8000 | (15 - lane)``:
            equal values pop in lane order, which is column order (contiguous lanes).
         3. Columns for the popped entries only: each entry's lane words are reloaded
-           (L1 hits) and the first column holding the value found.
-        4. A program where a pop is unreliable (a lane ran dry, a value repeats within a
-           lane's popped entries, a logit with the bit pattern 0xFFFF) takes the packed
-           MODE_ITER path instead (program-uniform, rare on random data).
+           (L1 hits) and the first column holding the value found (the second one for the
+           second pop of an equal key).
+        4. A program where a pop is unreliable (a lane ran dry, a value popped three times from
+           one lane, a logit with the bit pattern 0xFFFF popped) takes the packed MODE_ITER
+           path instead (program-uniform; ~3 % of two-token programs on random bf16 rows,
+           estimated on CPU).
         Then MODE_ITER's grid, softmax and stores: bit-exact with MODE_ITER (chunk ``S``).
         ``PATH`` (tests): 0 as above, 1 never the fallback (wrong where it was needed), 2
         always the fallback.
@@ -268,23 +296,23 @@ if HAS_TRITON:
         rr = tl.arange(0, R)[None, :]
         tok = pid * BLOCK_T + qq // 2
         tmask = tok < T
-        t64 = tok.to(tl.int64)
+        t64 = tl.minimum(tok, T - 1).to(tl.int64)  # rows past T read the last token, unstored
         # y rows are addressed from x's pointer (dxyw words away): one load covers both
         roff = t64 * sxw + (qq % 2).to(tl.int64) * (dxyw + t64 * (syw - sxw))
         base = x_ptr.to(tl.pointer_type(tl.int32)) + roff
         nw = n // 2
         wl = rr * W
-        a0, f0 = _lpk_word(base, wl, nw, tmask)
-        a1, f1 = _lpk_word(base, wl + 1, nw, tmask)
-        a2, f2 = _lpk_word(base, wl + 2, nw, tmask)
-        a3, f3 = _lpk_word(base, wl + 3, nw, tmask)
+        a0, f0 = _lpk_word(base, wl, nw, EVEN_N, ASM)
+        a1, f1 = _lpk_word(base, wl + 1, nw, EVEN_N, ASM)
+        a2, f2 = _lpk_word(base, wl + 2, nw, EVEN_N, ASM)
+        a3, f3 = _lpk_word(base, wl + 3, nw, EVEN_N, ASM)
         l0, l1, l2, l3 = _sort4(a0, a1, a2, a3, OP)
         mnw = _mm(_mm(f0, f1, OP, False), _mm(f2, f3, OP, False), OP, False)
         for v in tl.static_range(1, V):
-            a0, f0 = _lpk_word(base, wl + 4 * v, nw, tmask)
-            a1, f1 = _lpk_word(base, wl + 4 * v + 1, nw, tmask)
-            a2, f2 = _lpk_word(base, wl + 4 * v + 2, nw, tmask)
-            a3, f3 = _lpk_word(base, wl + 4 * v + 3, nw, tmask)
+            a0, f0 = _lpk_word(base, wl + 4 * v, nw, EVEN_N, ASM)
+            a1, f1 = _lpk_word(base, wl + 4 * v + 1, nw, EVEN_N, ASM)
+            a2, f2 = _lpk_word(base, wl + 4 * v + 2, nw, EVEN_N, ASM)
+            a3, f3 = _lpk_word(base, wl + 4 * v + 3, nw, EVEN_N, ASM)
             b0, b1, b2, b3 = _sort4(a0, a1, a2, a3, OP)
             l0, l1, l2, l3 = _merge4(l0, l1, l2, l3, b0, b1, b2, b3, OP)
             mnw = _mm(mnw, _mm(_mm(f0, f1, OP, False), _mm(f2, f3, OP, False), OP, False), OP, False)
@@ -303,8 +331,10 @@ if HAS_TRITON:
 
         kk = tl.arange(0, K)[None, :]
         lst = tl.full([Q, K], _LMIN, tl.int32)
+        occ = tl.zeros([Q, K], tl.int32)  # 1: the same key (value and lane) was popped just before
         last = tl.zeros([Q, R], tl.int32)
-        dup = tl.zeros([Q], tl.int32)
+        dup = tl.zeros([Q], tl.int32)  # a key popped three times (a value 3x in one lane)
+        rep = tl.zeros([Q], tl.int32)
         prev = tl.full([Q], _LMIN, tl.int32)
         npop = tl.minimum(k, n)
         for r in range(0, npop):
@@ -315,7 +345,10 @@ if HAS_TRITON:
             h3 = tl.where(hit, h4, h3)
             h4 = tl.where(hit, more, h4)
             lst = tl.where(kk == r, best[:, None], lst)
-            dup = dup | (best == prev).to(tl.int32)
+            same = (best == prev).to(tl.int32)
+            occ = tl.where(kk == r, same[:, None], occ)
+            dup = dup | (same & rep)
+            rep = same
             prev = best
             last = hit.to(tl.int32)
         live = kk < npop
@@ -336,18 +369,29 @@ if HAS_TRITON:
             tl.store(sel + kk, xk, mask=rmask[:, None])
             tl.store(sel + K + kk, yk, mask=rmask[:, None])
         else:
-            # columns of the popped entries: the first column of the lane holding the value
+            # columns of the popped entries: the first (second, for a repeated key) column of
+            # the lane holding the value
             val = lst >> 16
             lane = (R - 1) - (lst & (R - 1))
             raw = (val ^ ((val >> 15) & 0x7FFF)) & 0xFFFF
             pat = (raw | (raw << 16))[:, :, None]
             ii = tl.arange(0, W)[None, None, :]
             c3 = lane[:, :, None] * W + ii  # [Q, K, W]
-            wm = tmask[:, :, None] & live[:, :, None] & (c3 < nw)
-            d = tl.load(base[:, :, None] + c3, mask=wm, other=0) ^ pat
-            jlo = tl.where(wm & ((d & 0xFFFF) == 0), 2 * ii, 2 * W)
-            jhi = tl.where(wm & ((d & -65536) == 0), 2 * ii + 1, 2 * W)
-            col = lane * G + tl.min(tl.minimum(jlo, jhi), axis=2)
+            if EVEN_N:  # every row is a valid token (clamped), every lane word exists
+                wm = tl.full([1, 1, 1], True, tl.int1)
+                d = tl.load(base[:, :, None] + c3) ^ pat
+            else:
+                wm = c3 < nw
+                d = tl.load(base[:, :, None] + c3, mask=wm, other=0) ^ pat
+            # bit j of `hits`: the lane's column j holds the value (disjoint bits: sum = or)
+            if G <= 32:
+                one = tl.full([1, 1, 1], 1, tl.int32)
+            else:
+                one = tl.full([1, 1, 1], 1, tl.int64)
+            hits = tl.sum(tl.where(wm & ((d & 0xFFFF) == 0), one << (2 * ii), 0)
+                          + tl.where(wm & ((d & -65536) == 0), one << (2 * ii + 1), 0), axis=2)
+            hits = tl.where(occ > 0, hits & (hits - 1), hits)  # second pop of a key: next column
+            col = lane * G + _lowest_bit(hits)
             std = tl.where(live, (val << 16) | (65535 - col), _MIN32)
             tl.store(scr_ptr + (pid * Q + qq).to(tl.int64) * K + kk, std, mask=tmask)
         tl.debug_barrier()
@@ -448,6 +492,6 @@ def launch_fwd_lanepk(x, y, top_k, renormalize, w, ids, cfg: FwdConfig, asm: boo
         x, y, w, ids, scratch, pairs, T, n, top_k, x.stride(0), y.stride(0), x.stride(0) // 2,
         y.stride(0) // 2, dxyw, w.stride(0), ids.stride(0), IS_BF16=x.dtype == torch.bfloat16,
         RENORM=bool(renormalize), BLOCK_T=cfg.block_t, NP=NP, K=K, S=cfg.chunk, P=P,
-        ASM=bool(asm) and not _interpreting(), PATH=path, num_warps=cfg.num_warps,
+        ASM=bool(asm) and not _interpreting(), PATH=path, EVEN_N=n == NP, num_warps=cfg.num_warps,
     )
     return True
