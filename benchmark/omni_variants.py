@@ -122,7 +122,7 @@ ITER_VARIANTS = [(4, 1), (2, 1), (1, 1), (4, 2)]
 # test_omni_packed.py checks the same list against the reference on the GPU.
 PACKED_VARIANTS = [(2, 1, True), (4, 1, True), (1, 1, True), (2, 1, False)]
 # Lane-packed variant (same file; 128 <= NP <= 1024, k <= 8): (block_t, num_warps, asm)
-LANEPK_VARIANTS = [(2, 1, True), (1, 1, True), (4, 2, True), (2, 1, False)]
+LANEPK_VARIANTS = [(2, 1, True), (1, 1, True), (4, 2, True), (4, 1, True), (2, 1, False)]
 # Stage codes of _variant_configs: < 2 timing-only ablations; 2 a config of the kernels the
 # router dispatches to; then the packed variants (PTX s16x2 / emulated s16x2).
 STAGE_FULL, STAGE_PACKED_ASM, STAGE_PACKED_EMU, STAGE_LANEPK_ASM, STAGE_LANEPK_EMU = 2, 4, 5, 6, 7
