@@ -67,6 +67,7 @@ CASES = [
     # (T, n, k, dtype, packed kernel runs)
     (5, 128, 8, torch.bfloat16, True),
     (3, 512, 8, torch.bfloat16, True),
+    (2, 1024, 8, torch.bfloat16, True),  # 64 columns per lane: int64 column bitmasks
     (4, 200, 8, torch.float16, True),  # n < NP: masked words and lanes
     (3, 130, 3, torch.bfloat16, True),  # k not a power of two
     (3, 256, 16, torch.float16, True),  # K = 16: packed MODE_ITER only (lists of 4 per lane)
