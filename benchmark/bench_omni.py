@@ -11,6 +11,7 @@ n=512, T=4096, k=8, and writes ``bench_omni.png`` / ``.csv`` / ``.json`` to ``--
   python3 benchmark/bench_omni.py --quick                          # goal shape only
   python3 benchmark/bench_omni.py --autotune --precompile 14       # tuned configs
   python3 benchmark/bench_omni.py --lane-sweep                     # MODE_LANE configs only
+  python3 benchmark/bench_omni.py --packed --shapes '512,8,4096'   # packed bf16x2 variants
 
 ``--quick`` (and ``--variants``) first prints a forward-variants table (``omni_variants.py``):
 the default heuristic kernel vs MODE_ITER and MODE_LANE configs, each timed ``flushed`` (one
@@ -58,6 +59,7 @@ from omni_variants import (  # noqa: E402
     _short,
     _variant_configs,
     check_forward,
+    is_full,
     hbm_floor_us,
     make_inputs,
     steady_state_us,
@@ -259,6 +261,9 @@ def build_parser():
                     help="variants shapes 'n,k,T;n,k,T' (default: a built-in list)")
     ap.add_argument("--lane-sweep", action="store_true",
                     help="only the variants table in steady state (no flushed timing), then exit")
+    ap.add_argument("--packed", action="store_true",
+                    help="only the variants table in steady state, default config vs the packed "
+                         "bf16x2 variants (omni/triton/forward_packed.py), then exit")
     ap.add_argument("--ncu-launch", action="store_true",
                     help="for `ncu -k regex:_omni_fwd --launch-skip N --launch-count N`: compile the N "
                          "variants of the goal shape on T=32, then launch each once at the goal shape")
@@ -276,7 +281,7 @@ def plan(args):
     shapes = [goal] if args.quick else [goal] + [s for s in itertools.product(NS, KS, TS) if s != goal]
     vshapes = args.shapes or VARIANT_SHAPES
     vsh = None
-    if args.lane_sweep or args.quick or args.variants:
+    if args.lane_sweep or args.packed or args.quick or args.variants:
         vsh = vshapes[:1] if (args.variants_goal_only or (args.quick and not args.variants)) else vshapes
     return shapes, vsh
 
@@ -356,29 +361,29 @@ def main(argv=None) -> int:
     goal = GOAL_SHAPE
     shapes, vsh = plan(args)
     checks = Checks()
-    if args.precompile and not (args.lane_sweep or args.ncu_launch):
+    if args.precompile and not (args.lane_sweep or args.packed or args.ncu_launch):
         precompile(needed_specs(shapes, args.autotune), args.precompile)
 
     l2 = getattr(props, "L2_cache_size", 50 * 1024 * 1024)
     if args.ncu_launch:
         n, k, T = goal
-        cfgs = [c for _, c, st in _variant_configs(n, k, T, torch.device("cuda")) if st == 2]
+        cfgs = [(c, st) for _, c, st in _variant_configs(n, k, T, torch.device("cuda")) if is_full(st)]
         for TT in (32, T):
             x, y = make_inputs(TT, n)
             w = torch.empty(TT, k, dtype=x.dtype, device="cuda")
             ids = torch.empty(TT, k, dtype=torch.int64, device="cuda")
-            for c in cfgs:
-                _launch_variant(c, 2, k)(x, y, w, ids)
+            for c, st in cfgs:
+                _launch_variant(c, st, k)(x, y, w, ids)
             torch.cuda.synchronize()
-        log(f"ncu launches: {[_short(c) for c in cfgs]}")
+        log(f"ncu launches: {[_short(c) + (' packed' if st > 2 else '') for c, st in cfgs]}")
         return 0
     variants = []
     if vsh is not None and args.precompile:
         dev = torch.device("cuda")
         precompile([("fwd", n, k, c) for n, k, T in vsh for _, c, st in _variant_configs(n, k, T, dev)
                     if st == 2], args.precompile)
-    if args.lane_sweep:
-        variants_table(log, vsh, l2, flushed=False, checks=checks)
+    if args.lane_sweep or args.packed:
+        variants_table(log, vsh, l2, flushed=False, checks=checks, packed_only=args.packed)
         log(checks.summary())
         return checks.exit_code()
     if vsh is not None:  # first: this table decides the default forward variant

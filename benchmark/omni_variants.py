@@ -32,6 +32,7 @@ from harness import Checks, fmt, graphed, time_flushed_ms  # noqa: E402
 
 from sglang_moe_routing.omni import omni_router_reference  # noqa: E402
 from sglang_moe_routing.omni import triton as tk  # noqa: E402
+from sglang_moe_routing.omni.triton import forward_packed as tkp  # noqa: E402
 
 # The HBM bandwidth the floor assumes (bytes/s); bench_omni.py also prints the device-to-device
 # copy bandwidth it measures, so a run on another GPU shows how far this is off.
@@ -117,6 +118,20 @@ def check_forward(x, y, k: int, w, ids) -> Optional[str]:
 LANE_VARIANTS = [(1, 16, 4), (2, 16, 4), (1, 32, 4)]
 # MODE_ITER configs timed beside the default: (block_t, num_warps)
 ITER_VARIANTS = [(4, 1), (2, 1), (1, 1), (4, 2)]
+# Packed bf16x2 variant of MODE_ITER (omni/triton/forward_packed.py): (block_t, num_warps, asm);
+# test_omni_packed.py checks the same list against the reference on the GPU.
+PACKED_VARIANTS = [(2, 1, True), (4, 1, True), (1, 1, True), (2, 1, False)]
+# Lane-packed variant (same file; 128 <= NP <= 1024, k <= 8): (block_t, num_warps, asm)
+LANEPK_VARIANTS = [(2, 1, True), (1, 1, True), (4, 2, True), (4, 1, True), (2, 1, False)]
+# Stage codes of _variant_configs: < 2 timing-only ablations; 2 a config of the kernels the
+# router dispatches to; then the packed variants (PTX s16x2 / emulated s16x2).
+STAGE_FULL, STAGE_PACKED_ASM, STAGE_PACKED_EMU, STAGE_LANEPK_ASM, STAGE_LANEPK_EMU = 2, 4, 5, 6, 7
+PACKED_STAGES = (STAGE_PACKED_ASM, STAGE_PACKED_EMU, STAGE_LANEPK_ASM, STAGE_LANEPK_EMU)
+
+
+def is_full(stage: int) -> bool:
+    """A variant whose output is a routing (checked against the reference), not an ablation."""
+    return stage >= STAGE_FULL
 
 try:
     import triton
@@ -186,11 +201,34 @@ def yardsticks(log, T: int, n: int, k: int, l2: int, flushed: bool = True) -> di
     return out
 
 
-def _variant_configs(n: int, k: int, T: int, dev) -> List[Tuple[str, object, int]]:
-    """(name, FwdConfig, stage) of the default and the alternatives timed beside it."""
+def _packed_configs(n: int, k: int, spot: bool = False) -> List[Tuple[str, object, int]]:
+    """(name, FwdConfig, stage) of the packed variants (PACKED_VARIANTS, LANEPK_VARIANTS) that
+    run packed at this shape (16-bit logits assumed: the tables time bf16); ``spot``: only the
+    first launch shape of each."""
+    if n < 2 or n % 2:
+        return []
+    out = []
+    for bt, nw, asm in PACKED_VARIANTS[:1] if spot else PACKED_VARIANTS:
+        c = tkp.packed_config(n, k, block_t=bt, num_warps=nw)
+        out.append((f"packed-iter bt={bt} nw={nw} " + ("s16x2" if asm else "emulated"), c,
+                    STAGE_PACKED_ASM if asm else STAGE_PACKED_EMU))
+    if tkp.lanepk_fits(n, k):
+        for bt, nw, asm in LANEPK_VARIANTS[:1] if spot else LANEPK_VARIANTS:
+            c = tkp.lanepk_config(n, k, block_t=bt, num_warps=nw)
+            out.append((f"lane-packed bt={bt} nw={nw} " + ("s16x2" if asm else "emulated"), c,
+                        STAGE_LANEPK_ASM if asm else STAGE_LANEPK_EMU))
+    return out
+
+
+def _variant_configs(n: int, k: int, T: int, dev, packed_only: bool = False) -> List[Tuple[str, object, int]]:
+    """(name, FwdConfig, stage) of the default and the alternatives timed beside it;
+    ``packed_only``: the default and the packed variants only (all launch shapes at the goal
+    shape n=512, k=8, T=4096, the first of each elsewhere)."""
     NP, K = tk._dims(n, k)
     base = tk.fwd_config(n, k, T, dev)
     out = [("default " + _short(base), base, 2)]
+    if packed_only:
+        return out + _packed_configs(n, k, spot=(n, k, T) != (512, 8, 4096))
     if n >= 128:
         s_it = tk._default_chunk(n, k, tk.MODE_ITER)
         for bt, nw in ITER_VARIANTS:
@@ -205,7 +243,7 @@ def _variant_configs(n: int, k: int, T: int, dev) -> List[Tuple[str, object, int
         c = tk.fwd_config_lane(n, k, T, dev)
         out.append(("  ablation: lane, no grid (stage 1)", c, 1))
         out.append(("  ablation: lane, keys+max only (stage 0)", c, 0))
-    return out
+    return out + _packed_configs(n, k)
 
 
 def _short(cfg) -> str:
@@ -217,13 +255,33 @@ def _short(cfg) -> str:
 
 
 def _launch_variant(cfg, stage: int, k: int) -> Callable:
+    if stage in (STAGE_PACKED_ASM, STAGE_PACKED_EMU):
+        asm = stage == STAGE_PACKED_ASM
+        return lambda x, y, w, ids: tkp.launch_fwd_packed(x, y, k, False, w, ids, cfg, asm=asm)
+    if stage in (STAGE_LANEPK_ASM, STAGE_LANEPK_EMU):
+        asm = stage == STAGE_LANEPK_ASM
+        return lambda x, y, w, ids: tkp.launch_fwd_lanepk(x, y, k, False, w, ids, cfg, asm=asm)
     if cfg.mode == tk.MODE_LANE:
         return lambda x, y, w, ids: tk._launch_fwd_lane(x, y, k, False, w, ids, cfg, stage=stage)
     return lambda x, y, w, ids: tk._launch_fwd(x, y, k, False, w, ids, cfg)
 
 
+def check_same_as_iter(cfg, stage: int, x, y, k: int, w, ids) -> Optional[str]:
+    """Packed variants: None when ``(w, ids)`` equal, bit for bit, the output of MODE_ITER
+    with the same chunk size (same ids in the same order, same weights); else a reason."""
+    if stage not in PACKED_STAGES:
+        return None
+    w2, ids2 = torch.full_like(w, float("nan")), torch.full_like(ids, -1)
+    tk._launch_fwd(x, y, k, False, w2, ids2, tkp.packed_config(x.shape[1], k))
+    if not torch.equal(ids, ids2):
+        return f"ids differ from MODE_ITER's in {int((ids != ids2).any(1).sum())} rows"
+    if not torch.equal(w.view(torch.int16), w2.view(torch.int16)):
+        return "weights differ from MODE_ITER's bits"
+    return None
+
+
 def variants_table(log, shapes, l2: int, flushed: bool = True,
-                   checks: Optional[Checks] = None) -> List[dict]:
+                   checks: Optional[Checks] = None, packed_only: bool = False) -> List[dict]:
     """Forward only, preallocated outputs: the default config vs MODE_ITER and MODE_LANE
     configs (and two timing-only ablations of MODE_LANE), each in steady state and, if
     ``flushed``, one kernel per graph with the L2 flushed; beside the yardsticks. Each full
@@ -249,14 +307,19 @@ def variants_table(log, shapes, l2: int, flushed: bool = True,
         x, y = make_inputs(T, n)
         w = torch.empty(T, k, dtype=x.dtype, device="cuda")
         ids = torch.empty(T, k, dtype=torch.int64, device="cuda")
-        for name, cfg, stage in _variant_configs(n, k, T, x.device):
+        for name, cfg, stage in _variant_configs(n, k, T, x.device, packed_only):
             try:
                 lf = _launch_variant(cfg, stage, k)
                 lf(x, y, w, ids)
                 torch.cuda.synchronize()
                 key = (name, n, k, T)
-                if stage == 2:
-                    checks.run(key, lambda: check_forward(x, y, k, w, ids))
+                if is_full(stage):
+                    w.fill_(float("nan"))  # poisoned: an unwritten element fails the check
+                    ids.fill_(-1)
+                    lf(x, y, w, ids)
+                    torch.cuda.synchronize()
+                    checks.run(key, lambda: check_forward(x, y, k, w, ids)
+                               or check_same_as_iter(cfg, stage, x, y, k, w, ids))
                 ss = steady_state_us(lf, T, n, k, l2)
                 fl = time_flushed_ms(graphed(lambda: lf(x, y, w, ids))[0]) * 1e3 if flushed else None
             except Exception as exc:  # report and go on
@@ -269,7 +332,7 @@ def variants_table(log, shapes, l2: int, flushed: bool = True,
             refused = checks.refusal(key)
             log(f"    {name[:44]:<44} {ss:7.2f} "
                 + (f"{refused}" if refused else
-                   f"{ss / floor:5.2f}x {checks.ratio(ss, ys, spec='.1f', suffix='x'):>6}")
+                   f"{ss / floor:5.2f}x {checks.ratio(ss, ys, spec='.2f', suffix='x'):>6}")
                 + (f" {fmt(fl):>8}" if flushed else "")
-                + ("  ok" if stage == 2 and not refused else "  -" if stage != 2 else ""))
+                + ("  ok" if is_full(stage) and not refused else "  -" if not is_full(stage) else ""))
     return rows

@@ -58,6 +58,7 @@ if HAS_TRITON:
         _decode_col,
         _grid_keys,
         _keys_of,
+        _pruned_grid_store,
         _store_topk,
         _topk_desc,
     )
@@ -165,14 +166,22 @@ if HAS_TRITON:
         """MODE 2 step: pop the best key of the row and refresh its chunk's maximum by
         reloading the chunk (L1/L2 hit) and taking the best key below the popped one."""
         best = tl.max(cmax, axis=1)  # [BLOCK_T]
+        chunk, key, m = _reload_chunk(best, ptr, rows, rmask, stride, n, IS16, MINK, S)
+        key = tl.where(m & (key < best[:, None]), key, MINK)
+        cmax = tl.where(tl.arange(0, C)[None, :] == chunk[:, None], tl.max(key, axis=1)[:, None], cmax)
+        return best, cmax
+
+    @triton.jit
+    def _reload_chunk(best, ptr, rows, rmask, stride, n, IS16: tl.constexpr, MINK: tl.constexpr,
+                      S: tl.constexpr):
+        """The chunk of key ``best`` (per row), its ``[BLOCK_T, S]`` keys reloaded from ``ptr``
+        (L1/L2 hits) and their mask."""
         chunk = _decode_col(best, IS16) // S
         col = chunk[:, None] * S + tl.arange(0, S)[None, :]  # [BLOCK_T, S]
         m = (rmask & (best > MINK))[:, None] & (col < n)
         v = tl.load(ptr + rows[:, None] * stride + col, mask=m, other=0.0)
         key, _mag = _keys_of(v, _col_lo(col, IS16), IS16)
-        key = tl.where(m & (key < best[:, None]), key, MINK)
-        cmax = tl.where(tl.arange(0, C)[None, :] == chunk[:, None], tl.max(key, axis=1)[:, None], cmax)
-        return best, cmax
+        return chunk, key, m
 
     # T and k vary per call: no value specialisation (one compiled kernel per config)
     @triton.jit(do_not_specialize=["T", "k"])
@@ -238,23 +247,13 @@ if HAS_TRITON:
 
         # top-K of the candidate grid; x_a + y_b in fp32
         if PRUNED:
-            kk = tl.arange(0, K)[None, :]
-            sel = scr
-            tl.store(sel + kk, xk, mask=rmask[:, None])
-            tl.store(sel + K + kk, yk, mask=rmask[:, None])
-            tl.debug_barrier()
-            ab = tl.load(pair_ptr + tl.arange(0, P))
-            pm = (ab >= 0)[None, :] & rmask[:, None]
-            a = tl.where(ab >= 0, ab // K, 0)[None, :]
-            b = tl.where(ab >= 0, ab % K, 0)[None, :]
-            xa = tl.load(sel + a, mask=pm, other=MINK)
-            yb = tl.load(sel + K + b, mask=pm, other=MINK)
-            top = _topk_desc(_grid_keys(xa, yb, n, IS16, IS_BF16, MINK), K)
+            _pruned_grid_store(xk, yk, xnan, ynan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w,
+                               ids_ptr, stride_ids, IS16, IS_BF16, RENORM, K, P)
         else:
             g = _grid_keys(xk[:, :, None], yk[:, None, :], n, IS16, IS_BF16, MINK)
             top = _topk_desc(tl.reshape(g, [BLOCK_T, K * K]), K)  # [BLOCK_T, K] desc
-
-        _store_topk(top, k, K, xnan | ynan, rows, rmask, w_ptr, stride_w, ids_ptr, stride_ids, RENORM)
+            _store_topk(top, k, K, xnan | ynan, rows, rmask, w_ptr, stride_w, ids_ptr, stride_ids,
+                        RENORM)
 
 
 # ----------------------------------------------------------------------------- launchers

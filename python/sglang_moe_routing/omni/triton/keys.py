@@ -115,3 +115,37 @@ if HAS_TRITON:
         om = rmask[:, None] & (slot < k)
         tl.store(w_ptr + rows[:, None] * stride_w + slot, w.to(w_ptr.dtype.element_ty), mask=om)
         tl.store(ids_ptr + rows[:, None] * stride_ids + slot, ids.to(ids_ptr.dtype.element_ty), mask=om)
+
+
+    @triton.jit
+    def _pruned_grid_store(xk, yk, xnan, ynan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w,
+                           ids_ptr, stride_ids, IS16: tl.constexpr, IS_BF16: tl.constexpr,
+                           RENORM: tl.constexpr, K: tl.constexpr, P: tl.constexpr):
+        """Pruned candidate grid of two sorted ``[BLOCK_T, K]`` per-axis key lists (through the
+        per-token scratch rows ``scr``: ``[x list, y list]``), then :func:`_store_topk`."""
+        kk = tl.arange(0, K)[None, :]
+        tl.store(scr + kk, xk, mask=rmask[:, None])
+        tl.store(scr + K + kk, yk, mask=rmask[:, None])
+        tl.debug_barrier()
+        _scratch_grid_store(xnan, ynan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w, ids_ptr,
+                            stride_ids, IS16, IS_BF16, RENORM, K, P)
+
+    @triton.jit
+    def _scratch_grid_store(xnan, ynan, scr, pair_ptr, rows, rmask, n, k, w_ptr, stride_w, ids_ptr,
+                            stride_ids, IS16: tl.constexpr, IS_BF16: tl.constexpr,
+                            RENORM: tl.constexpr, K: tl.constexpr, P: tl.constexpr):
+        """The pruned grid read from per-token scratch rows ``scr`` that already hold the two
+        sorted lists ``[x list, y list]`` (stored before a barrier), then :func:`_store_topk`
+        (``xnan | ynan``: the tokens whose weights are NaN)."""
+        if IS16:
+            MINK: tl.constexpr = _MIN32
+        else:
+            MINK: tl.constexpr = _MIN64
+        ab = tl.load(pair_ptr + tl.arange(0, P))
+        pm = (ab >= 0)[None, :] & rmask[:, None]
+        a = tl.where(ab >= 0, ab // K, 0)[None, :]
+        b = tl.where(ab >= 0, ab % K, 0)[None, :]
+        xa = tl.load(scr + a, mask=pm, other=MINK)
+        yb = tl.load(scr + K + b, mask=pm, other=MINK)
+        top = _topk_desc(_grid_keys(xa, yb, n, IS16, IS_BF16, MINK), K)
+        _store_topk(top, k, K, xnan | ynan, rows, rmask, w_ptr, stride_w, ids_ptr, stride_ids, RENORM)
