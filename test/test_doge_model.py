@@ -524,8 +524,10 @@ def _hf_greedy(hf: HFDoge, prompt, n_new):
 @pytest.mark.slow
 def test_launch_server_on_cpu_generates_transformers_tokens(tmp_path):
     """``python -m sglang.launch_server`` with a tiny random Doge-MoE on CPU (torch_native
-    attention, no CUDA graphs): our class serves it and greedy tokens equal transformers'."""
-    cfg = tiny_config(keep_window_size=16)
+    attention; CPU graphs off, they are no CUDA graphs): our class serves it through the
+    folded RadixAttention path (the plugin widens the KV pool's key rows) and greedy tokens
+    of two batched requests equal transformers'."""
+    cfg = tiny_config()  # keep_window_size = max_position_embeddings: never windowed
     hf = make_hf(cfg, seed=6)
     model_dir = tmp_path / "tiny_doge_moe"
     hf.save_pretrained(model_dir)
@@ -562,6 +564,7 @@ def test_launch_server_on_cpu_generates_transformers_tokens(tmp_path):
         text = log_path.read_text()
         assert "type=DogeForCausalLM" in text and "TransformersForCausalLM" not in text
         assert "omni router: backend=torch" in text
+        assert "keep_window_size" not in text  # no windowed-attention warning
     finally:
         proc.terminate()
         try:
