@@ -196,6 +196,68 @@ def test_folded_bias_in_sglang_torch_native_equals_dynamic_mask_attention(sgl_en
         assert (plain - ref).abs().max() > 1e-2
 
 
+def test_folded_bias_in_sglang_triton_kernels_equals_dynamic_mask_attention():
+    """SGLang's Triton attention kernels (the GPU backend's decode and extend kernels, here in
+    the Triton interpreter) on folded q'/k' (qk head dim 32, v head dim 16, GQA, scattered KV
+    slots, cached prefixes) equal Doge's dynamic-mask attention. The kernels only: the
+    backend's metadata and CUDA graphs are exercised on a GPU (test_gpu_server.py)."""
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    from sglang_moe_routing.models.doge_attention import (
+        dynamic_mask_attention,
+        fold_keys,
+        fold_queries,
+        folded_head_dim,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    H, G, D = 4, 2, 16
+    Dq, s = folded_head_dim(D), D**-0.5
+    lens, pref = [5, 9, 3], [2, 4, 0]  # keys per request; cached prefix for the extend
+    L = sum(lens)
+    K, V = torch.randn(L, G, D, generator=g), torch.randn(L, G, D, generator=g)
+    bias = 3 * torch.rand(L, G, generator=g)
+    kbuf, vbuf = torch.zeros(L + 1, G, Dq), torch.zeros(L + 1, G, D)
+    slots = torch.randperm(L, generator=g) + 1
+    kbuf[slots], vbuf[slots] = fold_keys(K, bias, s, Dq), V
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0).tolist()
+    spans = list(zip(starts, lens, pref))
+
+    def ref(q, st, n, q_start):
+        return dynamic_mask_attention(q, K[st:st + n], V[st:st + n], bias[st:st + n], scaling=s,
+                                      query_start=q_start, keep_window_size=n)
+
+    # decode: one new query per request over all its keys
+    Q = torch.randn(len(lens), H, D, generator=g)
+    o = torch.zeros(len(lens), H, D)
+    splits = 2
+    decode_attention_fwd(
+        fold_queries(Q, Dq), kbuf, vbuf, o, torch.tensor([0] + lens).cumsum(0).int(),
+        slots.int(), torch.zeros(len(lens), H, splits, D), torch.zeros(len(lens), H, splits),
+        torch.full((len(lens),), splits, dtype=torch.int32), splits, s, 1.0, 1.0,
+    )
+    for i, (st, n, _) in enumerate(spans):
+        assert_close(o[i], ref(Q[i:i + 1], st, n, n - 1)[0], f"triton decode, request {i}", atol=1e-5)
+    # extend: new tokens after each cached prefix
+    new = [n - p for n, p in zip(lens, pref)]
+    qx = torch.randn(sum(new), H, D, generator=g)
+    kx = torch.cat([fold_keys(K[st + p:st + n], bias[st + p:st + n], s, Dq) for st, n, p in spans])
+    vx = torch.cat([V[st + p:st + n] for st, n, p in spans])
+    ox = torch.zeros(sum(new), H, D)
+    extend_attention_fwd(
+        fold_queries(qx, Dq), kx, vx, ox, kbuf, vbuf, torch.tensor([0] + new).cumsum(0).int(),
+        torch.tensor([0] + pref).cumsum(0).int(),
+        torch.cat([slots[st:st + p] for st, _, p in spans]).int(),
+        None, True, None, max(new), 1.0, 1.0, sm_scale=s,
+    )
+    q0 = 0
+    for i, (st, n, p) in enumerate(spans):
+        assert_close(ox[q0:q0 + n - p], ref(qx[q0:q0 + n - p], st, n, p), f"triton extend, request {i}",
+                     atol=1e-5)
+        q0 += n - p
+
+
 def test_dynamic_mask_keep_window_and_ties():
     """Keys outside each query's top-``keep_window_size`` bias are dropped; equal biases at
     the cut keep the later key (so with a constant bias the window is the most recent keys)."""
