@@ -7,7 +7,7 @@ measured while it is up (``tools.server.Server``; checkpoints from ``tools.model
   (no plugin) vs expert choice (``--enable-expert-choice --expert-capacity-factor 1.25
   --expert-choice-min-tokens 32``) at batch sizes 1, 8, 32, 128, 512.
 * ``doge``: Doge CDMoE with the Omni router, ``--omni-router-backend`` triton / torch /
-  reference at n = 64, 256, 512 (n*n experts, top-8), ``--disable-cuda-graph``.
+  reference at n = 64, 256, 512 (n*n experts, top-8), CUDA graphs on.
 * ``eplb``: DeepSeek-V3-style model, ``--enable-eplb`` with ``deepseek`` vs ``compute_aware``
   (``--enable-expert-compute-profiling``). SGLang 0.5.23 asserts ep_size > 1 with EPLB, so
   this part needs ``--tp N`` (N >= 2 GPUs) and is skipped otherwise.
@@ -176,7 +176,7 @@ class Bench(ServingRunner):
                 backends.append(b)
         d = self.res["doge"]
         d.update(backends=backends, batch_sizes=a.doge_batch_sizes, top_k=a.doge_top_k, runs={})
-        common = self.common_args(a.doge_batch_sizes, graphs=False) + ["--disable-cuda-graph"]
+        common = self.common_args(a.doge_batch_sizes)  # CUDA graphs on (folded DMA attention)
         vocabs = {}
         for n in a.doge_n:
             path = Path(a.model_dir) / f"doge_n{n}_k{a.doge_top_k}"
@@ -331,7 +331,7 @@ class Bench(ServingRunner):
                     rows.append("| " + " | ".join(cells) + " |")
         if rows:
             md.append(f"### Doge CDMoE, Omni router backends (top-{d['top_k']}, n*n experts, "
-                      "--disable-cuda-graph), tok/s\n")
+                      f"{'CUDA graphs' if self.cuda else 'CPU'}), tok/s\n")
             for n, runs in doge_runs.items():
                 md.append(f"- n={n} check ({CHECK_PROMPTS} prompts, {CHECK_NEW} greedy tokens): "
                           + ", ".join(f"{b} (baseline)" if b == r["check"]["vs"] else

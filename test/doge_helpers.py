@@ -69,7 +69,9 @@ def tiny_config(**overrides) -> DogeConfig:
         num_experts=64,
         num_experts_per_tok=8,
         max_position_embeddings=256,
-        keep_window_size=6,  # sequences below are longer: DMA's top-k window is exercised
+        # = max_position_embeddings (as Doge's released configs): no request can pass the
+        # window, attention runs folded in RadixAttention. WINDOWED turns the top-k on.
+        keep_window_size=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False,
         bos_token_id=0,
@@ -77,6 +79,11 @@ def tiny_config(**overrides) -> DogeConfig:
     )
     kw.update(overrides)
     return DogeConfig(**kw)
+
+
+# sequences in the tests are longer than 6: transformers' top-k window is exercised and batches
+# holding such a request run the per-request path
+WINDOWED = dict(keep_window_size=6)
 
 
 def make_hf(cfg: DogeConfig, seed: int = 0) -> HFDoge:
@@ -113,9 +120,11 @@ def make_ours(cfg: DogeConfig, hf: HFDoge = None):
 class SglRunner:
     """Drives our model through SGLang's pools and ForwardBatch, one request id per sequence."""
 
-    def __init__(self, cfg: DogeConfig, num_slots: int = 512, max_len: int = 128):
+    def __init__(self, cfg: DogeConfig, num_slots: int = 512, max_len: int = 128, widen: bool = True):
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+        from sglang_moe_routing.models.doge_attention import folded_head_dim
 
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.req_to_token = ReqToTokenPool(
@@ -126,7 +135,9 @@ class SglRunner:
             page_size=1,
             dtype=torch.float32,
             head_num=cfg.num_key_value_heads,
-            head_dim=head_dim,
+            # the key rows carry the bias channel (the plugin's hook widens them in a server)
+            head_dim=folded_head_dim(head_dim) if widen else head_dim,
+            v_head_dim=head_dim,
             layer_num=cfg.num_hidden_layers,
             device="cpu",
             enable_memory_saver=False,
@@ -219,6 +230,30 @@ class SglRunner:
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
         return self._run(model, fb, ids, positions, full_logits=False)
+
+
+@contextlib.contextmanager
+def attention_paths(model):
+    """Counts the layer calls of each attention path: ``{"folded", "per_request"}``."""
+    counts = {"folded": 0, "per_request": 0}
+    layers = [layer.self_attn for layer in model.model.layers]
+    for a in layers:
+        def folded(*x, _orig=a.attn.forward, **kw):
+            counts["folded"] += 1
+            return _orig(*x, **kw)
+
+        def per_request(*x, _orig=a._forward_per_request, **kw):
+            counts["per_request"] += 1
+            return _orig(*x, **kw)
+
+        a.attn.forward = folded
+        a._forward_per_request = per_request
+    try:
+        yield counts
+    finally:
+        for a in layers:
+            del a.attn.forward
+            del a._forward_per_request
 
 
 # ----------------------------------------------------------------------------- references

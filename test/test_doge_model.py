@@ -37,8 +37,10 @@ from sglang_moe_routing.integration import omni_hooks  # noqa: E402
 from sglang_moe_routing.integration.omni_hooks import OmniConfig  # noqa: E402
 
 from doge_helpers import (  # noqa: E402,F401 (sgl_env: a fixture)
+    WINDOWED,
     SglRunner,
     assert_close,
+    attention_paths,
     free_port,
     hf_cdmoe_per_token,
     hf_full_logits,
@@ -148,37 +150,112 @@ def test_sglang_rope_and_pytorch_fallback_agree(sgl_env, monkeypatch):
     assert_close(k2, k1, "rope k", atol=1e-5)
 
 
-def test_dynamic_mask_attention_equals_sglang_torch_native_when_mask_is_inert(sgl_env):
-    """With zero bias and no top-k window the dynamic mask is plain causal attention:
-    compare with SGLang's own torch_native backend on the same pools."""
+@pytest.mark.parametrize("bias_kind", ["zero", "random"])
+def test_folded_bias_in_sglang_torch_native_equals_dynamic_mask_attention(sgl_env, bias_kind):
+    """The folding ``q' = [q, 1, 0..]``, ``k' = [k, b / scaling, 0..]`` run by SGLang's own
+    torch_native backend (qk head dim 32, v head dim 16, a cached prefix) equals Doge's
+    dynamic-mask attention below the window; with zero bias both are plain causal attention."""
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
     from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-    from sglang_moe_routing.models.doge_attention import dynamic_mask_attention
+    from sglang_moe_routing.models.doge_attention import (
+        dynamic_mask_attention,
+        fold_keys,
+        fold_queries,
+        folded_head_dim,
+    )
 
     cfg = tiny_config()
     runner = SglRunner(cfg)
     g = torch.Generator().manual_seed(9)
     H, G, D, L = 4, 2, 16, 13
-    layer = RadixAttention(H, D, D**-0.5, num_kv_heads=G, layer_id=0)
+    Dq, s = folded_head_dim(D), D**-0.5
+    assert Dq == 32
+    layer = RadixAttention(H, Dq, s, num_kv_heads=G, layer_id=0, v_head_dim=D)
     q, k, v = torch.randn(L, H, D, generator=g), torch.randn(L, G, D, generator=g), torch.randn(L, G, D, generator=g)
+    bias = torch.zeros(L, G) if bias_kind == "zero" else 3 * torch.rand(L, G, generator=g)
     slots = runner._alloc(2, L)
     fb = ForwardBatch(
-        forward_mode=ForwardMode.EXTEND, batch_size=1, input_ids=torch.zeros(L, dtype=torch.long),
-        req_pool_indices=torch.tensor([2]), seq_lens=torch.tensor([L]), out_cache_loc=slots,
+        forward_mode=ForwardMode.EXTEND, batch_size=1, input_ids=torch.zeros(L - 4, dtype=torch.long),
+        req_pool_indices=torch.tensor([2]), seq_lens=torch.tensor([L]), out_cache_loc=slots[4:],
         seq_lens_sum=L, extend_seq_lens=torch.tensor([L - 4]), extend_prefix_lens=torch.tensor([4]),
         seq_lens_cpu=torch.tensor([L]), extend_seq_lens_cpu=[L - 4], extend_prefix_lens_cpu=[4],
     )
-    runner.kv.set_kv_buffer(layer, slots, k, v)  # the prefix is cached
+    runner.kv.set_kv_buffer(layer, slots[:4], fold_keys(k[:4], bias[:4], s, Dq), v[:4])  # cached prefix
     with forward_context(ForwardContext(attn_backend=runner.backend)):
-        ref = runner.backend.forward_extend(
-            q[4:].reshape(L - 4, -1), k[4:], v[4:], layer, fb, save_kv_cache=False
+        got = runner.backend.forward_extend(
+            fold_queries(q[4:], Dq).reshape(L - 4, -1), fold_keys(k[4:], bias[4:], s, Dq), v[4:],
+            layer, fb,
         ).view(L - 4, H, D)
-    got = dynamic_mask_attention(
-        q[4:], k, v, torch.zeros(L, G), scaling=D**-0.5, query_start=4, keep_window_size=L
+    ref = dynamic_mask_attention(q[4:], k, v, bias, scaling=s, query_start=4, keep_window_size=L)
+    assert_close(got, ref, f"folded torch_native vs dynamic-mask attention ({bias_kind} bias)", atol=1e-5)
+    if bias_kind == "random":  # the bias matters: without it the result differs
+        plain = dynamic_mask_attention(q[4:], k, v, torch.zeros(L, G), scaling=s, query_start=4,
+                                       keep_window_size=L)
+        assert (plain - ref).abs().max() > 1e-2
+
+
+def test_folded_bias_in_sglang_triton_kernels_equals_dynamic_mask_attention():
+    """SGLang's Triton attention kernels (the GPU backend's decode and extend kernels, here in
+    the Triton interpreter) on folded q'/k' (qk head dim 32, v head dim 16, GQA, scattered KV
+    slots, cached prefixes) equal Doge's dynamic-mask attention. The kernels only: the
+    backend's metadata and CUDA graphs are exercised on a GPU (test_gpu_server.py)."""
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    from sglang_moe_routing.models.doge_attention import (
+        dynamic_mask_attention,
+        fold_keys,
+        fold_queries,
+        folded_head_dim,
     )
-    assert_close(got, ref, "attention vs torch_native", atol=1e-5)
+
+    g = torch.Generator().manual_seed(0)
+    H, G, D = 4, 2, 16
+    Dq, s = folded_head_dim(D), D**-0.5
+    lens, pref = [5, 9, 3], [2, 4, 0]  # keys per request; cached prefix for the extend
+    L = sum(lens)
+    K, V = torch.randn(L, G, D, generator=g), torch.randn(L, G, D, generator=g)
+    bias = 3 * torch.rand(L, G, generator=g)
+    kbuf, vbuf = torch.zeros(L + 1, G, Dq), torch.zeros(L + 1, G, D)
+    slots = torch.randperm(L, generator=g) + 1
+    kbuf[slots], vbuf[slots] = fold_keys(K, bias, s, Dq), V
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0).tolist()
+    spans = list(zip(starts, lens, pref))
+
+    def ref(q, st, n, q_start):
+        return dynamic_mask_attention(q, K[st:st + n], V[st:st + n], bias[st:st + n], scaling=s,
+                                      query_start=q_start, keep_window_size=n)
+
+    # decode: one new query per request over all its keys
+    Q = torch.randn(len(lens), H, D, generator=g)
+    o = torch.zeros(len(lens), H, D)
+    splits = 2
+    decode_attention_fwd(
+        fold_queries(Q, Dq), kbuf, vbuf, o, torch.tensor([0] + lens).cumsum(0).int(),
+        slots.int(), torch.zeros(len(lens), H, splits, D), torch.zeros(len(lens), H, splits),
+        torch.full((len(lens),), splits, dtype=torch.int32), splits, s, 1.0, 1.0,
+    )
+    for i, (st, n, _) in enumerate(spans):
+        assert_close(o[i], ref(Q[i:i + 1], st, n, n - 1)[0], f"triton decode, request {i}", atol=1e-5)
+    # extend: new tokens after each cached prefix
+    new = [n - p for n, p in zip(lens, pref)]
+    qx = torch.randn(sum(new), H, D, generator=g)
+    kx = torch.cat([fold_keys(K[st + p:st + n], bias[st + p:st + n], s, Dq) for st, n, p in spans])
+    vx = torch.cat([V[st + p:st + n] for st, n, p in spans])
+    ox = torch.zeros(sum(new), H, D)
+    extend_attention_fwd(
+        fold_queries(qx, Dq), kx, vx, ox, kbuf, vbuf, torch.tensor([0] + new).cumsum(0).int(),
+        torch.tensor([0] + pref).cumsum(0).int(),
+        torch.cat([slots[st:st + p] for st, _, p in spans]).int(),
+        None, True, None, max(new), 1.0, 1.0, sm_scale=s,
+    )
+    q0 = 0
+    for i, (st, n, p) in enumerate(spans):
+        assert_close(ox[q0:q0 + n - p], ref(qx[q0:q0 + n - p], st, n, p), f"triton extend, request {i}",
+                     atol=1e-5)
+        q0 += n - p
 
 
 def test_dynamic_mask_keep_window_and_ties():
@@ -213,25 +290,33 @@ def test_dynamic_mask_keep_window_and_ties():
 # ----------------------------------------------------------------------------- whole model
 
 
-def test_dense_model_logits_match_transformers(sgl_env):
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 4}, WINDOWED,
+                                       {**WINDOWED, "sliding_window": 4}])
+def test_dense_model_logits_match_transformers(sgl_env, overrides):
     """Dense Doge (no CDMoE): transformers' full-sequence forward is per token, so the
-    comparison is direct; sliding window + DMA top-k window both active."""
-    for overrides in ({}, {"sliding_window": 4}):
-        cfg = tiny_config(is_moe=False, **overrides)
-        hf = make_hf(cfg, seed=1)
-        ours = make_ours(cfg, hf)
-        ids = tokens(12, seed=11)
+    comparison is direct; folded path, with SGLang's sliding window, and the per-request
+    path with DMA's top-k window (and both windows)."""
+    cfg = tiny_config(is_moe=False, **overrides)
+    hf = make_hf(cfg, seed=1)
+    ours = make_ours(cfg, hf)
+    ids = tokens(12, seed=11)
+    with attention_paths(ours) as paths:
         got = SglRunner(cfg).extend(ours, [(1, ids)])
-        assert_close(got, hf_full_logits(hf, ids), f"dense Doge {overrides}")
+    assert_close(got, hf_full_logits(hf, ids), f"dense Doge {overrides}")
+    windowed = "keep_window_size" in overrides
+    assert paths == {"folded": 0 if windowed else 2, "per_request": 2 if windowed else 0}
 
 
-def test_moe_model_logits_match_transformers_single_sequence(sgl_env):
-    cfg = tiny_config()
+@pytest.mark.parametrize("overrides", [{}, WINDOWED], ids=["folded", "windowed"])
+def test_moe_model_logits_match_transformers_single_sequence(sgl_env, overrides):
+    cfg = tiny_config(**overrides)
     hf = make_hf(cfg, seed=2)
     ours = make_ours(cfg, hf)
     ids = tokens(12, seed=12)
     runner = SglRunner(cfg)
-    got = runner.extend(ours, [(1, ids)])
+    with attention_paths(ours) as paths:
+        got = runner.extend(ours, [(1, ids)])
+    assert paths["per_request" if overrides else "folded"] == cfg.num_hidden_layers
     # (a) unmodified transformers, one token per forward (per-token routing)
     assert_close(got, hf_incremental_logits(hf, ids), "vs transformers token by token")
     # (b) transformers' full-sequence forward with its CDMoE applied per token
@@ -243,10 +328,11 @@ def test_moe_model_logits_match_transformers_single_sequence(sgl_env):
     assert_close(last[0], got[-1], "LogitsProcessor next-token logits")
 
 
-def test_batched_prefix_cached_and_decode_requests_are_independent(sgl_env):
+@pytest.mark.parametrize("overrides", [{}, WINDOWED], ids=["folded", "windowed"])
+def test_batched_prefix_cached_and_decode_requests_are_independent(sgl_env, overrides):
     """Two requests batched together, a cached prefix extended, then batched decoding: each
     request's logits equal transformers' for that request alone."""
-    cfg = tiny_config()
+    cfg = tiny_config(**overrides)
     hf = make_hf(cfg, seed=3)
     ours = make_ours(cfg, hf)
     a, b = tokens(11, seed=21), tokens(9, seed=22)
@@ -268,6 +354,107 @@ def test_batched_prefix_cached_and_decode_requests_are_independent(sgl_env):
     assert_close(out[0], ref_a[10], "A decode after the mixed batch")
     with pytest.raises(NotImplementedError, match="TARGET_VERIFY"):
         runner.extend(ours, [(6, [1])], mode="TARGET_VERIFY")
+
+
+def test_batch_of_requests_of_different_lengths_matches_transformers_per_request(sgl_env):
+    """Five requests of different lengths (1 to 14 prompt tokens) prefilled in one batch, then
+    decoded together for 4 steps, a sixth joining in a mixed batch: every request's logits
+    equal transformers' for that request alone, all through the folded RadixAttention path."""
+    cfg = tiny_config()
+    hf = make_hf(cfg, seed=7)
+    ours = make_ours(cfg, hf)
+    lens = [1, 3, 7, 14, 5]
+    seqs = {row: tokens(n + 5, seed=40 + row) for row, n in zip(range(1, 6), lens)}
+    refs = {row: hf_incremental_logits(hf, ids) for row, ids in seqs.items()}
+    runner = SglRunner(cfg)
+    with attention_paths(ours) as paths:
+        got = runner.extend(ours, [(row, seqs[row][:n]) for row, n in zip(seqs, lens)])
+        start = 0
+        for row, n in zip(seqs, lens):
+            assert_close(got[start:start + n], refs[row][:n], f"request {row} prefill (len {n})")
+            start += n
+        for step in range(4):
+            rows = list(seqs)
+            out = runner.decode(ours, [(row, seqs[row][n + step]) for row, n in zip(rows, lens)])
+            for i, (row, n) in enumerate(zip(rows, lens)):
+                assert_close(out[i], refs[row][n + step], f"request {row} decode step {step}")
+        late = tokens(9, seed=49)
+        out = runner.extend(ours, [(6, late), (2, [seqs[2][lens[1] + 4]])], mode="MIXED")
+        assert_close(out[:9], hf_incremental_logits(hf, late), "late request prefill in a mixed batch")
+        assert_close(out[9], refs[2][lens[1] + 4], "request 2 decode in a mixed batch")
+    assert paths == {"folded": 6 * cfg.num_hidden_layers, "per_request": 0}  # 6 forwards
+
+
+def test_long_context_rule(sgl_env, monkeypatch):
+    """Context length > keep_window_size: batches whose requests all fit the window run folded,
+    a batch holding a longer request runs per request with transformers' top-k window, and a
+    CUDA-graph capture fails with a clear error. Context length <= keep_window_size: never
+    windowed, capture allowed."""
+    cfg = tiny_config(**WINDOWED)  # keep 6, context length 256
+    hf = make_hf(cfg, seed=8)
+    ours = make_ours(cfg, hf)
+    attn = ours.model.layers[0].self_attn
+    assert attn.windowed and attn.context_len == 256
+    a, b = tokens(10, seed=51), tokens(7, seed=52)
+    ref_a, ref_b = hf_incremental_logits(hf, a), hf_incremental_logits(hf, b)
+    runner = SglRunner(cfg)
+    layers = cfg.num_hidden_layers
+    with attention_paths(ours) as paths:
+        got = runner.extend(ours, [(1, a[:4]), (2, b[:6])])  # 4 and 6 keys: within the window
+        assert paths == {"folded": layers, "per_request": 0}
+        assert_close(got[:4], ref_a[:4], "A within the window")
+        assert_close(got[4:], ref_b[:6], "B within the window")
+        got = runner.extend(ours, [(1, a[4:9]), (2, [b[6]])], mode="MIXED")  # A: 9 keys > 6
+        assert paths == {"folded": layers, "per_request": layers}
+        assert_close(got[:5], ref_a[4:9], "A past the window (top-k)")
+        assert_close(got[5], ref_b[6], "B decode in a windowed batch")
+        # the window changes the result: folded attention here would be wrong
+        assert (ref_a[8] - hf_incremental_logits(make_hf(tiny_config(), seed=8), a)[8]).abs().max() > 1e-3
+        monkeypatch.setattr(config, "capturing_cuda_graph", lambda: True)
+        with pytest.raises(RuntimeError, match="--disable-cuda-graph or --context-length 6"):
+            runner.decode(ours, [(1, a[9])])
+    # the server's context length (SGLang writes it into the HF config) within the window
+    cfg_short = tiny_config(**WINDOWED)
+    cfg_short.context_len = 6
+    short = make_ours(cfg_short, make_hf(cfg_short, seed=8))
+    assert not short.model.layers[0].self_attn.windowed
+    with attention_paths(short) as paths:  # "capturing" (patched above): folded, no error
+        got = SglRunner(cfg_short).extend(short, [(1, a[:6])])
+    assert paths == {"folded": layers, "per_request": 0}
+    assert_close(got, ref_a[:6], "context length = keep_window_size")
+
+
+def test_folded_attention_refuses_what_it_cannot_serve(sgl_env, monkeypatch):
+    """Clear one-line errors: an unverified attention backend, a quantized KV cache, a KV
+    pool whose key rows were not widened (the plugin's hook did not run)."""
+    import types
+
+    import sglang.srt.runtime_context as rc
+
+    from sglang_moe_routing.models.doge_attention import check_folded_server_args
+
+    def serve(**kw):  # the fields the check reads, as the scheduler's published record has
+        fields = dict(attention_backend=None, prefill_attention_backend=None,
+                      decode_attention_backend=None, kv_cache_dtype="auto")
+        monkeypatch.setattr(rc, "get_server_args", lambda: types.SimpleNamespace(**{**fields, **kw}))
+
+    cfg = tiny_config()
+    for backend in (None, "torch_native", "triton"):
+        serve(attention_backend=backend)
+        check_folded_server_args()
+    serve(attention_backend="flashinfer")
+    with pytest.raises(ValueError, match="attention backend flashinfer .*--attention-backend triton"):
+        make_ours(cfg)
+    serve(attention_backend="triton", decode_attention_backend="fa3")
+    with pytest.raises(ValueError, match="attention backend fa3"):
+        check_folded_server_args()
+    serve(kv_cache_dtype="fp8_e4m3")
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8_e4m3"):
+        check_folded_server_args()
+    monkeypatch.undo()
+    ours = make_ours(cfg, make_hf(cfg))
+    with pytest.raises(RuntimeError, match="key rows are 16 wide, .* needs 32"):
+        SglRunner(cfg, widen=False).extend(ours, [(1, tokens(3, seed=1))])
 
 
 def test_transformers_cdmoe_mixes_tokens_and_ours_does_not(sgl_env):
@@ -362,8 +549,14 @@ def test_plugin_registers_doge_with_sglang(sgl_env, tmp_path):
     make_hf(tiny_config()).save_pretrained(tmp_path)
     from sglang.srt.model_loader import utils as loader_utils
 
-    cls, arch = loader_utils.get_model_architecture(ModelConfig(str(tmp_path)))
+    mc = ModelConfig(str(tmp_path))
+    assert (mc.head_dim, mc.v_head_dim) == (16, 16)
+    cls, arch = loader_utils.get_model_architecture(mc)
     assert cls is DogeForCausalLM and arch == "DogeForCausalLM"
+    # the same hook sizes the KV pool's key rows for the folded bias; the model's head_dim stays
+    assert (mc.head_dim, mc.v_head_dim, mc.hf_text_config.head_dim) == (32, 16, 16)
+    loader_utils.get_model_architecture(mc)
+    assert (mc.head_dim, mc.v_head_dim) == (32, 16)  # idempotent
 
     sa = prepare_server_args(["--model-path", "dummy", "--omni-router-backend", "torch"])
     assert config.sections_from_server_args(sa)["omni"] == OmniConfig("torch")
@@ -393,8 +586,10 @@ def _hf_greedy(hf: HFDoge, prompt, n_new):
 @pytest.mark.slow
 def test_launch_server_on_cpu_generates_transformers_tokens(tmp_path):
     """``python -m sglang.launch_server`` with a tiny random Doge-MoE on CPU (torch_native
-    attention, no CUDA graphs): our class serves it and greedy tokens equal transformers'."""
-    cfg = tiny_config(keep_window_size=16)
+    attention; CPU graphs off, they are no CUDA graphs): our class serves it through the
+    folded RadixAttention path (the plugin widens the KV pool's key rows) and greedy tokens
+    of two batched requests equal transformers'."""
+    cfg = tiny_config()  # keep_window_size = max_position_embeddings: never windowed
     hf = make_hf(cfg, seed=6)
     model_dir = tmp_path / "tiny_doge_moe"
     hf.save_pretrained(model_dir)
@@ -431,6 +626,7 @@ def test_launch_server_on_cpu_generates_transformers_tokens(tmp_path):
         text = log_path.read_text()
         assert "type=DogeForCausalLM" in text and "TransformersForCausalLM" not in text
         assert "omni router: backend=torch" in text
+        assert "keep_window_size" not in text  # no windowed-attention warning
     finally:
         proc.terminate()
         try:

@@ -7,11 +7,13 @@ Doge model registration.
   scheduler processes with the ``ServerArgs`` record (see ``integration/config.py``).
 * ``DogeForCausalLM`` (``models/doge.py``) is put into SGLang's
   ``ModelRegistry`` by a BEFORE hook on ``get_model_architecture``, the one function the
-  model loader asks for a model class. Nothing of SGLang's model zoo is imported at plugin
+  model loader asks for a model class. The same hook widens the key rows of the model
+  config's KV geometry for Doge's folded attention (``widen_kv_geometry``): the KV pool is
+  built from that config after the model. Nothing of SGLang's model zoo is imported at plugin
   load time; the registry is touched only when a model is about to be built.
 
-The model package also works without the plugin:
-``SGLANG_EXTERNAL_MODEL_PACKAGE=sglang_moe_routing.models``.
+Doge needs the plugin: without it (``SGLANG_EXTERNAL_MODEL_PACKAGE=sglang_moe_routing.models``)
+the KV pool's key rows are not widened and the first forward fails with a one-line error.
 """
 
 from __future__ import annotations
@@ -110,6 +112,11 @@ def _before_get_model_architecture(model_config: Any, *args: Any, **kwargs: Any)
     architectures = getattr(getattr(model_config, "hf_config", None), "architectures", None)
     if architectures and any(a in ARCHITECTURES for a in architectures):
         register_models()
+        # Doge's folded dynamic-mask attention stores wider key rows (the bias channel):
+        # the KV pool, built after the model from this config, must be sized for them.
+        from sglang_moe_routing.models.doge_attention import widen_kv_geometry
+
+        widen_kv_geometry(model_config)
     return None
 
 

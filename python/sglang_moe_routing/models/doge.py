@@ -25,15 +25,18 @@ Differences from transformers (see docs, section "Model integration (Doge)"):
   equals the per-token split ``x = logits[:, :n], y = logits[:, n:]`` only when
   ``bsz * seq_len == 1`` (every cached decoding step with batch size 1). This model always
   routes per token with that split, so a token's output never depends on its batch.
-* The dynamic-mask bias is recomputed from the cached values (exact, batch-independent);
-  the ``keep_window_size`` test uses each request's own key length, where transformers uses
-  the padded key length of the whole batch.
+* The ``keep_window_size`` test uses each request's own key length, where transformers
+  uses the padded key length of the whole batch.
 
-Attention runs in plain PyTorch against SGLang's KV pool (per request, like SGLang's
-``torch_native`` backend): SGLang's fused attention backends have no per-key additive bias.
-It therefore does not run inside CUDA graphs (launch with ``--disable-cuda-graph``; a capture
-attempt fails with a clear error). Supported: tensor parallel size 1, pipeline parallel
-size 1, extend / mixed / decode / idle batches.
+Attention (``doge_attention.py``) runs in SGLang's own batched, paged ``RadixAttention``
+with the dynamic-mask bias folded into the dot product (``q' = [q, 1]``, ``k' = [k, b /
+scaling]``; exact while no request is longer than ``keep_window_size``), so it runs inside
+CUDA graphs. It needs the plugin (its model-config hook widens the key cache rows) and
+``--attention-backend triton`` (GPU) or ``torch_native`` (CPU). Only when the server's
+context length exceeds ``keep_window_size`` can a batch need transformers' top-k window; such
+batches run per request in PyTorch, and such servers need ``--disable-cuda-graph`` (a capture
+attempt fails with a clear error) or ``--context-length <= keep_window_size``. Supported:
+tensor parallel size 1, pipeline parallel size 1, extend / mixed / decode / idle batches.
 """
 
 from __future__ import annotations
@@ -318,6 +321,12 @@ class DogeForCausalLM(nn.Module):
     @property
     def end_layer(self) -> int:
         return self.model.end_layer
+
+    def get_attention_sliding_window_size(self) -> Optional[int]:
+        """SGLang's window (keys ``k_pos >= q_pos - size``) for transformers' ``sliding_window``
+        (keys ``k_pos > q_pos - sliding_window``); ``None`` without one."""
+        sliding = getattr(self.config, "sliding_window", None)
+        return int(sliding) - 1 if sliding else None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

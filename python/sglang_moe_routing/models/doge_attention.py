@@ -1,11 +1,26 @@
-"""Doge's dynamic mask attention (DMA) over SGLang's paged KV pool, in plain PyTorch.
+"""Doge's dynamic mask attention (DMA) over SGLang's paged KV pool.
 
 Every key position ``j`` of kv-head ``g`` carries an additive score bias
 ``b[j, g] = exp(A[g] * softplus(dt_proj(v_j)))`` computed from the key's own value vector;
-past ``keep_window_size`` keys each query keeps only the visible keys with the largest bias.
-SGLang's fused attention backends have no per-key additive bias, so attention runs per
-request against the KV pool (like SGLang's ``torch_native`` backend). The model around it,
-and how it differs from transformers, is described in :mod:`.doge`.
+transformers' scores are ``scaling * q_i . k_j + b[j]`` over the causal (and sliding-window)
+visible keys, and past ``keep_window_size`` keys each query keeps only the visible keys with
+the largest bias.
+
+**Folded path (default; batched, paged, CUDA-graph capturable).** While no request is longer
+than ``keep_window_size`` the bias depends on the key alone, so it folds into the dot
+product: ``q' = [q, 1, 0...]`` and ``k' = [k, b / scaling, 0...]`` (qk head dim
+:func:`folded_head_dim`, ``v`` unchanged), and SGLang's own ``RadixAttention`` with scale
+``scaling`` computes ``scaling * q' . k' = scaling * q . k + b``, transformers' scores. The KV
+pool stores ``k'`` (its key rows are widened by :func:`widen_kv_geometry`, a hook on the
+model config), so the bias of every cached key is in the cache.
+
+**Per-request path (long contexts only).** When the server's context length exceeds
+``keep_window_size``, a batch holding a request longer than ``keep_window_size`` runs
+:func:`dynamic_mask_attention` per request in PyTorch (top-k window, like SGLang's
+``torch_native`` backend). It cannot run inside CUDA graphs: such servers need
+``--disable-cuda-graph`` (a capture attempt fails with a clear error), or
+``--context-length <= keep_window_size``. The model around it, and how it differs from
+transformers, is described in :mod:`.doge`.
 """
 
 from __future__ import annotations
@@ -31,6 +46,8 @@ from sglang.srt.model_executor.forward_context import (
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
 
+from sglang_moe_routing.integration import config as plugin_config
+
 logger = logging.getLogger("sglang_moe_routing")
 
 _ROPE_FALLBACK_LOGGED = False
@@ -54,6 +71,9 @@ def check_single_rank(what: str) -> None:
 def dynamic_mask_bias(values: torch.Tensor, dt_proj: nn.Module, A: torch.Tensor) -> torch.Tensor:
     """Doge's per-key score bias ``exp(A * softplus(dt_proj(v)))``.
 
+    Computed in ``dt_proj``'s dtype, as transformers does (``dt_proj`` output, ``A`` and the
+    bias all in the model dtype), then returned as float32.
+
     Args:
         values: ``[L, kv_heads, head_dim]`` value vectors of ``L`` keys.
         dt_proj: the ``Linear(kv_heads * head_dim -> kv_heads)`` of the layer.
@@ -62,8 +82,101 @@ def dynamic_mask_bias(values: torch.Tensor, dt_proj: nn.Module, A: torch.Tensor)
         ``[L, kv_heads]`` float32 bias.
     """
     flat = values.reshape(values.shape[0], -1).to(dt_proj.weight.dtype)
-    dt = F.linear(flat, dt_proj.weight, dt_proj.bias).float()
-    return torch.exp(A.float() * F.softplus(dt))
+    dt = F.linear(flat, dt_proj.weight, dt_proj.bias)
+    return torch.exp(A.to(dt.dtype) * F.softplus(dt)).float()
+
+
+# ----------------------------------------------------------------------------- folded bias
+
+# Attention backends the folded path is known to run on (qk head dim != v head dim).
+FOLDED_BACKENDS: Tuple[str, ...] = ("triton", "torch_native")
+
+
+def folded_head_dim(head_dim: int) -> int:
+    """qk head dim of the folded attention: ``head_dim + 1`` (the bias channel) rounded up to
+    a multiple of 16 (128 -> 144, 64 -> 80, 16 -> 32)."""
+    return (head_dim + 1 + 15) // 16 * 16
+
+
+def fold_queries(q: torch.Tensor, qk_head_dim: int) -> torch.Tensor:
+    """``[T, heads, D] -> [T, heads, qk_head_dim]``: ``[q, 1, 0...]``."""
+    T, H, D = q.shape
+    out = q.new_zeros((T, H, qk_head_dim))
+    out[..., :D] = q
+    out[..., D] = 1.0
+    return out
+
+
+def fold_keys(
+    k: torch.Tensor, bias: torch.Tensor, scaling: float, qk_head_dim: int
+) -> torch.Tensor:
+    """``[T, kv_heads, D] -> [T, kv_heads, qk_head_dim]``: ``[k, bias / scaling, 0...]``, so that
+    ``scaling * fold_queries(q) . fold_keys(k) == scaling * q . k + bias``.
+
+    ``bias``: ``[T, kv_heads]`` from :func:`dynamic_mask_bias` (float32; divided in float32,
+    then stored in ``k.dtype``, the KV cache's dtype)."""
+    T, G, D = k.shape
+    out = k.new_zeros((T, G, qk_head_dim))
+    out[..., :D] = k
+    out[..., D] = (bias.float() / scaling).to(k.dtype)
+    return out
+
+
+def widen_kv_geometry(model_config) -> None:
+    """Give a Doge ``ModelConfig`` the KV geometry of the folded attention (idempotent).
+
+    SGLang sizes the KV pool from ``model_config.head_dim`` / ``v_head_dim``; the folded keys
+    are :func:`folded_head_dim` wide, the values keep the model's head dim. The HF config
+    (which the model reads) keeps its ``head_dim``. Called by the plugin's hook on the model
+    architecture lookup, before the model and its KV pool are built.
+    """
+    text = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    wide = folded_head_dim(int(head_dim))
+    model_config.head_dim = wide
+    model_config.v_head_dim = int(head_dim)
+    if hasattr(model_config, "swa_head_dim"):
+        model_config.swa_head_dim = wide
+        model_config.swa_v_head_dim = int(head_dim)
+
+
+def check_folded_server_args() -> None:
+    """``ValueError`` for server settings the folded attention is not known to be exact on:
+    an attention backend other than :data:`FOLDED_BACKENDS`, or a quantized KV cache (the
+    bias channel would be quantized). No-op where no server args are published."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        sa = get_server_args()
+    except Exception:  # noqa: BLE001 - no server (unit tests build layers directly)
+        return
+    if sa is None:
+        return
+    try:
+        from sglang.srt.arg_groups.model_override_base import (
+            attention_backends_of,
+            resolved_view,
+        )
+
+        backends = attention_backends_of(resolved_view(sa))
+    except Exception:  # noqa: BLE001 - older/newer layout: read the plain fields
+        backends = (
+            getattr(sa, "prefill_attention_backend", None) or getattr(sa, "attention_backend", None),
+            getattr(sa, "decode_attention_backend", None) or getattr(sa, "attention_backend", None),
+        )
+    bad = sorted({b for b in backends if b and b not in FOLDED_BACKENDS})
+    if bad:
+        raise ValueError(
+            f"Doge: attention backend {', '.join(bad)} is not supported; its dynamic-mask "
+            f"attention runs on {' or '.join(FOLDED_BACKENDS)}: pass --attention-backend triton "
+            "(GPU) or torch_native (CPU)"
+        )
+    kv_dtype = str(getattr(sa, "kv_cache_dtype", "auto") or "auto")
+    if kv_dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16"):
+        raise ValueError(
+            f"Doge: --kv-cache-dtype {kv_dtype} is not supported (the key cache holds the "
+            "dynamic-mask bias); use --kv-cache-dtype auto"
+        )
 
 
 def dynamic_mask_attention(
@@ -150,9 +263,16 @@ def _request_spans(forward_batch: ForwardBatch) -> List[Tuple[int, int, int]]:
             prefix = forward_batch.extend_prefix_lens.tolist()
             new = forward_batch.extend_seq_lens.tolist()
         return [(r, int(p), int(e)) for r, p, e in zip(pool_idx, prefix, new)]
+    _unsupported_mode(mode)
+
+
+_SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE")
+
+
+def _unsupported_mode(mode: ForwardMode) -> None:
     raise NotImplementedError(
         f"Doge dynamic-mask attention: forward mode {mode.name} is not supported "
-        "(supported: EXTEND, MIXED, DECODE, IDLE; speculative decoding is not)"
+        f"(supported: {', '.join(_SUPPORTED_MODES)}; speculative decoding is not)"
     )
 
 
@@ -214,7 +334,8 @@ def _rotary_embedding(config, head_dim: int) -> nn.Module:
 
 
 class DogeAttention(nn.Module):
-    """Doge's dynamic mask attention over SGLang's paged KV pool."""
+    """Doge's dynamic mask attention over SGLang's paged KV pool (folded bias, see the
+    module docstring; per-request top-k window only for requests past ``keep_window_size``)."""
 
     def __init__(
         self,
@@ -225,16 +346,32 @@ class DogeAttention(nn.Module):
     ) -> None:
         super().__init__()
         check_single_rank("attention")
+        check_folded_server_args()
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.qk_head_dim = folded_head_dim(self.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scaling = self.head_dim**-0.5
         self.keep_window_size = int(config.keep_window_size)
         if self.keep_window_size < 1:
             raise ValueError(f"Doge: keep_window_size must be >= 1, got {self.keep_window_size}")
+        # SGLang's ModelConfig writes the server's context length into the HF config
+        self.context_len = int(
+            getattr(config, "context_len", None) or config.max_position_embeddings
+        )
+        # Can a request be longer than keep_window_size (top-k window, per-request path)?
+        self.windowed = self.context_len > self.keep_window_size
+        if self.windowed and layer_id == 0:
+            logger.warning(
+                "Doge: context length %d > keep_window_size %d: batches holding a request "
+                "longer than %d tokens run attention per request in PyTorch, which CUDA graphs "
+                "cannot capture (use --disable-cuda-graph, or --context-length %d)",
+                self.context_len, self.keep_window_size, self.keep_window_size,
+                self.keep_window_size,
+            )
         sliding = getattr(config, "sliding_window", None)
         self.sliding_window = int(sliding) if sliding else None
         bias = bool(getattr(config, "attention_bias", False))
@@ -262,13 +399,17 @@ class DogeAttention(nn.Module):
         self.dt_proj = nn.Linear(self.kv_size, self.num_kv_heads, bias=bias)
 
         self.rotary_emb = _rotary_embedding(config, self.head_dim)
-        # The KV pool's handle for this layer (layer id, head counts); never called.
+        # Folded keys [k, bias / scaling, 0...] (qk_head_dim), values as they are (head_dim).
+        # transformers keeps keys k_pos > q_pos - sliding_window; SGLang's window counts
+        # k_pos >= q_pos - sliding_window_size, hence the - 1 (as SGLang's models do).
         self.attn = RadixAttention(
             self.num_heads,
-            self.head_dim,
+            self.qk_head_dim,
             self.scaling,
             num_kv_heads=self.num_kv_heads,
             layer_id=layer_id,
+            v_head_dim=self.head_dim,
+            sliding_window_size=self.sliding_window - 1 if self.sliding_window else -1,
             quant_config=quant_config,
             prefix=add_prefix("attn", prefix),
         )
@@ -289,52 +430,102 @@ class DogeAttention(nn.Module):
             v.reshape(T, self.num_kv_heads, self.head_dim),
         )
 
+    def needs_window(self, forward_batch: ForwardBatch) -> bool:
+        """Whether a request of the batch is longer than ``keep_window_size`` (host sync)."""
+        if not self.windowed:
+            return False
+        seq = forward_batch.seq_lens_cpu
+        if seq is None:
+            seq = forward_batch.seq_lens
+        bs = forward_batch.batch_size
+        return bool(seq[:bs].numel()) and int(seq[:bs].max()) > self.keep_window_size
+
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
-        if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+        if self.windowed and plugin_config.capturing_cuda_graph():
             raise RuntimeError(
-                "Doge dynamic-mask attention runs per request in PyTorch and cannot be "
-                "captured in a CUDA graph; launch the server with --disable-cuda-graph"
+                f"Doge: the context length ({self.context_len}) exceeds keep_window_size "
+                f"({self.keep_window_size}); requests past it need the per-request top-k "
+                "attention, which CUDA graphs cannot capture: launch with --disable-cuda-graph "
+                f"or --context-length {self.keep_window_size}"
             )
+        if forward_batch.forward_mode.name not in _SUPPORTED_MODES:
+            _unsupported_mode(forward_batch.forward_mode)
         q, k, v = self.project(positions, hidden_states)
-        out = torch.empty_like(q)
-        if q.shape[0] > 0:
-            pool = get_token_to_kv_pool()
-            pool.set_kv_buffer(
-                self.attn, KVWriteLoc.for_batch(forward_batch), k.contiguous(), v.contiguous()
+        T = q.shape[0]
+        if T == 0:
+            output, _ = self.o_proj(q.reshape(0, self.q_size))
+            return output
+        bias = dynamic_mask_bias(v, self.dt_proj, self.A)
+        k_folded = fold_keys(k, bias, self.scaling, self.qk_head_dim)
+        if self.needs_window(forward_batch):
+            out = self._forward_per_request(q, k_folded, v, forward_batch)
+        else:
+            self._check_pool_once()
+            out = self.attn(
+                fold_queries(q, self.qk_head_dim).reshape(T, -1),
+                k_folded.reshape(T, -1),
+                v.reshape(T, -1).contiguous(),
+                forward_batch,
             )
-            k_cache = pool.get_key_buffer(self.attn.layer_id)
-            v_cache = pool.get_value_buffer(self.attn.layer_id)
-            if k_cache.dim() != 3 or k_cache.shape[1] != self.num_kv_heads:
-                raise NotImplementedError(
-                    f"Doge attention needs an NHD KV pool [slots, {self.num_kv_heads}, "
-                    f"{self.head_dim}], got {tuple(k_cache.shape)}"
-                )
-            req_to_token = get_req_to_token_pool().req_to_token
-            start = 0
-            for req, prefix_len, new_len in _request_spans(forward_batch):
-                stop = start + new_len
-                L = prefix_len + new_len
-                slots = req_to_token[req, :L].long()
-                keys = k_cache[slots].to(q.dtype)
-                values = v_cache[slots].to(q.dtype)
-                bias = dynamic_mask_bias(values, self.dt_proj, self.A)
-                out[start:stop] = dynamic_mask_attention(
-                    q[start:stop],
-                    keys,
-                    values,
-                    bias,
-                    scaling=self.scaling,
-                    query_start=prefix_len,
-                    keep_window_size=self.keep_window_size,
-                    sliding_window=self.sliding_window,
-                )
-                start = stop
-            if start != q.shape[0]:
-                raise RuntimeError(
-                    f"Doge attention: the batch's requests cover {start} tokens, "
-                    f"the batch has {q.shape[0]}"
-                )
-        output, _ = self.o_proj(out.reshape(-1, self.q_size))
+        output, _ = self.o_proj(out.reshape(T, self.q_size))
         return output
+
+    def _check_pool_once(self) -> None:
+        """A clear error where the KV pool's key rows were not widened (the plugin's model
+        config hook, :func:`widen_kv_geometry`, did not run)."""
+        if getattr(self, "_pool_checked", False):
+            return
+        k_cache = get_token_to_kv_pool().get_key_buffer(self.attn.layer_id)
+        if k_cache.shape[-1] != self.qk_head_dim:
+            raise RuntimeError(
+                f"Doge: the KV pool's key rows are {k_cache.shape[-1]} wide, the folded "
+                f"dynamic-mask attention needs {self.qk_head_dim} (head_dim {self.head_dim} + "
+                "the bias channel); serve Doge with the sglang-moe-routing plugin installed "
+                "(its hook widens the key cache)"
+            )
+        self._pool_checked = True
+
+    def _forward_per_request(
+        self, q: torch.Tensor, k_folded: torch.Tensor, v: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Top-k window attention, one request at a time against the KV pool."""
+        pool = get_token_to_kv_pool()
+        pool.set_kv_buffer(
+            self.attn, KVWriteLoc.for_batch(forward_batch), k_folded.contiguous(), v.contiguous()
+        )
+        k_cache = pool.get_key_buffer(self.attn.layer_id)
+        v_cache = pool.get_value_buffer(self.attn.layer_id)
+        if k_cache.dim() != 3 or k_cache.shape[1:] != (self.num_kv_heads, self.qk_head_dim):
+            raise NotImplementedError(
+                f"Doge attention needs an NHD KV pool with key rows [slots, {self.num_kv_heads}, "
+                f"{self.qk_head_dim}], got {tuple(k_cache.shape)}"
+            )
+        out = torch.empty_like(q)
+        req_to_token = get_req_to_token_pool().req_to_token
+        start = 0
+        for req, prefix_len, new_len in _request_spans(forward_batch):
+            stop = start + new_len
+            L = prefix_len + new_len
+            slots = req_to_token[req, :L].long()
+            keys = k_cache[slots][..., : self.head_dim].to(q.dtype)
+            values = v_cache[slots].to(q.dtype)
+            bias = dynamic_mask_bias(values, self.dt_proj, self.A)
+            out[start:stop] = dynamic_mask_attention(
+                q[start:stop],
+                keys,
+                values,
+                bias,
+                scaling=self.scaling,
+                query_start=prefix_len,
+                keep_window_size=self.keep_window_size,
+                sliding_window=self.sliding_window,
+            )
+            start = stop
+        if start != q.shape[0]:
+            raise RuntimeError(
+                f"Doge attention: the batch's requests cover {start} tokens, "
+                f"the batch has {q.shape[0]}"
+            )
+        return out
