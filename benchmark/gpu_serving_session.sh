@@ -28,8 +28,10 @@ for s in ${STAGES:-server}; do
     server) GPU_SERVER_LOG_DIR=/tmp/server_logs stage server ${SERVER_LIMIT:-420} \
               python3 -m pytest -q -p no:cacheprovider -m server -rA test/test_gpu_server.py
             tar -czf "$OUT/server_logs.tgz" -C /tmp server_logs 2>/dev/null ;;
-    units) stage units ${UNITS_LIMIT:-240} python3 -m pytest -q -n 12 -p no:cacheprovider \
-              test/test_expert_choice_gpu.py test/test_eplb_gpu.py test/test_omni_gpu.py ;;
+    units) stage units ${UNITS_LIMIT:-240} python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
+              test/test_expert_choice_gpu.py test/test_expert_choice_gpu_stream.py \
+              test/test_eplb_gpu.py test/test_omni_gpu.py test/test_omni_lane.py \
+              test/test_omni_packed.py test/test_threshold_routing.py ;;
     bench) TAIL=60 stage bench ${BENCH_LIMIT:-540} python3 benchmark/bench_serving.py --out /tmp/bench_serving ${BENCH_ARGS:-}
            cp /tmp/bench_serving/bench_serving.{md,json,png} "$OUT/" 2>/dev/null
            tar -czf "$OUT/bench_logs.tgz" -C /tmp/bench_serving . 2>/dev/null ;;
