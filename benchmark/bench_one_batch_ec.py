@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
-from harness import Checks, fmt, md_table  # noqa: E402
+from harness import Checks, fmt, md_table, spread  # noqa: E402
 
 NAME = "bench_one_batch_ec"
 KINDS = {"tc": "TC (plugin, EC off)", "ec": "EC", "up": "upstream (no plugin)"}
@@ -188,14 +188,6 @@ def run_failure(kind: str, rc: Optional[int], log: Dict[str, object], points: Di
 
 
 # ----------------------------------------------------------------------------- analysis
-
-
-def spread(xs: Sequence[float]) -> Optional[float]:
-    """(max - min) / median, None with fewer than two values."""
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return None
-    return (max(xs) - min(xs)) / statistics.median(xs)
 
 
 def verdict(ratio: Optional[float], tc_spread: Optional[float], ec_spread: Optional[float],

@@ -53,7 +53,6 @@ import json
 import os
 import re
 import shlex
-import statistics
 import sys
 import time
 from importlib.metadata import version
@@ -77,17 +76,15 @@ from serving_runner import (  # noqa: E402
     device_name,
 )
 
+import harness  # noqa: E402
 from sglang_moe_routing.tools import models  # noqa: E402
 from sglang_moe_routing.tools.server import cuda_available  # noqa: E402
 
 
 
 def fmt(x, spec=".1f"):
-    return "n/a" if x != x else format(x, spec)  # nan: e.g. t(1+N) <= t(1) (timing noise)
-
-
-def parse_ints(s):
-    return [int(x) for x in str(s).split(",") if x.strip()]
+    """harness.fmt with one decimal by default ("n/a" for NaN: e.g. t(1+N) <= t(1), noise)."""
+    return harness.fmt(x, spec)
 
 
 class Bench(ServingRunner):
@@ -299,13 +296,12 @@ class Bench(ServingRunner):
             t, c, e = byb(tc), byb(q.get("tcp") or {}), byb(ec)
 
             def spread(pt, ph):
-                xs = [x for x in pt.get(ph.replace("tok_s", "samples"), []) if x == x]
-                return fmt((max(xs) - min(xs)) / statistics.median(xs), ".0%") if xs else "-"
+                return harness.fmt(harness.spread(pt.get(ph.replace("tok_s", "samples"), [])), ".0%")
 
+            ratio = lambda a, b: fmt(a / b, ".3f") if ok else "CHECK FAILED"  # noqa: E731
             for bs in sorted(set(t) | set(e)):
                 for ph in ("prefill_tok_s", "decode_tok_s"):
                     x, z, y = (r.get(bs, {}).get(ph, NAN) for r in (t, c, e))
-                    ratio = lambda a, b: fmt(a / b, ".3f") if ok else "CHECK FAILED"  # noqa: E731
                     cells = [str(bs), ph.split("_")[0], fmt(x), fmt(z), fmt(y), ratio(z, x),
                              ratio(y, x), ratio(y, z),
                              ", ".join(spread(r.get(bs, {}), ph) for r in (t, c, e))]
@@ -462,12 +458,18 @@ def main():
                                                         "bench_serving_models"))
     a = ap.parse_args()
     a.batch_sizes_given = a.batch_sizes is not None
-    a.batch_sizes = parse_ints(a.batch_sizes or ("1,32,512" if a.quick else "1,8,32,128,512"))
-    a.doge_n = parse_ints(a.doge_n or ("64,512" if a.quick else "64,256,512"))
+    ints = harness.int_list
+    try:
+        a.batch_sizes = ints(a.batch_sizes or ("1,32,512" if a.quick else "1,8,32,128,512"),
+                             "--batch-sizes")
+        a.doge_n = ints(a.doge_n or ("64,512" if a.quick else "64,256,512"), "--doge-n")
+        a.doge_batch_sizes = ints(a.doge_batch_sizes or (
+            ",".join(map(str, a.batch_sizes)) if a.batch_sizes_given else "1,128"),
+            "--doge-batch-sizes")
+        a.eplb_batch_sizes = ints(a.eplb_batch_sizes, "--eplb-batch-sizes")
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
     a.doge_backends = [b for b in a.doge_backends.split(",") if b]
-    a.doge_batch_sizes = parse_ints(a.doge_batch_sizes or (
-        ",".join(map(str, a.batch_sizes)) if a.batch_sizes_given else "1,128"))
-    a.eplb_batch_sizes = parse_ints(a.eplb_batch_sizes)
     if a.concurrent_start is None:
         a.concurrent_start = cuda_available()
     parts = [p for p in a.parts.split(",") if p]

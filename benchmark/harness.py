@@ -395,6 +395,15 @@ def fmt(v: Optional[float], spec: Optional[str] = None) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
+def spread(xs: Sequence[Optional[float]]) -> Optional[float]:
+    """(max - min) / median of the values that are present (not None, not NaN); None with
+    fewer than two."""
+    xs = [x for x in xs if x is not None and x == x]
+    if len(xs) < 2:
+        return None
+    return (max(xs) - min(xs)) / statistics.median(xs)
+
+
 def md_table(header: Sequence[str], rows: Iterable[Sequence[object]],
              align: Optional[str] = None) -> str:
     """A markdown table; ``align`` is ``---`` (default) or ``---:`` for every column."""
