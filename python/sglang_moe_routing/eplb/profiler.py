@@ -535,20 +535,18 @@ class ExpertComputeProfiler:
         """All additive statistics, flattened (float64), for an all-reduce SUM."""
         return torch.cat([t.flatten() for t in self._stats()])
 
+    def settings(self) -> Dict[str, Any]:
+        """The constructor's keyword arguments this profiler was built with (for a copy with
+        the same configuration: ``Cls(p.num_layers, p.num_experts, **p.settings())``)."""
+        return dict(warmup_steps=self.warmup_steps, interval=self.interval,
+                    tile_sizes=self.tile_sizes, num_classes=self.num_classes,
+                    min_samples=self.min_samples, max_pending=self.max_pending,
+                    event_factory=self._event_factory)
+
     def all_reduced(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> "ExpertComputeProfiler":
         """A copy whose statistics are ``all_reduce(self.statistics_tensor())`` (e.g. a SUM
         over ranks). Configuration, classes and layer-shape keys are copied."""
-        other = ExpertComputeProfiler(
-            self.num_layers,
-            self.num_experts,
-            warmup_steps=self.warmup_steps,
-            interval=self.interval,
-            tile_sizes=self.tile_sizes,
-            num_classes=self.num_classes,
-            min_samples=self.min_samples,
-            max_pending=self.max_pending,
-            event_factory=self._event_factory,
-        )
+        other = ExpertComputeProfiler(self.num_layers, self.num_experts, **self.settings())
         other._expert_class = self._expert_class.clone()
         other._pool_keys = list(self._pool_keys)
         flat = all_reduce(self.statistics_tensor().clone()).double().cpu()

@@ -143,10 +143,9 @@ def _after_init_location(result, model_runner, *args, **kwargs):
     def emit(w: int, first: int, last: int, per_layer: Dict[int, float]) -> None:
         logger.info("%s", format_moe_time_line(w, first, last, rank, per_layer))
 
+    settings = {**prof.settings(), "num_classes": 2 if cfg.classes_on else 1}
     new = ClassSplitProfiler(
-        prof.num_layers, prof.num_experts, warmup_steps=prof.warmup_steps, interval=prof.interval,
-        tile_sizes=prof.tile_sizes, num_classes=2 if cfg.classes_on else 1,
-        min_samples=prof.min_samples, max_pending=prof.max_pending,
+        prof.num_layers, prof.num_experts, **settings,
         moe_time=MoeTimeWindows(cfg.moe_time_window, emit) if cfg.moe_time_window else None)
     if cfg.classes_on:
         # every rank knows every expert's class (seeded): the merged statistics of a rebalance

@@ -113,10 +113,15 @@ def _feature_modules() -> List[Any]:
     return mods
 
 
-def _after_add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
+def add_plugin_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every feature's flags, in one argument group."""
     group = parser.add_argument_group("sglang-moe-routing (plugin)")
     for mod in _feature_modules():
         mod.add_cli_args(group)
+
+
+def _after_add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
+    add_plugin_arguments(parser)
     return result
 
 
@@ -179,12 +184,9 @@ def features_requested(argv: Optional[List[str]] = None,
     variables set in ``environ``: what would silently not happen if the plugin did not load."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
-    opts = set()
     try:
         parser = argparse.ArgumentParser(add_help=False)
-        group = parser.add_argument_group("probe")
-        for mod in _feature_modules():
-            mod.add_cli_args(group)
+        add_plugin_arguments(parser)
         opts = {o for a in parser._actions for o in a.option_strings}
     except Exception:  # noqa: BLE001 - an sglang we do not support may break the imports
         opts = set()
