@@ -7,6 +7,7 @@
 #   bench   benchmark/bench_serving.py with BENCH_ARGS
 #   onebatch  benchmark/bench_one_batch_ec.py (SGLang's bench_one_batch, TC vs EC) with
 #           ONEBATCH_ARGS, within ONEBATCH_LIMIT seconds (default 270)
+#   kernels bench_routing.py (ROUTING_ARGS) and bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
 set -u
@@ -19,7 +20,7 @@ export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python
 export SGLANG_JIT_CACHE_DIR=/tmp/cache/sgl_jit TRITON_CACHE_DIR=/tmp/cache/triton \
        TVM_FFI_CACHE_DIR=/tmp/cache/tvm_ffi SGLANG_MOE_ROUTING_BUILD_DIR=/tmp/cache/ec_build
 stage() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  PYTHONUNBUFFERED=1 timeout -s INT -k 30 "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s (session +$(( $(date +%s) - T0 )) s)"
   tail -n "${TAIL:-25}" "$OUT/$name.log" | cut -c1-400; }
 [ -n "${SKIP_BUILD:-}" ] || stage build 150 python3 sgl-kernel/build.py
@@ -40,6 +41,10 @@ for s in ${STAGES:-server}; do
               --max-seconds $(( ol - 10 )) ${ONEBATCH_ARGS:-}
            cp /tmp/onebatch/bench_one_batch_ec.{md,json,png} "$OUT/" 2>/dev/null
            tar -czf "$OUT/onebatch_logs.tgz" -C /tmp/onebatch --exclude=cpu_shim . 2>/dev/null ;;
+    kernels) TAIL=45 stage bench_routing ${KERNELS_LIMIT:-200} python3 benchmark/bench_routing.py --no-profile \
+              --out /tmp/kbench/routing ${ROUTING_ARGS:-}
+           TAIL=45 stage bench_omni ${KERNELS_LIMIT:-200} python3 benchmark/bench_omni.py --out /tmp/kbench/omni ${OMNI_ARGS:-}
+           tar -czf "$OUT/kernels.tgz" -C /tmp kbench 2>/dev/null ;;
   esac
 done
 echo "session done in $(( $(date +%s) - T0 )) s"

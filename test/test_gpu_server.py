@@ -8,7 +8,8 @@ Run on a CUDA machine with sglang installed (the README's "pytest suite on a CUD
 
 All servers of the module start together (their ~30 s imports and graph captures overlap; each
 gets a capped KV pool) and are shared by the tests. ``GPU_SERVER_LOG_DIR=dir`` keeps their
-logs; ``GPU_SERVER_ONLY=ds_,doge_`` starts only the servers whose names start so (the tests
+logs (written there directly); ``GPU_SERVER_START_S`` caps each server's start (default
+600 s); ``GPU_SERVER_ONLY=ds_,doge_`` starts only the servers whose names start so (the tests
 of the others skip). The EPLB server needs two GPUs: SGLang 0.5.23 refuses ``--enable-eplb`` with
 ``ep_size == 1`` (``test_eplb_on_one_gpu_is_refused_by_sglang``).
 """
@@ -19,7 +20,7 @@ import importlib.util
 import os
 import random
 import re
-import shutil
+from pathlib import Path
 
 import pytest
 
@@ -61,8 +62,10 @@ def fleet(tmp_path_factory):
     models.build("qwen3_moe", paths["qwen"], size="medium")
     models.build("deepseek_v3", paths["ds"])
     models.build("doge", paths["doge"], n=64, top_k=8)
-    logs = root / "logs"
-    logs.mkdir()
+    # GPU_SERVER_LOG_DIR: logs written there directly (kept even when the run is killed)
+    keep = os.environ.get("GPU_SERVER_LOG_DIR")
+    logs = Path(keep) if keep else root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     spec = {
         "qwen_base": (paths["qwen"], COMMON),
         "qwen_ec": (paths["qwen"], COMMON + EC),
@@ -88,7 +91,9 @@ def fleet(tmp_path_factory):
     only = os.environ.get("GPU_SERVER_ONLY")  # e.g. "ds_,doge_": start only these servers
     if only:
         spec = {n: v for n, v in spec.items() if any(n.startswith(p) for p in only.split(","))}
-    servers = {name: Server(m, args, log_path=str(logs / f"{name}.log"), mem_fraction=0.3)
+    start_s = float(os.environ.get("GPU_SERVER_START_S", "600"))  # per server, to healthy
+    servers = {name: Server(m, args, log_path=str(logs / f"{name}.log"), mem_fraction=0.3,
+                            timeout_s=start_s)
                for name, (m, args) in spec.items()}
     errors = start_all(list(servers.values()))
     try:
@@ -96,11 +101,6 @@ def fleet(tmp_path_factory):
     finally:
         for s in servers.values():
             s.stop()
-        keep = os.environ.get("GPU_SERVER_LOG_DIR")
-        if keep:
-            os.makedirs(keep, exist_ok=True)
-            for f in logs.iterdir():
-                shutil.copy(f, keep)
 
 
 class Fleet:
