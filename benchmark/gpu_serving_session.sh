@@ -29,7 +29,7 @@ for s in ${STAGES:-server}; do
     server) GPU_SERVER_LOG_DIR=/tmp/server_logs stage server ${SERVER_LIMIT:-420} \
               python3 -m pytest -q -p no:cacheprovider -m server -rA test/test_gpu_server.py
             tar -czf "$OUT/server_logs.tgz" -C /tmp server_logs 2>/dev/null ;;
-    units) stage units ${UNITS_LIMIT:-240} python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
+    units) stage units ${UNITS_LIMIT:-240} python3 -m pytest -q -n 12 -p no:cacheprovider -rfE --durations=25 \
               test/test_expert_choice_gpu.py test/test_expert_choice_gpu_stream.py \
               test/test_eplb_gpu.py test/test_omni_gpu.py test/test_omni_lane.py \
               test/test_omni_packed.py test/test_threshold_routing.py ;;
