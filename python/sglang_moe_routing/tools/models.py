@@ -6,7 +6,8 @@ tokenizer: serve it with ``--skip-tokenizer-init``) and returns its config as a 
 Kinds:
 * ``qwen3_moe``: Qwen3-MoE (softmax top-k, no shared expert). ``size="small"`` is tiny
   (8 experts, top-2; seconds on a CPU), ``"medium"`` has 4 layers of 64 experts, top-8 (the
-  GPU server tests), ``"big"`` is the 0.69 B-parameter model of the GPU recipe (8 layers).
+  GPU server tests), ``"big"`` is the 0.69 B-parameter model of the GPU recipe (8 layers); ``"a3b"`` is 4 layers
+  of Qwen3-30B-A3B's shapes (128 experts of 768, top-8, hidden 2048; 2.6 B parameters, 5 GB).
 * ``deepseek_v3``: DeepSeek-V3 layout at small scale: MLA attention, sigmoid scoring, grouped
   top-k (``n_group``/``topk_group``), ``e_score_correction_bias`` (randomised, so it matters),
   one shared expert, ``routed_scaling_factor``, the first layer dense.
@@ -33,6 +34,12 @@ QWEN3_SIZES: Dict[str, Dict[str, Any]] = {
     "big": dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=384,
                 num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                 num_hidden_layers=8, num_experts=64, num_experts_per_tok=8,
+                vocab_size=32000, max_position_embeddings=4096),
+    # 4 layers with Qwen3-30B-A3B's own layer shapes: decode steps are GPU-bound (a B = 128
+    # step reads ~1.2 GB of expert weights per layer), so host jitter stops dominating
+    "a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                num_hidden_layers=4, num_experts=128, num_experts_per_tok=8,
                 vocab_size=32000, max_position_embeddings=4096),
 }
 
