@@ -528,6 +528,37 @@ def test_model_reads_backend_from_section_and_backends_agree(sgl_env):
     assert_close(logits["triton"], logits["torch"], "triton (interpreter) vs torch")
 
 
+def test_model_logs_the_omni_backend_it_will_run_once_at_build(sgl_env, caplog):
+    """The start-up line benchmark/bench_one_batch_doge.py checks: one per model, naming the
+    resolved backend (auto -> torch on CPU tensors; triton runs here under TRITON_INTERPRET)."""
+    import logging
+
+    from sglang_moe_routing.models.doge import resolved_backend
+
+    cfg = tiny_config(num_hidden_layers=3)
+    want = {"auto": "torch", "torch": "torch", "reference": "reference", "triton": "triton"}
+    try:
+        for backend, resolved in want.items():
+            config.set_sections({"omni": OmniConfig(backend)})
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="sglang_moe_routing"):
+                make_ours(cfg)
+            lines = [r.getMessage() for r in caplog.records if "Omni router" in r.getMessage()]
+            assert lines == [f"sglang-moe-routing: Doge CDMoE: 3 of 3 layers route with the Omni "
+                             f"router, backend={resolved} (--omni-router-backend {backend}; "
+                             f"n=8, top_k=8)"]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sglang_moe_routing"):
+            make_ours(tiny_config(is_moe=False))
+        assert not [r for r in caplog.records if "Omni router" in r.getMessage()]
+    finally:
+        config.set_sections(None)
+    w64 = torch.empty(2, 8, dtype=torch.float64)
+    assert resolved_backend(w64, 8, 8, "torch") == "torch"
+    assert resolved_backend(w64, 8, 8, "triton").startswith("triton (cannot run: omni_router: "
+                                                             "backend='triton' cannot run here: dtype")
+
+
 # ----------------------------------------------------------------------------- registration
 
 

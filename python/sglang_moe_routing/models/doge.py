@@ -96,6 +96,18 @@ def omni_backend() -> str:
     return getattr(section, "backend", DEFAULT_BACKEND) if section is not None else DEFAULT_BACKEND
 
 
+def resolved_backend(weight: torch.Tensor, num_keys: int, top_k: int, backend: str) -> str:
+    """The backend ``omni_router`` will run for router logits of ``weight``'s dtype and device
+    (``auto`` resolved), or ``"<backend> (cannot run: <reason>)"``."""
+    from sglang_moe_routing.omni import resolve_backend
+
+    probe = torch.empty((0, num_keys), dtype=weight.dtype, device=weight.device)
+    try:
+        return resolve_backend(probe, top_k, backend)
+    except ValueError as exc:
+        return f"{backend} (cannot run: {exc})"
+
+
 # ----------------------------------------------------------------------------- MLP / CDMoE
 
 
@@ -184,6 +196,9 @@ class DogeCDMoE(DogeMLP):
         self.up_embed = nn.Embedding(self.num_experts, self.hidden_size)
         self._omni_router = omni_router
         self.backend = omni_backend()
+        self.resolved_backend = resolved_backend(
+            self.router_gate.weight, self.num_keys, self.top_k, self.backend
+        )
 
     def route(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-token Omni routing: ``weights [T, k]`` (float), ``ids [T, k]`` (i * n + j)."""
@@ -268,6 +283,14 @@ class DogeModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.start_layer, self.end_layer = 0, config.num_hidden_layers
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, DogeCDMoE)]
+        if moe:  # one start-up line naming the router each CDMoE layer will run
+            logger.info(
+                "sglang-moe-routing: Doge CDMoE: %d of %d layers route with the Omni router, "
+                "backend=%s (--omni-router-backend %s; n=%d, top_k=%d)",
+                len(moe), len(self.layers), moe[0].resolved_backend, moe[0].backend,
+                moe[0].num_keys, moe[0].top_k,
+            )
 
     def forward(
         self,
