@@ -43,15 +43,11 @@ CPU smoke (tiny model, ~1 min a run):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import re
-import shlex
-import statistics
-import subprocess
-import sys
 import time
+import re
+import statistics
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -61,32 +57,15 @@ sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
-from harness import Checks, fmt, md_table, spread  # noqa: E402
+import one_batch_runner as obr  # noqa: E402
+from harness import Checks, fmt, md_table, spread  # noqa: E402,F401 (spread: the tests')
+from one_batch_runner import CHILD, parse_jsonl, write_tokenizer  # noqa: E402,F401
 
 NAME = "bench_one_batch_ec"
 KINDS = {"tc": "TC (plugin, EC off)", "ec": "EC", "up": "upstream (no plugin)"}
 
-# The child: seed, plugins, proof of the plugin's presence, then one_batch's own CLI.
-CHILD = r"""
-import json, os, sys, argparse
-import numpy as np
-np.random.seed(int(os.environ["ONEBATCH_SEED"]))
-if os.environ["ONEBATCH_PLUGIN"] == "1":
-    from sglang.srt.plugins import load_plugins
-    load_plugins()
-from sglang.srt.server_args import ServerArgs
-p = argparse.ArgumentParser()
-ServerArgs.add_cli_args(p)
-has = any(a.dest == "enable_expert_choice" for a in p._actions)
-print("ONEBATCH plugin_flags=" + ("yes" if has else "no"), flush=True)
-sys.argv = ["sglang.benchmark.one_batch"] + json.loads(os.environ["ONEBATCH_ARGV"])
-from sglang.benchmark.one_batch import cli_main
-cli_main()
-"""
-
 COVERAGE_RE = re.compile(r"expert choice routes (\d+) of (\d+) MoE \(TopK\) layers")
 LAYER_RE = re.compile(r"layer \S+ routes with expert choice")
-FLAGS_RE = re.compile(r"^ONEBATCH plugin_flags=(yes|no)\s*$", re.M)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -117,11 +96,9 @@ def one_batch_argv(model: str, tokenizer: str, batch_sizes: Sequence[int], passe
                    ec_args: Sequence[str], device_args: Sequence[str],
                    extra: Sequence[str]) -> List[str]:
     """one_batch's arguments for one run (``ec_args`` only for kind ``ec``)."""
-    argv = ["--model-path", model, "--tokenizer-path", tokenizer,
-            "--batch-size", *[str(b) for b in list(batch_sizes) * passes],
-            "--input-len", str(input_len), "--output-len", str(output_len),
-            "--result-filename", result, "--random-seed", str(seed), "--run-name", kind]
-    return argv + list(device_args) + (list(ec_args) if kind == "ec" else []) + list(extra)
+    return obr.one_batch_argv(model, tokenizer, batch_sizes, passes, input_len, output_len,
+                              result, seed, kind, list(device_args)
+                              + (list(ec_args) if kind == "ec" else []) + list(extra))
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -131,34 +108,10 @@ def parse_log(text: str) -> Dict[str, object]:
     """What a run's log proves: ``plugin_flags`` (True/False/None: the child's marker line),
     ``coverage`` ([X, Y] from "expert choice routes X of Y MoE (TopK) layers", or None),
     ``ec_layer_lines`` (count of "layer N routes with expert choice" lines)."""
-    flags = FLAGS_RE.findall(text)
     cov = COVERAGE_RE.findall(text)
-    return {"plugin_flags": (flags[-1] == "yes") if flags else None,
+    return {"plugin_flags": obr.parse_flags(text),
             "coverage": [int(cov[-1][0]), int(cov[-1][1])] if cov else None,
             "ec_layer_lines": len(LAYER_RE.findall(text))}
-
-
-def parse_jsonl(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]:
-    """one_batch's result lines -> ``{B: {"prefill_latency", "decode_latency", "samples"}}``
-    (seconds; median over the passes after the first when ``passes`` >= 2). A B with fewer
-    than ``passes`` records is left out (the run did not finish it)."""
-    recs: Dict[int, List[dict]] = {}
-    for line in text.splitlines():
-        if line.strip():
-            r = json.loads(line)
-            recs.setdefault(int(r["batch_size"]), []).append(r)
-    out = {}
-    for b in batch_sizes:
-        rs = recs.get(b, [])
-        if len(rs) < passes:
-            continue
-        used = rs[1:passes] if passes >= 2 else rs[:1]
-        pre = [float(r["prefill_latency"]) for r in used]
-        dec = [float(r["median_decode_latency"]) for r in used if "median_decode_latency" in r]
-        out[b] = {"prefill_latency": statistics.median(pre),
-                  "decode_latency": statistics.median(dec) if dec else None,
-                  "samples": {"prefill": pre, "decode": dec}}
-    return out
 
 
 def run_failure(kind: str, rc: Optional[int], log: Dict[str, object], points: Dict[int, dict],
@@ -167,9 +120,9 @@ def run_failure(kind: str, rc: Optional[int], log: Dict[str, object], points: Di
     plugin missing where it should be, a crash, points missing)."""
     if rc != 0:
         return f"exit status {rc}"
-    missing = [b for b in batch_sizes if b not in points]
+    missing = obr.missing_points(points, batch_sizes)
     if missing:
-        return f"no result for B={missing}"
+        return missing
     flags, cov = log["plugin_flags"], log["coverage"]
     if flags is None:
         return "no 'ONEBATCH plugin_flags=' line in the log"
@@ -316,89 +269,22 @@ def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: st
 # ----------------------------------------------------------------------------- running
 
 
-def write_tokenizer(path: Path) -> str:
-    """A one-word tokenizer: one_batch loads a tokenizer though it feeds token ids."""
-    if not (path / "tokenizer.json").exists():
-        from tokenizers import Tokenizer, models as tok_models
-        from transformers import PreTrainedTokenizerFast
+class Bench(obr.Runner):
+    NAME = NAME
 
-        tok = Tokenizer(tok_models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
-        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(path))
-    return str(path)
-
-
-class Bench:
     def __init__(self, args):
-        from importlib.metadata import version
-
-        import torch
-        from serving_runner import device_name
-        from sglang_moe_routing.tools.server import cuda_available
-
-        self.a = args
-        self.t0 = time.time()
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.cuda = cuda_available()
-        self.meta = {"device": device_name(),
-                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "torch": torch.__version__, "sglang": version("sglang"),
-                     "command": shlex.join(["python3"] + sys.argv), "goal": args.goal,
-                     "noise_limit": args.noise_limit, "skipped": [],
-                     "timing": (f"B x {args.input_len} seeded random ids (seed {args.seed}), "
-                                f"{args.output_len} output tokens; {args.passes} passes over the "
-                                f"batch sizes per run" + (", the first discarded"
-                                                          if args.passes > 1 else ""))}
-        self.runs: List[dict] = []
-
-    def log(self, msg: str) -> None:
-        print(f"[{NAME} +{time.time() - self.t0:5.0f} s] {msg}", flush=True)
-
-    def device_args(self) -> List[str]:
-        given = " ".join(self.a.extra_args)
-        if self.cuda:
-            return [] if "--attention-backend" in given else ["--attention-backend", "triton"]
-        out = ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32"]
-        return out + ([] if "--max-total-tokens" in given else ["--max-total-tokens", "8192"])
-
-    def env(self, kind: str) -> Dict[str, str]:
-        env = {**os.environ, "ONEBATCH_SEED": str(self.a.seed),
-               "ONEBATCH_PLUGIN": "0" if kind == "up" else "1"}
-        env.setdefault("SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", "python")
-        paths = [str(REPO / "python")] + [p for p in [env.get("PYTHONPATH")] if p]
-        if not self.cuda:  # SGLang's RoPE imports vllm._custom_ops off CUDA (never calls it)
-            from sglang_moe_routing.tools.server import _cpu_shim
-
-            paths.insert(0, _cpu_shim(str(self.out / "cpu_shim")))
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-        if kind == "up":
-            env["SGLANG_PLUGINS"] = "__none__"
-        return env
+        super().__init__(args, flag_dest="enable_expert_choice")
+        self.meta.update(goal=args.goal, noise_limit=args.noise_limit)
 
     def one(self, i: int, spec: dict, model: str, tok: str) -> dict:
         a, kind = self.a, spec["kind"]
-        stem = self.out / f"run_{i}_{spec['label']}"
-        result = Path(str(stem) + ".jsonl")
-        result.unlink(missing_ok=True)
         ec = ["--enable-expert-choice", "--expert-capacity-factor", str(a.ec_capacity_factor),
               "--expert-choice-min-tokens", str(a.ec_min_tokens)]
-        argv = one_batch_argv(model, tok, a.batch_sizes, a.passes, a.input_len, a.output_len,
-                              str(result), a.seed, kind, ec, self.device_args(), a.extra_args)
-        env = self.env(kind)
-        env["ONEBATCH_ARGV"] = json.dumps(argv)
-        left = self.deadline - time.time()
-        t0 = time.time()
-        with open(str(stem) + ".log", "w") as logf:
-            try:
-                rc = subprocess.run([sys.executable, "-c", CHILD], env=env, stdout=logf,
-                                    stderr=subprocess.STDOUT, timeout=max(left, 1)).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout (--max-seconds)"
-        text = Path(str(stem) + ".log").read_text(errors="replace")
-        points = parse_jsonl(result.read_text(), a.batch_sizes, a.passes) if result.exists() else {}
+        args = self.device_args() + (ec if kind == "ec" else []) + list(a.extra_args)
+        got = self.run_child(i, spec["label"], model, tok, args, plugin=kind != "up")
+        text, points, rc = got.pop("text"), got["points"], got["rc"]
         log = parse_log(text)
-        run = {**spec, "args": argv, "rc": rc, "wall_s": time.time() - t0, "log": log,
-               "points": points}
+        run = {**spec, **got, "log": log}
         run["failure"] = run_failure(kind, rc, log, points, a.batch_sizes)
         if run["failure"] and rc != 0:
             run["log_tail"] = text[-3000:]
@@ -411,7 +297,6 @@ class Bench:
 
     def main(self) -> int:
         a = self.a
-        self.deadline = self.t0 + a.max_seconds
         mdir = Path(a.model_dir)
         model = mdir / f"qwen3_moe_{a.qwen_size}"
         kw = {"size": a.qwen_size}
@@ -419,7 +304,7 @@ class Bench:
             kw["dtype"] = "float32"
         if a.qwen_size == "small":  # one_batch's random ids are < 10000
             kw["vocab_size"] = 10000
-        cfg = build_checkpoint(model, kw)
+        cfg = obr.build_checkpoint("qwen3_moe", model, kw)
         tok = write_tokenizer(mdir / "tokenizer")
         self.meta["model"] = (f"Qwen3-MoE {a.qwen_size}: {cfg.get('num_experts', cfg.get('num_local_experts'))} experts, top-"
                               f"{cfg.get('num_experts_per_tok')}, {cfg.get('num_hidden_layers')} "
@@ -428,18 +313,8 @@ class Bench:
         plan = run_order(a.repeats, a.upstream, a.order)
         self.log(f"{self.meta['device']}; plan {[p['label'] for p in plan]}; budget "
                  f"{a.max_seconds:.0f} s")
-        for i, spec in enumerate(plan):
-            left = self.deadline - time.time()
-            last = max((r["wall_s"] for r in self.runs), default=0.0)
-            if last * 1.1 > left:
-                self.meta["skipped"].append(f"{spec['label']} (last run took {last:.0f} s, "
-                                            f"{left:.0f} s left of --max-seconds)")
-                self.log(f"{spec['label']}: skipped, {left:.0f} s left, the last run took "
-                         f"{last:.0f} s")
-                continue
-            self.log(f"{spec['label']}: starting ({KINDS[spec['kind']]})")
-            self.runs.append(self.one(i, spec, str(model), tok))
-            self.write()
+        self.run_plan(plan, lambda i, spec: self.one(i, spec, str(model), tok),
+                      lambda spec: KINDS[spec["kind"]])
         result = self.write()
         print("\n" + result["markdown"], flush=True)
         self.log(f"goal: {result['overall']}; wrote {self.out}/{NAME}.{{json,md,png}}")
@@ -463,32 +338,11 @@ class Bench:
         return result
 
 
-def build_checkpoint(path: Path, kw: dict) -> dict:
-    """``tools.models.build("qwen3_moe", ...)`` in a subprocess (this process holds no CUDA
-    context while the runs measure); ``kw["dtype"]`` by name (it crosses as JSON)."""
-    if (path / "config.json").exists():
-        return json.loads((path / "config.json").read_text())
-    code = ("import sys, json, torch; from sglang_moe_routing.tools import models; "
-            "kw = json.loads(sys.argv[2]); kw['dtype'] = getattr(torch, kw.get('dtype', 'bfloat16')); "
-            "models.build('qwen3_moe', sys.argv[1], **kw)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    subprocess.run([sys.executable, "-c", code, str(path), json.dumps(kw)], check=True, env=env)
-    return json.loads((path / "config.json").read_text())
-
-
 def parse_args(argv=None):
     from sglang_moe_routing.tools import models
 
     ap = harness.base_parser(__doc__)
-    ap.add_argument("--batch-sizes", type=lambda s: harness.int_list(s, "--batch-sizes"),
-                    default=[1, 8, 32, 128, 512])
-    ap.add_argument("--input-len", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=64,
-                    help="decode steps + 1 (one_batch's median decode latency is over the steps)")
-    ap.add_argument("--passes", type=int, default=2,
-                    help="passes over the batch sizes per run; the first is discarded when >= 2")
-    ap.add_argument("--repeats", type=int, default=1, help="(TC, EC, EC, TC) blocks")
+    obr.add_common_args(ap, "1,8,32,128,512", input_len=256, output_len=64, max_seconds=540)
     ap.add_argument("--order", default=None,
                     help="the runs' kinds in order, e.g. tc,ec,up (instead of --repeats/--upstream)")
     ap.add_argument("--upstream", action=argparse.BooleanOptionalAction, default=True,
@@ -499,18 +353,8 @@ def parse_args(argv=None):
     ap.add_argument("--goal", type=float, default=0.97, help="EC/TC throughput at least this")
     ap.add_argument("--noise-limit", type=float, default=0.01,
                     help="judge a point only when the TC-vs-TC spread is below this")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--extra-args", type=shlex.split, default=[],
-                    help="more one_batch/server arguments for every run (one string)")
-    ap.add_argument("--max-seconds", type=float, default=540,
-                    help="start no run the last run's time says will not fit (default 540)")
-    ap.add_argument("--model-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                        "bench_one_batch_models"))
     a = ap.parse_args(argv)
-    for flag, v, lo in (("--input-len", a.input_len, 1), ("--output-len", a.output_len, 2),
-                        ("--passes", a.passes, 1), ("--repeats", a.repeats, 1)):
-        if v < lo:
-            ap.error(f"{flag} must be >= {lo}, got {v}")
+    obr.check_common_args(ap, a)
     try:
         run_order(a.repeats, a.upstream, a.order)
     except ValueError as exc:

@@ -1,0 +1,255 @@
+"""The machinery shared by the drivers of SGLang's ``bench_one_batch`` (``sglang.benchmark.one_batch``):
+bench_one_batch_ec.py (EC vs TC, Qwen3-MoE) and bench_one_batch_doge.py (Omni router backends,
+Doge). Each run is one subprocess: the child seeds numpy (every run gets the same prompts),
+loads the plugin when asked (one_batch does not call ``load_plugins()``), prints a marker line
+saying whether the plugin's CLI flag ``ONEBATCH_FLAG_DEST`` exists, then runs one_batch's own
+CLI, which appends one JSON line per point to ``--result-filename``.
+
+Here: the child, the argv, the JSONL parsing (first pass discarded), the checkpoint build in a
+subprocess, and :class:`Runner` (device arguments, child environment, one run with its log,
+the ``--max-seconds`` budget that skips runs the last run's time says will not fit, progress
+lines with elapsed seconds).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# The child: seed, plugins, proof of the plugin's presence, then one_batch's own CLI.
+CHILD = r"""
+import json, os, sys, argparse
+import numpy as np
+np.random.seed(int(os.environ["ONEBATCH_SEED"]))
+if os.environ["ONEBATCH_PLUGIN"] == "1":
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+from sglang.srt.server_args import ServerArgs
+p = argparse.ArgumentParser()
+ServerArgs.add_cli_args(p)
+dest = os.environ.get("ONEBATCH_FLAG_DEST", "enable_expert_choice")
+has = any(a.dest == dest for a in p._actions)
+print("ONEBATCH plugin_flags=" + ("yes" if has else "no"), flush=True)
+sys.argv = ["sglang.benchmark.one_batch"] + json.loads(os.environ["ONEBATCH_ARGV"])
+from sglang.benchmark.one_batch import cli_main
+cli_main()
+"""
+
+FLAGS_RE = re.compile(r"^ONEBATCH plugin_flags=(yes|no)\s*$", re.M)
+
+
+def parse_flags(text: str) -> Optional[bool]:
+    """The child's marker: True (the plugin's flag exists), False, or None (no marker line)."""
+    flags = FLAGS_RE.findall(text)
+    return (flags[-1] == "yes") if flags else None
+
+
+def one_batch_argv(model: str, tokenizer: str, batch_sizes: Sequence[int], passes: int,
+                   input_len: int, output_len: int, result: str, seed: int, run_name: str,
+                   args: Sequence[str]) -> List[str]:
+    """one_batch's arguments: every batch size ``passes`` times, then ``args``."""
+    return ["--model-path", model, "--tokenizer-path", tokenizer,
+            "--batch-size", *[str(b) for b in list(batch_sizes) * passes],
+            "--input-len", str(input_len), "--output-len", str(output_len),
+            "--result-filename", result, "--random-seed", str(seed),
+            "--run-name", run_name] + list(args)
+
+
+def parse_jsonl(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]:
+    """one_batch's result lines -> ``{B: {"prefill_latency", "decode_latency", "samples"}}``
+    (seconds; median over the passes after the first when ``passes`` >= 2). A B with fewer
+    than ``passes`` records is left out (the run did not finish it)."""
+    recs: Dict[int, List[dict]] = {}
+    for line in text.splitlines():
+        if line.strip():
+            r = json.loads(line)
+            recs.setdefault(int(r["batch_size"]), []).append(r)
+    out = {}
+    for b in batch_sizes:
+        rs = recs.get(b, [])
+        if len(rs) < passes:
+            continue
+        used = rs[1:passes] if passes >= 2 else rs[:1]
+        pre = [float(r["prefill_latency"]) for r in used]
+        dec = [float(r["median_decode_latency"]) for r in used if "median_decode_latency" in r]
+        out[b] = {"prefill_latency": statistics.median(pre),
+                  "decode_latency": statistics.median(dec) if dec else None,
+                  "samples": {"prefill": pre, "decode": dec}}
+    return out
+
+
+def missing_points(points: Dict[int, dict], batch_sizes: Sequence[int]) -> Optional[str]:
+    missing = [b for b in batch_sizes if b not in points]
+    return f"no result for B={missing}" if missing else None
+
+
+def write_tokenizer(path: Path) -> str:
+    """A one-word tokenizer: one_batch loads a tokenizer though it feeds token ids."""
+    if not (path / "tokenizer.json").exists():
+        from tokenizers import Tokenizer, models as tok_models
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(tok_models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(path))
+    return str(path)
+
+
+def build_checkpoint(kind: str, path: Path, kw: dict) -> dict:
+    """``tools.models.build(kind, ...)`` in a subprocess (this process holds no CUDA context
+    while the runs measure); ``kw["dtype"]`` by name (it crosses as JSON)."""
+    if (path / "config.json").exists():
+        return json.loads((path / "config.json").read_text())
+    code = ("import sys, json, torch; from sglang_moe_routing.tools import models; "
+            "kw = json.loads(sys.argv[3]); kw['dtype'] = getattr(torch, kw.get('dtype', 'bfloat16')); "
+            "models.build(sys.argv[1], sys.argv[2], **kw)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    subprocess.run([sys.executable, "-c", code, kind, str(path), json.dumps(kw)], check=True,
+                   env=env)
+    return json.loads((path / "config.json").read_text())
+
+
+class Runner:
+    """One benchmark's runs: ``self.runs`` grows by :meth:`run_plan`; subclasses give
+    ``write()`` (the report so far, called after every run)."""
+
+    NAME = "bench_one_batch"
+
+    def __init__(self, args, flag_dest: str):
+        from importlib.metadata import version
+
+        import torch
+        from serving_runner import device_name
+        from sglang_moe_routing.tools.server import cuda_available
+
+        self.a = args
+        self.flag_dest = flag_dest
+        self.t0 = time.time()
+        self.deadline = self.t0 + args.max_seconds
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cuda = cuda_available()
+        self.meta = {"device": device_name(),
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "torch": torch.__version__, "sglang": version("sglang"),
+                     "command": shlex.join(["python3"] + sys.argv), "skipped": [],
+                     "timing": (f"B x {args.input_len} seeded random ids (seed {args.seed}), "
+                                f"{args.output_len} output tokens; {args.passes} passes over the "
+                                f"batch sizes per run" + (", the first discarded"
+                                                          if args.passes > 1 else ""))}
+        self.runs: List[dict] = []
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.NAME} +{time.time() - self.t0:5.0f} s] {msg}", flush=True)
+
+    def device_args(self, cuda_defaults: Sequence[str] = ()) -> List[str]:
+        """``--attention-backend triton`` (+ ``cuda_defaults``) on CUDA; SGLang's CPU paths
+        otherwise. A flag given in ``--extra-args`` wins."""
+        given = " ".join(self.a.extra_args)
+        if self.cuda:
+            pairs = [("--attention-backend", "triton")] + list(zip(cuda_defaults[::2],
+                                                                   cuda_defaults[1::2]))
+        else:
+            pairs = [("--device", "cpu"), ("--attention-backend", "torch_native"),
+                     ("--dtype", "float32"), ("--max-total-tokens", "8192")]
+        return [x for flag, v in pairs if flag not in given for x in (flag, v)]
+
+    def env(self, plugin: bool) -> Dict[str, str]:
+        env = {**os.environ, "ONEBATCH_SEED": str(self.a.seed),
+               "ONEBATCH_PLUGIN": "1" if plugin else "0", "ONEBATCH_FLAG_DEST": self.flag_dest}
+        env.setdefault("SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", "python")
+        paths = [str(REPO / "python")] + [p for p in [env.get("PYTHONPATH")] if p]
+        if not self.cuda:  # SGLang's RoPE imports vllm._custom_ops off CUDA (never calls it)
+            from sglang_moe_routing.tools.server import _cpu_shim
+
+            paths.insert(0, _cpu_shim(str(self.out / "cpu_shim")))
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        if not plugin:
+            env["SGLANG_PLUGINS"] = "__none__"
+        return env
+
+    def run_child(self, i: int, label: str, model: str, tok: str, args: Sequence[str],
+                  plugin: bool = True) -> dict:
+        """One one_batch subprocess (``args`` after the common ones); its log is
+        ``run_<i>_<label>.log``. ``{"args", "rc", "wall_s", "text", "points"}``."""
+        a = self.a
+        stem = self.out / f"run_{i}_{label}"
+        result = Path(str(stem) + ".jsonl")
+        result.unlink(missing_ok=True)
+        argv = one_batch_argv(model, tok, a.batch_sizes, a.passes, a.input_len, a.output_len,
+                              str(result), a.seed, label, args)
+        env = self.env(plugin)
+        env["ONEBATCH_ARGV"] = json.dumps(argv)
+        t0 = time.time()
+        with open(str(stem) + ".log", "w") as logf:
+            try:
+                rc = subprocess.run([sys.executable, "-c", CHILD], env=env, stdout=logf,
+                                    stderr=subprocess.STDOUT,
+                                    timeout=max(self.deadline - time.time(), 1)).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout (--max-seconds)"
+        text = Path(str(stem) + ".log").read_text(errors="replace")
+        points = parse_jsonl(result.read_text(), a.batch_sizes, a.passes) if result.exists() else {}
+        return {"args": argv, "rc": rc, "wall_s": time.time() - t0, "text": text,
+                "points": points}
+
+    def run_plan(self, plan: Sequence[dict], one: Callable[[int, dict], dict],
+                 what: Callable[[dict], str]) -> None:
+        """``one(i, spec)`` for each run of ``plan`` that fits the budget (a run is skipped
+        when 1.1 x the last run's time is more than what is left); ``write()`` after each."""
+        for i, spec in enumerate(plan):
+            left = self.deadline - time.time()
+            last = max((r["wall_s"] for r in self.runs), default=0.0)
+            if last * 1.1 > left:
+                self.meta["skipped"].append(f"{spec['label']} (last run took {last:.0f} s, "
+                                            f"{left:.0f} s left of --max-seconds)")
+                self.log(f"{spec['label']}: skipped, {left:.0f} s left, the last run took "
+                         f"{last:.0f} s")
+                continue
+            self.log(f"{spec['label']}: starting ({what(spec)})")
+            self.runs.append(one(i, spec))
+            self.write()
+
+    def write(self) -> dict:  # pragma: no cover (abstract)
+        raise NotImplementedError
+
+
+def add_common_args(ap, batch_sizes: str, input_len: int, output_len: int, max_seconds: float):
+    """The arguments every one_batch driver takes."""
+    import harness
+
+    ap.add_argument("--batch-sizes", type=lambda s: harness.int_list(s, "--batch-sizes"),
+                    default=harness.int_list(batch_sizes))
+    ap.add_argument("--input-len", type=int, default=input_len)
+    ap.add_argument("--output-len", type=int, default=output_len,
+                    help="decode steps + 1 (one_batch's median decode latency is over the steps)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="passes over the batch sizes per run; the first is discarded when >= 2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-args", type=shlex.split, default=[],
+                    help="more one_batch/server arguments for every run (one string)")
+    ap.add_argument("--max-seconds", type=float, default=max_seconds,
+                    help="start no run the last run's time says will not fit (default "
+                         "%(default)s)")
+    ap.add_argument("--model-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                        "bench_one_batch_models"))
+    ap.add_argument("--repeats", type=int, default=1, help="blocks of the run order")
+
+
+def check_common_args(ap, a) -> None:
+    for flag, v, lo in (("--input-len", a.input_len, 1), ("--output-len", a.output_len, 2),
+                        ("--passes", a.passes, 1), ("--repeats", a.repeats, 1)):
+        if v < lo:
+            ap.error(f"{flag} must be >= {lo}, got {v}")
