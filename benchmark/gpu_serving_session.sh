@@ -7,6 +7,8 @@
 #   bench   benchmark/bench_serving.py with BENCH_ARGS
 #   onebatch  benchmark/bench_one_batch_ec.py (SGLang's bench_one_batch, TC vs EC) with
 #           ONEBATCH_ARGS, within ONEBATCH_LIMIT seconds (default 270)
+#   onebatch_doge  benchmark/bench_one_batch_doge.py (bench_one_batch, Omni backends on Doge) with
+#           ONEBATCH_DOGE_ARGS, within ONEBATCH_DOGE_LIMIT seconds (default 500)
 #   kernels bench_routing.py (ROUTING_ARGS) and bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
@@ -41,6 +43,11 @@ for s in ${STAGES:-server}; do
               --max-seconds $(( ol - 10 )) ${ONEBATCH_ARGS:-}
            cp /tmp/onebatch/bench_one_batch_ec.{md,json,png} "$OUT/" 2>/dev/null
            tar -czf "$OUT/onebatch_logs.tgz" -C /tmp/onebatch --exclude=cpu_shim . 2>/dev/null ;;
+    onebatch_doge) dl=${ONEBATCH_DOGE_LIMIT:-500}
+           TAIL=40 stage onebatch_doge "$dl" python3 benchmark/bench_one_batch_doge.py \
+              --out /tmp/onebatch_doge --max-seconds $(( dl - 10 )) ${ONEBATCH_DOGE_ARGS:-}
+           cp /tmp/onebatch_doge/bench_one_batch_doge.{md,json,png} "$OUT/" 2>/dev/null
+           tar -czf "$OUT/onebatch_doge_logs.tgz" -C /tmp/onebatch_doge --exclude=cpu_shim . 2>/dev/null ;;
     kernels) TAIL=45 stage bench_routing ${KERNELS_LIMIT:-200} python3 benchmark/bench_routing.py --no-profile \
               --out /tmp/kbench/routing ${ROUTING_ARGS:-}
            TAIL=45 stage bench_omni ${KERNELS_LIMIT:-200} python3 benchmark/bench_omni.py --out /tmp/kbench/omni ${OMNI_ARGS:-}
