@@ -56,11 +56,9 @@ CPU smoke (n=8, interpreted Triton; 3 runs, 72 s on this project's 2-core CPU):
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -264,17 +262,7 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
 def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str) -> None:
     colors = {"triton": "tab:red", "torch": "tab:blue", "reference": "tab:gray",
               "auto": "tab:green"}
-    panels = []
-    for phase in ("prefill", "decode"):
-        lines = []
-        for r in runs:
-            pts = [(b, r["points"][b][phase + "_latency"] * 1e3) for b in batch_sizes
-                   if r["points"].get(b, {}).get(phase + "_latency")]
-            if pts and not r.get("failure"):
-                lines.append((r["label"], [p[0] for p in pts], [p[1] for p in pts], "o-",
-                              colors[r["backend"]]))
-        panels.append({"title": f"{phase} latency", "xlabel": "batch size B", "lines": lines})
-    harness.line_panels(panels, path, suptitle=title, ylabel="ms", sharey=False, legend="panel")
+    obr.plot_latency(runs, batch_sizes, path, title, lambda r: ("o-", colors[r["backend"]]))
 
 
 # ----------------------------------------------------------------------------- running
@@ -292,18 +280,10 @@ class Bench(obr.Runner):
         a = self.a
         args = (self.device_args(["--mem-fraction-static", "0.6"])
                 + ["--omni-router-backend", spec["backend"]] + list(a.extra_args))
-        got = self.run_child(i, spec["label"], model, tok, args)
-        text, points, rc = got.pop("text"), got["points"], got["rc"]
-        log = parse_log(text)
-        run = {**spec, **got, "log": log}
-        run["failure"] = run_failure(spec["backend"], rc, log, points, a.batch_sizes)
-        if run["failure"] and rc != 0:
-            run["log_tail"] = text[-3000:]
-        self.log(f"{spec['label']}: {'FAILED: ' + run['failure'] if run['failure'] else 'ok'} "
-                 f"in {run['wall_s']:.0f} s; omni {[x['backend'] for x in log['omni']]}; "
-                 "decode ms " + " ".join(f"B{b}={fmt((p['decode_latency'] or 0) * 1e3, '.3f')}"
-                                         for b, p in points.items()))
-        return run
+        return self.checked_run(
+            i, spec, model, tok, args, parse_log,
+            lambda rc, log, pts: run_failure(spec["backend"], rc, log, pts, a.batch_sizes),
+            lambda log: f"omni {[x['backend'] for x in log['omni']]}")
 
     def main(self) -> int:
         a = self.a
@@ -323,32 +303,17 @@ class Bench(obr.Runner):
                               f"{cfg.get('hidden_size')}, vocab {cfg.get('vocab_size')}, "
                               "random weights")
         plan = run_order(a.doge_n, a.backends, a.repeats, a.order)
-        self.log(f"{self.meta['device']}; plan {[p['label'] for p in plan]}; budget "
-                 f"{a.max_seconds:.0f} s")
         self.run_plan(plan, lambda i, spec: self.one(i, spec, models[spec["n"]], tok),
                       lambda spec: f"--omni-router-backend {spec['backend']}, n={spec['n']}")
-        result = self.write()
-        print("\n" + result["markdown"], flush=True)
-        self.log(f"goal 1: {result['goal1']}; goal 2: {result['goal2']}; wrote "
-                 f"{self.out}/{NAME}.{{json,md,png}}")
-        return result["exit_code"]
+        return self.finish(lambda r: f"goal 1: {r['goal1']}; goal 2: {r['goal2']}")
 
     def write(self) -> dict:
         a = self.a
         result = analyse(self.runs, a.doge_n, a.batch_sizes, a.input_len, a.goal_n,
                          a.goal_batch, a.goal_ratio, a.noise_limit)
-        text = markdown(self.meta, self.runs, result)
-        (self.out / f"{NAME}.md").write_text(text)
-        (self.out / f"{NAME}.json").write_text(json.dumps(
-            {"meta": self.meta, "elapsed_s": time.time() - self.t0, "runs": self.runs,
-             "result": result}, indent=1, default=str))
-        try:
-            plot(self.runs, a.batch_sizes, self.out / f"{NAME}.png",
-                 f"{self.meta['device']}: Omni backends on Doge, sglang bench_one_batch")
-        except Exception as exc:  # noqa: BLE001
-            self.log(f"plot failed: {exc}")
-        result["markdown"] = text
-        return result
+        title = f"{self.meta['device']}: Omni backends on Doge, sglang bench_one_batch"
+        return self.save(result, markdown(self.meta, self.runs, result),
+                         lambda path: plot(self.runs, a.batch_sizes, path, title))
 
 
 def parse_args(argv=None):

@@ -43,8 +43,6 @@ CPU smoke (tiny model, ~1 min a run):
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import re
 import statistics
 import sys
@@ -59,7 +57,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 import one_batch_runner as obr  # noqa: E402
 from harness import Checks, fmt, md_table, spread  # noqa: E402,F401 (spread: the tests')
-from one_batch_runner import CHILD, parse_jsonl, write_tokenizer  # noqa: E402,F401
+from one_batch_runner import CHILD, parse_jsonl, write_tokenizer  # noqa: E402,F401 (the tests)
 
 NAME = "bench_one_batch_ec"
 KINDS = {"tc": "TC (plugin, EC off)", "ec": "EC", "up": "upstream (no plugin)"}
@@ -253,17 +251,8 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
 
 def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str) -> None:
     colors = {"tc": "tab:blue", "ec": "tab:red", "up": "tab:gray"}
-    panels = []
-    for phase in ("prefill", "decode"):
-        lines = []
-        for r in runs:
-            pts = [(b, r["points"][b][phase + "_latency"] * 1e3) for b in batch_sizes
-                   if b in r.get("points", {}) and r["points"][b].get(phase + "_latency")]
-            if pts and not r.get("failure"):
-                lines.append((r["label"], [p[0] for p in pts], [p[1] for p in pts],
-                              "o-" if r["kind"] != "up" else "s--", colors[r["kind"]]))
-        panels.append({"title": f"{phase} latency", "xlabel": "batch size B", "lines": lines})
-    harness.line_panels(panels, path, suptitle=title, ylabel="ms", sharey=False, legend="panel")
+    obr.plot_latency(runs, batch_sizes, path, title,
+                     lambda r: ("o-" if r["kind"] != "up" else "s--", colors[r["kind"]]))
 
 
 # ----------------------------------------------------------------------------- running
@@ -281,19 +270,11 @@ class Bench(obr.Runner):
         ec = ["--enable-expert-choice", "--expert-capacity-factor", str(a.ec_capacity_factor),
               "--expert-choice-min-tokens", str(a.ec_min_tokens)]
         args = self.device_args() + (ec if kind == "ec" else []) + list(a.extra_args)
-        got = self.run_child(i, spec["label"], model, tok, args, plugin=kind != "up")
-        text, points, rc = got.pop("text"), got["points"], got["rc"]
-        log = parse_log(text)
-        run = {**spec, **got, "log": log}
-        run["failure"] = run_failure(kind, rc, log, points, a.batch_sizes)
-        if run["failure"] and rc != 0:
-            run["log_tail"] = text[-3000:]
-        self.log(f"{spec['label']}: {'FAILED: ' + run['failure'] if run['failure'] else 'ok'} "
-                 f"in {run['wall_s']:.0f} s; EC coverage {log['coverage']}, plugin flags "
-                 f"{log['plugin_flags']}; decode ms "
-                 + " ".join(f"B{b}={fmt((p['decode_latency'] or 0) * 1e3, '.2f')}"
-                            for b, p in points.items()))
-        return run
+        return self.checked_run(
+            i, spec, model, tok, args, parse_log,
+            lambda rc, log, pts: run_failure(kind, rc, log, pts, a.batch_sizes),
+            lambda log: f"EC coverage {log['coverage']}, plugin flags {log['plugin_flags']}",
+            plugin=kind != "up")
 
     def main(self) -> int:
         a = self.a
@@ -311,31 +292,17 @@ class Bench(obr.Runner):
                               f"layers, random weights; EC = --expert-capacity-factor "
                               f"{a.ec_capacity_factor} --expert-choice-min-tokens {a.ec_min_tokens}")
         plan = run_order(a.repeats, a.upstream, a.order)
-        self.log(f"{self.meta['device']}; plan {[p['label'] for p in plan]}; budget "
-                 f"{a.max_seconds:.0f} s")
         self.run_plan(plan, lambda i, spec: self.one(i, spec, str(model), tok),
                       lambda spec: KINDS[spec["kind"]])
-        result = self.write()
-        print("\n" + result["markdown"], flush=True)
-        self.log(f"goal: {result['overall']}; wrote {self.out}/{NAME}.{{json,md,png}}")
-        return result["exit_code"]
+        return self.finish(lambda r: f"goal: {r['overall']}")
 
     def write(self) -> dict:
         a = self.a
         result = analyse(self.runs, a.batch_sizes, a.input_len, a.ec_min_tokens, a.goal,
                          a.noise_limit)
-        text = markdown(self.meta, self.runs, result)
-        (self.out / f"{NAME}.md").write_text(text)
-        (self.out / f"{NAME}.json").write_text(json.dumps(
-            {"meta": self.meta, "elapsed_s": time.time() - self.t0, "runs": self.runs,
-             "result": result}, indent=1, default=str))
-        try:
-            plot(self.runs, a.batch_sizes, self.out / f"{NAME}.png",
-                 f"{self.meta['device']}: TC vs EC, sglang bench_one_batch")
-        except Exception as exc:  # noqa: BLE001
-            self.log(f"plot failed: {exc}")
-        result["markdown"] = text
-        return result
+        title = f"{self.meta['device']}: TC vs EC, sglang bench_one_batch"
+        return self.save(result, markdown(self.meta, self.runs, result),
+                         lambda path: plot(self.runs, a.batch_sizes, path, title))
 
 
 def parse_args(argv=None):

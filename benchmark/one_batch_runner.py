@@ -121,6 +121,24 @@ def build_checkpoint(kind: str, path: Path, kw: dict) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
+def plot_latency(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str,
+                 style: Callable[[dict], tuple]) -> None:
+    """Prefill and decode latency vs B, one line per run that passed its checks;
+    ``style(run)`` -> (matplotlib format, color)."""
+    import harness
+
+    panels = []
+    for phase in ("prefill", "decode"):
+        lines = []
+        for r in runs:
+            pts = [(b, r["points"][b][phase + "_latency"] * 1e3) for b in batch_sizes
+                   if r["points"].get(b, {}).get(phase + "_latency")]
+            if pts and not r.get("failure"):
+                lines.append((r["label"], [p[0] for p in pts], [p[1] for p in pts], *style(r)))
+        panels.append({"title": f"{phase} latency", "xlabel": "batch size B", "lines": lines})
+    harness.line_panels(panels, path, suptitle=title, ylabel="ms", sharey=False, legend="panel")
+
+
 class Runner:
     """One benchmark's runs: ``self.runs`` grows by :meth:`run_plan`; subclasses give
     ``write()`` (the report so far, called after every run)."""
@@ -205,10 +223,51 @@ class Runner:
         return {"args": argv, "rc": rc, "wall_s": time.time() - t0, "text": text,
                 "points": points}
 
+    def checked_run(self, i: int, spec: dict, model: str, tok: str, args: Sequence[str],
+                    parse: Callable[[str], dict], failure: Callable[[object, dict, dict],
+                                                                     Optional[str]],
+                    note: Callable[[dict], str], plugin: bool = True) -> dict:
+        """:meth:`run_child`, then ``log = parse(text)`` and ``failure(rc, log, points)``;
+        a progress line with ``note(log)`` and the decode latencies."""
+        got = self.run_child(i, spec["label"], model, tok, args, plugin)
+        text, rc = got.pop("text"), got["rc"]
+        log = parse(text)
+        run = {**spec, **got, "log": log}
+        run["failure"] = failure(rc, log, got["points"])
+        if run["failure"] and rc != 0:
+            run["log_tail"] = text[-3000:]
+        self.log(f"{spec['label']}: {'FAILED: ' + run['failure'] if run['failure'] else 'ok'} "
+                 f"in {run['wall_s']:.0f} s; {note(log)}; decode ms "
+                 + " ".join(f"B{b}={(p['decode_latency'] or 0) * 1e3:.3f}"
+                            for b, p in got["points"].items()))
+        return run
+
+    def save(self, result: dict, text: str, plot: Callable[[Path], None]) -> dict:
+        """``<NAME>.md`` (``text``), ``<NAME>.json`` (meta, runs, result), ``plot(<NAME>.png)``."""
+        (self.out / f"{self.NAME}.md").write_text(text)
+        (self.out / f"{self.NAME}.json").write_text(json.dumps(
+            {"meta": self.meta, "elapsed_s": time.time() - self.t0, "runs": self.runs,
+             "result": result}, indent=1, default=str))
+        try:
+            plot(self.out / f"{self.NAME}.png")
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"plot failed: {exc}")
+        result["markdown"] = text
+        return result
+
+    def finish(self, goals: str) -> int:
+        """The final report on stdout; the exit status (1 when a check failed)."""
+        result = self.write()
+        print("\n" + result["markdown"], flush=True)
+        self.log(f"{goals(result)}; wrote {self.out}/{self.NAME}.{{json,md,png}}")
+        return result["exit_code"]
+
     def run_plan(self, plan: Sequence[dict], one: Callable[[int, dict], dict],
                  what: Callable[[dict], str]) -> None:
         """``one(i, spec)`` for each run of ``plan`` that fits the budget (a run is skipped
         when 1.1 x the last run's time is more than what is left); ``write()`` after each."""
+        self.log(f"{self.meta['device']}; plan {[p['label'] for p in plan]}; budget "
+                 f"{self.a.max_seconds:.0f} s")
         for i, spec in enumerate(plan):
             left = self.deadline - time.time()
             last = max((r["wall_s"] for r in self.runs), default=0.0)
