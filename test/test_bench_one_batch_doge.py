@@ -250,3 +250,29 @@ def test_cpu_smoke_one_run_of_each_backend(tmp_path):
     assert rows[(8, "decode")]["goal2"].startswith("not judged: needs >= 2 runs")
     assert d["result"]["goal1"] == "not measured (n=512 B=128 decode not in the plan)"
     assert (tmp_path / "out" / "bench_one_batch_doge.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cpu_run_with_the_wrong_backend_is_refused(tmp_path):
+    """A later ``--omni-router-backend torch`` in --extra-args wins over the run's own: the
+    model's start-up line names torch, so the reference run fails its check, every ratio is
+    refused and the script exits 1 (~20 s)."""
+    pytest.importorskip("sglang")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU run")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(repo / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    r = subprocess.run(
+        [sys.executable, str(repo / "benchmark" / "bench_one_batch_doge.py"), "--doge-n", "8",
+         "--batch-sizes", "1", "--input-len", "8", "--output-len", "2", "--passes", "1",
+         "--order", "reference", "--extra-args", "--omni-router-backend torch",
+         "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((tmp_path / "out" / "bench_one_batch_doge.json").read_text())
+    assert d["runs"][0]["failure"] == ("the model got --omni-router-backend torch, the run "
+                                       "asked for reference")
+    assert d["result"]["goal1"] == "n/a (correctness check failed: n8_reference1)"
