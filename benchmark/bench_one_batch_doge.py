@@ -41,13 +41,14 @@ Writes bench_one_batch_doge.{json,md,png} and run_<i>_<label>.{log,jsonl} to --o
 
 GPU (one H200; the ``onebatch_doge`` stage of benchmark/gpu_serving_session.sh, a device call
 with .gpuenv carried; SKIP_BUILD: Doge needs no EC kernel build):
-    SKIP_BUILD=1 STAGES=onebatch_doge ONEBATCH_DOGE_LIMIT=500 bash benchmark/gpu_serving_session.sh
+    SKIP_BUILD=1 STAGES=onebatch_doge ONEBATCH_DOGE_LIMIT=540 bash benchmark/gpu_serving_session.sh
   which runs ``python3 benchmark/bench_one_batch_doge.py --out /tmp/onebatch_doge
-  --max-seconds 490``. Estimate (not yet measured on a GPU): 6 runs of 50-75 s each (SGLang
-  import, model load, decode CUDA graphs up to B=128, 2 passes; the n=512 server start was
-  ~75 s with graphs; the first run also compiles the Triton kernels), so 5-8 min after the
-  install (install + EC build was ~90 s; SKIP_BUILD skips the build). Should the budget skip the last run (triton2: no triton noise floor, nothing
-  judged), split the goals over two calls: ``ONEBATCH_DOGE_ARGS="--backends triton,reference"``
+  --max-seconds 530``. Estimate (not yet measured with Doge): 6 runs of 45-75 s each (the EC
+  script's one_batch runs of Qwen3-MoE big took 38-51 s each on the H200; the Doge n=512
+  checkpoint is ~2 GB and its server start was ~75 s with graphs; the first run also compiles
+  the Triton kernels): 4.5-7.5 min, plus the SGLang install (12 s) and the checkpoint build.
+  Should the budget skip the last run (triton2: no triton noise floor, nothing judged), split
+  the goals over two calls: ``ONEBATCH_DOGE_ARGS="--backends triton,reference"``
   (goal 1, 4 runs) and ``"--backends triton,torch"`` (goal 2, 4 runs).
 CPU smoke (n=8, interpreted Triton; 3 runs, 72 s on this project's 2-core CPU):
     TRITON_INTERPRET=1 python benchmark/bench_one_batch_doge.py --doge-n 8 --batch-sizes 1,8 \\

@@ -8,7 +8,7 @@
 #   onebatch  benchmark/bench_one_batch_ec.py (SGLang's bench_one_batch, TC vs EC) with
 #           ONEBATCH_ARGS, within ONEBATCH_LIMIT seconds (default 270)
 #   onebatch_doge  benchmark/bench_one_batch_doge.py (bench_one_batch, Omni backends on Doge) with
-#           ONEBATCH_DOGE_ARGS, within ONEBATCH_DOGE_LIMIT seconds (default 500)
+#           ONEBATCH_DOGE_ARGS, within ONEBATCH_DOGE_LIMIT seconds (default 540)
 #   kernels bench_routing.py (ROUTING_ARGS) and bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
@@ -43,7 +43,7 @@ for s in ${STAGES:-server}; do
               --max-seconds $(( ol - 10 )) ${ONEBATCH_ARGS:-}
            cp /tmp/onebatch/bench_one_batch_ec.{md,json,png} "$OUT/" 2>/dev/null
            tar -czf "$OUT/onebatch_logs.tgz" -C /tmp/onebatch --exclude=cpu_shim . 2>/dev/null ;;
-    onebatch_doge) dl=${ONEBATCH_DOGE_LIMIT:-500}
+    onebatch_doge) dl=${ONEBATCH_DOGE_LIMIT:-540}
            TAIL=40 stage onebatch_doge "$dl" python3 benchmark/bench_one_batch_doge.py \
               --out /tmp/onebatch_doge --max-seconds $(( dl - 10 )) ${ONEBATCH_DOGE_ARGS:-}
            cp /tmp/onebatch_doge/bench_one_batch_doge.{md,json,png} "$OUT/" 2>/dev/null
