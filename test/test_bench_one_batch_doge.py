@@ -4,8 +4,6 @@
 smoke of the script end to end."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -224,19 +222,13 @@ def test_cpu_smoke_one_run_of_each_backend(tmp_path):
     """The script end to end on the CPU (Doge n=8, SGLang's torch-native paths, Triton
     interpreted): one run per backend, each checked from its own log; ~75 s on 2 cores."""
     pytest.importorskip("sglang")
-    import torch
+    from sgl_helpers import run_cpu_benchmark
 
-    if torch.cuda.is_available():
-        pytest.skip("the CPU smoke; on a CUDA machine the GPU command in the docstring runs")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(repo / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    r = subprocess.run(
-        [sys.executable, str(repo / "benchmark" / "bench_one_batch_doge.py"), "--doge-n", "8",
-         "--batch-sizes", "1,8", "--input-len", "16", "--output-len", "3",
-         "--order", "triton,torch,reference", "--out", str(tmp_path / "out"),
-         "--model-dir", str(tmp_path / "models"), "--max-seconds", "400"],
-        env=env, capture_output=True, text=True, timeout=450)
+    r = run_cpu_benchmark(
+        "bench_one_batch_doge.py", ["--doge-n", "8", "--batch-sizes", "1,8", "--input-len", "16",
+                                    "--output-len", "3", "--order", "triton,torch,reference",
+                                    "--out", tmp_path / "out", "--model-dir", tmp_path / "models",
+                                    "--max-seconds", "400"], timeout=450, TRITON_INTERPRET="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads((tmp_path / "out" / "bench_one_batch_doge.json").read_text())
     runs = {x["label"]: x for x in d["runs"]}
@@ -258,19 +250,14 @@ def test_cpu_run_with_the_wrong_backend_is_refused(tmp_path):
     model's start-up line names torch, so the reference run fails its check, every ratio is
     refused and the script exits 1 (~20 s)."""
     pytest.importorskip("sglang")
-    import torch
+    from sgl_helpers import run_cpu_benchmark
 
-    if torch.cuda.is_available():
-        pytest.skip("a CPU run")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(repo / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    r = subprocess.run(
-        [sys.executable, str(repo / "benchmark" / "bench_one_batch_doge.py"), "--doge-n", "8",
-         "--batch-sizes", "1", "--input-len", "8", "--output-len", "2", "--passes", "1",
-         "--order", "reference", "--extra-args", "--omni-router-backend torch",
-         "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models")],
-        env=env, capture_output=True, text=True, timeout=300)
+    r = run_cpu_benchmark(
+        "bench_one_batch_doge.py", ["--doge-n", "8", "--batch-sizes", "1", "--input-len", "8",
+                                    "--output-len", "2", "--passes", "1", "--order", "reference",
+                                    "--extra-args", "--omni-router-backend torch", "--out",
+                                    tmp_path / "out", "--model-dir", tmp_path / "models"],
+        timeout=300)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads((tmp_path / "out" / "bench_one_batch_doge.json").read_text())
     assert d["runs"][0]["failure"] == ("the model got --omni-router-backend torch, the run "

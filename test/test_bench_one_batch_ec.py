@@ -3,8 +3,6 @@
 checks that refuse ratios (expert choice silently off, plugin missing) and the verdicts."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -243,18 +241,13 @@ def test_cpu_smoke_one_run_of_each_kind(tmp_path):
     """The script end to end on the CPU (tiny Qwen3-MoE, SGLang's torch-native paths): one TC,
     one EC and one upstream run, each checked from its own log; ~1 min on 2 cores."""
     pytest.importorskip("sglang")
-    import torch
+    from sgl_helpers import run_cpu_benchmark
 
-    if torch.cuda.is_available():
-        pytest.skip("the CPU smoke; on a CUDA machine the GPU command in the docstring runs")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(repo / "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    r = subprocess.run(
-        [sys.executable, str(repo / "benchmark" / "bench_one_batch_ec.py"), "--qwen-size", "small",
-         "--batch-sizes", "1,32", "--input-len", "16", "--output-len", "3", "--order", "tc,ec,up",
-         "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models"),
-         "--max-seconds", "400"], env=env, capture_output=True, text=True, timeout=450)
+    r = run_cpu_benchmark(
+        "bench_one_batch_ec.py", ["--qwen-size", "small", "--batch-sizes", "1,32", "--input-len",
+                                  "16", "--output-len", "3", "--order", "tc,ec,up", "--out",
+                                  tmp_path / "out", "--model-dir", tmp_path / "models",
+                                  "--max-seconds", "400"], timeout=450)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads((tmp_path / "out" / "bench_one_batch_ec.json").read_text())
     runs = {x["label"]: x for x in d["runs"]}
