@@ -2,7 +2,8 @@
 # One device call on the GPU machine (no sglang installed there): install the staged SGLang
 # 0.5.23 (.gpuenv/, see ../shared/gpu-sglang/README.md), build the EC CUDA kernel, then run
 # the stages named in STAGES (default: "server"):
-#   server  the GPU server suite (test/test_gpu_server.py, real launch_server processes)
+#   server  the GPU server suite (test/test_gpu_server.py, real launch_server processes; a server
+#           not healthy within GPU_SERVER_START_S (default here 200 s) fails its tests)
 #   units   the kernel/hook GPU tests (EC, EPLB profiler, Omni)
 #   bench   benchmark/bench_serving.py with BENCH_ARGS
 #   onebatch  benchmark/bench_one_batch_ec.py (SGLang's bench_one_batch, TC vs EC) with
@@ -28,7 +29,7 @@ stage() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
 [ -n "${SKIP_BUILD:-}" ] || stage build 150 python3 sgl-kernel/build.py
 for s in ${STAGES:-server}; do
   case $s in
-    server) GPU_SERVER_LOG_DIR=/tmp/server_logs stage server ${SERVER_LIMIT:-420} \
+    server) GPU_SERVER_START_S=${GPU_SERVER_START_S:-200} GPU_SERVER_LOG_DIR=/tmp/server_logs stage server ${SERVER_LIMIT:-420} \
               python3 -m pytest -q -p no:cacheprovider -m server -rA test/test_gpu_server.py
             tar -czf "$OUT/server_logs.tgz" -C /tmp server_logs 2>/dev/null ;;
     units) stage units ${UNITS_LIMIT:-240} python3 -m pytest -q -n 12 -p no:cacheprovider -rfE --durations=25 \
