@@ -35,6 +35,10 @@ Writes bench_one_batch_ec.{json,md,png} and run_<i>_<label>.{log,jsonl} to --out
 
 GPU (one H200; the ``onebatch`` stage of benchmark/gpu_serving_session.sh):
     python3 benchmark/bench_one_batch_ec.py --max-seconds 240
+  With --qwen-size big (8 small layers) small-B steps are host-bound and the TC-vs-TC spread
+  was 1-6% at B = 32 and 128 on the H200 (2026-11-29): too noisy for the 3% verdict. The
+  GPU-bound alternative (4 layers of Qwen3-30B-A3B's shapes; not yet run):
+    python3 benchmark/bench_one_batch_ec.py --qwen-size a3b --passes 3 --max-seconds 290
 CPU smoke (tiny model, ~1 min a run):
     python benchmark/bench_one_batch_ec.py --qwen-size small --batch-sizes 1,8,32 \\
         --input-len 16 --output-len 4 --repeats 1 --no-upstream --out /tmp/ob_cpu
