@@ -10,7 +10,8 @@
 #           ONEBATCH_ARGS, within ONEBATCH_LIMIT seconds (default 270)
 #   onebatch_doge  benchmark/bench_one_batch_doge.py (bench_one_batch, Omni backends on Doge) with
 #           ONEBATCH_DOGE_ARGS, within ONEBATCH_DOGE_LIMIT seconds (default 540)
-#   kernels bench_routing.py (ROUTING_ARGS) and bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
+#   kernels bench_routing.py (ROUTING_ARGS; ROUTING_PROFILE=1 adds its per-kernel profile) and
+#           bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
 set -u
@@ -49,7 +50,7 @@ for s in ${STAGES:-server}; do
               --out /tmp/onebatch_doge --max-seconds $(( dl - 10 )) ${ONEBATCH_DOGE_ARGS:-}
            cp /tmp/onebatch_doge/bench_one_batch_doge.{md,json,png} "$OUT/" 2>/dev/null
            tar -czf "$OUT/onebatch_doge_logs.tgz" -C /tmp/onebatch_doge --exclude=cpu_shim . 2>/dev/null ;;
-    kernels) TAIL=45 stage bench_routing ${KERNELS_LIMIT:-200} python3 benchmark/bench_routing.py --no-profile \
+    kernels) TAIL=45 stage bench_routing ${KERNELS_LIMIT:-200} python3 benchmark/bench_routing.py $([ -n "${ROUTING_PROFILE:-}" ] || echo --no-profile) \
               --out /tmp/kbench/routing ${ROUTING_ARGS:-}
            TAIL=45 stage bench_omni ${KERNELS_LIMIT:-200} python3 benchmark/bench_omni.py --out /tmp/kbench/omni ${OMNI_ARGS:-}
            tar -czf "$OUT/kernels.tgz" -C /tmp kbench 2>/dev/null ;;
