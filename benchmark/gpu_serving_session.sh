@@ -14,6 +14,9 @@
 #           bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
+# SAVE_CACHE=1 also returns cache_ec_build.tgz / cache_triton.tgz (< 16 MB each; SAVE_CACHE_DIRS
+# picks the folders): copied into .gpuenv/cache/, device.sh restores them in later calls (the
+# EC kernel build, ~25-30 s a call, and Triton compiles are then skipped).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 T0=$(date +%s)
@@ -56,4 +59,11 @@ for s in ${STAGES:-server}; do
            tar -czf "$OUT/kernels.tgz" -C /tmp kbench 2>/dev/null ;;
   esac
 done
+if [ -n "${SAVE_CACHE:-}" ]; then  # warm caches for later calls: put them into .gpuenv/cache/
+  for c in ${SAVE_CACHE_DIRS:-ec_build triton}; do
+    [ -d /tmp/cache/$c ] || continue
+    tar -czf "$OUT/cache_$c.tgz" -C /tmp/cache $c; m=$(du -m "$OUT/cache_$c.tgz" | cut -f1)
+    echo "cache_$c.tgz: $m MB"; [ "$m" -lt 16 ] || rm -f "$OUT/cache_$c.tgz"
+  done
+fi
 echo "session done in $(( $(date +%s) - T0 )) s"
