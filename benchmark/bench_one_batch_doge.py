@@ -5,8 +5,8 @@ that with the naive all-scores router (``--omni-router-backend reference``) at n
 experts), and no lower than with the pruned torch router (``torch``) anywhere."
 
 Why one_batch: through the HTTP server (bench_serving.py --parts doge) Doge n=512 at B=128
-decode is host-bound (~3.3 ms per step with every backend: SGLang's overlap scheduler hides the
-router's GPU time), so the server cannot show the goal's ratio. ``sglang.benchmark.one_batch``
+decode takes ~3.3 ms per step with every backend (our reading, not profiled: host-bound, SGLang's
+overlap scheduler hiding the router's GPU time), so the server cannot show the goal's ratio. ``sglang.benchmark.one_batch``
 drives a ModelRunner in-process (CUDA graphs as SGLang's defaults, no HTTP, no scheduler), so a
 decode step's latency is its GPU time. A sibling of bench_one_batch_ec.py (not a ``--model``
 mode of it) because runs, checks and verdicts differ (backends of one model, not TC/EC/upstream);
