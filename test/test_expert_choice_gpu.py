@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ec_helpers import assert_matches_reference, describe
+
 from sglang_moe_routing.expert_choice import RoutingSpec
 from sglang_moe_routing.expert_choice.dispatch import expert_choice_topk, resolve_backend
 from sglang_moe_routing.expert_choice.reference import (
@@ -101,19 +103,8 @@ def _check(backend, logits, k, cf=1.25, **kw):
     out = None
     for name in names:
         w, ids = _ec(name, logits, k, cf, **kw)
-        assert ids.dtype == torch.int32 and w.dtype == torch.float32
-        assert ids.shape == ref_ids.shape == w.shape
-        bad = (ids != ref_ids).any(dim=1).nonzero().flatten()
-        if bad.numel():
-            rows = bad[:3].tolist()
-            raise AssertionError(
-                f"{name}: T={logits.shape[0]} E={logits.shape[1]} k={k} {logits.dtype} "
-                f"{ {a: b for a, b in kw.items() if not isinstance(b, torch.Tensor)} }: "
-                f"{bad.numel()} rows differ, e.g. rows {rows}: got {ids[rows].tolist()} "
-                f"want {ref_ids[rows].tolist()}; {_key_report(name, logits, k, cf, kw)}"
-            )
-        torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=0, equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+        assert_matches_reference(name, describe(logits, k, kw), w, ids, ref_w, ref_ids,
+                                 lambda: _key_report(name, logits, k, cf, kw))
         out = out if out is not None else (w, ids)
     return out
 

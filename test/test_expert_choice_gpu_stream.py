@@ -19,6 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ec_helpers import assert_matches_reference, describe
+
 from sglang_moe_routing.expert_choice import RoutingSpec
 from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
 
@@ -55,16 +57,8 @@ def _check(logits, k, cf=1.25, **kw):
     kw["num_token_non_padded"] = ntnp
     sw, sids = _cuda("stream", logits, k, cf, **kw)
     tw, tids = _cuda("three_launch", logits, k, cf, **kw)
-    what = (f"T={logits.shape[0]} E={logits.shape[1]} k={k} cf={cf} {logits.dtype} "
-            f"{ {a: b for a, b in kw.items() if not isinstance(b, torch.Tensor)} }")
-    assert sids.dtype == torch.int32 and sw.dtype == torch.float32 and sids.shape == rids.shape
-    bad = (sids != rids).any(dim=1).nonzero().flatten()
-    if bad.numel():
-        rows = bad[:3].tolist()
-        raise AssertionError(f"stream: {what}: {bad.numel()} rows differ from the reference, "
-                             f"e.g. rows {rows}: got {sids[rows].tolist()} want {rids[rows].tolist()}")
-    torch.testing.assert_close(sw, rw, atol=1e-6, rtol=0, equal_nan=True,
-                               msg=lambda m: f"stream: {what}: {m}")
+    what = describe(logits, k, kw, cf)
+    assert_matches_reference("stream", what, sw, sids, rw, rids)
     assert torch.equal(sids, tids), f"stream vs three_launch ids: {what}"
     assert torch.equal(_bits(sw), _bits(tw)), f"stream vs three_launch weights: {what}"
     return sw, sids
