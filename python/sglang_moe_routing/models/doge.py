@@ -196,9 +196,6 @@ class DogeCDMoE(DogeMLP):
         self.up_embed = nn.Embedding(self.num_experts, self.hidden_size)
         self._omni_router = omni_router
         self.backend = omni_backend()
-        self.resolved_backend = resolved_backend(
-            self.router_gate.weight, self.num_keys, self.top_k, self.backend
-        )
 
     def route(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-token Omni routing: ``weights [T, k]`` (float), ``ids [T, k]`` (i * n + j)."""
@@ -284,12 +281,14 @@ class DogeModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.start_layer, self.end_layer = 0, config.num_hidden_layers
         moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, DogeCDMoE)]
-        if moe:  # one start-up line naming the router each CDMoE layer will run
+        if moe:  # one start-up line naming the router each CDMoE layer will run (all alike)
+            m = moe[0]
             logger.info(
                 "sglang-moe-routing: Doge CDMoE: %d of %d layers route with the Omni router, "
                 "backend=%s (--omni-router-backend %s; n=%d, top_k=%d)",
-                len(moe), len(self.layers), moe[0].resolved_backend, moe[0].backend,
-                moe[0].num_keys, moe[0].top_k,
+                len(moe), len(self.layers),
+                resolved_backend(m.router_gate.weight, m.num_keys, m.top_k, m.backend),
+                m.backend, m.num_keys, m.top_k,
             )
 
     def forward(
