@@ -176,9 +176,11 @@ def _overall(verdicts: Sequence[str], absent: str) -> str:
 
 def analyse(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int], input_len: int,
             goal_n: int = 512, goal_batch: int = 128, goal_ratio: float = 1.5,
-            noise_limit: float = 0.05) -> dict:
+            noise_limit: float = 0.05, measure: str = "latency") -> dict:
     """Rows per (n, B, phase) from ``runs`` ([{"label", "n", "backend", "failure", "points"}])
-    and the two goal verdicts. Every ratio is refused when any run failed its checks."""
+    and the two goal verdicts. Every ratio is refused when any run failed its checks.
+    ``measure``: "latency" (one_batch's wall clock, the goals' end-to-end measure) or "gpu"
+    (device time per pass, ``one_batch_timing``; shown beside it)."""
     checks = Checks()
     for r in runs:
         checks.record(r["label"], r.get("failure"))
@@ -188,7 +190,7 @@ def analyse(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int],
     for n in ns:
         for b in batch_sizes:
             for phase in ("prefill", "decode"):
-                key = phase + "_latency"
+                key = f"{phase}_{measure}"
                 lat = {k: [r["points"][b][key] for r in runs
                            if r["n"] == n and r["backend"] == k and not r.get("failure")
                            and r["points"].get(b, {}).get(key) is not None] for k in backends}
@@ -216,7 +218,13 @@ def analyse(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int],
                              f"not measured (n={goal_n} B={goal_batch} decode not in the plan)")
     g2 = refusal or _overall([r["goal2"] for r in rows], "not measured")
     return {"rows": rows, "backends": backends, "goal1": g1, "goal2": g2,
-            "checks": checks.to_json(), "exit_code": checks.exit_code()}
+            "checks": checks.to_json(), "exit_code": checks.exit_code(), "measure": measure}
+
+
+def has_device_time(runs: Sequence[dict]) -> bool:
+    used = [r for r in runs if not r.get("failure")]
+    return bool(used) and all(p.get("decode_gpu") is not None and p.get("prefill_gpu") is not None
+                              for r in used for p in r["points"].values())
 
 
 # ----------------------------------------------------------------------------- report
@@ -248,16 +256,26 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
             "Latencies in ms, one value per run in run order. triton/X = throughput ratio of "
             "the medians (X latency / triton latency); spread = (max - min) / median over one "
             "backend's runs; noise floor of a ratio = the larger spread of its two backends.\n"]
+    text = "\n".join(h for h in head if h) + "\n" + _table(result, bk) + "\n"
+    if result.get("device_time"):
+        text += ("\n### Shown, not judged: device time per pass (CUDA events around the graph "
+                 "replay, or the forward where no graph ran; one_batch_timing.py)\n\n"
+                 "The goals are end-to-end (the table above); this one says how much of each "
+                 "step is the device's work. Verdict columns here apply the goals' rules to "
+                 "device time.\n\n" + _table(result["device_time"], bk) + "\n")
+    return text
+
+
+def _table(result: dict, bk: Sequence[str]) -> str:
     rows = [[r["n"], r["B"], r["phase"], r["tokens"]]
             + [_ms(r["latency_s"][k]) for k in bk]
             + [r["triton_over_reference_text"], r["triton_over_torch_text"]]
             + [_pct(r["spread"][k]) for k in bk]
             + [("**" + r["goal1"] + "**") if r["goal1_row"] else "", r["goal2"]]
             for r in result["rows"]]
-    table = md_table(["n", "B", "phase", "tokens/pass"] + [f"{k} ms" for k in bk]
-                     + ["triton/reference", "triton/torch"] + [f"{k} spread" for k in bk]
-                     + ["goal 1", "goal 2"], rows)
-    return "\n".join(h for h in head if h) + "\n" + table + "\n"
+    return md_table(["n", "B", "phase", "tokens/pass"] + [f"{k} ms" for k in bk]
+                    + ["triton/reference", "triton/torch"] + [f"{k} spread" for k in bk]
+                    + ["goal 1", "goal 2"], rows)
 
 
 def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str) -> None:
@@ -312,6 +330,10 @@ class Bench(obr.Runner):
         a = self.a
         result = analyse(self.runs, a.doge_n, a.batch_sizes, a.input_len, a.goal_n,
                          a.goal_batch, a.goal_ratio, a.noise_limit)
+        if has_device_time(self.runs):
+            result["device_time"] = analyse(self.runs, a.doge_n, a.batch_sizes, a.input_len,
+                                            a.goal_n, a.goal_batch, a.goal_ratio,
+                                            a.noise_limit, measure="gpu")
         title = f"{self.meta['device']}: Omni backends on Doge, sglang bench_one_batch"
         return self.save(result, markdown(self.meta, self.runs, result),
                          lambda path: plot(self.runs, a.batch_sizes, path, title))

@@ -165,10 +165,12 @@ def verdict(ratio: Optional[float], tc_spread: Optional[float], ec_spread: Optio
 
 
 def analyse(runs: Sequence[dict], batch_sizes: Sequence[int], input_len: int, min_tokens: int,
-            goal: float = 0.97, noise_limit: float = 0.01, goal_min_batch: int = 32) -> dict:
+            goal: float = 0.97, noise_limit: float = 0.01, goal_min_batch: int = 32,
+            measure: str = "latency") -> dict:
     """Rows per (B, phase) from ``runs`` ([{"label", "kind", "failure", "points"}]) and the
-    overall goal verdict. Ratios are throughputs (EC/TC = TC latency / EC latency) of the
-    medians over the runs of each kind; refused when any TC or EC run failed."""
+    overall goal verdict. Ratios are throughputs (EC/TC = TC time / EC time) of the medians
+    over the runs of each kind; refused when any TC or EC run failed. ``measure``: "latency"
+    (one_batch's wall clock) or "gpu" (device time, ``one_batch_timing``)."""
     checks = Checks()
     for r in runs:
         checks.record(r["label"], r.get("failure"))
@@ -178,9 +180,10 @@ def analyse(runs: Sequence[dict], batch_sizes: Sequence[int], input_len: int, mi
     rows = []
     for b in batch_sizes:
         for phase in ("prefill", "decode"):
-            lat = {k: [r["points"][b][phase + "_latency"] for r in runs
+            key = f"{phase}_{measure}"
+            lat = {k: [r["points"][b][key] for r in runs
                        if r["kind"] == k and not r.get("failure") and b in r.get("points", {})
-                       and r["points"][b].get(phase + "_latency") is not None]
+                       and r["points"][b].get(key) is not None]
                    for k in KINDS}
             med = {k: statistics.median(v) if v else None for k, v in lat.items()}
             tokens = b * input_len if phase == "prefill" else b
@@ -209,7 +212,34 @@ def analyse(runs: Sequence[dict], batch_sizes: Sequence[int], input_len: int, mi
     else:
         overall = "not judged (noise floor too high or too few runs at some goal rows)"
     return {"rows": rows, "overall": overall, "checks": checks.to_json(),
-            "exit_code": checks.exit_code()}
+            "exit_code": checks.exit_code(), "measure": measure}
+
+
+def has_device_time(runs: Sequence[dict], batch_sizes: Sequence[int]) -> bool:
+    """Every usable TC and EC run has device times at every point."""
+    used = [r for r in runs if r["kind"] in ("tc", "ec") and not r.get("failure")]
+    return bool(used) and all(r["points"].get(b, {}).get(f"{ph}_gpu") is not None
+                              for r in used for b in batch_sizes for ph in ("prefill", "decode"))
+
+
+MEASURES = {
+    "gpu": ("device time per pass (CUDA events around the graph replay, or the forward where "
+            "no graph ran; one_batch_timing.py). Under graph replay EC changes only device "
+            "work, so EC's relative cost here bounds its cost in the wall-clock step from "
+            "above"),
+    "latency": "one_batch's wall clock (perf_counter around each synchronised step)",
+}
+
+
+def judged(runs: Sequence[dict], batch_sizes: Sequence[int], input_len: int, min_tokens: int,
+           goal: float, noise_limit: float) -> dict:
+    """:func:`analyse` on device time where every run has it (the verdict), with the wall
+    clock beside it (``other``); on the wall clock alone otherwise."""
+    wall = analyse(runs, batch_sizes, input_len, min_tokens, goal, noise_limit)
+    if not has_device_time(runs, batch_sizes):
+        return {**wall, "measure_name": "wall clock", "other": None}
+    gpu = analyse(runs, batch_sizes, input_len, min_tokens, goal, noise_limit, measure="gpu")
+    return {**gpu, "measure_name": "device time", "other": wall}
 
 
 # ----------------------------------------------------------------------------- report
@@ -237,20 +267,29 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
                 for r in runs),
             f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else "",
             f"\n**Goal (EC costs <= {1 - meta['goal']:.0%} at B >= 32, nothing measurable "
-            f"below min-tokens): {result['overall']}**\n",
-            "Latencies in ms, one value per run (TC runs, then EC runs, in run order). "
+            f"below min-tokens), judged on {result['measure_name']}: {result['overall']}**\n",
+            "Times in ms, one value per run (TC runs, then EC runs, in run order). "
             "EC/TC = throughput ratio of the medians; spread = (max - min) / median over the "
             "runs of one configuration (TC-vs-TC is the noise floor); TC/UP = plugin loaded "
             "with EC off vs upstream.\n"]
+    tables = [(result, True)] + ([(result["other"], False)] if result.get("other") else [])
+    body = []
+    for res, is_judged in tables:
+        body.append(f"### {'Judged' if is_judged else 'Shown, not judged'}: "
+                    f"{MEASURES[res['measure']]}\n")
+        body.append(_table(res) + "\n")
+    return "\n".join(h for h in head if h) + "\n" + "\n".join(body)
+
+
+def _table(result: dict) -> str:
     rows = [[r["B"], r["phase"], r["tokens"], "EC" if r["ec_routes"] else "TC (< min)",
              _ms(r["latency_s"]["tc"]), _ms(r["latency_s"]["ec"]), _ms(r["latency_s"]["up"]),
              r["ec_over_tc_text"], _pct(r["tc_spread"]), _pct(r["ec_spread"]),
              fmt(r["tc_over_up"], ".3f") if r["tc_over_up"] else "-",
              ("**" + r["verdict"] + "**") if r["goal_row"] else r["verdict"] + " (not a goal row)"]
             for r in result["rows"]]
-    table = md_table(["B", "phase", "tokens/pass", "EC routes", "TC ms", "EC ms", "UP ms",
-                      "EC/TC", "TC-vs-TC", "EC-vs-EC", "TC/UP", "verdict"], rows)
-    return "\n".join(h for h in head if h) + "\n" + table + "\n"
+    return md_table(["B", "phase", "tokens/pass", "EC routes", "TC ms", "EC ms", "UP ms",
+                     "EC/TC", "TC-vs-TC", "EC-vs-EC", "TC/UP", "verdict"], rows)
 
 
 def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str) -> None:
@@ -302,8 +341,8 @@ class Bench(obr.Runner):
 
     def write(self) -> dict:
         a = self.a
-        result = analyse(self.runs, a.batch_sizes, a.input_len, a.ec_min_tokens, a.goal,
-                         a.noise_limit)
+        result = judged(self.runs, a.batch_sizes, a.input_len, a.ec_min_tokens, a.goal,
+                        a.noise_limit)
         title = f"{self.meta['device']}: TC vs EC, sglang bench_one_batch"
         return self.save(result, markdown(self.meta, self.runs, result),
                          lambda path: plot(self.runs, a.batch_sizes, path, title))

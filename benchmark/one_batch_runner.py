@@ -2,8 +2,9 @@
 bench_one_batch_ec.py (EC vs TC, Qwen3-MoE) and bench_one_batch_doge.py (Omni router backends,
 Doge). Each run is one subprocess: the child seeds numpy (every run gets the same prompts),
 loads the plugin when asked (one_batch does not call ``load_plugins()``), prints a marker line
-saying whether the plugin's CLI flag ``ONEBATCH_FLAG_DEST`` exists, then runs one_batch's own
-CLI, which appends one JSON line per point to ``--result-filename``.
+saying whether the plugin's CLI flag ``ONEBATCH_FLAG_DEST`` exists, on CUDA installs the
+device-time probes of ``one_batch_timing.py`` (``run_<i>_<label>.gpu.jsonl``), then runs
+one_batch's own CLI, which appends one JSON line per point to ``--result-filename``.
 
 Here: the child, the argv, the JSONL parsing (first pass discarded), the checkpoint build in a
 subprocess, and :class:`Runner` (device arguments, child environment, one run with its log,
@@ -27,6 +28,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import one_batch_timing  # noqa: E402
 
 # The child: seed, plugins, proof of the plugin's presence, then one_batch's own CLI.
 CHILD = r"""
@@ -42,6 +46,14 @@ ServerArgs.add_cli_args(p)
 dest = os.environ.get("ONEBATCH_FLAG_DEST", "enable_expert_choice")
 has = any(a.dest == dest for a in p._actions)
 print("ONEBATCH plugin_flags=" + ("yes" if has else "no"), flush=True)
+if os.environ.get("ONEBATCH_GPU_TIME_FILE"):
+    try:  # device times are extra: one_batch's own numbers still come without them
+        sys.path.insert(0, os.environ["ONEBATCH_BENCH_DIR"])
+        import one_batch_timing
+        one_batch_timing.install(os.environ["ONEBATCH_GPU_TIME_FILE"])
+        print("ONEBATCH gpu_time=on", flush=True)
+    except Exception as exc:
+        print(f"ONEBATCH gpu_time=off ({type(exc).__name__}: {exc})", flush=True)
 sys.argv = ["sglang.benchmark.one_batch"] + json.loads(os.environ["ONEBATCH_ARGV"])
 from sglang.benchmark.one_batch import cli_main
 cli_main()
@@ -210,6 +222,10 @@ class Runner:
                               str(result), a.seed, label, args)
         env = self.env(plugin)
         env["ONEBATCH_ARGV"] = json.dumps(argv)
+        gpu_file = Path(str(stem) + ".gpu.jsonl")
+        gpu_file.unlink(missing_ok=True)
+        if self.cuda:
+            env.update(ONEBATCH_GPU_TIME_FILE=str(gpu_file), ONEBATCH_BENCH_DIR=str(HERE))
         t0 = time.time()
         with open(str(stem) + ".log", "w") as logf:
             try:
@@ -220,6 +236,10 @@ class Runner:
                 rc = "timeout (--max-seconds)"
         text = Path(str(stem) + ".log").read_text(errors="replace")
         points = parse_jsonl(result.read_text(), a.batch_sizes, a.passes) if result.exists() else {}
+        if gpu_file.exists():
+            gpu = one_batch_timing.parse(gpu_file.read_text(), a.batch_sizes, a.passes)
+            for b, p in points.items():
+                p.update(gpu.get(b, {}))
         return {"args": argv, "rc": rc, "wall_s": time.time() - t0, "text": text,
                 "points": points}
 

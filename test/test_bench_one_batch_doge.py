@@ -204,6 +204,24 @@ def test_a_failed_run_refuses_every_ratio_and_exits_1():
     assert "**FAILED: the model runs backend=torch" in md and refusal in md
 
 
+def test_device_time_table_beside_the_wall_clock_goals():
+    runs = _mirrored(({128: 3.0}, {128: 3.0}), ({128: 3.0}, {128: 3.0}),
+                     ({128: 3.1}, {128: 3.1}))  # wall clock: host-bound, ratio 1.03
+    assert not obd.has_device_time(runs)
+    for r, gpu in zip(runs, (0.5, 0.8, 2.5, 2.5, 0.8, 0.5)):
+        r["points"][128].update(decode_gpu=gpu / 1e3, prefill_gpu=gpu / 1e3)
+    assert obd.has_device_time(runs)
+    wall = obd.analyse(runs, [512], [128], 64)
+    dev = obd.analyse(runs, [512], [128], 64, measure="gpu")
+    assert wall["goal1"] == "MISSED" and dev["goal1"] == "met"
+    assert _rows(dev)[(512, 128, "decode")]["triton_over_torch"] == pytest.approx(1.6)
+    meta = {"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
+            "model": "m", "timing": "t", "goal_ratio": 1.5, "goal_n": 512, "goal_batch": 128}
+    md = obd.markdown(meta, runs, {**wall, "device_time": dev})
+    assert "**Goal 1 (triton >= 1.5x reference, n=512 B=128 decode): MISSED**" in md
+    assert "### Shown, not judged: device time" in md and "| 5.00 |" in md
+
+
 def test_parse_args():
     a = obd.parse_args(["--out", "/tmp/x"])
     assert a.doge_n == [512] and a.batch_sizes == [1, 128]

@@ -207,7 +207,8 @@ def test_a_failed_run_refuses_every_ratio():
     runs = [_run("tc1", "tc", {32: 10.0}),
             _run("ec1", "ec", {32: 10.0}, failure="expert choice was OFF: no line"),
             _run("ec2", "ec", {32: 10.0}), _run("tc2", "tc", {32: 10.0})]
-    res = ob.analyse(runs, [32], 256, 32)
+    res = ob.judged(runs, [32], 256, 32, 0.97, 0.01)
+    assert res["measure"] == "latency" and res["other"] is None  # no device times: wall clock
     for r in res["rows"]:
         assert r["ec_over_tc"] is None
         assert r["verdict"] == r["ec_over_tc_text"] == "n/a (correctness check failed: ec1)"
@@ -215,6 +216,34 @@ def test_a_failed_run_refuses_every_ratio():
     md = ob.markdown({"device": "CPU", "date": "d", "torch": "t", "sglang": "s", "command": "c",
                       "model": "m", "timing": "t", "goal": 0.97}, runs, res)
     assert "**FAILED: expert choice was OFF" in md and "n/a (correctness check failed: ec1)" in md
+
+
+def _with_gpu(run, decode_ms):
+    for b, d in decode_ms.items():
+        run["points"][b].update(decode_gpu=d / 1e3, prefill_gpu=50.0 / 1e3)
+    return run
+
+
+def test_judged_on_device_time_when_every_run_has_it():
+    # wall clock: TC-vs-TC 5% apart (not judged); device time: 0.1% apart, EC 1% slower (met)
+    runs = [_with_gpu(_run("tc1", "tc", {1: 10.0, 32: 10.0}), {1: 5.0, 32: 5.0}),
+            _with_gpu(_run("ec1", "ec", {1: 12.0, 32: 10.1}), {1: 5.0, 32: 5.05}),
+            _with_gpu(_run("ec2", "ec", {1: 10.0, 32: 10.1}), {1: 5.001, 32: 5.05}),
+            _with_gpu(_run("tc2", "tc", {1: 10.5, 32: 10.5}), {1: 5.004, 32: 5.005})]
+    res = ob.judged(runs, [1, 32], 256, 32, 0.97, 0.01)
+    assert res["measure"] == "gpu" and res["measure_name"] == "device time"
+    assert res["overall"] == "met"
+    assert _rows(res)[(32, "decode")]["ec_over_tc"] == pytest.approx(5.0025 / 5.05)
+    assert _rows(res)[(1, "decode")]["verdict"] == "nothing measurable"
+    assert res["other"]["measure"] == "latency"
+    assert _rows(res["other"])[(32, "decode")]["verdict"].startswith("noise floor too high")
+    md = ob.markdown({"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
+                      "model": "m", "timing": "t", "goal": 0.97}, runs, res)
+    assert "judged on device time: met" in md
+    assert md.index("### Judged: device time") < md.index("### Shown, not judged: one_batch's")
+    # one run without device times: back to the wall clock
+    del runs[1]["points"][32]["decode_gpu"]
+    assert ob.judged(runs, [1, 32], 256, 32, 0.97, 0.01)["measure"] == "latency"
 
 
 def test_spread():

@@ -1,0 +1,136 @@
+"""Device time per forward pass inside SGLang's ``bench_one_batch`` (CUDA events, no host time).
+
+one_batch times each prefill and decode step with ``time.perf_counter`` around a synchronised
+call, so its numbers carry host jitter: on the H200 the same decode graph at B = 1 took 1.0 ms
+in one pass and 1.5 ms in the next (2026-11-29, a3b model). Under CUDA-graph replay a routing
+mode changes only device work (no Python hook runs in a replay), so the device time per step
+is the precise measure of what it costs, and its relative change is an upper bound on the
+relative change of the wall-clock step (wall = device + host).
+
+:func:`install` (in the one_batch child, before one_batch's CLI runs) wraps:
+
+* ``latency_test_run_once``: one record per point (the first call is one_batch's warm-up);
+* ``ModelRunner.forward``: CUDA events around each pass (``fwd_ms``: includes host gaps);
+* the full and breakable CUDA-graph backends' ``replay``: events around each replay
+  (``graph_ms``: the device time of the captured passes).
+
+Each point becomes one JSON line in the file named by ``ONEBATCH_GPU_TIME_FILE``:
+``{"point", "warmup", "batch_size", "prefill": [step], "decode": [step]}`` with
+``step = {"graph_ms", "replays", "fwd_ms"}``. :func:`parse` turns the lines into per-batch-size
+medians (``graph_ms`` where a graph ran, else ``fwd_ms``: eager prefill is device-bound).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Dict, List, Optional, Sequence
+
+ENV = "ONEBATCH_GPU_TIME_FILE"
+
+
+def install(path: str) -> None:
+    import torch
+    import sglang.benchmark.one_batch as one_batch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang.srt.model_executor.runner_backend import (
+        breakable_cuda_graph_backend as breakable, full_cuda_graph_backend as full)
+
+    state: Dict[str, Optional[dict]] = {"point": None, "pass": None}
+
+    def event():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def timed_replay(orig):
+        def replay(*args, **kwargs):
+            rec = state["pass"]
+            if rec is None:
+                return orig(*args, **kwargs)
+            e0 = event()
+            out = orig(*args, **kwargs)
+            rec["graph"].append((e0, event()))
+            return out
+        return replay
+
+    for cls in (full.FullCudaGraphBackend, breakable.BreakableCudaGraphBackend):
+        cls.replay = timed_replay(cls.replay)
+
+    orig_forward = ModelRunner.forward
+
+    def forward(self, forward_batch, *args, **kwargs):
+        point = state["point"]
+        if point is None or state["pass"] is not None:
+            return orig_forward(self, forward_batch, *args, **kwargs)
+        rec = {"graph": [], "fwd": []}
+        state["pass"] = rec
+        e0 = event()
+        try:
+            return orig_forward(self, forward_batch, *args, **kwargs)
+        finally:
+            rec["fwd"].append((e0, event()))
+            state["pass"] = None
+            phase = "decode" if forward_batch.forward_mode.is_decode() else "prefill"
+            point["steps"].append((phase, rec))
+
+    ModelRunner.forward = forward
+
+    orig_once = one_batch.latency_test_run_once
+    count = [0]
+
+    def run_once(run_name, model_runner, rank_print, reqs, batch_size, *args, **kwargs):
+        point = {"steps": []}
+        state["point"] = point
+        try:
+            return orig_once(run_name, model_runner, rank_print, reqs, batch_size, *args,
+                             **kwargs)
+        finally:
+            state["point"] = None
+            torch.cuda.synchronize()
+            line = {"point": count[0], "warmup": count[0] == 0, "batch_size": int(batch_size),
+                    "prefill": [], "decode": []}
+            count[0] += 1
+            for phase, rec in point["steps"]:
+                line[phase].append({
+                    "graph_ms": sum(a.elapsed_time(b) for a, b in rec["graph"]),
+                    "replays": len(rec["graph"]),
+                    "fwd_ms": sum(a.elapsed_time(b) for a, b in rec["fwd"])})
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    one_batch.latency_test_run_once = run_once
+
+
+def step_ms(step: dict) -> float:
+    """A pass's device time: its graph replays where it replayed a graph, else the forward."""
+    return step["graph_ms"] if step["replays"] else step["fwd_ms"]
+
+
+def parse(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]:
+    """The child's lines -> ``{B: {"prefill_gpu", "decode_gpu", "gpu_samples", "graph"}}``
+    (seconds, like one_batch's latencies): per pass the prefill's device time and the median
+    decode step; the median over the passes after the first when ``passes`` >= 2 (as
+    ``one_batch_runner.parse_jsonl``). ``graph`` says whether every counted prefill / decode
+    step replayed a CUDA graph. A B with fewer than ``passes`` points is left out."""
+    recs: Dict[int, List[dict]] = {}
+    for line in text.splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if not r.get("warmup"):
+                recs.setdefault(int(r["batch_size"]), []).append(r)
+    out: Dict[int, dict] = {}
+    for b in batch_sizes:
+        rs = recs.get(b, [])
+        if len(rs) < passes:
+            continue
+        used = rs[1:passes] if passes >= 2 else rs[:1]
+        pre = [sum(step_ms(s) for s in r["prefill"]) * 1e-3 for r in used if r["prefill"]]
+        dec = [statistics.median(step_ms(s) for s in r["decode"]) * 1e-3
+               for r in used if r["decode"]]
+        out[b] = {"prefill_gpu": statistics.median(pre) if pre else None,
+                  "decode_gpu": statistics.median(dec) if dec else None,
+                  "gpu_samples": {"prefill": pre, "decode": dec},
+                  "graph": {ph: all(s["replays"] for r in used for s in r[ph])
+                            for ph in ("prefill", "decode")}}
+    return out

@@ -1,0 +1,65 @@
+"""benchmark/one_batch_timing.py: the parsing of the device-time lines (warm-up dropped, first
+pass discarded, graph replays preferred over the forward's events), and that its probes attach
+to the names installed sglang 0.5.23 has (the events themselves need CUDA: the GPU run)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmark"
+sys.path.insert(0, str(BENCH))
+
+import one_batch_timing as obt  # noqa: E402
+
+
+def _line(point, b, prefill, decode, warmup=False):
+    return json.dumps({"point": point, "warmup": warmup, "batch_size": b,
+                       "prefill": [prefill], "decode": decode})
+
+
+def _step(graph_ms, fwd_ms, replays=1):
+    return {"graph_ms": graph_ms if replays else 0.0, "replays": replays, "fwd_ms": fwd_ms}
+
+
+def test_parse_drops_warmup_and_first_pass_and_prefers_graph_time():
+    lines = [
+        _line(0, 1, _step(99, 99), [_step(99, 99)] * 3, warmup=True),
+        # pass 1 (discarded)
+        _line(1, 1, _step(9, 10), [_step(7, 8)] * 3),
+        _line(2, 32, _step(0, 20, replays=0), [_step(8, 9)] * 3),
+        # pass 2
+        _line(3, 1, _step(3, 4), [_step(1.0, 2.0), _step(1.2, 2.0), _step(5.0, 6.0)]),
+        _line(4, 32, _step(0, 20, replays=0), [_step(2.0, 3.0)] * 3),
+        # pass 3
+        _line(5, 1, _step(3.2, 4), [_step(1.1, 2.0)] * 3),
+        _line(6, 32, _step(0, 22, replays=0), [_step(2.2, 3.0)] * 3),
+    ]
+    got = obt.parse("\n".join(lines) + "\n", [1, 32], passes=3)
+    assert got[1]["prefill_gpu"] == pytest.approx(3.1e-3)  # median of 3.0, 3.2 (graph time)
+    assert got[1]["gpu_samples"]["decode"] == pytest.approx([1.2e-3, 1.1e-3])  # step medians
+    assert got[1]["decode_gpu"] == pytest.approx(1.15e-3)
+    assert got[32]["prefill_gpu"] == pytest.approx(21e-3)  # eager: the forward's events
+    assert got[1]["graph"] == {"prefill": True, "decode": True}
+    assert got[32]["graph"] == {"prefill": False, "decode": True}
+    # a batch size short of its passes is left out
+    assert set(obt.parse("\n".join(lines[:6]) + "\n", [1, 32], passes=3)) == {1}
+
+
+def test_probes_attach_to_sglang_names():
+    pytest.importorskip("sglang")
+    code = f"""
+import sys; sys.path.insert(0, {str(BENCH)!r})
+import one_batch_timing, sglang.benchmark.one_batch as ob
+from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.model_executor.runner_backend import full_cuda_graph_backend as f, breakable_cuda_graph_backend as b
+before = (ob.latency_test_run_once, ModelRunner.forward, f.FullCudaGraphBackend.replay, b.BreakableCudaGraphBackend.replay)
+one_batch_timing.install("/nonexistent")
+after = (ob.latency_test_run_once, ModelRunner.forward, f.FullCudaGraphBackend.replay, b.BreakableCudaGraphBackend.replay)
+assert all(x is not y for x, y in zip(before, after)), after
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
