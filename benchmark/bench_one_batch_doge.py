@@ -7,8 +7,9 @@ experts), and no lower than with the pruned torch router (``torch``) anywhere."
 Why one_batch: through the HTTP server (bench_serving.py --parts doge) Doge n=512 at B=128
 decode takes ~3.3 ms per step with every backend (our reading, not profiled: host-bound, SGLang's
 overlap scheduler hiding the router's GPU time), so the server cannot show the goal's ratio. ``sglang.benchmark.one_batch``
-drives a ModelRunner in-process (CUDA graphs as SGLang's defaults, no HTTP, no scheduler), so a
-decode step's latency is its GPU time. A sibling of bench_one_batch_ec.py (not a ``--model``
+drives a ModelRunner in-process (CUDA graphs as SGLang's defaults, no HTTP, no scheduler, no
+overlap), so a decode step's latency is host + device time in series (H200, 2026-11-29: 0.47 ms
+of device work in a 1.6-2.0 ms step at B = 128 with Triton). A sibling of bench_one_batch_ec.py (not a ``--model``
 mode of it) because runs, checks and verdicts differ (backends of one model, not TC/EC/upstream);
 the shared machinery (child, argv, JSONL, budget) is one_batch_runner.py.
 
@@ -35,7 +36,10 @@ of a comparison = the larger same-backend spread ((max - min) / median over that
   (1.5), "MISSED" below, judged only when the noise floor is below the margin
   |ratio / goal - 1|; else "not judged".
 * Goal 2 (every row): "met" when triton/torch >= 1 - noise floor, "MISSED" below; judged only
-  when the noise floor is below --noise-limit (5%).
+  when the noise floor is below --noise-limit (5%). On device time where every run has it
+  (``one_batch_timing.py``: CUDA events around each graph replay; the router changes only
+  device work, so Triton no slower on the device is Triton no slower end to end), else on the
+  wall clock; both tables are printed. Goal 1, a speed-up, is always judged on the wall clock.
 
 Writes bench_one_batch_doge.{json,md,png} and run_<i>_<label>.{log,jsonl} to --out ($OUT).
 
@@ -43,10 +47,8 @@ GPU (one H200; the ``onebatch_doge`` stage of benchmark/gpu_serving_session.sh, 
 with .gpuenv carried; SKIP_BUILD: Doge needs no EC kernel build):
     SKIP_BUILD=1 STAGES=onebatch_doge ONEBATCH_DOGE_LIMIT=540 bash benchmark/gpu_serving_session.sh
   which runs ``python3 benchmark/bench_one_batch_doge.py --out /tmp/onebatch_doge
-  --max-seconds 530``. Estimate (not yet measured with Doge): 6 runs of 45-75 s each (the EC
-  script's one_batch runs of Qwen3-MoE big took 38-51 s each on the H200; the Doge n=512
-  checkpoint is ~2 GB and its server start was ~75 s with graphs; the first run also compiles
-  the Triton kernels): 4.5-7.5 min, plus the SGLang install (12 s) and the checkpoint build.
+  --max-seconds 530``. Measured (H200, 2026-11-29, --passes 2): 6 runs of 45-63 s, 323 s in
+  all, plus the SGLang install (7-13 s).
   Should the budget skip the last run (triton2: no triton noise floor, nothing judged), split
   the goals over two calls: ``ONEBATCH_DOGE_ARGS="--backends triton,reference"``
   (goal 1, 4 runs) and ``"--backends triton,torch"`` (goal 2, 4 runs).
@@ -221,6 +223,23 @@ def analyse(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int],
             "checks": checks.to_json(), "exit_code": checks.exit_code(), "measure": measure}
 
 
+def judged(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int], input_len: int,
+           goal_n: int, goal_batch: int, goal_ratio: float, noise_limit: float) -> dict:
+    """Goal 1 (a speed-up) on the wall clock; goal 2 (Triton no slower than torch) on device
+    time where every run has it: under graph replay the router changes only device work, the
+    host's share of a step is the same for both backends, so the device-time verdict carries
+    to the wall clock. ``goal2_wall`` keeps the wall-clock verdict."""
+    result = analyse(runs, ns, batch_sizes, input_len, goal_n, goal_batch, goal_ratio,
+                     noise_limit)
+    result["goal2_measure"] = "wall clock"
+    if has_device_time(runs):
+        dev = analyse(runs, ns, batch_sizes, input_len, goal_n, goal_batch, goal_ratio,
+                      noise_limit, measure="gpu")
+        result.update(device_time=dev, goal2_wall=result["goal2"], goal2=dev["goal2"],
+                      goal2_measure="device time")
+    return result
+
+
 def has_device_time(runs: Sequence[dict]) -> bool:
     used = [r for r in runs if not r.get("failure")]
     return bool(used) and all(p.get("decode_gpu") is not None and p.get("prefill_gpu") is not None
@@ -251,18 +270,20 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
             f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else "",
             f"\n**Goal 1 (triton >= {meta['goal_ratio']}x reference, n={meta['goal_n']} "
             f"B={meta['goal_batch']} decode): {result['goal1']}**",
-            f"\n**Goal 2 (triton >= torch within the noise floor, every row): "
-            f"{result['goal2']}**\n",
+            f"\n**Goal 2 (triton >= torch within the noise floor, every row), judged on "
+            f"{result.get('goal2_measure', 'wall clock')}: {result['goal2']}**"
+            + (f" (wall clock: {result['goal2_wall']})" if result.get("goal2_wall") else "")
+            + "\n",
             "Latencies in ms, one value per run in run order. triton/X = throughput ratio of "
             "the medians (X latency / triton latency); spread = (max - min) / median over one "
             "backend's runs; noise floor of a ratio = the larger spread of its two backends.\n"]
     text = "\n".join(h for h in head if h) + "\n" + _table(result, bk) + "\n"
     if result.get("device_time"):
-        text += ("\n### Shown, not judged: device time per pass (CUDA events around the graph "
+        text += ("\n### Device time per pass (CUDA events around the graph "
                  "replay, or the forward where no graph ran; one_batch_timing.py)\n\n"
-                 "The goals are end-to-end (the table above); this one says how much of each "
-                 "step is the device's work. Verdict columns here apply the goals' rules to "
-                 "device time.\n\n" + _table(result["device_time"], bk) + "\n")
+                 "Goal 1 is a speed-up and is judged end to end (the table above); goal 2 "
+                 "(Triton no slower than torch) is judged here: the router changes only device "
+                 "work under graph replay. Goal 1's column here is for information.\n\n" + _table(result["device_time"], bk) + "\n")
     return text
 
 
@@ -328,12 +349,8 @@ class Bench(obr.Runner):
 
     def write(self) -> dict:
         a = self.a
-        result = analyse(self.runs, a.doge_n, a.batch_sizes, a.input_len, a.goal_n,
-                         a.goal_batch, a.goal_ratio, a.noise_limit)
-        if has_device_time(self.runs):
-            result["device_time"] = analyse(self.runs, a.doge_n, a.batch_sizes, a.input_len,
-                                            a.goal_n, a.goal_batch, a.goal_ratio,
-                                            a.noise_limit, measure="gpu")
+        result = judged(self.runs, a.doge_n, a.batch_sizes, a.input_len, a.goal_n,
+                        a.goal_batch, a.goal_ratio, a.noise_limit)
         title = f"{self.meta['device']}: Omni backends on Doge, sglang bench_one_batch"
         return self.save(result, markdown(self.meta, self.runs, result),
                          lambda path: plot(self.runs, a.batch_sizes, path, title))

@@ -103,6 +103,13 @@ def one_batch_argv(model: str, tokenizer: str, batch_sizes: Sequence[int], passe
                               + (list(ec_args) if kind == "ec" else []) + list(extra))
 
 
+def resolved_min_tokens(value: str, num_experts: int, top_k: int) -> int:
+    """The plugin's own reading of ``--expert-choice-min-tokens value`` for a layer."""
+    from sglang_moe_routing.integration.expert_choice_hooks import config_from_values
+
+    return config_from_values(True, None, value, environ={}).min_tokens_for(num_experts, top_k)
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -292,10 +299,45 @@ def _table(result: dict) -> str:
                      "EC/TC", "TC-vs-TC", "EC-vs-EC", "TC/UP", "verdict"], rows)
 
 
-def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str) -> None:
-    colors = {"tc": "tab:blue", "ec": "tab:red", "up": "tab:gray"}
-    obr.plot_latency(runs, batch_sizes, path, title,
-                     lambda r: ("o-" if r["kind"] != "up" else "s--", colors[r["kind"]]))
+def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: str,
+         result: Optional[dict] = None, goal: float = 0.97, min_tokens: int = 32) -> None:
+    """EC/TC throughput vs B per phase (device time solid, wall clock dashed) with the goal
+    line, when ``result`` has ratios; else the latencies of every run."""
+    tables = [t for t in ([result, (result or {}).get("other")]) if t]
+    if not any(r["ec_over_tc"] for t in tables for r in t["rows"]):
+        colors = {"tc": "tab:blue", "ec": "tab:red", "up": "tab:gray"}
+        obr.plot_latency(runs, batch_sizes, path, title,
+                         lambda r: ("o-" if r["kind"] != "up" else "s--", colors[r["kind"]]))
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        for t in tables:
+            pts = [(r["B"], r["ec_over_tc"]) for r in t["rows"]
+                   if r["phase"] == phase and r["ec_over_tc"]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                        "o-" if t["measure"] == "gpu" else "s--",
+                        label="device time" if t["measure"] == "gpu" else "wall clock")
+        ax.axhline(goal, color="tab:red", lw=0.8, ls=":", label=f"goal {goal}")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        if phase == "decode":
+            ax.axvline(min_tokens, color="gray", lw=0.8, ls="-.",
+                       label=f"min-tokens {min_tokens}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{phase}: EC/TC throughput")
+        ax.set_xlabel("batch size B")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("EC / TC (1 = no cost)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- running
@@ -307,12 +349,17 @@ class Bench(obr.Runner):
     def __init__(self, args):
         super().__init__(args, flag_dest="enable_expert_choice")
         self.meta.update(goal=args.goal, noise_limit=args.noise_limit)
+        self.min_tokens = 32  # resolved for the model in main(), before the first write()
 
     def one(self, i: int, spec: dict, model: str, tok: str) -> dict:
         a, kind = self.a, spec["kind"]
         ec = ["--enable-expert-choice", "--expert-capacity-factor", str(a.ec_capacity_factor),
               "--expert-choice-min-tokens", str(a.ec_min_tokens)]
-        args = self.device_args() + (ec if kind == "ec" else []) + list(a.extra_args)
+        # --mem-fraction-static 0.8: room for B=512 prefill activations (4 GiB blocks for a3b);
+        # at SGLang's default the KV pool leaves ~13 GB and a3b ran out of memory at B=512
+        # after a B=64 point (H200, 2026-11-29)
+        args = (self.device_args(["--mem-fraction-static", "0.8"]) + (ec if kind == "ec" else [])
+                + list(a.extra_args))
         return self.checked_run(
             i, spec, model, tok, args, parse_log,
             lambda rc, log, pts: run_failure(kind, rc, log, pts, a.batch_sizes),
@@ -330,10 +377,14 @@ class Bench(obr.Runner):
             kw["vocab_size"] = 10000
         cfg = obr.build_checkpoint("qwen3_moe", model, kw)
         tok = write_tokenizer(mdir / "tokenizer")
-        self.meta["model"] = (f"Qwen3-MoE {a.qwen_size}: {cfg.get('num_experts', cfg.get('num_local_experts'))} experts, top-"
-                              f"{cfg.get('num_experts_per_tok')}, {cfg.get('num_hidden_layers')} "
-                              f"layers, random weights; EC = --expert-capacity-factor "
-                              f"{a.ec_capacity_factor} --expert-choice-min-tokens {a.ec_min_tokens}")
+        n_exp = int(cfg.get("num_experts", cfg.get("num_local_experts")))
+        top_k = int(cfg.get("num_experts_per_tok"))
+        self.min_tokens = resolved_min_tokens(a.ec_min_tokens, n_exp, top_k)
+        self.meta["model"] = (f"Qwen3-MoE {a.qwen_size}: {n_exp} experts, top-{top_k}, "
+                              f"{cfg.get('num_hidden_layers')} layers, random weights; EC = "
+                              f"--expert-capacity-factor {a.ec_capacity_factor} "
+                              f"--expert-choice-min-tokens {a.ec_min_tokens} (= "
+                              f"{self.min_tokens} tokens for this model)")
         plan = run_order(a.repeats, a.upstream, a.order)
         self.run_plan(plan, lambda i, spec: self.one(i, spec, str(model), tok),
                       lambda spec: KINDS[spec["kind"]])
@@ -341,11 +392,12 @@ class Bench(obr.Runner):
 
     def write(self) -> dict:
         a = self.a
-        result = judged(self.runs, a.batch_sizes, a.input_len, a.ec_min_tokens, a.goal,
+        result = judged(self.runs, a.batch_sizes, a.input_len, self.min_tokens, a.goal,
                         a.noise_limit)
         title = f"{self.meta['device']}: TC vs EC, sglang bench_one_batch"
         return self.save(result, markdown(self.meta, self.runs, result),
-                         lambda path: plot(self.runs, a.batch_sizes, path, title))
+                         lambda path: plot(self.runs, a.batch_sizes, path, title, result,
+                                           a.goal, self.min_tokens))
 
 
 def parse_args(argv=None):
@@ -359,12 +411,18 @@ def parse_args(argv=None):
                     help="end with an upstream-only control run (SGLANG_PLUGINS=__none__)")
     ap.add_argument("--qwen-size", default="big", choices=list(models.QWEN3_SIZES))
     ap.add_argument("--ec-capacity-factor", type=float, default=1.25)
-    ap.add_argument("--ec-min-tokens", type=int, default=32)
+    ap.add_argument("--ec-min-tokens", default="auto",
+                    help="--expert-choice-min-tokens of the EC runs: an integer or auto (the "
+                         "plugin's default)")
     ap.add_argument("--goal", type=float, default=0.97, help="EC/TC throughput at least this")
     ap.add_argument("--noise-limit", type=float, default=0.01,
                     help="judge a point only when the TC-vs-TC spread is below this")
     a = ap.parse_args(argv)
     obr.check_common_args(ap, a)
+    try:
+        resolved_min_tokens(a.ec_min_tokens, 64, 8)
+    except ValueError as exc:
+        ap.error(f"--ec-min-tokens: {exc}")
     try:
         run_order(a.repeats, a.upstream, a.order)
     except ValueError as exc:

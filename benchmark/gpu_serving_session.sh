@@ -4,7 +4,8 @@
 # the stages named in STAGES (default: "server"):
 #   server  the GPU server suite (test/test_gpu_server.py, real launch_server processes; a server
 #           not healthy within GPU_SERVER_START_S (default here 200 s) fails its tests)
-#   units   the kernel/hook GPU tests (EC, EPLB profiler, Omni)
+#   units   the kernel/hook GPU tests (EC, EPLB profiler, Omni), 12 xdist workers
+#   timing  the `gpu_timing` GPU tests, which skip under xdist (the GPU to themselves), serially
 #   bench   benchmark/bench_serving.py with BENCH_ARGS
 #   onebatch  benchmark/bench_one_batch_ec.py (SGLang's bench_one_batch, TC vs EC) with
 #           ONEBATCH_ARGS, within ONEBATCH_LIMIT seconds (default 270)
@@ -40,6 +41,8 @@ for s in ${STAGES:-server}; do
               test/test_expert_choice_gpu.py test/test_expert_choice_gpu_stream.py \
               test/test_eplb_gpu.py test/test_omni_gpu.py test/test_omni_lane.py \
               test/test_omni_packed.py test/test_threshold_routing.py ;;
+    timing) stage timing ${TIMING_LIMIT:-120} python3 -m pytest -q -p no:cacheprovider -rA -m gpu_timing \
+              test/test_eplb_gpu.py ;;
     bench) TAIL=60 stage bench ${BENCH_LIMIT:-540} python3 benchmark/bench_serving.py --out /tmp/bench_serving ${BENCH_ARGS:-}
            cp /tmp/bench_serving/bench_serving.{md,json,png} "$OUT/" 2>/dev/null
            tar -czf "$OUT/bench_logs.tgz" -C /tmp/bench_serving . 2>/dev/null ;;

@@ -217,9 +217,17 @@ def test_device_time_table_beside_the_wall_clock_goals():
     assert _rows(dev)[(512, 128, "decode")]["triton_over_torch"] == pytest.approx(1.6)
     meta = {"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
             "model": "m", "timing": "t", "goal_ratio": 1.5, "goal_n": 512, "goal_batch": 128}
-    md = obd.markdown(meta, runs, {**wall, "device_time": dev})
+    res = obd.judged(runs, [512], [128], 64, 512, 128, 1.5, 0.05)
+    assert res["goal1"] == "MISSED"  # a speed-up: judged end to end
+    assert res["goal2"] == "met" and res["goal2_measure"] == "device time"
+    assert res["goal2_wall"] == wall["goal2"] == "met"  # 3.0 vs 3.0 ms
+    md = obd.markdown(meta, runs, res)
     assert "**Goal 1 (triton >= 1.5x reference, n=512 B=128 decode): MISSED**" in md
-    assert "### Shown, not judged: device time" in md and "| 5.00 |" in md
+    assert "judged on device time: met** (wall clock: met)" in md
+    assert "### Device time per pass" in md and "| 5.00 |" in md
+    # a run without device times: goal 2 back on the wall clock
+    del runs[0]["points"][128]["decode_gpu"]
+    assert obd.judged(runs, [512], [128], 64, 512, 128, 1.5, 0.05)["goal2_measure"] == "wall clock"
 
 
 def test_parse_args():

@@ -258,6 +258,10 @@ def test_parse_args_rejects_bad_values():
         ob.parse_args(["--batch-sizes", "1,x"])
     with pytest.raises(SystemExit):
         ob.parse_args(["--order", "tc,ecc"])
+    with pytest.raises(SystemExit):
+        ob.parse_args(["--ec-min-tokens", "often"])
+    assert ob.parse_args([]).ec_min_tokens == "auto"
+    assert [ob.resolved_min_tokens(v, 128, 8) for v in ("auto", "32")] == [64, 32]
     a = ob.parse_args(["--out", "/tmp/x", "--extra-args", "--mem-fraction-static 0.5"])
     assert a.batch_sizes == [1, 8, 32, 128, 512] and a.extra_args == ["--mem-fraction-static", "0.5"]
 

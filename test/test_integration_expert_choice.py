@@ -146,6 +146,51 @@ def test_topk_layer_routes_expert_choice_when_enabled():
         assert torch.equal(out_small.topk_ids.sort(-1).values, ids_tc.sort(-1).values)
 
 
+@pytest.mark.parametrize("value, e, k, want", [
+    (None, 128, 8, 64), ("auto", 64, 8, 32), ("AUTO", 256, 8, 128), (" auto ", 8, 2, 32),
+    (None, 60, 4, 60), (None, 160, 6, 107), ("0", 256, 8, 0), ("48", 128, 8, 48)])
+def test_min_tokens_auto_is_max_32_and_4_slots_per_expert(value, e, k, want):
+    cfg = ech.config_from_values(True, None, value, environ={})
+    assert cfg.min_tokens_for(e, k) == want
+    assert ("auto (max(32, 4 * E / top_k) per layer)" in cfg.describe()) == (
+        value is None or value.strip().lower() == "auto")
+
+
+def test_min_tokens_bad_value_names_the_flag_and_auto():
+    with pytest.raises(ValueError, match=r"--expert-choice-min-tokens must be an integer, "
+                                         r"got 'sometimes' \(or auto\)"):
+        ech.config_from_values(True, None, "sometimes", environ={})
+    with pytest.raises(ValueError, match=r"SGLANG_EXPERT_CHOICE_MIN_TOKENS must be >= 0"):
+        ech.config_from_values(True, None, None, environ={"SGLANG_EXPERT_CHOICE_MIN_TOKENS": "-1"})
+    env = ech.config_from_values(True, None, None, environ={"SGLANG_EXPERT_CHOICE_MIN_TOKENS": "auto"})
+    assert env.min_tokens is None
+
+
+def test_topk_layer_auto_min_tokens_keeps_token_choice_below_4_slots_per_expert():
+    """E = 128, k = 8: auto = 64. A 48-token batch routes exactly as upstream (token choice),
+    a 64-token batch by expert choice; an explicit --expert-choice-min-tokens 32 routes both
+    by expert choice."""
+    torch.manual_seed(5)
+    x = torch.randn(64, 128)
+    x[:, :4] += 1.5
+    h = torch.randn(64, 32)
+    with published_args("--enable-expert-choice"):
+        layer = _make_topk(top_k=8, renormalize=True)
+        small, big = layer(h[:48], x[:48]), layer(h, x)
+    layer.topk_config.torch_native = True
+    ups = _upstream_select_experts()(hidden_states=h[:48], router_logits=x[:48],
+                                     topk_config=layer.topk_config, layer_id=0)
+    assert torch.equal(small.topk_ids, ups.topk_ids)
+    assert torch.equal(small.topk_weights, ups.topk_weights)
+    _, ids_ec = expert_choice_topk_reference(x, RoutingSpec(8, 1.25, min_tokens=64))
+    assert torch.equal(big.topk_ids, ids_ec)
+    _, ids_ec48 = expert_choice_topk_reference(x[:48], RoutingSpec(8, 1.25, min_tokens=32))
+    assert not torch.equal(ids_ec48.sort(-1).values, ups.topk_ids.sort(-1).values)
+    with published_args("--enable-expert-choice", "--expert-choice-min-tokens", "32"):
+        layer32 = _make_topk(top_k=8, renormalize=True)
+        assert torch.equal(layer32(h[:48], x[:48]).topk_ids, ids_ec48)
+
+
 def test_topk_layer_off_is_identical_to_upstream():
     torch.manual_seed(1)
     x = torch.randn(96, 8)
@@ -576,9 +621,11 @@ def test_routing_spec_built_from_topk_config_and_plugin_settings(grouped):
                     renormalize=False, scoring_func="sigmoid", correction_bias=bias,
                     routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
     cfg = ech.ExpertChoiceConfig(enabled=True, capacity_factor=1.5, min_tokens=7)
-    spec = ech.routing_spec(tk, cfg, 3, bias)
+    spec = ech.routing_spec(tk, cfg, 3, bias, 16)
     assert isinstance(spec, RoutingSpec)
     assert (spec.top_k, spec.capacity_factor, spec.min_tokens) == (3, 1.5, 7)
+    auto = ech.routing_spec(tk, ech.ExpertChoiceConfig(enabled=True), 3, bias, 160)
+    assert auto.min_tokens == 214  # ceil(4 * 160 / 3)
     assert (spec.renormalize, spec.scoring_func) == (False, "sigmoid")
     assert (spec.num_expert_group, spec.topk_group) == ((4, 2) if grouped else (None, None))
     assert spec.correction_bias is bias

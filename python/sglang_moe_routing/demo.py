@@ -31,7 +31,7 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--min-tokens", type=int, default=None,
                    help="batches with fewer tokens keep standard routing "
-                   "(--expert-choice-min-tokens; default: the plugin's, 32)")
+                   "(--expert-choice-min-tokens; default: the plugin's, auto = max(32, 4*E/k))")
     p.add_argument("--deepseek", action="store_true",
                    help="DeepSeek-V3-style routing: sigmoid, correction bias, grouped top-k "
                    "(E=64, 8 groups, topk_group=4, k=8, T=512)")
@@ -94,8 +94,9 @@ def main(argv: List[str] | None = None) -> int:
           f"{__import__('sglang').__version__}) with the sglang-moe-routing plugin.")
     loads = {n: expert_load(o.topk_ids, e) for n, o in results.items()}
     cf = ec_cfg.capacity_factor
-    if t < ec_cfg.min_tokens:
-        print(f"Expert choice OFF for this batch: T={t} < min tokens={ec_cfg.min_tokens} "
+    min_tokens = ec_cfg.min_tokens_for(e, k)
+    if t < min_tokens:
+        print(f"Expert choice OFF for this batch: T={t} < min tokens={min_tokens} "
               "(--expert-choice-min-tokens), so both columns are standard routing.\n")
     else:
         cap = int(capacity(torch.tensor(t), e, k, cf))

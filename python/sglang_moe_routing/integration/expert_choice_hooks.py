@@ -47,7 +47,13 @@ HF_CONFIG_KEY = "use_expert_choice"
 HF_CONFIG_CAPACITY_KEY = "expert_capacity_factor"
 
 DEFAULT_CAPACITY_FACTOR = 1.25
-DEFAULT_MIN_TOKENS = 32
+DEFAULT_MIN_TOKENS = "auto"
+# ``auto`` = max(AUTO_MIN_TOKENS_FLOOR, ceil(AUTO_TOKENS_PER_EXPERT * E / k)) per layer: below
+# about 4 routed slots per expert, expert choice makes the batch touch more distinct experts than
+# token choice (+5.7% at 32 tokens, E = 128, k = 8), and memory-bound decode reads every touched
+# expert's weights; the loads it would even out are a few tokens each. docs/expert_choice.md.
+AUTO_MIN_TOKENS_FLOOR = 32
+AUTO_TOKENS_PER_EXPERT = 4
 SECTION = "expert_choice"
 
 
@@ -55,17 +61,30 @@ SECTION = "expert_choice"
 class ExpertChoiceConfig:
     enabled: bool = False
     capacity_factor: float = DEFAULT_CAPACITY_FACTOR
-    min_tokens: int = DEFAULT_MIN_TOKENS
+    min_tokens: Optional[int] = None  # None: auto, see min_tokens_for
     backend: str = "auto"
     stats_interval: int = 0
     source: str = "default"
+
+    def min_tokens_for(self, num_experts: int, top_k: int) -> int:
+        """The hybrid threshold of a layer with ``num_experts`` routed experts, ``top_k`` each."""
+        if self.min_tokens is not None:
+            return self.min_tokens
+        return max(AUTO_MIN_TOKENS_FLOOR,
+                   -(-AUTO_TOKENS_PER_EXPERT * num_experts // max(top_k, 1)))
+
+    def min_tokens_text(self) -> str:
+        if self.min_tokens is not None:
+            return str(self.min_tokens)
+        return (f"auto (max({AUTO_MIN_TOKENS_FLOOR}, {AUTO_TOKENS_PER_EXPERT} * E / top_k) "
+                "per layer)")
 
     def describe(self) -> str:
         if not self.enabled:
             return "expert-choice routing: off (standard token-choice routing)"
         return (
             f"expert-choice routing: ON (source={self.source}, capacity_factor="
-            f"{self.capacity_factor}, min_tokens={self.min_tokens}: batches with fewer valid "
+            f"{self.capacity_factor}, min_tokens={self.min_tokens_text()}: batches with fewer valid "
             f"tokens use standard routing, backend={self.backend}, load stats every "
             f"{self.stats_interval or 'never'} forward passes)"
         )
@@ -108,7 +127,10 @@ def add_cli_args(group: argparse._ArgumentGroup) -> None:
         type=str,
         default=None,
         help="Batches with fewer valid tokens than this use standard routing (decided on the "
-        f"GPU, CUDA-graph safe; default {DEFAULT_MIN_TOKENS}; env {ENV_MIN_TOKENS}).",
+        "GPU, CUDA-graph safe): an integer >= 0, or auto = max("
+        f"{AUTO_MIN_TOKENS_FLOOR}, {AUTO_TOKENS_PER_EXPERT} * num_experts / top_k) per layer, "
+        "where expert choice stops touching more experts than token choice "
+        f"(default {DEFAULT_MIN_TOKENS}; env {ENV_MIN_TOKENS}).",
     )
     group.add_argument(
         "--expert-choice-backend",
@@ -156,8 +178,7 @@ def config_from_values(
     cfg: Dict[str, Any] = dict(
         capacity_factor=config.collect(errors, None, lambda: config.parse_number(
             cf_name, capacity_factor, 0.0, lo_open=True)),
-        min_tokens=config.collect(errors, None, lambda: config.parse_integer(
-            mt_name, min_tokens, 0)),
+        min_tokens=config.collect(errors, None, lambda: _parse_min_tokens(mt_name, min_tokens)),
         stats_interval=config.collect(errors, None, lambda: config.parse_integer(
             "--expert-choice-stats-interval", stats_interval, 0)),
     )
@@ -168,6 +189,16 @@ def config_from_values(
     return ExpertChoiceConfig(
         enabled=source != "default", backend=backend, source=source, **cfg
     )
+
+
+def _parse_min_tokens(name: str, value: Any) -> Optional[int]:
+    """``auto`` (any case) -> None; else an integer >= 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        return config.parse_integer(name, value, 0)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
 
 
 def parse_section(args: argparse.Namespace) -> Dict[str, Any]:
@@ -404,7 +435,8 @@ def _around_select_experts(original, *args, **kwargs):
         return original(*args, **kwargs)
     # Host-side shortcut on the static row count (free); T' < min_tokens with T >= min_tokens
     # is handled on the device by the kernel (capacity = T' gives exactly token choice).
-    if router_logits.shape[0] < cfg.min_tokens:
+    routed_k = topk_config.top_k - int(topk_config.num_shared_topk_slots or 0)
+    if router_logits.shape[0] < cfg.min_tokens_for(router_logits.shape[-1], routed_k):
         return original(*args, **kwargs)
     return route_expert_choice(
         cfg, hidden_states, router_logits, topk_config,
@@ -440,16 +472,18 @@ def route_expert_choice(
     if layer_id not in _warned:
         _warned.add(layer_id)
         logger.info(
-            "sglang-moe-routing: layer %s routes with expert choice (E=%d, top_k=%d%s, cf=%s)",
+            "sglang-moe-routing: layer %s routes with expert choice (E=%d, top_k=%d%s, cf=%s, "
+            "min_tokens=%d)",
             layer_id, router_logits.shape[-1], top_k,
             f" + {n_shared} fused shared" if n_shared else "", cfg.capacity_factor,
+            cfg.min_tokens_for(router_logits.shape[-1], top_k),
         )
     router_logits, correction_bias = expert_location_dispatch.transform_select_experts_inputs(
         router_logits=router_logits,
         correction_bias=topk_config.correction_bias,
         info=expert_location_dispatch_info,
     )
-    spec = routing_spec(topk_config, cfg, top_k, correction_bias)
+    spec = routing_spec(topk_config, cfg, top_k, correction_bias, router_logits.shape[-1])
     topk_weights, topk_ids = expert_choice_route(
         router_logits, spec, num_token_non_padded, backend=cfg.backend)
     if cfg.stats_interval > 0 and layer_id is not None:
@@ -478,7 +512,7 @@ def route_expert_choice(
 
 
 def routing_spec(topk_config: Any, cfg: ExpertChoiceConfig, top_k: int,
-                 correction_bias: Optional[torch.Tensor]) -> RoutingSpec:
+                 correction_bias: Optional[torch.Tensor], num_experts: int) -> RoutingSpec:
     """The ``RoutingSpec`` of one ``select_experts`` call: the layer's ``TopKConfig`` (scoring,
     renormalisation, grouped top-k, routed scaling) plus the plugin's settings (capacity
     factor, min tokens). ``top_k`` is the routed experts' share of ``topk_config.top_k``
@@ -496,7 +530,7 @@ def routing_spec(topk_config: Any, cfg: ExpertChoiceConfig, top_k: int,
         routed_scaling_factor=topk_config.routed_scaling_factor,
         apply_routed_scaling_factor_on_output=bool(
             topk_config.apply_routed_scaling_factor_on_output),
-        min_tokens=cfg.min_tokens,
+        min_tokens=cfg.min_tokens_for(num_experts, top_k),
     )
 
 
