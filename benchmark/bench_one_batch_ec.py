@@ -105,7 +105,7 @@ def one_batch_argv(model: str, tokenizer: str, batch_sizes: Sequence[int], passe
 
 def resolved_min_tokens(value: str, num_experts: int, top_k: int) -> int:
     """The plugin's own reading of ``--expert-choice-min-tokens value`` for a layer."""
-    from sglang_moe_routing.integration.expert_choice_hooks import config_from_values
+    from sglang_moe_routing.integration.expert_choice_flags import config_from_values
 
     return config_from_values(True, None, value, environ={}).min_tokens_for(num_experts, top_k)
 

@@ -35,7 +35,9 @@ from sglang_moe_routing.expert_choice.reference import (
 from sglang_moe_routing.expert_choice.threshold import calibrate_bias, threshold_topk
 
 
-DEFAULT_MIN_TOKENS = 32  # the plugin's default (integration/expert_choice_hooks.py)
+# the plugin's default min-tokens (auto, integration/expert_choice_flags.py) for the models
+# trained here: max(32, 4 * E / k) = 32 at E = 32, k = 4
+DEFAULT_MIN_TOKENS = 32
 ROUTER_PATHS = ("auto", "sglang", "dispatch")
 SGLANG_KINDS = ("tc", "ec")  # the mode kinds SGLang's TopK + the plugin serve (thr is ours)
 
@@ -166,7 +168,7 @@ class SglangTopK:
     def set_mode(mode: Optional[Mode], backend: str = "auto") -> None:
         """The plugin's expert-choice section for ``mode`` (None: back to the published args)."""
         from sglang_moe_routing.integration import config
-        from sglang_moe_routing.integration.expert_choice_hooks import (
+        from sglang_moe_routing.integration.expert_choice_flags import (
             SECTION,
             ExpertChoiceConfig,
         )

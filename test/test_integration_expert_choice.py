@@ -21,6 +21,7 @@ from sglang_moe_routing.expert_choice import (  # noqa: E402
 )
 from sglang_moe_routing.integration import config  # noqa: E402
 from sglang_moe_routing.integration import expert_choice_hooks as ech  # noqa: E402
+from sglang_moe_routing.integration import expert_choice_flags as ecf  # noqa: E402
 
 from sgl_helpers import published_args  # noqa: E402
 
@@ -81,7 +82,7 @@ def test_flags_reach_server_args_and_survive_pickling():
     assert config.sections_from_server_args(sa2)["expert_choice"] == sec
     # defaults: off, 1.25, 32
     d = config.sections_from_server_args(prepare_server_args(["--model-path", "dummy"]))
-    assert d["expert_choice"] == ech.ExpertChoiceConfig(enabled=False)
+    assert d["expert_choice"] == ecf.ExpertChoiceConfig(enabled=False)
 
 
 @pytest.mark.parametrize(
@@ -150,19 +151,19 @@ def test_topk_layer_routes_expert_choice_when_enabled():
     (None, 128, 8, 64), ("auto", 64, 8, 32), ("AUTO", 256, 8, 128), (" auto ", 8, 2, 32),
     (None, 60, 4, 60), (None, 160, 6, 107), ("0", 256, 8, 0), ("48", 128, 8, 48)])
 def test_min_tokens_auto_is_max_32_and_4_slots_per_expert(value, e, k, want):
-    cfg = ech.config_from_values(True, None, value, environ={})
+    cfg = ecf.config_from_values(True, None, value, environ={})
     assert cfg.min_tokens_for(e, k) == want
     assert ("auto (max(32, 4 * E / top_k) per layer)" in cfg.describe()) == (
         value is None or value.strip().lower() == "auto")
 
 
 def test_min_tokens_bad_value_names_the_flag_and_auto():
-    with pytest.raises(ValueError, match=r"--expert-choice-min-tokens must be an integer, "
-                                         r"got 'sometimes' \(or auto\)"):
-        ech.config_from_values(True, None, "sometimes", environ={})
+    with pytest.raises(ValueError, match=r"--expert-choice-min-tokens must be an integer or "
+                                         r"auto, got 'sometimes'"):
+        ecf.config_from_values(True, None, "sometimes", environ={})
     with pytest.raises(ValueError, match=r"SGLANG_EXPERT_CHOICE_MIN_TOKENS must be >= 0"):
-        ech.config_from_values(True, None, None, environ={"SGLANG_EXPERT_CHOICE_MIN_TOKENS": "-1"})
-    env = ech.config_from_values(True, None, None, environ={"SGLANG_EXPERT_CHOICE_MIN_TOKENS": "auto"})
+        ecf.config_from_values(True, None, None, environ={"SGLANG_EXPERT_CHOICE_MIN_TOKENS": "-1"})
+    env = ecf.config_from_values(True, None, None, environ={"SGLANG_EXPERT_CHOICE_MIN_TOKENS": "auto"})
     assert env.min_tokens is None
 
 
@@ -620,11 +621,11 @@ def test_routing_spec_built_from_topk_config_and_plugin_settings(grouped):
     tk = TopKConfig(top_k=4, use_grouped_topk=grouped, num_expert_group=4, topk_group=2,
                     renormalize=False, scoring_func="sigmoid", correction_bias=bias,
                     routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
-    cfg = ech.ExpertChoiceConfig(enabled=True, capacity_factor=1.5, min_tokens=7)
+    cfg = ecf.ExpertChoiceConfig(enabled=True, capacity_factor=1.5, min_tokens=7)
     spec = ech.routing_spec(tk, cfg, 3, bias, 16)
     assert isinstance(spec, RoutingSpec)
     assert (spec.top_k, spec.capacity_factor, spec.min_tokens) == (3, 1.5, 7)
-    auto = ech.routing_spec(tk, ech.ExpertChoiceConfig(enabled=True), 3, bias, 160)
+    auto = ech.routing_spec(tk, ecf.ExpertChoiceConfig(enabled=True), 3, bias, 160)
     assert auto.min_tokens == 214  # ceil(4 * 160 / 3)
     assert (spec.renormalize, spec.scoring_func) == (False, "sigmoid")
     assert (spec.num_expert_group, spec.topk_group) == ((4, 2) if grouped else (None, None))

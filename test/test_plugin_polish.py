@@ -19,9 +19,10 @@ from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from sglang_moe_routing.integration import config, plugin  # noqa: E402
 from sglang_moe_routing.integration import expert_choice_hooks as ech  # noqa: E402
+from sglang_moe_routing.integration import expert_choice_flags as ecf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ENV_VARS = (ech.ENV_ENABLE, ech.ENV_CAPACITY, ech.ENV_MIN_TOKENS, plugin.ENV_SKIP_VERSION_CHECK)
+ENV_VARS = (ecf.ENV_ENABLE, ecf.ENV_CAPACITY, ecf.ENV_MIN_TOKENS, plugin.ENV_SKIP_VERSION_CHECK)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,7 +121,7 @@ def test_skip_version_check(monkeypatch, caplog):
     ("0", False), ("false", False), ("No", False), (" OFF", False), ("", False), ("  ", False),
 ])
 def test_env_enable_recognised_values(value, enabled):
-    cfg = ech.config_from_values(False, None, None, environ={ech.ENV_ENABLE: value})
+    cfg = ecf.config_from_values(False, None, None, environ={ecf.ENV_ENABLE: value})
     assert cfg.enabled is enabled
     assert cfg.source == ("env" if enabled else "default")
 
@@ -129,24 +130,24 @@ def test_env_enable_recognised_values(value, enabled):
 def test_env_enable_rejects_other_values(value):
     msg = f"SGLANG_EXPERT_CHOICE must be one of 1/0/true/false/yes/no/on/off, got {value!r}"
     with pytest.raises(ValueError) as exc:
-        ech.config_from_values(False, None, None, environ={ech.ENV_ENABLE: value})
+        ecf.config_from_values(False, None, None, environ={ecf.ENV_ENABLE: value})
     assert str(exc.value) == msg
     # also when the flag turns EC on anyway: a bad value is never silently ignored
     with pytest.raises(ValueError, match="SGLANG_EXPERT_CHOICE must be one of"):
-        ech.config_from_values(True, None, None, environ={ech.ENV_ENABLE: value})
+        ecf.config_from_values(True, None, None, environ={ecf.ENV_ENABLE: value})
 
 
 def test_env_enable_bad_value_fails_at_startup(monkeypatch):
     from sglang.srt.server_args import prepare_server_args
 
-    monkeypatch.setenv(ech.ENV_ENABLE, "maybe")
+    monkeypatch.setenv(ecf.ENV_ENABLE, "maybe")
     with pytest.raises(ValueError, match="SGLANG_EXPERT_CHOICE must be one of .* got 'maybe'"):
         prepare_server_args(["--model-path", "dummy"])
 
 
 def test_env_enable_bad_value_without_server_args(monkeypatch):
     """``sglang.Engine`` without the CLI: the environment alone is read at the first call."""
-    monkeypatch.setenv(ech.ENV_ENABLE, "maybe")
+    monkeypatch.setenv(ecf.ENV_ENABLE, "maybe")
     monkeypatch.setattr(ech, "_env_fallback", None)
     config.set_sections({})
     try:
@@ -157,30 +158,30 @@ def test_env_enable_bad_value_without_server_args(monkeypatch):
 
 
 def test_env_value_errors_name_the_variable():
-    env = {ech.ENV_CAPACITY: "-2", ech.ENV_MIN_TOKENS: "x"}
+    env = {ecf.ENV_CAPACITY: "-2", ecf.ENV_MIN_TOKENS: "x"}
     with pytest.raises(ValueError) as exc:
-        ech.config_from_values(True, None, None, environ=env)
+        ecf.config_from_values(True, None, None, environ=env)
     msg = str(exc.value)
     assert "SGLANG_EXPERT_CAPACITY_FACTOR must be a finite number > 0, got '-2'" in msg
-    assert "SGLANG_EXPERT_CHOICE_MIN_TOKENS must be an integer, got 'x'" in msg
+    assert "SGLANG_EXPERT_CHOICE_MIN_TOKENS must be an integer or auto, got 'x'" in msg
     assert "--expert-capacity-factor" not in msg and "--expert-choice-min-tokens" not in msg
     # a value given on the command line is named by its flag (the environment is not read)
     with pytest.raises(ValueError) as exc:
-        ech.config_from_values(True, "0", "-1", environ=env)
+        ecf.config_from_values(True, "0", "-1", environ=env)
     msg = str(exc.value)
     assert "--expert-capacity-factor must be a finite number > 0, got '0'" in msg
     assert "--expert-choice-min-tokens must be >= 0, got '-1'" in msg
     assert "SGLANG_EXPERT" not in msg
     # good environment values still work, unchanged
-    cfg = ech.config_from_values(False, None, None, environ={
-        ech.ENV_ENABLE: "1", ech.ENV_CAPACITY: "1.5", ech.ENV_MIN_TOKENS: "8"})
+    cfg = ecf.config_from_values(False, None, None, environ={
+        ecf.ENV_ENABLE: "1", ecf.ENV_CAPACITY: "1.5", ecf.ENV_MIN_TOKENS: "8"})
     assert (cfg.enabled, cfg.source, cfg.capacity_factor, cfg.min_tokens) == (True, "env", 1.5, 8)
 
 
 def test_env_value_error_names_the_variable_at_startup(monkeypatch):
     from sglang.srt.server_args import prepare_server_args
 
-    monkeypatch.setenv(ech.ENV_CAPACITY, "-2")
+    monkeypatch.setenv(ecf.ENV_CAPACITY, "-2")
     with pytest.raises(ValueError, match="SGLANG_EXPERT_CAPACITY_FACTOR must be a finite"):
         prepare_server_args(["--model-path", "dummy", "--enable-expert-choice"])
 
@@ -198,7 +199,7 @@ def test_library_callers_keep_a_value_error():
     assert str(exc.value).startswith("sglang-moe-routing: invalid arguments:\n  ")
     assert exc.value.one_line() == (
         "sglang-moe-routing: --expert-capacity-factor must be a finite number > 0, got '-1'; "
-        "--expert-choice-min-tokens must be an integer, got 'q'"
+        "--expert-choice-min-tokens must be an integer or auto, got 'q'"
     )
 
 

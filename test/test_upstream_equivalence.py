@@ -49,11 +49,12 @@ ROUTINGS = {
 
 # (rows T, valid rows T' (None = all), extra flags, whether the EC kernel runs (device rule)
 # or the hook's host shortcut hands the call to upstream)
+# The default min-tokens is auto, max(32, ceil(4 * E / k)): 64, 43 and 32 here (k = 4, 6, 8).
 CASES = {
-    "T'=1, T>=min_tokens (device rule)": (48, 1, [], True),
+    "T'=1, T>=min_tokens (device rule)": (80, 1, [], True),
     "T'=1, min_tokens=0 (capacity 1)": (48, 1, ["--expert-choice-min-tokens", "0"], True),
     "T=1, min_tokens=0 (capacity 1)": (1, None, ["--expert-choice-min-tokens", "0"], True),
-    "T'<min_tokens<=T (device rule)": (48, 20, [], True),
+    "T'<min_tokens<=T (device rule)": (80, 20, [], True),
     "T'<min_tokens<=T, custom min (device rule)": (40, 9, ["--expert-choice-min-tokens", "10"], True),
     "T'=1, T<min_tokens (host shortcut)": (16, 1, [], False),
     "T<min_tokens (host shortcut)": (16, None, [], False),
@@ -140,8 +141,8 @@ def test_expert_choice_equals_upstream_token_choice(routing, case, ec_calls):
 
 def test_expert_choice_differs_from_upstream_above_min_tokens(ec_calls):
     """Control: with T' >= min_tokens the same comparison fails (EC really routes)."""
-    ours, ups = _route(48, 40, ROUTINGS["softmax-renorm"], [], 0)
+    ours, ups = _route(80, 72, ROUTINGS["softmax-renorm"], [], 0)  # auto min-tokens: 64
     assert len(ec_calls) == 1
     with pytest.raises(AssertionError):
-        _assert_same_routing(ours, ups, 48, 40)
-    assert (ours.topk_ids[40:] == -1).all() and (ups.topk_ids[40:] == -1).all()
+        _assert_same_routing(ours, ups, 80, 72)
+    assert (ours.topk_ids[72:] == -1).all() and (ups.topk_ids[72:] == -1).all()

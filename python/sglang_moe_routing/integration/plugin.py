@@ -190,7 +190,7 @@ def features_requested(argv: Optional[List[str]] = None,
         opts = {o for a in parser._actions for o in a.option_strings}
     except Exception:  # noqa: BLE001 - an sglang we do not support may break the imports
         opts = set()
-    from sglang_moe_routing.integration.expert_choice_hooks import ENV_ENABLE
+    from sglang_moe_routing.integration.expert_choice_flags import ENV_ENABLE
 
     got = sorted({t.split("=", 1)[0] for t in argv if t.split("=", 1)[0] in opts})
     on = ("1", "true", "yes", "on")
