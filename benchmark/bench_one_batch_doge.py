@@ -279,8 +279,9 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
             "backend's runs; noise floor of a ratio = the larger spread of its two backends.\n"]
     text = "\n".join(h for h in head if h) + "\n" + _table(result, bk) + "\n"
     if result.get("device_time"):
-        text += ("\n### Device time per pass (CUDA events around the graph "
-                 "replay, or the forward where no graph ran; one_batch_timing.py)\n\n"
+        text += ("\n### Device time per pass (one_batch_timing.py: CUDA events around each "
+                 "CUDA-graph segment, the eager attention between prefill segments left out; "
+                 "around the eager forward where no graph ran)\n\n"
                  "Goal 1 is a speed-up and is judged end to end (the table above); goal 2 "
                  "(Triton no slower than torch) is judged here: the router changes only device "
                  "work under graph replay. Goal 1's column here is for information.\n\n" + _table(result["device_time"], bk) + "\n")

@@ -230,10 +230,11 @@ def has_device_time(runs: Sequence[dict], batch_sizes: Sequence[int]) -> bool:
 
 
 MEASURES = {
-    "gpu": ("device time per pass (CUDA events around the graph replay, or the forward where "
-            "no graph ran; one_batch_timing.py). Under graph replay EC changes only device "
-            "work, so EC's relative cost here bounds its cost in the wall-clock step from "
-            "above"),
+    "gpu": ("device time per pass (one_batch_timing.py: CUDA events around each CUDA-graph "
+            "segment -- decode is one graph; a prefill of up to 8192 tokens is a breakable "
+            "graph whose eager attention between segments is left out -- or around the eager "
+            "forward of larger prefills). Under graph replay EC changes only device work, so "
+            "EC's relative cost here bounds its cost in the wall-clock step from above"),
     "latency": "one_batch's wall clock (perf_counter around each synchronised step)",
 }
 

@@ -12,12 +12,17 @@ relative change of the wall-clock step (wall = device + host).
 * ``latency_test_run_once``: one record per point (the first call is one_batch's warm-up);
 * ``ModelRunner.forward``: CUDA events around each pass (``fwd_ms``: includes host gaps);
 * the full and breakable CUDA-graph backends' ``replay``: events around each replay
-  (``graph_ms``: the device time of the captured passes).
+  (``graph_ms``);
+* inside those, each graph segment's ``replay`` (``torch.cuda.CUDAGraph`` and SGLang's
+  ``DedupedCudaGraph``): ``seg_ms``, the sum over the segments. A decode step is one segment.
+  A prefill of up to 8192 tokens replays a breakable graph: segments with attention run
+  eagerly between them, so its ``graph_ms`` window also holds the host's launch gaps
+  (the attention is the same in every routing mode and is left out of ``seg_ms``).
 
 Each point becomes one JSON line in the file named by ``ONEBATCH_GPU_TIME_FILE``:
 ``{"point", "warmup", "batch_size", "prefill": [step], "decode": [step]}`` with
-``step = {"graph_ms", "replays", "fwd_ms"}``. :func:`parse` turns the lines into per-batch-size
-medians (``graph_ms`` where a graph ran, else ``fwd_ms``: eager prefill is device-bound).
+``step = {"graph_ms", "replays", "seg_ms", "segments", "fwd_ms"}``. :func:`parse` turns the
+lines into per-batch-size medians of :func:`step_ms`.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ def install(path: str) -> None:
     import sglang.benchmark.one_batch as one_batch
     from sglang.srt.model_executor.model_runner import ModelRunner
     from sglang.srt.model_executor.runner_backend import (
-        breakable_cuda_graph_backend as breakable, full_cuda_graph_backend as full)
+        breakable_cuda_graph_backend as breakable, cuda_graph_dedup_mixin as dedup,
+        full_cuda_graph_backend as full)
 
-    state: Dict[str, Optional[dict]] = {"point": None, "pass": None}
+    state: Dict[str, Optional[dict]] = {"point": None, "pass": None, "replay": None}
 
     def event():
         e = torch.cuda.Event(enable_timing=True)
@@ -48,14 +54,31 @@ def install(path: str) -> None:
             rec = state["pass"]
             if rec is None:
                 return orig(*args, **kwargs)
+            state["replay"] = rec
+            e0 = event()
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                state["replay"] = None
+            rec["graph"].append((e0, event()))
+            return out
+        return replay
+
+    def timed_segment(orig):
+        def replay(*args, **kwargs):
+            rec = state["replay"]
+            if rec is None:
+                return orig(*args, **kwargs)
             e0 = event()
             out = orig(*args, **kwargs)
-            rec["graph"].append((e0, event()))
+            rec["seg"].append((e0, event()))
             return out
         return replay
 
     for cls in (full.FullCudaGraphBackend, breakable.BreakableCudaGraphBackend):
         cls.replay = timed_replay(cls.replay)
+    for cls in (torch.cuda.CUDAGraph, dedup.DedupedCudaGraph):
+        cls.replay = timed_segment(cls.replay)
 
     orig_forward = ModelRunner.forward
 
@@ -63,7 +86,7 @@ def install(path: str) -> None:
         point = state["point"]
         if point is None or state["pass"] is not None:
             return orig_forward(self, forward_batch, *args, **kwargs)
-        rec = {"graph": [], "fwd": []}
+        rec = {"graph": [], "seg": [], "fwd": []}
         state["pass"] = rec
         e0 = event()
         try:
@@ -95,6 +118,8 @@ def install(path: str) -> None:
                 line[phase].append({
                     "graph_ms": sum(a.elapsed_time(b) for a, b in rec["graph"]),
                     "replays": len(rec["graph"]),
+                    "seg_ms": sum(a.elapsed_time(b) for a, b in rec["seg"]),
+                    "segments": len(rec["seg"]),
                     "fwd_ms": sum(a.elapsed_time(b) for a, b in rec["fwd"])})
             with open(path, "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -103,7 +128,11 @@ def install(path: str) -> None:
 
 
 def step_ms(step: dict) -> float:
-    """A pass's device time: its graph replays where it replayed a graph, else the forward."""
+    """A pass's device time: the sum of its graph segments where it replayed a graph (older
+    records without segments: the replay window), else the eager forward's window (prefills
+    above the captured sizes, device-bound)."""
+    if step.get("segments"):
+        return step["seg_ms"]
     return step["graph_ms"] if step["replays"] else step["fwd_ms"]
 
 

@@ -21,7 +21,16 @@ def _line(point, b, prefill, decode, warmup=False):
 
 
 def _step(graph_ms, fwd_ms, replays=1):
+    """A record as older runs wrote it (no segment times)."""
     return {"graph_ms": graph_ms if replays else 0.0, "replays": replays, "fwd_ms": fwd_ms}
+
+
+def test_step_ms_prefers_segments_then_the_replay_window_then_the_forward():
+    assert obt.step_ms({"graph_ms": 2.0, "replays": 1, "seg_ms": 1.5, "segments": 5,
+                        "fwd_ms": 3.0}) == 1.5
+    assert obt.step_ms({"graph_ms": 2.0, "replays": 1, "seg_ms": 0.0, "segments": 0,
+                        "fwd_ms": 3.0}) == 2.0
+    assert obt.step_ms(_step(0, 3.0, replays=0)) == 3.0
 
 
 def test_parse_drops_warmup_and_first_pass_and_prefers_graph_time():
@@ -55,9 +64,14 @@ import sys; sys.path.insert(0, {str(BENCH)!r})
 import one_batch_timing, sglang.benchmark.one_batch as ob
 from sglang.srt.model_executor.model_runner import ModelRunner
 from sglang.srt.model_executor.runner_backend import full_cuda_graph_backend as f, breakable_cuda_graph_backend as b
-before = (ob.latency_test_run_once, ModelRunner.forward, f.FullCudaGraphBackend.replay, b.BreakableCudaGraphBackend.replay)
+import torch
+from sglang.srt.model_executor.runner_backend import cuda_graph_dedup_mixin as d
+names = lambda: (ob.latency_test_run_once, ModelRunner.forward, f.FullCudaGraphBackend.replay,
+                 b.BreakableCudaGraphBackend.replay, torch.cuda.CUDAGraph.replay,
+                 d.DedupedCudaGraph.replay)
+before = names()
 one_batch_timing.install("/nonexistent")
-after = (ob.latency_test_run_once, ModelRunner.forward, f.FullCudaGraphBackend.replay, b.BreakableCudaGraphBackend.replay)
+after = names()
 assert all(x is not y for x, y in zip(before, after)), after
 print("ok")
 """
