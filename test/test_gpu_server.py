@@ -36,7 +36,9 @@ QWEN_K = models.QWEN3_SIZES["medium"]["num_experts_per_tok"]
 QWEN_LAYERS = models.QWEN3_SIZES["medium"]["num_hidden_layers"]
 DS_LAYERS = models.DEEPSEEK_V3["num_hidden_layers"]
 DS_FIRST_MOE = models.DEEPSEEK_V3["first_k_dense_replace"]
-BIG_BATCH = 40  # decode batch above --expert-choice-min-tokens (32): EC inside the bs-40 graph
+# a decode batch above --expert-choice-min-tokens (auto: 32 for 64 experts, top-8; DeepSeek's
+# 32 experts, top-4: 32): EC inside the bs-40 graph
+BIG_BATCH = 40
 COMMON = ["--max-total-tokens", "65536", "--max-running-requests", "64",
           "--cuda-graph-max-bs-decode", "64", "--decode-log-interval", "1"]
 EC = ["--enable-expert-choice", "--expert-choice-stats-interval", "1"]
