@@ -631,3 +631,14 @@ def test_routing_spec_built_from_topk_config_and_plugin_settings(grouped):
     assert (spec.num_expert_group, spec.topk_group) == ((4, 2) if grouped else (None, None))
     assert spec.correction_bias is bias
     assert spec.routed_scaling_factor == 2.5 and spec.apply_routed_scaling_factor_on_output
+
+
+def test_gpu_server_models_keep_a_min_tokens_of_32_under_auto():
+    """test_gpu_server.py's batch sizes (below-min requests, a 40-request decode batch above)
+    assume its models' thresholds are 32 under the auto default."""
+    from sglang_moe_routing.tools import models
+
+    cfg = ecf.ExpertChoiceConfig(enabled=True)
+    qwen, ds = models.QWEN3_SIZES["medium"], models.DEEPSEEK_V3
+    assert cfg.min_tokens_for(qwen["num_experts"], qwen["num_experts_per_tok"]) == 32
+    assert cfg.min_tokens_for(ds["n_routed_experts"], ds["num_experts_per_tok"]) == 32
