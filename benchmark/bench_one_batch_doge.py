@@ -8,8 +8,8 @@ Why one_batch: through the HTTP server (bench_serving.py --parts doge) Doge n=51
 decode takes ~3.3 ms per step with every backend (our reading, not profiled: host-bound, SGLang's
 overlap scheduler hiding the router's GPU time), so the server cannot show the goal's ratio. ``sglang.benchmark.one_batch``
 drives a ModelRunner in-process (CUDA graphs as SGLang's defaults, no HTTP, no scheduler, no
-overlap), so a decode step's latency is host + device time in series (H200, 2026-11-29: 0.47 ms
-of device work in a 1.6-2.0 ms step at B = 128 with Triton). A sibling of bench_one_batch_ec.py (not a ``--model``
+overlap), so a decode step's latency is host + device time in series (the device's share is
+printed beside it; docs/benchmarks.md, "Night runs"). A sibling of bench_one_batch_ec.py (not a ``--model``
 mode of it) because runs, checks and verdicts differ (backends of one model, not TC/EC/upstream);
 the shared machinery (child, argv, JSONL, budget) is one_batch_runner.py.
 
@@ -47,8 +47,8 @@ GPU (one H200; the ``onebatch_doge`` stage of benchmark/gpu_serving_session.sh, 
 with .gpuenv carried; SKIP_BUILD: Doge needs no EC kernel build):
     SKIP_BUILD=1 STAGES=onebatch_doge ONEBATCH_DOGE_LIMIT=540 bash benchmark/gpu_serving_session.sh
   which runs ``python3 benchmark/bench_one_batch_doge.py --out /tmp/onebatch_doge
-  --max-seconds 530``. Measured (H200, 2026-11-29, --passes 2): 6 runs of 45-63 s, 323 s in
-  all, plus the SGLang install (7-13 s).
+  --max-seconds 530``: about a minute per run at n = 512 (docs/benchmarks.md, "Night runs"),
+  plus the SGLang install.
   Should the budget skip the last run (triton2: no triton noise floor, nothing judged), split
   the goals over two calls: ``ONEBATCH_DOGE_ARGS="--backends triton,reference"``
   (goal 1, 4 runs) and ``"--backends triton,torch"`` (goal 2, 4 runs).

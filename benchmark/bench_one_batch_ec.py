@@ -356,9 +356,9 @@ class Bench(obr.Runner):
         a, kind = self.a, spec["kind"]
         ec = ["--enable-expert-choice", "--expert-capacity-factor", str(a.ec_capacity_factor),
               "--expert-choice-min-tokens", str(a.ec_min_tokens)]
-        # --mem-fraction-static 0.8: room for B=512 prefill activations (4 GiB blocks for a3b);
-        # at SGLang's default the KV pool leaves ~13 GB and a3b ran out of memory at B=512
-        # after a B=64 point (H200, 2026-11-29)
+        # --mem-fraction-static 0.8: room beside the KV pool for the activations of the largest
+        # prefill (a3b at B = 512 allocates 4 GiB blocks; at SGLang's default fraction it ran
+        # out of memory: docs/benchmarks.md, "Night runs")
         args = (self.device_args(["--mem-fraction-static", "0.8"]) + (ec if kind == "ec" else [])
                 + list(a.extra_args))
         return self.checked_run(

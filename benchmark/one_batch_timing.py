@@ -1,8 +1,8 @@
 """Device time per forward pass inside SGLang's ``bench_one_batch`` (CUDA events, no host time).
 
 one_batch times each prefill and decode step with ``time.perf_counter`` around a synchronised
-call, so its numbers carry host jitter: on the H200 the same decode graph at B = 1 took 1.0 ms
-in one pass and 1.5 ms in the next (2026-11-29, a3b model). Under CUDA-graph replay a routing
+call, so its numbers carry host jitter: the same decode graph can take half as long again in
+one pass as in the next (docs/benchmarks.md, "Night runs"). Under CUDA-graph replay a routing
 mode changes only device work (no Python hook runs in a replay), so the device time per step
 is the precise measure of what it costs, and its relative change is an upper bound on the
 relative change of the wall-clock step (wall = device + host).
