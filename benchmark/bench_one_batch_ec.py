@@ -22,7 +22,11 @@ the run exited 0 and wrote every point; its log shows the plugin's CLI flags wer
 X > 0, TC and UP runs log no such line.
 
 Verdicts per B and phase (tokens per forward pass: prefill B x L, decode B; EC routes a pass
-by token choice below --expert-choice-min-tokens):
+by token choice below --expert-choice-min-tokens, resolved for the model as the plugin does:
+``auto`` = max(32, 4 * E / k)), on device time when every TC and EC run has it (CUDA events
+around the graph segments, ``one_batch_timing.py``: EC changes only device work under graph
+replay, so its device-time share bounds its wall-clock share from above), else on the wall
+clock; both tables are written:
 * tokens >= min-tokens: "met" when EC/TC throughput >= --goal (0.97), judged only when the
   TC-vs-TC spread ((max - min) / median of the TC runs) is below --noise-limit (1%); else
   "noise floor too high".
@@ -31,14 +35,14 @@ by token choice below --expert-choice-min-tokens):
   --noise-limit).
 The goal rows are B >= 32 (both phases) and the decode rows below min-tokens.
 
-Writes bench_one_batch_ec.{json,md,png} and run_<i>_<label>.{log,jsonl} to --out ($OUT).
+Writes bench_one_batch_ec.{json,md,png} and run_<i>_<label>.{log,jsonl,gpu.jsonl} to --out
+($OUT); the plot shows EC/TC by B with the goal line.
 
-GPU (one H200; the ``onebatch`` stage of benchmark/gpu_serving_session.sh):
-    python3 benchmark/bench_one_batch_ec.py --max-seconds 240
-  With --qwen-size big (8 small layers) small-B steps are host-bound and the TC-vs-TC spread
-  was 1-6% at B = 32 and 128 on the H200 (2026-11-29): too noisy for the 3% verdict. The
-  GPU-bound alternative (4 layers of Qwen3-30B-A3B's shapes; not yet run):
-    python3 benchmark/bench_one_batch_ec.py --qwen-size a3b --passes 3 --max-seconds 290
+GPU (one H200; the ``onebatch`` stage of benchmark/gpu_serving_session.sh), 4 layers of
+Qwen3-30B-A3B's shapes (128 experts, where expert choice touches more experts than token
+choice at small batches):
+    python3 benchmark/bench_one_batch_ec.py --qwen-size a3b --passes 2 --order tc,ec,ec,tc \
+        --batch-sizes 1,8,32,64,128,512 --max-seconds 320
 CPU smoke (tiny model, ~1 min a run):
     python benchmark/bench_one_batch_ec.py --qwen-size small --batch-sizes 1,8,32 \\
         --input-len 16 --output-len 4 --repeats 1 --no-upstream --out /tmp/ob_cpu
