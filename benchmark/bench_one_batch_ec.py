@@ -409,12 +409,14 @@ def parse_args(argv=None):
     from sglang_moe_routing.tools import models
 
     ap = harness.base_parser(__doc__)
-    obr.add_common_args(ap, "1,8,32,128,512", input_len=256, output_len=64, max_seconds=540)
+    obr.add_common_args(ap, "1,8,32,64,128,512", input_len=256, output_len=64, max_seconds=540)
     ap.add_argument("--order", default=None,
                     help="the runs' kinds in order, e.g. tc,ec,up (instead of --repeats/--upstream)")
     ap.add_argument("--upstream", action=argparse.BooleanOptionalAction, default=True,
                     help="end with an upstream-only control run (SGLANG_PLUGINS=__none__)")
-    ap.add_argument("--qwen-size", default="big", choices=list(models.QWEN3_SIZES))
+    ap.add_argument("--qwen-size", default="a3b", choices=list(models.QWEN3_SIZES),
+                    help="a3b: 4 layers of Qwen3-30B-A3B's shapes (GPU-bound decode); big: "
+                         "8 small layers, 64 experts; small: the CPU smoke's")
     ap.add_argument("--ec-capacity-factor", type=float, default=1.25)
     ap.add_argument("--ec-min-tokens", default="auto",
                     help="--expert-choice-min-tokens of the EC runs: an integer or auto (the "

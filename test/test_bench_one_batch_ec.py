@@ -263,7 +263,8 @@ def test_parse_args_rejects_bad_values():
     assert ob.parse_args([]).ec_min_tokens == "auto"
     assert [ob.resolved_min_tokens(v, 128, 8) for v in ("auto", "32")] == [64, 32]
     a = ob.parse_args(["--out", "/tmp/x", "--extra-args", "--mem-fraction-static 0.5"])
-    assert a.batch_sizes == [1, 8, 32, 128, 512] and a.extra_args == ["--mem-fraction-static", "0.5"]
+    assert a.batch_sizes == [1, 8, 32, 64, 128, 512] and a.qwen_size == "a3b"
+    assert a.extra_args == ["--mem-fraction-static", "0.5"]
 
 
 # ----------------------------------------------------------------------------- CPU smoke
