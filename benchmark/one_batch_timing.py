@@ -110,19 +110,26 @@ def install(path: str) -> None:
                              **kwargs)
         finally:
             state["point"] = None
-            torch.cuda.synchronize()
-            line = {"point": count[0], "warmup": count[0] == 0, "batch_size": int(batch_size),
-                    "prefill": [], "decode": []}
             count[0] += 1
-            for phase, rec in point["steps"]:
-                line[phase].append({
-                    "graph_ms": sum(a.elapsed_time(b) for a, b in rec["graph"]),
-                    "replays": len(rec["graph"]),
-                    "seg_ms": sum(a.elapsed_time(b) for a, b in rec["seg"]),
-                    "segments": len(rec["seg"]),
-                    "fwd_ms": sum(a.elapsed_time(b) for a, b in rec["fwd"])})
-            with open(path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            try:  # the probes must never fail a run: one_batch's own numbers stand alone
+                write_point(count[0] - 1, int(batch_size), point["steps"])
+            except Exception as exc:  # noqa: BLE001
+                print(f"ONEBATCH gpu_time: point {count[0] - 1} not recorded ({exc!r})",
+                      flush=True)
+
+    def write_point(index: int, batch_size: int, steps) -> None:
+        torch.cuda.synchronize()
+        line = {"point": index, "warmup": index == 0, "batch_size": batch_size,
+                "prefill": [], "decode": []}
+        for phase, rec in steps:
+            line[phase].append({
+                "graph_ms": sum(a.elapsed_time(b) for a, b in rec["graph"]),
+                "replays": len(rec["graph"]),
+                "seg_ms": sum(a.elapsed_time(b) for a, b in rec["seg"]),
+                "segments": len(rec["seg"]),
+                "fwd_ms": sum(a.elapsed_time(b) for a, b in rec["fwd"])})
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     one_batch.latency_test_run_once = run_once
 

@@ -77,3 +77,85 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+FAKE_FLOW = r'''
+import json, sys, time, types
+sys.path.insert(0, BENCH)
+import torch
+import sglang.benchmark.one_batch as ob
+from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.model_executor.runner_backend import (
+    breakable_cuda_graph_backend as bcg, cuda_graph_dedup_mixin as dd, full_cuda_graph_backend as fcg)
+
+class Event:  # CPU stand-in for torch.cuda.Event: milliseconds between records
+    def __init__(self, enable_timing=False):
+        self.t = None
+    def record(self):
+        self.t = time.perf_counter()
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+torch.cuda.Event = Event
+torch.cuda.synchronize = lambda *a, **k: None
+
+def work(ms):
+    t = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < t:
+        pass
+
+# SGLang's call chain, faked below the wrappers: forward -> backend replay -> segment replays
+# (a breakable prefill graph: 3 segments with eager "attention" between them; decode: one graph)
+torch.cuda.CUDAGraph.replay = lambda self: work(2)
+dd.DedupedCudaGraph.replay = lambda self, stream=None: work(2)
+def bcg_replay(self, *a, **k):
+    for i in range(3):
+        torch.cuda.CUDAGraph.replay(object())
+        if i < 2:
+            work(5)  # the eager attention between segments
+bcg.BreakableCudaGraphBackend.replay = bcg_replay
+fcg.FullCudaGraphBackend.replay = lambda self, *a, **k: dd.DedupedCudaGraph.replay(object())
+def forward(self, fb, *a, **k):
+    work(1)  # host preparation
+    if fb.forward_mode.is_decode():
+        return fcg.FullCudaGraphBackend.replay(object())
+    return bcg.BreakableCudaGraphBackend.replay(object())
+ModelRunner.forward = forward
+def batch(decode):
+    return types.SimpleNamespace(forward_mode=types.SimpleNamespace(is_decode=lambda: decode))
+def run_once(run_name, model_runner, rank_print, reqs, batch_size, *a, **k):
+    ModelRunner.forward(None, batch(False))
+    for _ in range(2):
+        ModelRunner.forward(None, batch(True))
+    return {"batch_size": batch_size}
+ob.latency_test_run_once = run_once
+
+import one_batch_timing
+one_batch_timing.install(PATH)
+assert ob.latency_test_run_once(None, None, print, [], 4) == {"batch_size": 4}
+ob.latency_test_run_once(None, None, print, [], 8)
+ModelRunner.forward(None, batch(True))  # outside a point: not recorded, still runs
+print("ok")
+'''
+
+
+def test_probes_nest_as_sglang_calls_them(tmp_path):
+    """The wrappers on SGLang's real names, driven by fakes of the call chain (no CUDA): one
+    record per point, segments counted only inside a replay, eager work between segments left
+    out of seg_ms but inside the replay window, host preparation inside fwd_ms only."""
+    pytest.importorskip("sglang")
+    path = tmp_path / "t.gpu.jsonl"
+    code = f"BENCH = {str(BENCH)!r}\nPATH = {str(path)!r}\n" + FAKE_FLOW
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x["point"], x["warmup"], x["batch_size"]) for x in lines] == [(0, True, 4), (1, False, 8)]
+    for x in lines:
+        (pre,), dec = x["prefill"], x["decode"]
+        assert (pre["replays"], pre["segments"]) == (1, 3) and len(dec) == 2
+        assert 6 <= pre["seg_ms"] < 9  # three 2 ms segments, not the 10 ms of attention
+        assert pre["graph_ms"] >= pre["seg_ms"] + 10 and pre["fwd_ms"] >= pre["graph_ms"] + 1
+        for d in dec:
+            assert (d["replays"], d["segments"]) == (1, 1) and 2 <= d["seg_ms"] < 3.5
+            assert d["fwd_ms"] >= d["graph_ms"] + 1
+    got = obt.parse(path.read_text(), [8], passes=1)
+    assert 6e-3 <= got[8]["prefill_gpu"] < 9e-3 and 2e-3 <= got[8]["decode_gpu"] < 3.5e-3
