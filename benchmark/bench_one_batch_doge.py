@@ -72,6 +72,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 import one_batch_runner as obr  # noqa: E402
 from harness import Checks, fmt, md_table, spread  # noqa: E402
+from one_batch_runner import has_device_time  # noqa: E402
 from sglang_moe_routing.omni import BACKENDS  # noqa: E402 (= --omni-router-backend's choices)
 
 NAME = "bench_one_batch_doge"
@@ -240,12 +241,6 @@ def judged(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int], 
     return result
 
 
-def has_device_time(runs: Sequence[dict]) -> bool:
-    used = [r for r in runs if not r.get("failure")]
-    return bool(used) and all(p.get("decode_gpu") is not None and p.get("prefill_gpu") is not None
-                              for r in used for p in r["points"].values())
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -259,15 +254,8 @@ def _pct(x):
 
 def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
     bk = result["backends"]
-    head = [f"# Omni router backends on Doge through SGLang bench_one_batch\n",
-            f"- device: {meta['device']}", f"- date: {meta['date']}",
-            f"- torch {meta['torch']}, sglang {meta['sglang']}",
-            f"- command: `{meta['command']}`", f"- model: {meta['model']}",
-            f"- per point: {meta['timing']}",
-            "- runs (in order): " + ", ".join(
-                f"{r['label']} {fmt(r.get('wall_s'), '.0f')} s"
-                + (f" **FAILED: {r['failure']}**" if r.get("failure") else "") for r in runs),
-            f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else "",
+    head = obr.report_head("Omni router backends on Doge through SGLang bench_one_batch", meta,
+                           runs) + [
             f"\n**Goal 1 (triton >= {meta['goal_ratio']}x reference, n={meta['goal_n']} "
             f"B={meta['goal_batch']} decode): {result['goal1']}**",
             f"\n**Goal 2 (triton >= torch within the noise floor, every row), judged on "

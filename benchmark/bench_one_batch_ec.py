@@ -226,13 +226,6 @@ def analyse(runs: Sequence[dict], batch_sizes: Sequence[int], input_len: int, mi
             "exit_code": checks.exit_code(), "measure": measure}
 
 
-def has_device_time(runs: Sequence[dict], batch_sizes: Sequence[int]) -> bool:
-    """Every usable TC and EC run has device times at every point."""
-    used = [r for r in runs if r["kind"] in ("tc", "ec") and not r.get("failure")]
-    return bool(used) and all(r["points"].get(b, {}).get(f"{ph}_gpu") is not None
-                              for r in used for b in batch_sizes for ph in ("prefill", "decode"))
-
-
 MEASURES = {
     "gpu": ("device time per pass (one_batch_timing.py: CUDA events around each CUDA-graph "
             "segment -- decode is one graph; a prefill of up to 8192 tokens is a breakable "
@@ -248,7 +241,7 @@ def judged(runs: Sequence[dict], batch_sizes: Sequence[int], input_len: int, min
     """:func:`analyse` on device time where every run has it (the verdict), with the wall
     clock beside it (``other``); on the wall clock alone otherwise."""
     wall = analyse(runs, batch_sizes, input_len, min_tokens, goal, noise_limit)
-    if not has_device_time(runs, batch_sizes):
+    if not obr.has_device_time([r for r in runs if r["kind"] in ("tc", "ec")]):
         return {**wall, "measure_name": "wall clock", "other": None}
     gpu = analyse(runs, batch_sizes, input_len, min_tokens, goal, noise_limit, measure="gpu")
     return {**gpu, "measure_name": "device time", "other": wall}
@@ -266,18 +259,10 @@ def _pct(x):
 
 
 def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
-    head = [f"# EC vs TC through SGLang bench_one_batch\n",
-            f"- device: {meta['device']}", f"- date: {meta['date']}",
-            f"- torch {meta['torch']}, sglang {meta['sglang']}",
-            f"- command: `{meta['command']}`", f"- model: {meta['model']}",
-            f"- per point: {meta['timing']}",
-            "- runs (in order): " + ", ".join(
-                f"{r['label']} {fmt(r.get('wall_s'), '.0f')} s"
-                + (f" **FAILED: {r['failure']}**" if r.get("failure") else "")
-                + (f" (EC on {r['log']['coverage'][0]}/{r['log']['coverage'][1]} layers)"
-                   if r["kind"] == "ec" and (r.get("log") or {}).get("coverage") else "")
-                for r in runs),
-            f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else "",
+    head = obr.report_head(
+        "EC vs TC through SGLang bench_one_batch", meta, runs,
+        lambda r: (f" (EC on {r['log']['coverage'][0]}/{r['log']['coverage'][1]} layers)"
+                   if r["kind"] == "ec" and (r.get("log") or {}).get("coverage") else "")) + [
             f"\n**Goal (EC costs <= {1 - meta['goal']:.0%} at B >= 32, nothing measurable "
             f"below min-tokens), judged on {result['measure_name']}: {result['overall']}**\n",
             "Times in ms, one value per run (TC runs, then EC runs, in run order). "

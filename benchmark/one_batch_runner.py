@@ -107,6 +107,33 @@ def missing_points(points: Dict[int, dict], batch_sizes: Sequence[int]) -> Optio
     return f"no result for B={missing}" if missing else None
 
 
+def has_device_time(runs: Sequence[dict]) -> bool:
+    """Every run that passed its checks has device times (``one_batch_timing``) for both
+    phases at every point it measured."""
+    used = [r for r in runs if not r.get("failure")]
+    return bool(used) and all(p.get("decode_gpu") is not None and p.get("prefill_gpu") is not None
+                              for r in used for p in r["points"].values())
+
+
+def report_head(title: str, meta: dict, runs: Sequence[dict],
+                run_note: Callable[[dict], str] = lambda r: "") -> List[str]:
+    """The report's title and the lines every driver starts with: device, date, versions,
+    command, model, timing, the runs in order (a failure in bold, then ``run_note(run)``) and
+    the runs the budget skipped (an empty string when none)."""
+    from harness import fmt
+
+    return [f"# {title}\n",
+            f"- device: {meta['device']}", f"- date: {meta['date']}",
+            f"- torch {meta['torch']}, sglang {meta['sglang']}",
+            f"- command: `{meta['command']}`", f"- model: {meta['model']}",
+            f"- per point: {meta['timing']}",
+            "- runs (in order): " + ", ".join(
+                f"{r['label']} {fmt(r.get('wall_s'), '.0f')} s"
+                + (f" **FAILED: {r['failure']}**" if r.get("failure") else "") + run_note(r)
+                for r in runs),
+            f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else ""]
+
+
 def write_tokenizer(path: Path) -> str:
     """A one-word tokenizer: one_batch loads a tokenizer though it feeds token ids."""
     if not (path / "tokenizer.json").exists():
