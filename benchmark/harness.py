@@ -404,6 +404,20 @@ def spread(xs: Sequence[Optional[float]]) -> Optional[float]:
     return (max(xs) - min(xs)) / statistics.median(xs)
 
 
+def pair_bounds(base: Sequence[float], cand: Sequence[float]
+                ) -> Optional[Tuple[float, float]]:
+    """``(worst, best)`` throughput ratios ``base time / candidate time`` over every pairing of
+    one baseline run with one candidate run: worst = the fastest baseline run against the
+    slowest candidate run, best = the other way round. A goal that the worst pairing meets
+    (or the best pairing misses) holds for every pair of runs, whatever the noise floor
+    estimate says. None with fewer than two runs on either side."""
+    base = [x for x in base if x is not None and x == x]
+    cand = [x for x in cand if x is not None and x == x]
+    if len(base) < 2 or len(cand) < 2 or min(cand) <= 0:
+        return None
+    return min(base) / max(cand), max(base) / min(cand)
+
+
 def md_table(header: Sequence[str], rows: Iterable[Sequence[object]],
              align: Optional[str] = None) -> str:
     """A markdown table; ``align`` is ``---`` (default) or ``---:`` for every column."""

@@ -131,7 +131,8 @@ def report_head(title: str, meta: dict, runs: Sequence[dict],
                 f"{r['label']} {fmt(r.get('wall_s'), '.0f')} s"
                 + (f" **FAILED: {r['failure']}**" if r.get("failure") else "") + run_note(r)
                 for r in runs),
-            f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else ""]
+            f"- skipped: {', '.join(meta['skipped'])}" if meta.get("skipped") else "",
+            f"- re-judged: {meta['rejudged']}" if meta.get("rejudged") else ""]
 
 
 def write_tokenizer(path: Path) -> str:
@@ -302,6 +303,22 @@ class Runner:
         result["markdown"] = text
         return result
 
+    def rejudge(self, path: str) -> None:
+        """``--rejudge``: take the meta and runs of a saved ``<NAME>.json`` instead of running
+        (no new measurement), so that ``write()`` judges them by this version's rules into
+        --out. The batch sizes and --input-len come from the saved runs and meta."""
+        saved = json.loads(Path(path).read_text())
+        self.runs = [dict(r, points={int(b): p for b, p in (r.get("points") or {}).items()})
+                     for r in saved["runs"]]
+        self.meta = dict(saved["meta"], rejudged=(
+            f"{self.meta['date']}: the saved runs of {Path(path).name} judged again by "
+            f"`{self.meta['command']}` (no new measurement)"))
+        self.a.batch_sizes = sorted({b for r in self.runs for b in r["points"]})
+        m = re.search(r"B x (\d+) ", self.meta.get("timing", ""))
+        if m:
+            self.a.input_len = int(m.group(1))
+        self.log(f"re-judging {len(self.runs)} saved runs of {path}")
+
     def finish(self, goals: str) -> int:
         """The final report on stdout; the exit status (1 when a check failed)."""
         result = self.write()
@@ -352,6 +369,9 @@ def add_common_args(ap, batch_sizes: str, input_len: int, output_len: int, max_s
     ap.add_argument("--model-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                         "bench_one_batch_models"))
     ap.add_argument("--repeats", type=int, default=1, help="blocks of the run order")
+    ap.add_argument("--rejudge", default=None, metavar="JSON",
+                    help="run nothing: judge the runs saved in this report JSON again (this "
+                         "version's verdict rules) and write the report to --out")
 
 
 def check_common_args(ap, a) -> None:

@@ -289,3 +289,27 @@ def test_cpu_run_with_the_wrong_backend_is_refused(tmp_path):
     assert d["runs"][0]["failure"] == ("the model got --omni-router-backend torch, the run "
                                        "asked for reference")
     assert d["result"]["goal1"] == "n/a (correctness check failed: n8_reference1)"
+
+
+def test_noisy_goal_rows_are_decided_when_every_run_pair_agrees():
+    # B=1: triton runs 10% apart (above the 5% limit) but its slowest run (0.55 ms) still beats
+    # torch's fastest (0.80 ms): met. B=128: its fastest run (1.2) loses to torch's slowest
+    # (1.05): missed. Goal 1: triton 1.0/1.1 vs reference 2.0/2.02 -> every pair >= 1.82.
+    runs = _mirrored(({1: 0.50, 128: 1.00}, {1: 0.55, 128: 1.10}),
+                     ({1: 0.80, 128: 1.00}, {1: 0.80, 128: 1.05}),
+                     ({1: 1.00, 128: 2.00}, {1: 1.00, 128: 2.02}))
+    for r in runs:
+        if r["backend"] == "triton":
+            r["points"][128]["decode_latency"] += 0.2e-3  # 1.2 and 1.3 ms
+    rows = _rows(res := obd.analyse(runs, [512], [1, 128], input_len=64))
+    assert rows[(512, 1, "decode")]["goal2"] == "met (every run pair: triton/torch >= 1.45)"
+    assert rows[(512, 128, "decode")]["goal2"] == (
+        "MISSED (every run pair: triton/torch <= 0.88 < 1.0)")
+    assert res["goal2"] == "MISSED"
+    assert rows[(512, 128, "decode")]["goal1"] == (
+        "met (every run pair: triton/reference >= 1.54)")
+    assert res["goal1"] == "met"
+    # pairs that disagree stay not judged
+    runs = _mirrored(({128: 1.0}, {128: 1.1}), ({128: 1.0}, {128: 1.0}), ({128: 3.0}, {128: 3.0}))
+    assert _rows(obd.analyse(runs, [512], [128], 64))[(512, 128, "decode")]["goal2"] == (
+        "not judged: noise floor 9.5% >= 5%")

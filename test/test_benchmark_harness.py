@@ -324,3 +324,14 @@ def test_issue_12_fused_goals_cover_their_t_ranges():
     assert (two["met"], two["of"], two["missed"]) == (1, 2, ["T=1024,E=64,k=8"])
     three = goals["within_3x_fused_tc_T=32768"]
     assert (three["met"], three["of"], three["yardstick"]) == (1, 1, "fused_tc")
+
+
+def test_pair_bounds_are_the_extreme_run_pairings():
+    from harness import pair_bounds
+
+    # baseline times 10, 11; candidate times 10.5, 12 (ms): worst = 10 / 12, best = 11 / 10.5
+    assert pair_bounds([10.0, 11.0], [12.0, 10.5]) == (10.0 / 12.0, 11.0 / 10.5)
+    assert pair_bounds([10.0], [12.0, 10.5]) is None  # one run is no repetition
+    assert pair_bounds([10.0, None, float("nan")], [12.0, 10.5]) is None
+    lo, hi = pair_bounds([1.0, 1.0], [1.0, 1.0])
+    assert lo == hi == 1.0
