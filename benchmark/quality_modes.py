@@ -109,6 +109,23 @@ class RoutingState:
         return out
 
 
+def one_rank_tp_group():
+    """``get_parallel().override(tp_group=...)`` with the tensor-parallel group a 1-rank run has
+    (world size 1, rank 0), for this process without SGLang's distributed init.
+
+    SGLang's ``TopK.forward_cuda`` reads ``get_parallel().tp_group`` for
+    ``use_symmetric_memory`` on its standard-output branch, which raises until distributed init
+    writes the group (``forward_native``, the CPU path, does not read it). The value is group
+    metadata only, as SGLang's own ``sglang/test/parallel_groups.py`` states groups for tests
+    without distributed groups: ``use_symmetric_memory`` reads at most ``world_size`` and
+    turns itself off at 1. SGLang's ``override`` checks it against the published ``tp_size``
+    and restores the previous values on exit."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().override(
+        tp_group=types.SimpleNamespace(rank_in_group=0, world_size=1))
+
+
 class SglangTopK:
     """The ``sglang`` router path: SGLang's own ``sglang.srt.layers.moe.topk.TopK``, one per MoE
     layer, built as SGLang's ``qwen3_moe`` model builds it (``top_k = num_experts_per_tok``,
@@ -117,7 +134,8 @@ class SglangTopK:
     triton MoE runner binds), with the plugin registered and its routing hooks applied
     (``plugin.install_feature_hooks(force=True)``, as a server with expert choice on) and
     SGLang's server args published in this process (the plugin's
-    ``config.published_server_args``, as the demo and the integration tests do). Token choice is
+    ``config.published_server_args``, as the demo and the integration tests do) and, on cuda,
+    the 1-rank tensor-parallel group ``TopK.forward_cuda`` reads (``one_rank_tp_group``). Token choice is
     upstream's own ``select_experts`` (the plugin's section says expert choice is off); EC /
     hybrid modes set the section (capacity factor, min tokens, backend) so the plugin's hook
     routes inside ``TopK``. Use as a context manager; raises ``ImportError`` without sglang."""
@@ -147,6 +165,8 @@ class SglangTopK:
         self._stack.enter_context(config.published_server_args(
             "--log-level", "warning", "--device", self.device.type))
         self._stack.callback(config.set_sections, None)
+        if self.device.type == "cuda":  # after publishing (it resets the context): LIFO undo
+            self._stack.enter_context(one_rank_tp_group())
         logging.getLogger().setLevel(logging.WARNING)
         return self
 

@@ -6,11 +6,14 @@ expert ids and weights (to 1e-6) on every router call of a Qwen3-MoE forward, fo
 EC cf 1.25 and the hybrid rule (both below and above its 32-token switch); the sglang path
 really runs upstream's ``select_experts`` for token choice and the plugin's hook for EC; the
 eval's report names the path and per-mode rows agree between the two paths; and
-``--router-path sglang`` without sglang stops with one line.
+``--router-path sglang`` without sglang stops with one line. Set up for device cuda, SGLang's
+``TopK.forward_cuda`` (run here on CPU tensors, EC modes: token choice there needs sgl_kernel)
+finds the 1-rank tp_group it reads and equals ``expert_choice_topk`` exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 
 import eval_routing_quality as erq  # noqa: E402
 import quality_modes as qm  # noqa: E402
+from sglang_moe_routing.expert_choice import expert_choice_topk  # noqa: E402
 
 HYBRID = next(m for m in qm.DEFAULT_MODES if m.name.startswith("hybrid"))
 MODES = [qm.DEFAULT_MODES[0], next(m for m in qm.DEFAULT_MODES if m.name == "ec1.25"), HYBRID]
@@ -119,6 +123,85 @@ def test_sglang_topk_equals_dispatch(sglang_path, monkeypatch, norm_topk_prob):
     assert all(torch.equal(a, b) for a, b in zip(ids_by[(HYBRID.name, 16)], ids_by[("tc", 16)]))
     assert all(torch.equal(a, b)
                for a, b in zip(ids_by[(HYBRID.name, 64)], ids_by[("ec1.25", 64)]))
+
+
+@pytest.fixture
+def sglang_cuda_path():
+    """The eval's sglang path set up for device cuda (here on the CPU: TopK's layers are built
+    and published as on the GPU; the tests call ``TopK.forward_cuda`` on CPU tensors)."""
+    pytest.importorskip("sglang")
+    path, sg, note = qm.resolve_router_path("sglang", torch.device("cuda"))
+    assert path == "sglang" and sg is not None
+    yield sg
+    sg.__exit__(None, None, None)
+
+
+def _forward_cuda_vs_dispatch(sg, mode, backend, renormalize, monkeypatch):
+    """``TopK.forward_cuda`` of the sglang path (mode's section, ``backend``) and our
+    ``expert_choice_topk`` on the same CPU logits ``[64, 8]``, k = 2; and the EC hook's calls."""
+    from sglang_moe_routing.integration import expert_choice_hooks as ech
+
+    hook_calls = []
+    real_hook = ech.route_expert_choice
+    monkeypatch.setattr(ech, "route_expert_choice",
+                        lambda *a, **k: hook_calls.append(1) or real_hook(*a, **k))
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    sg.set_mode(mode, backend)
+    try:
+        out = sg.layer(0, 2, renormalize).forward_cuda(logits, logits)
+    finally:
+        sg.set_mode(None)
+    w_ref, i_ref = expert_choice_topk(
+        logits, 2, mode.capacity_factor, renormalize=renormalize, scoring_func="softmax",
+        min_tokens=mode.min_tokens, backend=backend)
+    return (out.topk_weights, out.topk_ids), (w_ref, i_ref), len(hook_calls)
+
+
+# Token choice (and the hybrid below its switch) is upstream's select_experts, whose CUDA branch
+# calls sgl_kernel's topk_softmax: not runnable on the CPU, so only EC modes drive forward_cuda.
+EC_MODES = [m for m in qm.DEFAULT_MODES if m.kind == "ec"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topk_forward_cuda_runs_and_equals_dispatch(sglang_cuda_path, monkeypatch, backend,
+                                                    renormalize):
+    """SGLang's TopK CUDA branch (standard output: ``use_symmetric_memory(tp_group)`` around
+    ``select_experts``) routes through the plugin's hook, equal to our dispatch function."""
+    assert {m.name for m in EC_MODES} >= {"ec1.0", "ec1.25", "ec2.0", HYBRID.name}
+    ids = {}
+    for mode in EC_MODES:
+        (w, i), (w_ref, i_ref), hooked = _forward_cuda_vs_dispatch(
+            sglang_cuda_path, mode, backend, renormalize, monkeypatch)
+        assert hooked == 1, mode.name  # 64 tokens >= the hybrid's 32: EC in force
+        assert i.shape == (64, 2) and torch.equal(i.long(), i_ref.long()), mode.name
+        assert w.dtype == w_ref.dtype and torch.equal(w, w_ref), mode.name
+        ids[mode.name] = i.long()
+    assert not torch.equal(ids["ec1.0"], ids["ec2.0"])  # the section's capacity reached the hook
+
+
+def test_tp_group_override_only_for_cuda_and_undone(sglang_path):
+    """The 1-rank tp_group is stated inside SglangTopK(cuda) only and gone after exit; SglangTopK
+    (cpu) (TopK.forward_native, no tp_group read) leaves it unwritten."""
+    from sglang.srt.runtime_context import get_parallel
+
+    unwritten = r"parallel name 'tp_group' has not been written"
+    with pytest.raises(RuntimeError, match=unwritten):
+        get_parallel().tp_group  # noqa: B018 - inside the cpu path (the fixture)
+    with qm.SglangTopK(torch.device("cuda")):
+        group = get_parallel().tp_group
+        assert (group.world_size, group.rank_in_group) == (1, 0)
+    with pytest.raises(RuntimeError, match=unwritten):
+        get_parallel().tp_group  # noqa: B018
+
+
+def test_forward_cuda_without_the_override_raises(sglang_cuda_path, monkeypatch):
+    """Guard: the equality test above fails on the bug (no tp_group in this process)."""
+    sglang_cuda_path.__exit__(None, None, None)
+    monkeypatch.setattr(qm, "one_rank_tp_group", contextlib.nullcontext)
+    with qm.SglangTopK(torch.device("cuda")) as sg:
+        with pytest.raises(RuntimeError, match=r"parallel name 'tp_group' has not been written"):
+            _forward_cuda_vs_dispatch(sg, EC_MODES[0], "reference", True, monkeypatch)
 
 
 def _eval_inputs(tmp_path):
