@@ -248,9 +248,11 @@ def analyse(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int],
 def judged(runs: Sequence[dict], ns: Sequence[int], batch_sizes: Sequence[int], input_len: int,
            goal_n: int, goal_batch: int, goal_ratio: float, noise_limit: float) -> dict:
     """Goal 1 (a speed-up) on the wall clock; goal 2 (Triton no slower than torch) on device
-    time where every run has it: under graph replay the router changes only device work, the
-    host's share of a step is the same for both backends, so the device-time verdict carries
-    to the wall clock. ``goal2_wall`` keeps the wall-clock verdict."""
+    time where every run has it: under graph replay the router changes only device work, and
+    the wall clock's same-backend spreads (7-48% on the H200) are too large to judge. The
+    wall-clock verdict is kept beside it (``goal2_wall``): host time differs between
+    processes, so the device-time verdict is not a bound on it (docs/benchmarks.md,
+    "Late-night runs")."""
     result = analyse(runs, ns, batch_sizes, input_len, goal_n, goal_batch, goal_ratio,
                      noise_limit)
     result["goal2_measure"] = "wall clock"
