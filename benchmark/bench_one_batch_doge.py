@@ -296,6 +296,14 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
                  "Goal 1 is a speed-up and is judged end to end (the table above); goal 2 "
                  "(Triton no slower than torch) is judged here: the router changes only device "
                  "work under graph replay. Goal 1's column here is for information.\n\n" + _table(result["device_time"], bk) + "\n")
+    bs = sorted({r["B"] for r in result["rows"]})
+    rows = []
+    for n in sorted({r["n"] for r in result["rows"]}):
+        rows += obr.host_table(bs, [(k, [r for r in runs if r["n"] == n and r["backend"] == k])
+                                    for k in bk], lead=[n])
+    if rows:
+        text += (f"\n### Shown, not judged: {obr.HOST_NOTE}\n\n"
+                 + md_table(obr.host_header(bk, ["n"]), rows) + "\n")
     return text
 
 

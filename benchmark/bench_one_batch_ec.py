@@ -288,6 +288,12 @@ def markdown(meta: dict, runs: Sequence[dict], result: dict) -> str:
         body.append(f"### {'Judged' if is_judged else 'Shown, not judged'}: "
                     f"{MEASURES[res['measure']]}\n")
         body.append(_table(res) + "\n")
+    cols = [(k.upper(), [r for r in runs if r["kind"] == k]) for k in KINDS
+            if any(r["kind"] == k for r in runs)]
+    rows = obr.host_table(sorted({r["B"] for r in result["rows"]}), cols)
+    if rows:
+        body.append(f"### Shown, not judged: {obr.HOST_NOTE}\n")
+        body.append(md_table(obr.host_header([c[0] for c in cols]), rows) + "\n")
     return "\n".join(h for h in head if h) + "\n" + "\n".join(body)
 
 

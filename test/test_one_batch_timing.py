@@ -52,9 +52,21 @@ def test_parse_drops_warmup_and_first_pass_and_prefers_graph_time():
     assert got[1]["decode_gpu"] == pytest.approx(1.15e-3)
     assert got[32]["prefill_gpu"] == pytest.approx(21e-3)  # eager: the forward's events
     assert got[1]["graph"] == {"prefill": True, "decode": True}
+    assert got[1]["decode_host"] is None  # records from before host_ms
     assert got[32]["graph"] == {"prefill": False, "decode": True}
     # a batch size short of its passes is left out
     assert set(obt.parse("\n".join(lines[:6]) + "\n", [1, 32], passes=3)) == {1}
+
+
+def test_parse_takes_the_median_host_time_of_the_decode_steps():
+    def dec(host):
+        return [dict(_step(1.0, 2.0), host_ms=h) for h in host]
+    lines = [_line(0, 4, _step(9, 9), dec([9, 9]), warmup=True),
+             _line(1, 4, _step(3, 4), dec([5.0, 5.0])),           # pass 1, discarded
+             _line(2, 4, _step(3, 4), dec([0.4, 0.6, 0.5])),      # pass 2: 0.5
+             _line(3, 4, _step(3, 4), dec([0.7, 0.7, 0.8]))]      # pass 3: 0.7
+    got = obt.parse("\n".join(lines) + "\n", [4], passes=3)
+    assert got[4]["decode_host"] == pytest.approx(0.6e-3)
 
 
 def test_probes_attach_to_sglang_names():
@@ -157,5 +169,9 @@ def test_probes_nest_as_sglang_calls_them(tmp_path):
         for d in dec:
             assert (d["replays"], d["segments"]) == (1, 1) and 2 <= d["seg_ms"] < 3.5
             assert d["fwd_ms"] >= d["graph_ms"] + 1
+            # host time of the call: on these synchronous fakes, the whole forward (1 ms of
+            # preparation + the 2 ms "replay"), as the CPU stand-in events also measure it
+            assert 3 <= d["host_ms"] and abs(d["host_ms"] - d["fwd_ms"]) < 1
     got = obt.parse(path.read_text(), [8], passes=1)
     assert 6e-3 <= got[8]["prefill_gpu"] < 9e-3 and 2e-3 <= got[8]["decode_gpu"] < 3.5e-3
+    assert 3e-3 <= got[8]["decode_host"] < 5e-3
