@@ -326,6 +326,22 @@ def test_issue_12_fused_goals_cover_their_t_ranges():
     assert (three["met"], three["of"], three["yardstick"]) == (1, 1, "fused_tc")
 
 
+def test_issue_12_2x_goal_counts_only_points_where_expert_choice_runs():
+    """The default min-tokens (auto: max(32, 4 * E / k)) routes T = 32 at E = 128 (auto 64)
+    and T = 128 at E = 384 (auto 192) by token choice: not counted; T = 128 at E = 128 is."""
+    assert [bench_routing.ec_runs_from(e, 8) for e in (64, 128, 256, 384)] == [32, 64, 128, 192]
+    checks = Checks()
+    rows = []
+    for T, E in ((32, 128), (128, 384), (128, 128)):
+        for name in ("ec_cuda", "fused_tc", "torch_tc"):
+            checks.record((name, T, E, 8), None)
+        rows.append({"T": T, "E": E, "k": 8, "us": {"ec_cuda": 25.0, "fused_tc": 10.0,
+                                                    "torch_tc": 50.0}})
+    _, goals = bench_routing.tables(rows, checks, paths=())
+    two = goals["within_2x_fused_tc_32<=T<=1024"]
+    assert (two["met"], two["of"], two["missed"]) == (0, 1, ["T=128,E=128,k=8"])
+
+
 def test_pair_bounds_are_the_extreme_run_pairings():
     from harness import pair_bounds
 
