@@ -138,32 +138,43 @@ def report_head(title: str, meta: dict, runs: Sequence[dict],
 def host_table(batch_sizes: Sequence[int], columns: Sequence[tuple], lead: Sequence = ()) -> List[list]:
     """Rows of the host-time table: per B, each column's decode-step host time per run (ms,
     ``decode_host`` of ``one_batch_timing.parse``: ``time.perf_counter`` around
-    ``ModelRunner.forward``) and each later column's median minus the first's (us).
+    ``ModelRunner.forward``), then each later column's median minus the first's (us), first
+    for that host time, then for its on-CPU part (``decode_host_cpu``, ``time.thread_time``).
     ``columns``: ``[(name, runs)]``; ``lead``: cells put before B (e.g. Doge's n)."""
     from harness import fmt
 
+    def values(runs, b, key):
+        return [r["points"][b][key] * 1e3 for r in runs
+                if not r.get("failure") and r.get("points", {}).get(b, {}).get(key) is not None]
+
+    def diffs(meds):
+        return [fmt((m - meds[0]) * 1e3, "+.0f") if m is not None and meds[0] is not None
+                else "-" for m in meds[1:]]
+
     rows = []
     for b in batch_sizes:
-        vals = [[r["points"][b]["decode_host"] * 1e3 for r in runs
-                 if not r.get("failure") and r.get("points", {}).get(b, {}).get("decode_host")
-                 is not None] for _, runs in columns]
+        vals = [values(runs, b, "decode_host") for _, runs in columns]
         if not any(vals):
             continue
         med = [statistics.median(v) if v else None for v in vals]
+        cpu = [values(runs, b, "decode_host_cpu") for _, runs in columns]
+        cmed = [statistics.median(v) if v else None for v in cpu]
         rows.append(list(lead) + [b] + [", ".join(f"{x:.3f}" for x in v) or "-" for v in vals]
-                    + [fmt((m - med[0]) * 1e3, "+.0f") if m is not None and med[0] is not None
-                       else "-" for m in med[1:]])
+                    + diffs(med) + diffs(cmed))
     return rows
 
 
 def host_header(names: Sequence[str], lead: Sequence[str] = ()) -> List[str]:
     return (list(lead) + ["B"] + [f"{n} host ms per decode step (runs)" for n in names]
-            + [f"{n} - {names[0]} (us)" for n in names[1:]])
+            + [f"{n} - {names[0]} (us)" for n in names[1:]]
+            + [f"{n} - {names[0]} on CPU (us)" for n in names[1:]])
 
 
 HOST_NOTE = ("host time of each decode step's `ModelRunner.forward` call (`time.perf_counter`; "
-             "a graph replay is asynchronous, so this is the host's work). Not judged: it "
-             "shows whether a mode costs host time where its graphs cost nothing")
+             "a graph replay is asynchronous, so this is the host's work) and its on-CPU part "
+             "(`time.thread_time`: host time above it was spent descheduled, e.g. by other "
+             "load on the machine). Not judged: it shows whether a mode costs host time where "
+             "its graphs cost nothing")
 
 
 def write_tokenizer(path: Path) -> str:

@@ -13,7 +13,10 @@ the host time of each forward call is recorded too (``host_ms``).
 * ``latency_test_run_once``: one record per point (the first call is one_batch's warm-up);
 * ``ModelRunner.forward``: CUDA events around each pass (``fwd_ms``: includes host gaps) and
   ``time.perf_counter`` around the call (``host_ms``: the host's work in it; a replay is
-  asynchronous, so no device time is in it unless the call waits for the device);
+  asynchronous, so no device time is in it unless the call waits for the device) and
+  ``time.thread_time`` (``cpu_ms``: the part the thread spent on a CPU; host time above it was
+  spent descheduled, e.g. by other load on the machine, whose 1-minute load average each point
+  records as ``loadavg``);
 * the full and breakable CUDA-graph backends' ``replay``: events around each replay
   (``graph_ms``);
 * inside those, each graph segment's ``replay`` (``torch.cuda.CUDAGraph`` and SGLang's
@@ -24,13 +27,15 @@ the host time of each forward call is recorded too (``host_ms``).
 
 Each point becomes one JSON line in the file named by ``ONEBATCH_GPU_TIME_FILE``:
 ``{"point", "warmup", "batch_size", "prefill": [step], "decode": [step]}`` with
-``step = {"graph_ms", "replays", "seg_ms", "segments", "fwd_ms", "host_ms"}``. :func:`parse`
-turns the lines into per-batch-size medians of :func:`step_ms` and of ``host_ms``.
+``step = {"graph_ms", "replays", "seg_ms", "segments", "fwd_ms", "host_ms", "cpu_ms"}``.
+:func:`parse` turns the lines into per-batch-size medians of :func:`step_ms`, ``host_ms`` and
+``cpu_ms``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Dict, List, Optional, Sequence
@@ -92,13 +97,14 @@ def install(path: str) -> None:
             return orig_forward(self, forward_batch, *args, **kwargs)
         rec = {"graph": [], "seg": [], "fwd": []}
         state["pass"] = rec
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         e0 = event()
         try:
             return orig_forward(self, forward_batch, *args, **kwargs)
         finally:
             rec["fwd"].append((e0, event()))
             rec["host_ms"] = (time.perf_counter() - t0) * 1e3
+            rec["cpu_ms"] = (time.thread_time() - c0) * 1e3
             state["pass"] = None
             phase = "decode" if forward_batch.forward_mode.is_decode() else "prefill"
             point["steps"].append((phase, rec))
@@ -134,7 +140,8 @@ def install(path: str) -> None:
                 "seg_ms": sum(a.elapsed_time(b) for a, b in rec["seg"]),
                 "segments": len(rec["seg"]),
                 "fwd_ms": sum(a.elapsed_time(b) for a, b in rec["fwd"]),
-                "host_ms": rec.get("host_ms")})
+                "host_ms": rec.get("host_ms"), "cpu_ms": rec.get("cpu_ms")})
+        line["loadavg"] = os.getloadavg()[0]
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -151,10 +158,11 @@ def step_ms(step: dict) -> float:
 
 
 def parse(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]:
-    """The child's lines -> ``{B: {"prefill_gpu", "decode_gpu", "decode_host", "gpu_samples",
-    "graph"}}`` (seconds, like one_batch's latencies): per pass the prefill's device time, the
-    median decode step and the median decode step's host time (``host_ms``; None for records
-    without it); the median over the passes after the first when ``passes`` >= 2 (as
+    """The child's lines -> ``{B: {"prefill_gpu", "decode_gpu", "decode_host",
+    "decode_host_cpu", "gpu_samples", "graph"}}`` (seconds, like one_batch's latencies): per
+    pass the prefill's device time, the median decode step and the median decode step's host
+    and on-CPU time (``host_ms``, ``cpu_ms``; None for records without them); the median over
+    the passes after the first when ``passes`` >= 2 (as
     ``one_batch_runner.parse_jsonl``). ``graph`` says whether every counted prefill / decode
     step replayed a CUDA graph. A B with fewer than ``passes`` points is left out."""
     recs: Dict[int, List[dict]] = {}
@@ -172,12 +180,14 @@ def parse(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]
         pre = [sum(step_ms(s) for s in r["prefill"]) * 1e-3 for r in used if r["prefill"]]
         dec = [statistics.median(step_ms(s) for s in r["decode"]) * 1e-3
                for r in used if r["decode"]]
-        host = [statistics.median(s["host_ms"] for s in r["decode"]) * 1e-3
-                for r in used if r["decode"] and all(s.get("host_ms") is not None
-                                                      for s in r["decode"])]
+        host, cpu = ([statistics.median(s[key] for s in r["decode"]) * 1e-3
+                      for r in used if r["decode"] and all(s.get(key) is not None
+                                                            for s in r["decode"])]
+                     for key in ("host_ms", "cpu_ms"))
         out[b] = {"prefill_gpu": statistics.median(pre) if pre else None,
                   "decode_gpu": statistics.median(dec) if dec else None,
                   "decode_host": statistics.median(host) if host else None,
+                  "decode_host_cpu": statistics.median(cpu) if cpu else None,
                   "gpu_samples": {"prefill": pre, "decode": dec},
                   "graph": {ph: all(s["replays"] for r in used for s in r[ph])
                             for ph in ("prefill", "decode")}}

@@ -353,14 +353,17 @@ def test_host_time_table_shows_each_run_and_the_ec_minus_tc_difference():
             _with_gpu(_run("ec2", "ec", {1: 10.0, 32: 10.1}), {1: 5.0, 32: 5.05}),
             _with_gpu(_run("tc2", "tc", {1: 10.0, 32: 10.0}), {1: 5.0, 32: 5.0})]
     host = {"tc1": 0.380, "ec1": 0.402, "ec2": 0.416, "tc2": 0.384}  # ms, B = 1 only
+    cpu = {"tc1": 0.370, "ec1": 0.371, "ec2": 0.373, "tc2": 0.372}  # on-CPU part: equal
     for r in runs:
         r["points"][1]["decode_host"] = host[r["label"]] / 1e3
+        r["points"][1]["decode_host_cpu"] = cpu[r["label"]] / 1e3
     res = ob.judged(runs, [1, 32], 256, 32, 0.97, 0.01)
     md = ob.markdown({"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
                       "model": "m", "timing": "t", "goal": 0.97}, runs, res)
     assert "### Shown, not judged: host time of each decode step" in md
-    # medians: TC 0.382, EC 0.409 -> +27 us; B = 32 has no host times: no row
-    assert "| 1 | 0.380, 0.384 | 0.402, 0.416 | +27 |" in md
+    # medians: TC 0.382, EC 0.409 -> +27 us; on CPU 0.371 vs 0.372 -> +1 us (descheduled,
+    # not more work); B = 32 has no host times: no row
+    assert "| 1 | 0.380, 0.384 | 0.402, 0.416 | +27 | +1 |" in md
     assert "| 32 |" not in md.split("### Shown, not judged: host time")[1]
     for r in runs:
         del r["points"][1]["decode_host"]

@@ -172,6 +172,8 @@ def test_probes_nest_as_sglang_calls_them(tmp_path):
             # host time of the call: on these synchronous fakes, the whole forward (1 ms of
             # preparation + the 2 ms "replay"), as the CPU stand-in events also measure it
             assert 3 <= d["host_ms"] and abs(d["host_ms"] - d["fwd_ms"]) < 1
+            assert 0 < d["cpu_ms"] <= d["host_ms"] + 0.5  # busy-waiting fakes: on a CPU
+        assert x["loadavg"] >= 0
     got = obt.parse(path.read_text(), [8], passes=1)
     assert 6e-3 <= got[8]["prefill_gpu"] < 9e-3 and 2e-3 <= got[8]["decode_gpu"] < 3.5e-3
-    assert 3e-3 <= got[8]["decode_host"] < 5e-3
+    assert 3e-3 <= got[8]["decode_host"] < 5e-3 and 0 < got[8]["decode_host_cpu"] < 5e-3
