@@ -26,9 +26,9 @@ by token choice below --expert-choice-min-tokens, resolved for the model as the 
 ``auto`` = max(32, 4 * E / k)), on device time when every TC and EC run has it (CUDA events
 around the graph segments, ``one_batch_timing.py``: the work EC adds to the device, with the
 run-to-run host noise left out), else on the wall clock; both tables are written. The device
-time does not bound the wall-clock cost: EC processes measured ~20-27 us more host time per
-decode step even where their graphs equal TC's (docs/benchmarks.md, "Late-night runs"), cause
-not yet known:
+time does not bound the wall-clock cost: in one call, EC processes spent ~20-27 us more host
+time per decode step even where their graphs equal TC's, less than the host drifted within
+that call (docs/benchmarks.md, "Late-night runs"); the host table below follows it up:
 * tokens >= min-tokens: "met" when EC/TC throughput >= --goal (0.97), judged only when the
   TC-vs-TC spread ((max - min) / median of the TC runs) is below --noise-limit (1%). Above that
   limit a point is still decided when every pairing of a TC run with an EC run agrees

@@ -349,10 +349,16 @@ class Runner:
         """``--rejudge``: take the meta and runs of a saved ``<NAME>.json`` instead of running
         (no new measurement), so that ``write()`` judges them by this version's rules into
         --out. The batch sizes and --input-len come from the saved runs and meta."""
-        saved = json.loads(Path(path).read_text())
-        self.runs = [dict(r, points={int(b): p for b, p in (r.get("points") or {}).items()})
-                     for r in saved["runs"]]
-        self.meta = dict(saved["meta"], rejudged=(
+        try:
+            saved = json.loads(Path(path).read_text())
+            runs = saved["runs"]
+            self.runs = [dict(r, points={int(b): p for b, p in (r.get("points") or {}).items()})
+                         for r in runs]
+            meta = saved["meta"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SystemExit(f"error: --rejudge {path}: not a saved {self.NAME}.json report "
+                             f"({type(exc).__name__}: {exc})") from None
+        self.meta = dict(meta, rejudged=(
             f"{self.meta['date']}: the saved runs of {Path(path).name} judged again by "
             f"`{self.meta['command']}` (no new measurement)"))
         self.a.batch_sizes = sorted({b for r in self.runs for b in r["points"]})

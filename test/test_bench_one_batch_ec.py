@@ -370,3 +370,14 @@ def test_host_time_table_shows_each_run_and_the_ec_minus_tc_difference():
     md = ob.markdown({"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
                       "model": "m", "timing": "t", "goal": 0.97}, runs, res)
     assert "host time of each decode step" not in md  # older records: no table
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"runs": []}', '{"meta": {}, "runs": 3}'])
+def test_rejudge_refuses_a_file_that_is_not_a_saved_report(tmp_path, content):
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    bench = ob.Bench(ob.parse_args(["--rejudge", str(path), "--out", str(tmp_path / "o")]))
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert str(exc.value).startswith(f"error: --rejudge {path}: not a saved bench_one_batch_ec")
