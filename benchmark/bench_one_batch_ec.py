@@ -9,6 +9,9 @@ appends one JSON line per point to its ``--result-filename``. Runs, in this orde
     (TC, EC, EC, TC) x --repeats, then UP
     TC: plugin loaded, expert choice off       EC: + --enable-expert-choice
     UP: upstream alone (SGLANG_PLUGINS=__none__, no load_plugins): a control for TC
+    ECIDLE (only through --order): EC on with --expert-choice-min-tokens 10^9, so it routes
+        nothing and captures TC's graphs: what an EC process costs beyond its routing (its
+        host time is in the host table; the verdicts compare TC and EC only)
 
 so drift over the call hits TC and EC alike. Every run measures the batch sizes ``--passes``
 times (``--batch-size 1 8 ... 1 8 ...``); the first pass is discarded when there are two or
@@ -73,7 +76,9 @@ from harness import Checks, fmt, md_table, pair_bounds, spread  # noqa: E402,F40
 from one_batch_runner import CHILD, parse_jsonl, write_tokenizer  # noqa: E402,F401 (the tests)
 
 NAME = "bench_one_batch_ec"
-KINDS = {"tc": "TC (plugin, EC off)", "ec": "EC", "up": "upstream (no plugin)"}
+KINDS = {"tc": "TC (plugin, EC off)", "ec": "EC", "up": "upstream (no plugin)",
+         "ecidle": "EC on with --expert-choice-min-tokens 10^9 (routes nothing: TC's graphs)"}
+IDLE_MIN_TOKENS = 10 ** 9
 
 COVERAGE_RE = re.compile(r"expert choice routes (\d+) of (\d+) MoE \(TopK\) layers")
 LAYER_RE = re.compile(r"layer \S+ routes with expert choice")
@@ -144,15 +149,17 @@ def run_failure(kind: str, rc: Optional[int], log: Dict[str, object], points: Di
     flags, cov = log["plugin_flags"], log["coverage"]
     if flags is None:
         return "no 'ONEBATCH plugin_flags=' line in the log"
-    if kind in ("tc", "ec") and not flags:
+    if kind in ("tc", "ec", "ecidle") and not flags:
         return "the plugin did not load (its CLI flags are absent)"
     if kind == "up" and flags:
         return "the plugin loaded in the upstream run (SGLANG_PLUGINS=__none__ ignored?)"
-    if kind == "ec":
+    if kind in ("ec", "ecidle"):
         if cov is None:
             return "expert choice was OFF: no 'expert choice routes X of Y' line"
         if cov[0] == 0:
             return f"expert choice was OFF: it routes 0 of {cov[1]} MoE layers"
+        if kind == "ecidle" and log["ec_layer_lines"]:
+            return "expert choice routed a pass in an ecidle run (min-tokens 10^9 not applied?)"
     elif cov is not None or log["ec_layer_lines"]:
         return f"expert choice was ON in a {kind} run (coverage {cov})"
     return None
@@ -314,7 +321,7 @@ def plot(runs: Sequence[dict], batch_sizes: Sequence[int], path: Path, title: st
     line, when ``result`` has ratios; else the latencies of every run."""
     tables = [t for t in ([result, (result or {}).get("other")]) if t]
     if not any(r["ec_over_tc"] for t in tables for r in t["rows"]):
-        colors = {"tc": "tab:blue", "ec": "tab:red", "up": "tab:gray"}
+        colors = {"tc": "tab:blue", "ec": "tab:red", "up": "tab:gray", "ecidle": "tab:orange"}
         obr.plot_latency(runs, batch_sizes, path, title,
                          lambda r: ("o-" if r["kind"] != "up" else "s--", colors[r["kind"]]))
         return
@@ -364,10 +371,13 @@ class Bench(obr.Runner):
         a, kind = self.a, spec["kind"]
         ec = ["--enable-expert-choice", "--expert-capacity-factor", str(a.ec_capacity_factor),
               "--expert-choice-min-tokens", str(a.ec_min_tokens)]
+        if kind == "ecidle":  # EC on, routing nothing: the same graphs as TC's
+            ec[-1] = str(IDLE_MIN_TOKENS)
         # --mem-fraction-static 0.8: room beside the KV pool for the activations of the largest
         # prefill (a3b at B = 512 allocates 4 GiB blocks; at SGLang's default fraction it ran
         # out of memory: docs/benchmarks.md, "Night runs")
-        args = (self.device_args(["--mem-fraction-static", "0.8"]) + (ec if kind == "ec" else [])
+        args = (self.device_args(["--mem-fraction-static", "0.8"])
+                + (ec if kind in ("ec", "ecidle") else [])
                 + list(a.extra_args))
         return self.checked_run(
             i, spec, model, tok, args, parse_log,

@@ -137,6 +137,10 @@ def _pts():
     ("up", TC_LOG, 0, "the plugin loaded in the upstream run"),
     ("tc", "Prefill.", 0, "no 'ONEBATCH plugin_flags=' line"),
     ("ec", EC_LOG, 1, "exit status 1"),
+    # ecidle: EC on (coverage line) but no pass routed (no "layer N routes" line)
+    ("ecidle", "\n".join(x for x in EC_LOG.splitlines() if "routes with" not in x), 0, None),
+    ("ecidle", EC_LOG, 0, "expert choice routed a pass in an ecidle run"),
+    ("ecidle", TC_LOG, 0, "expert choice was OFF: no 'expert choice routes"),
 ])
 def test_run_failure(kind, log, rc, want):
     got = ob.run_failure(kind, rc, ob.parse_log(log), _pts(), [1, 8, 32])
@@ -275,23 +279,28 @@ def test_parse_args_rejects_bad_values():
 @pytest.mark.slow
 def test_cpu_smoke_one_run_of_each_kind(tmp_path):
     """The script end to end on the CPU (tiny Qwen3-MoE, SGLang's torch-native paths): one TC,
-    one EC and one upstream run, each checked from its own log; ~1 min on 2 cores."""
+    one EC, one upstream and one idle-EC run, each checked from its own log; ~1.5 min on 2
+    cores."""
     pytest.importorskip("sglang")
     from sgl_helpers import run_cpu_benchmark
 
     r = run_cpu_benchmark(
         "bench_one_batch_ec.py", ["--qwen-size", "small", "--batch-sizes", "1,32", "--input-len",
-                                  "16", "--output-len", "3", "--order", "tc,ec,up", "--out",
+                                  "16", "--output-len", "3", "--order", "tc,ec,up,ecidle", "--out",
                                   tmp_path / "out", "--model-dir", tmp_path / "models",
                                   "--max-seconds", "400"], timeout=450)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads((tmp_path / "out" / "bench_one_batch_ec.json").read_text())
     runs = {x["label"]: x for x in d["runs"]}
-    assert set(runs) == {"tc1", "ec1", "up1"}
+    assert set(runs) == {"tc1", "ec1", "up1", "ecidle1"}
     assert all(x["failure"] is None for x in runs.values()), [x["failure"] for x in runs.values()]
     assert runs["ec1"]["log"]["coverage"] == [2, 2] and runs["ec1"]["log"]["ec_layer_lines"] == 2
     assert runs["tc1"]["log"] == {"plugin_flags": True, "coverage": None, "ec_layer_lines": 0}
     assert runs["up1"]["log"]["plugin_flags"] is False
+    # EC on with min-tokens 10^9: every layer is covered, no pass routed with EC
+    assert runs["ecidle1"]["log"] == {"plugin_flags": True, "coverage": [2, 2], "ec_layer_lines": 0}
+    idle_args = runs["ecidle1"]["args"]
+    assert idle_args[idle_args.index("--expert-choice-min-tokens") + 1] == "1000000000"
     rows = {(x["B"], x["phase"]): x for x in d["result"]["rows"]}
     assert rows[(32, "decode")]["ec_over_tc"] > 0  # a ratio, not a refusal
     assert rows[(32, "decode")]["verdict"].startswith("not judged: needs >= 2 TC runs")
