@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ def test_tiny_session_trains_both_models_to_the_same_step_count(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     env = {**os.environ, "QUALITY_TINY": "1", "OUT": str(tmp_path / "out"),
+           "PYTHON": sys.executable,  # this interpreter (CI calls .venv/bin/python, not PATH's)
            "QUALITY_WORK": str(tmp_path / "work"),
            "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(["bash", "benchmark/quality_session.sh"], cwd=REPO, env=env,
