@@ -83,17 +83,9 @@ def parse_jsonl(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int,
     """one_batch's result lines -> ``{B: {"prefill_latency", "decode_latency", "samples"}}``
     (seconds; median over the passes after the first when ``passes`` >= 2). A B with fewer
     than ``passes`` records is left out (the run did not finish it)."""
-    recs: Dict[int, List[dict]] = {}
-    for line in text.splitlines():
-        if line.strip():
-            r = json.loads(line)
-            recs.setdefault(int(r["batch_size"]), []).append(r)
     out = {}
-    for b in batch_sizes:
-        rs = recs.get(b, [])
-        if len(rs) < passes:
-            continue
-        used = rs[1:passes] if passes >= 2 else rs[:1]
+    records = one_batch_timing.json_lines(text)
+    for b, used in one_batch_timing.counted_passes(records, batch_sizes, passes).items():
         pre = [float(r["prefill_latency"]) for r in used]
         dec = [float(r["median_decode_latency"]) for r in used if "median_decode_latency" in r]
         out[b] = {"prefill_latency": statistics.median(pre),
@@ -295,7 +287,7 @@ class Runner:
         gpu_file = Path(str(stem) + ".gpu.jsonl")
         gpu_file.unlink(missing_ok=True)
         if self.cuda:
-            env.update(ONEBATCH_GPU_TIME_FILE=str(gpu_file), ONEBATCH_BENCH_DIR=str(HERE))
+            env.update({one_batch_timing.ENV: str(gpu_file), "ONEBATCH_BENCH_DIR": str(HERE)})
         t0 = time.time()
         with open(str(stem) + ".log", "w") as logf:
             try:

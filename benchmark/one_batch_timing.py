@@ -58,36 +58,30 @@ def install(path: str) -> None:
         e.record()
         return e
 
-    def timed_replay(orig):
+    def timed(orig, scope: str, key: str, opens: Optional[str] = None):
+        """``orig`` timed into ``rec[key]`` while the record ``state[scope]`` is open (else
+        untimed); during the call the record is also open as ``state[opens]``."""
         def replay(*args, **kwargs):
-            rec = state["pass"]
+            rec = state[scope]
             if rec is None:
                 return orig(*args, **kwargs)
-            state["replay"] = rec
+            if opens:
+                state[opens] = rec
             e0 = event()
             try:
                 out = orig(*args, **kwargs)
             finally:
-                state["replay"] = None
-            rec["graph"].append((e0, event()))
+                if opens:
+                    state[opens] = None
+            rec[key].append((e0, event()))
             return out
         return replay
 
-    def timed_segment(orig):
-        def replay(*args, **kwargs):
-            rec = state["replay"]
-            if rec is None:
-                return orig(*args, **kwargs)
-            e0 = event()
-            out = orig(*args, **kwargs)
-            rec["seg"].append((e0, event()))
-            return out
-        return replay
-
+    # a backend's replay within a forward pass; its graph segments' replays within that
     for cls in (full.FullCudaGraphBackend, breakable.BreakableCudaGraphBackend):
-        cls.replay = timed_replay(cls.replay)
+        cls.replay = timed(cls.replay, "pass", "graph", opens="replay")
     for cls in (torch.cuda.CUDAGraph, dedup.DedupedCudaGraph):
-        cls.replay = timed_segment(cls.replay)
+        cls.replay = timed(cls.replay, "replay", "seg")
 
     orig_forward = ModelRunner.forward
 
@@ -148,6 +142,24 @@ def install(path: str) -> None:
     one_batch.latency_test_run_once = run_once
 
 
+def json_lines(text: str) -> List[dict]:
+    """The JSON records of a JSONL text (blank lines skipped)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def counted_passes(records: Sequence[dict], batch_sizes: Sequence[int],
+                   passes: int) -> Dict[int, List[dict]]:
+    """``{B: the records that count}``, in ``batch_sizes`` order: with ``passes`` >= 2 the
+    passes after the first (one_batch warms up only the first batch size), else the first.
+    A B with fewer than ``passes`` records is left out (the run did not finish it). Shared
+    with ``one_batch_runner.parse_jsonl`` (one_batch's own result lines)."""
+    recs: Dict[int, List[dict]] = {}
+    for r in records:
+        recs.setdefault(int(r["batch_size"]), []).append(r)
+    return {b: (recs[b][1:passes] if passes >= 2 else recs[b][:1])
+            for b in batch_sizes if len(recs.get(b, [])) >= passes}
+
+
 def step_ms(step: dict) -> float:
     """A pass's device time: the sum of its graph segments where it replayed a graph (older
     records without segments: the replay window), else the eager forward's window (prefills
@@ -165,18 +177,9 @@ def parse(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]
     the passes after the first when ``passes`` >= 2 (as
     ``one_batch_runner.parse_jsonl``). ``graph`` says whether every counted prefill / decode
     step replayed a CUDA graph. A B with fewer than ``passes`` points is left out."""
-    recs: Dict[int, List[dict]] = {}
-    for line in text.splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if not r.get("warmup"):
-                recs.setdefault(int(r["batch_size"]), []).append(r)
     out: Dict[int, dict] = {}
-    for b in batch_sizes:
-        rs = recs.get(b, [])
-        if len(rs) < passes:
-            continue
-        used = rs[1:passes] if passes >= 2 else rs[:1]
+    records = [r for r in json_lines(text) if not r.get("warmup")]
+    for b, used in counted_passes(records, batch_sizes, passes).items():
         pre = [sum(step_ms(s) for s in r["prefill"]) * 1e-3 for r in used if r["prefill"]]
         dec = [statistics.median(step_ms(s) for s in r["decode"]) * 1e-3
                for r in used if r["decode"]]
