@@ -72,7 +72,8 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 import one_batch_runner as obr  # noqa: E402
-from harness import Checks, fmt, md_table, pair_bounds, spread  # noqa: E402,F401 (spread: the tests')
+from harness import (  # noqa: E402,F401 (spread: the tests')
+    Checks, fmt, md_table, pair_bounds, pair_verdict, spread)
 from one_batch_runner import CHILD, parse_jsonl, write_tokenizer  # noqa: E402,F401 (the tests)
 
 NAME = "bench_one_batch_ec"
@@ -186,11 +187,8 @@ def verdict(ratio: Optional[float], tc_spread: Optional[float], ec_spread: Optio
             return "nothing measurable"
         return f"MEASURABLE: |EC/TC - 1| = {abs(ratio - 1):.1%} > noise {floor:.1%}"
     if tc_spread >= noise_limit:
-        if bounds is not None and bounds[0] >= goal:
-            return f"met (every run pair: EC/TC >= {bounds[0]:.3f})"
-        if bounds is not None and bounds[1] < goal:
-            return f"MISSED (every run pair: EC/TC <= {bounds[1]:.3f} < {goal})"
-        return f"noise floor too high (TC-vs-TC {tc_spread:.1%})"
+        return (pair_verdict(bounds, goal, "EC/TC", ".3f")
+                or f"noise floor too high (TC-vs-TC {tc_spread:.1%})")
     return "met" if ratio >= goal else f"MISSED (EC/TC {ratio:.3f} < {goal})"
 
 

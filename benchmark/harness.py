@@ -418,6 +418,20 @@ def pair_bounds(base: Sequence[float], cand: Sequence[float]
     return min(base) / max(cand), max(base) / min(cand)
 
 
+def pair_verdict(bounds: Optional[Tuple[float, float]], goal: float, name: str,
+                 spec: str = ".2f") -> Optional[str]:
+    """The verdict every pairing of runs agrees on (``bounds`` from :func:`pair_bounds`):
+    "met (every run pair: ...)", "MISSED (every run pair: ...)", or None when the pairs
+    disagree or there are too few runs."""
+    if bounds is None:
+        return None
+    if bounds[0] >= goal:
+        return f"met (every run pair: {name} >= {bounds[0]:{spec}})"
+    if bounds[1] < goal:
+        return f"MISSED (every run pair: {name} <= {bounds[1]:{spec}} < {goal})"
+    return None
+
+
 def md_table(header: Sequence[str], rows: Iterable[Sequence[object]],
              align: Optional[str] = None) -> str:
     """A markdown table; ``align`` is ``---`` (default) or ``---:`` for every column."""

@@ -351,3 +351,12 @@ def test_pair_bounds_are_the_extreme_run_pairings():
     assert pair_bounds([10.0, None, float("nan")], [12.0, 10.5]) is None
     lo, hi = pair_bounds([1.0, 1.0], [1.0, 1.0])
     assert lo == hi == 1.0
+
+
+def test_pair_verdict_decides_only_when_every_pair_agrees():
+    from harness import pair_verdict
+
+    assert pair_verdict((0.98, 1.02), 0.97, "EC/TC", ".3f") == "met (every run pair: EC/TC >= 0.980)"
+    assert pair_verdict((0.90, 0.95), 0.97, "x") == "MISSED (every run pair: x <= 0.95 < 0.97)"
+    assert pair_verdict((0.96, 0.98), 0.97, "x") is None  # the pairs disagree
+    assert pair_verdict(None, 0.97, "x") is None
