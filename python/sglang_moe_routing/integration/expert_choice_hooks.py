@@ -251,10 +251,12 @@ def _around_select_experts(original, *args, **kwargs):
     # Host-side shortcut on the static row count (free); T' < min_tokens with T >= min_tokens
     # is handled on the device by the kernel (capacity = T' gives exactly token choice).
     routed_k = topk_config.top_k - int(topk_config.num_shared_topk_slots or 0)
-    if router_logits.shape[0] < cfg.min_tokens_for(router_logits.shape[-1], routed_k):
+    min_tokens = cfg.min_tokens_for(router_logits.shape[-1], routed_k)
+    if router_logits.shape[0] < min_tokens:
         return original(*args, **kwargs)
     return route_expert_choice(
         cfg, hidden_states, router_logits, topk_config,
+        min_tokens=min_tokens,
         layer_id=kwargs.get("layer_id"),
         num_token_non_padded=kwargs.get("num_token_non_padded"),
         expert_location_dispatch_info=kwargs.get("expert_location_dispatch_info"),
@@ -270,6 +272,7 @@ def route_expert_choice(
     layer_id: Optional[int],
     num_token_non_padded: Optional[torch.Tensor],
     expert_location_dispatch_info: Any,
+    min_tokens: Optional[int] = None,
 ):
     """EC routing followed by upstream's standard post-processing; returns StandardTopKOutput.
 
@@ -284,21 +287,23 @@ def route_expert_choice(
 
     n_shared = int(topk_config.num_shared_topk_slots or 0)
     top_k = topk_config.top_k - n_shared
+    if min_tokens is None:
+        min_tokens = cfg.min_tokens_for(router_logits.shape[-1], top_k)
     if layer_id not in _warned:
         _warned.add(layer_id)
         logger.info(
             "sglang-moe-routing: layer %s routes with expert choice (E=%d, top_k=%d%s, cf=%s, "
             "min_tokens=%d)",
             layer_id, router_logits.shape[-1], top_k,
-            f" + {n_shared} fused shared" if n_shared else "", cfg.capacity_factor,
-            cfg.min_tokens_for(router_logits.shape[-1], top_k),
+            f" + {n_shared} fused shared" if n_shared else "", cfg.capacity_factor, min_tokens,
         )
     router_logits, correction_bias = expert_location_dispatch.transform_select_experts_inputs(
         router_logits=router_logits,
         correction_bias=topk_config.correction_bias,
         info=expert_location_dispatch_info,
     )
-    spec = routing_spec(topk_config, cfg, top_k, correction_bias, router_logits.shape[-1])
+    spec = routing_spec(topk_config, cfg, top_k, correction_bias, router_logits.shape[-1],
+                        min_tokens=min_tokens)
     topk_weights, topk_ids = expert_choice_route(
         router_logits, spec, num_token_non_padded, backend=cfg.backend)
     if cfg.stats_interval > 0 and layer_id is not None:
@@ -327,12 +332,14 @@ def route_expert_choice(
 
 
 def routing_spec(topk_config: Any, cfg: ExpertChoiceConfig, top_k: int,
-                 correction_bias: Optional[torch.Tensor], num_experts: int) -> RoutingSpec:
+                 correction_bias: Optional[torch.Tensor], num_experts: int,
+                 min_tokens: Optional[int] = None) -> RoutingSpec:
     """The ``RoutingSpec`` of one ``select_experts`` call: the layer's ``TopKConfig`` (scoring,
     renormalisation, grouped top-k, routed scaling) plus the plugin's settings (capacity
     factor, min tokens). ``top_k`` is the routed experts' share of ``topk_config.top_k``
     (fused shared-expert slots excluded); ``correction_bias`` is upstream's, after
-    ``transform_select_experts_inputs``."""
+    ``transform_select_experts_inputs``; ``min_tokens``, where the caller already resolved
+    it, is used as given."""
     grouped = bool(topk_config.use_grouped_topk)
     return RoutingSpec(
         top_k=top_k,
@@ -345,7 +352,8 @@ def routing_spec(topk_config: Any, cfg: ExpertChoiceConfig, top_k: int,
         routed_scaling_factor=topk_config.routed_scaling_factor,
         apply_routed_scaling_factor_on_output=bool(
             topk_config.apply_routed_scaling_factor_on_output),
-        min_tokens=cfg.min_tokens_for(num_experts, top_k),
+        min_tokens=(cfg.min_tokens_for(num_experts, top_k) if min_tokens is None
+                    else min_tokens),
     )
 
 
