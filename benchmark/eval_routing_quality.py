@@ -44,14 +44,26 @@ random other held-out sequences as batch mates (full prefill, ``--inv-batch`` se
 and mean ``|delta logprob|`` of the prompt's next-token log-probabilities against the first
 batch, and the share of the prompt's (layer, token) expert sets that changed.
 
+``--batch-invariant-ops`` (CUDA only): after that, the same measurement again for ``tc``,
+``thr`` and ``ec1.25`` (those in ``--modes``) inside SGLang's
+``sglang.srt.batch_invariant_ops.set_batch_invariant_mode(True)`` (what SGLang's
+``--enable-deterministic-inference`` uses: aten mm/addmm/bmm/_log_softmax/mean.dim/rms_norm on
+the CUDA key replaced by persistent Triton kernels, or DeepGEMM's deterministic bf16 GEMM where
+SGLang enables it), with the model's experts switched to ``eager`` (one ``F.linear`` per expert,
+i.e. aten mm; ``torch._grouped_mm`` is not replaced) and ONE sdpa backend forced (the first of
+flash, efficient, math that runs the model), both restored afterwards
+(:func:`batch_invariant_ops_run`). Dtype as in every forward here: fp32 weights, bf16 autocast
+on CUDA (the persistent kernels take bf16 and fp32). Rows go to ``invariance_bi``.
+
 Routing time per call (``--timing-tokens``): token choice in torch, ``thr`` (eager and
 ``torch.compile``), our EC dispatch (cf 1.25, backend auto) and SGLang's fused
 ``topk_softmax`` (plain and with the ``thr`` bias as its ``correction_bias``) when an installed
 ``sgl_kernel``/``sglang`` or ``--sglang-dir`` provides it; CUDA-graph replay on a GPU.
 
 ``--max-seconds`` caps the wall clock: stages reached after it are left out (listed under
-``skipped``). Order: thr calibration, prefill compositions, batch invariance, routing timings,
-decode compositions (the slowest) last. Results are written after every stage.
+``skipped``). Order: thr calibration, prefill compositions, batch invariance (then its
+``--batch-invariant-ops`` pass), routing timings, decode compositions (the slowest) last.
+Results are written after every stage.
 
     python benchmark/eval_routing_quality.py --ckpt OUT_OF_TRAIN_MOE_LM [--out DIR]
     (or ``train_moe_lm.py --eval``, which runs this in the training process)
@@ -66,6 +78,7 @@ file holds the forwards (compositions, batch invariance, thr calibration), the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -109,6 +122,13 @@ ROUTING_PATH = (
     "top_k=num_experts_per_tok); token choice through token_choice_topk_reference (same "
     "scoring); SGLang's TopK itself is not in this process"
 )
+
+
+def print_invariance(tag: str, rows: Sequence[Dict]) -> None:
+    for r in rows:
+        print(f"[eval] {tag} {r['mode']:<22} max |dlogprob| {r['max_abs_dlogprob']:.3e} "
+              f"mean {r['mean_abs_dlogprob']:.3e} routing changed {r['routing_changed']:.2%}",
+              flush=True)
 
 
 def routing_path_text(path: str, sglang: Optional[SglangTopK], note: str) -> str:
@@ -327,6 +347,90 @@ def batch_invariance(model, modes: Sequence[Mode], seqs: np.ndarray, n_prompts: 
     return out
 
 
+BI_MODES = ("tc", "thr", "ec1.25")  # the modes measured again under --batch-invariant-ops
+BI_OPS = "sglang batch-invariant"
+
+
+def load_batch_invariant_ops(device: torch.device):
+    """SGLang's ``set_batch_invariant_mode`` for ``--batch-invariant-ops``; one-line
+    ``SystemExit`` off CUDA (its kernels are Triton on the CUDA dispatch key) or without
+    sglang."""
+    if device.type != "cuda":
+        raise SystemExit(f"error: --batch-invariant-ops needs a CUDA device (SGLang's "
+                         f"batch-invariant ops are Triton kernels on the CUDA dispatch key); "
+                         f"the eval runs on {device}")
+    try:
+        from sglang.srt.batch_invariant_ops import set_batch_invariant_mode
+    except Exception as exc:  # noqa: BLE001 - ImportError or whatever sglang raises on import
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise SystemExit(f"error: --batch-invariant-ops: sglang.srt.batch_invariant_ops is not "
+                         f"importable ({msg})") from None
+    return set_batch_invariant_mode
+
+
+def _bi_mm_kernel() -> str:
+    """Which GEMM SGLang's batch-invariant mm takes for bf16 (read from its module)."""
+    bio = sys.modules.get("sglang.srt.batch_invariant_ops.batch_invariant_ops")
+    if bio is None:
+        return "unknown"
+    deepgemm = bool(getattr(bio, "_ENABLE_MM_DEEPGEMM", False)
+                    and getattr(bio, "ENABLE_JIT_DEEPGEMM", False))
+    return ("DeepGEMM deterministic bf16 GEMM where aligned, else Triton persistent matmul"
+            if deepgemm else "Triton persistent matmul")
+
+
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def _sdpa_ctx(backend: Optional[str]):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def batch_invariant_ops_run(model, set_mode, probe: torch.Tensor):
+    """Inside: SGLang's batch-invariant ops (``set_mode(True)``), the model's experts
+    ``eager``, and one sdpa backend (the first of :data:`SDPA_BACKENDS` that runs the model on
+    ``probe``; the others are disabled). Yields the settings for the rows. Afterwards the
+    experts implementation and ``torch.bmm`` come back (SGLang's context manager leaves
+    ``torch.bmm`` patched on exit, and skips its own clean-up when the body raises: the body's
+    error is re-raised only after it has exited normally)."""
+    impl = model.config._experts_implementation
+    bmm = torch.bmm
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    model.set_experts_implementation("eager")
+    error: Optional[BaseException] = None
+    try:
+        with set_mode(True):
+            try:
+                backend, errors = None, []
+                for name in SDPA_BACKENDS if attn == "sdpa" else (None,):
+                    try:
+                        with _sdpa_ctx(name):
+                            forward_logprobs(model, probe, probe.shape[1])
+                    except RuntimeError as exc:
+                        errors.append(f"{name}: {' '.join(str(exc).split())[:120]}")
+                        continue
+                    backend = name
+                    break
+                else:
+                    raise RuntimeError(f"no sdpa backend runs the model ({'; '.join(errors)})")
+                dtype = ("fp32 weights, bf16 autocast" if probe.device.type == "cuda" else
+                         str(next(model.parameters()).dtype).replace("torch.", ""))
+                with _sdpa_ctx(backend):
+                    yield dict(ops=BI_OPS, experts="eager", dtype=dtype,
+                               attention=f"sdpa {backend} only" if backend else attn,
+                               mm_kernel=_bi_mm_kernel())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, outside set_mode
+                error = exc
+        if error is not None:
+            raise error
+    finally:
+        torch.bmm = bmm
+        model.set_experts_implementation(impl)
+
+
 # ----------------------------------------------------------------------------- threshold mode
 
 
@@ -350,6 +454,39 @@ def calibrate_threshold(model, cal_seqs: np.ndarray, device, backend: str, iters
                 load_max_mean_calibrated=[state.cal_info[i]["best"]
                                           for i in sorted(state.cal_info)])
     return state.biases, info
+
+
+def run_invariance_bi(result: Dict, model, set_mode, modes: Sequence[Mode], seqs: np.ndarray,
+                      args: argparse.Namespace, device, biases, deadline: float,
+                      sglang: Optional[SglangTopK]) -> None:
+    """The ``--batch-invariant-ops`` stage: :func:`batch_invariance` for ``modes`` inside
+    :func:`batch_invariant_ops_run`; rows (with its settings) to ``result["invariance_bi"]``,
+    modes left out (time cap, failure) to ``result["skipped"]`` as ``invariance_bi/<mode>``."""
+    rows, why = [], ""
+    if time.time() > deadline:
+        print("[eval] time cap: invariance(bi-ops) skipped", flush=True)
+    else:
+        batch = args.inv_batch or 8
+        probe = torch.from_numpy(seqs[:batch].astype(np.int64)).to(device)
+        try:
+            with batch_invariant_ops_run(model, set_mode, probe) as settings:
+                rows = batch_invariance(
+                    model, modes, seqs, args.inv_prompts or (2 if args.tiny else 4),
+                    args.inv_trials, batch, device, args.backend, args.seed, biases, deadline,
+                    sglang)
+            for r in rows:
+                r.update(settings)
+        except Exception as exc:  # noqa: BLE001 - the later stages still run
+            why = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            print(f"[eval] invariance(bi-ops) failed{why}", flush=True)
+            rows = []
+    result["invariance_bi"] = rows
+    result["skipped"] += [f"invariance_bi/{m.name}{why}" for m in modes
+                          if m.name not in {r["mode"] for r in rows}]
+    print_invariance("invariance(bi-ops)", rows)
+    if rows:
+        print(f"[eval] invariance(bi-ops) settings: experts {rows[0]['experts']}, attention "
+              f"{rows[0]['attention']}, {rows[0]['dtype']}, mm {rows[0]['mm_kernel']}", flush=True)
 
 
 # ----------------------------------------------------------------------------- main
@@ -396,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: only an installed sgl_kernel/sglang is tried")
     p.add_argument("--max-seconds", type=float, default=0.0,
                    help="wall-clock cap: stages reached later are left out (0 = none)")
+    p.add_argument("--batch-invariant-ops", action="store_true",
+                   help="CUDA + sglang: after the batch-invariance check, run it again for tc, "
+                   "thr and ec1.25 inside SGLang's set_batch_invariant_mode(True) (its "
+                   "batch-invariant mm/addmm/bmm/log_softmax/mean/rms_norm kernels), with eager "
+                   "experts and one sdpa backend; rows in the JSON's invariance_bi")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -436,18 +578,20 @@ def main(argv: Optional[List[str]] = None, model=None, streams=None) -> Dict:
     args = build_parser().parse_args(argv)
     t0 = time.time()
     device = resolve_device(args.device)
+    bi_ops = load_batch_invariant_ops(device) if args.batch_invariant_ops else None
     path, sglang, note = resolve_router_path(args.router_path, device)  # before the model loads
     try:
         return run_eval(args, device, sglang, routing_path_text(path, sglang, note), t0,
-                        model, streams)
+                        model, streams, bi_ops)
     finally:
         if sglang is not None:
             sglang.__exit__(None, None, None)
 
 
 def run_eval(args: argparse.Namespace, device: torch.device, sglang: Optional[SglangTopK],
-             routing_path: str, t0: float, model=None, streams=None) -> Dict:
-    """The stages of :func:`main` (``sglang``: the entered router path, or None)."""
+             routing_path: str, t0: float, model=None, streams=None, bi_ops=None) -> Dict:
+    """The stages of :func:`main` (``sglang``: the entered router path, or None; ``bi_ops``:
+    SGLang's ``set_batch_invariant_mode`` for ``--batch-invariant-ops``, or None)."""
     ckpt = Path(args.ckpt)
     out = Path(args.out or ckpt)
     out.mkdir(parents=True, exist_ok=True)
@@ -564,11 +708,12 @@ def run_eval(args: argparse.Namespace, device: torch.device, sglang: Optional[Sg
         args.inv_batch or 8, device, args.backend, args.seed, biases, deadline, sglang)
     result["skipped"] += [f"invariance/{m.name}" for m in modes
                           if m.name not in {r["mode"] for r in result["invariance"]}]
-    for r in result["invariance"]:
-        print(f"[eval] invariance {r['mode']:<22} max |dlogprob| {r['max_abs_dlogprob']:.3e} "
-              f"mean {r['mean_abs_dlogprob']:.3e} routing changed {r['routing_changed']:.2%}",
-              flush=True)
+    print_invariance("invariance", result["invariance"])
     write()
+    if bi_ops is not None:
+        run_invariance_bi(result, model, bi_ops, [m for m in modes if m.name in BI_MODES],
+                          inv_seqs, args, device, biases, deadline, sglang)
+        write()
     timing_tokens = args.timing_tokens if args.timing_tokens is not None else (
         "32" if args.tiny else FULL_TIMING_TOKENS)
     if timing_tokens and time.time() > deadline:

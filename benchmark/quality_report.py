@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 
 # ----------------------------------------------------------------------------- tables, plot
@@ -15,6 +15,18 @@ from typing import Dict, Sequence, Tuple
 
 def _f(v, fmt="{:.3f}"):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def _invariance_table(rows: Sequence[Dict]) -> List[str]:
+    lines = ["| mode | prompts x trials | batch | max abs dlogprob | mean abs dlogprob | "
+             "bitwise | prompt routing changed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['prompts']} x {r['trials']} | {r['batch_seqs']} seqs "
+                     f"(T={r['T']}) | {r['max_abs_dlogprob']:.3e} | "
+                     f"{r['mean_abs_dlogprob']:.3e} | {'yes' if r['bitwise_identical'] else 'no'}"
+                     f" | {r['routing_changed']:.2%} |")
+    return lines
 
 
 def markdown(result: Dict) -> str:
@@ -51,15 +63,16 @@ def markdown(result: Dict) -> str:
             f"{_f(r['top1_agree_tc'], '{:.4f}')} | {_f(r['load_max_mean'])} | "
             f"{_f(r['load_max_mean_worst'])} | {_f(r.get('picked_load_max_mean'))} | "
             f"{_f(r.get('fallback_share'), '{:.1%}')} |")
-    lines += ["", "Batch invariance (same prompt, random batch mates, full prefill):", "",
-              "| mode | prompts x trials | batch | max abs dlogprob | mean abs dlogprob | "
-              "bitwise | prompt routing changed |",
-              "|---|---|---|---|---|---|---|"]
-    for r in result["invariance"]:
-        lines.append(f"| {r['mode']} | {r['prompts']} x {r['trials']} | {r['batch_seqs']} seqs "
-                     f"(T={r['T']}) | {r['max_abs_dlogprob']:.3e} | "
-                     f"{r['mean_abs_dlogprob']:.3e} | {'yes' if r['bitwise_identical'] else 'no'}"
-                     f" | {r['routing_changed']:.2%} |")
+    lines += ["", "Batch invariance (same prompt, random batch mates, full prefill):", ""]
+    lines += _invariance_table(result["invariance"])
+    bi = result.get("invariance_bi")
+    if bi:
+        r0 = bi[0]
+        lines += ["", f"Batch invariance with SGLang's batch-invariant ops ({r0['ops']}: "
+                  f"set_batch_invariant_mode(True); experts {r0['experts']}, attention "
+                  f"{r0['attention']}, {r0['dtype']}, mm: {r0['mm_kernel']}; same prompts and "
+                  "batch mates):", ""]
+        lines += _invariance_table(bi)
     if result.get("timings"):
         lines += ["", f"Routing time per call ({result['timing_device']}, bf16 logits, "
                   f"E={result['E']}, k={result['k']}):", "",
