@@ -19,6 +19,16 @@
 # PYTHONPATH=/tmp/site:/tmp/plugsite:$PWD/python (the trainings never import sglang).
 # QUALITY_SGLANG=0 skips the install; QUALITY_ROUTER_PATH=dispatch|sglang overrides auto.
 #
+# Batch invariance under SGLang's batch-invariant ops (issue 11, goal 2): when the SGLang
+# install succeeded (use_sglang), both GPU evals also get --batch-invariant-ops: after the
+# normal batch-invariance check they repeat it for tc, thr and ec1.25 inside SGLang's
+# set_batch_invariant_mode(True) (eager experts, one sdpa backend; rows "invariance_bi", table
+# "Batch invariance with SGLang's batch-invariant ops"). Not in QUALITY_TINY mode (CPU: the
+# Triton kernels need CUDA); QUALITY_BI_OPS=0 leaves it out. No stage budget changes for it:
+# the pass runs inside each eval's own --max-seconds cap (after the normal invariance check,
+# before the routing timings and the decode composition, which the cap drops first), so the
+# session's end time holds; a mode reached after the cap is listed as invariance_bi/<mode>.
+#
 # GPU (repo root, device tool with carry [".gpuenv"]):
 #   export PYTHONPATH=$PWD/python SGLANG_MOE_EC_DISABLE_CUDA_EXT=1
 #   bash benchmark/quality_session.sh
@@ -89,6 +99,7 @@ if [ -d .gpuenv ] && [ "$TINY" != 1 ] && [ "${QUALITY_SGLANG:-1}" != 0 ]; then
   ( RUNS=none OUT=/tmp/gpuenv_out timeout 240 bash .gpuenv/device.sh > "$WORK/device.log" 2>&1 ) &
   SGL_PID=$!
 fi
+BI=""  # --batch-invariant-ops, set by use_sglang when SGLang installed
 use_sglang() {  # after the install: the evals' environment (as gpu_serving_session.sh)
   [ -n "$SGL_PID" ] || return 0
   wait "$SGL_PID"; local rc=$?; SGL_PID=""
@@ -97,7 +108,8 @@ use_sglang() {  # after the install: the evals' environment (as gpu_serving_sess
     export PYTHONPATH=/tmp/site:/tmp/plugsite:$PWD/python
     export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python
     export SGLANG_JIT_CACHE_DIR=/tmp/cache/sgl_jit TVM_FFI_CACHE_DIR=/tmp/cache/tvm_ffi
-    say "SGLang installed: evals route through SGLang's TopK ($ROUTER)"
+    [ "${QUALITY_BI_OPS:-1}" != 0 ] && BI="--batch-invariant-ops"
+    say "SGLang installed: evals route through SGLang's TopK ($ROUTER)${BI:+; $BI}"
   else
     say "SGLang install FAILED rc=$rc (tail below): evals use the dispatch path"
     tail -n 15 "$WORK/device.log" | cut -c1-300 >> "$LOG"
@@ -125,7 +137,7 @@ budget=$(min $EC_S $(( $(left) - EC_EVAL_S - 35 )))
 ecap=$(min $TC_EVAL_S $(( $(left) - EC_EVAL_S - 50 )))
 say "eval TC in the background (cap ${ecap}s)"
 timeout $(( ecap + 60 )) $PY benchmark/eval_routing_quality.py --ckpt "$WORK/tc" \
-  --out "$WORK/tc_eval" --max-seconds "$ecap" $ROUTER $EVAL_COMMON $TC_EVAL_ARGS \
+  --out "$WORK/tc_eval" --max-seconds "$ecap" $ROUTER $BI $EVAL_COMMON $TC_EVAL_ARGS \
   > "$WORK/tc_eval.log" 2>&1 &
 TC_EVAL_PID=$!
 # the EC model gets the TC model's step count as its horizon and stop (same tokens, same
@@ -148,7 +160,7 @@ cat "$WORK/tc_eval.log" >> "$LOG"
 ecap=$(min $EC_EVAL_S $(( $(left) - 35 )))
 say "eval EC (cap ${ecap}s)"
 timeout $(( ecap + 25 )) $PY benchmark/eval_routing_quality.py --ckpt "$WORK/ec" \
-  --out "$WORK/ec_eval" --max-seconds "$ecap" $ROUTER $EVAL_COMMON $EC_EVAL_ARGS >> "$LOG" 2>&1
+  --out "$WORK/ec_eval" --max-seconds "$ecap" $ROUTER $BI $EVAL_COMMON $EC_EVAL_ARGS >> "$LOG" 2>&1
 say "eval EC rc=$?"
 
 # 5. results: tables, JSON, one plot of both models
