@@ -4,7 +4,8 @@
 ``try/finally`` that leaves ``torch.bmm`` patched): the pass runs inside it, with eager experts
 and one sdpa backend, for tc / ec1.25 / thr only; the experts implementation, ``torch.bmm``
 and the mode come back afterwards, also when the pass fails; the report gets its section.
-The measurement itself (TC bitwise, EC not) is ``test/test_batch_invariance_gpu.py``.
+And SGLang's real context manager and kernels, Triton-interpreted on the CPU (emulation:
+registered on the CPU key); the measurement on the GPU is ``test/test_batch_invariance_gpu.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_quality_router_path import CPU, _eval_inputs  # noqa: E402
+from test_quality_router_path import CPU, _eval_inputs, _tiny_model  # noqa: E402
 
 import eval_routing_quality as erq  # noqa: E402
 import quality_modes as qm  # noqa: E402
@@ -159,3 +160,41 @@ def test_failure_inside_the_mode_is_skipped_and_cleaned_up(tmp_path, monkeypatch
     erq.run_invariance_bi(result, model, fake, modes, seqs, args, CPU, {}, 0.0, None)
     assert result["skipped"] == ["invariance_bi/tc", "invariance_bi/ec1.25", "invariance_bi/thr"]
     assert fake.entered == 1
+
+
+def test_sglang_ops_interpreted_on_cpu(monkeypatch, bmm_guard):
+    """SGLang's own ``set_batch_invariant_mode`` and Triton kernels (interpreted, registered on
+    the CPU key for this test; its ``mean_dim`` kernel refuses CPU tensors and is replaced by a
+    plain sum) through :func:`batch_invariant_ops_run`: token choice is bitwise invariant, EC
+    cf 1.25 changes the prompt's routing; afterwards aten's CPU kernels, ``torch.bmm`` (which
+    SGLang's context manager leaves patched) and the experts implementation are back."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only emulation (test/test_batch_invariance_gpu.py runs the real one)")
+    bio = pytest.importorskip("sglang.srt.batch_invariant_ops.batch_invariant_ops")
+    monkeypatch.setattr(bio, "get_dispatch_device_backend", lambda: "CPU")
+    monkeypatch.setattr(bio, "get_device_core_count", lambda *a: 4)
+    monkeypatch.setattr(bio, "mean_dim", lambda x, d, keepdim=False:
+                        x.sum(d, keepdim=keepdim) / x.shape[d])
+    mm_calls = []
+    real_mm = bio.matmul_persistent
+    monkeypatch.setattr(bio, "matmul_persistent",
+                        lambda *a, **k: mm_calls.append(a[0].shape) or real_mm(*a, **k))
+    model = _tiny_model(True)
+    model.set_experts_implementation("batched_mm")
+    seqs = np.random.default_rng(0).integers(1, 96, (12, 32)).astype(np.int64)
+    modes = [m for m in qm.DEFAULT_MODES if m.name in ("tc", "ec1.25")]
+    probe = torch.from_numpy(seqs[:4])
+    with erq.batch_invariant_ops_run(model, bio.set_batch_invariant_mode, probe) as settings:
+        assert bio.is_batch_invariant_mode_enabled() and torch.bmm is not bmm_guard
+        rows = {r["mode"]: r for r in erq.batch_invariance(
+            model, modes, seqs, 2, 3, 4, CPU, "reference", 0)}
+    assert settings["mm_kernel"] == "Triton persistent matmul" and settings["experts"] == "eager"
+    # every linear went through SGLang's kernel, per expert with varying row counts
+    assert len(mm_calls) > 50 and len({s[0] for s in mm_calls}) > 3
+    assert rows["tc"]["max_abs_dlogprob"] == 0.0 and rows["tc"]["routing_changed"] == 0.0
+    assert rows["ec1.25"]["routing_changed"] > 0.0
+    assert not bio.is_batch_invariant_mode_enabled() and torch.bmm is bmm_guard
+    assert model.config._experts_implementation == "batched_mm"
+    n = len(mm_calls)
+    model(input_ids=probe[:1])
+    assert len(mm_calls) == n  # aten's own mm again
