@@ -416,8 +416,9 @@ def batch_invariant_ops_run(model, set_mode, probe: torch.Tensor):
                     break
                 else:
                     raise RuntimeError(f"no sdpa backend runs the model ({'; '.join(errors)})")
-                dtype = ("fp32 weights, bf16 autocast" if probe.device.type == "cuda" else
-                         str(next(model.parameters()).dtype).replace("torch.", ""))
+                dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+                if probe.device.type == "cuda":  # forward_logprobs' autocast
+                    dtype = f"{dtype} weights, bf16 autocast"
                 with _sdpa_ctx(backend):
                     yield dict(ops=BI_OPS, experts="eager", dtype=dtype,
                                attention=f"sdpa {backend} only" if backend else attn,

@@ -44,6 +44,7 @@ def test_token_choice_and_thr_bitwise_expert_choice_not():
             backend="triton", seed=0, biases=biases)}
     print(settings, {m: (r["max_abs_dlogprob"], r["routing_changed"]) for m, r in rows.items()})
     assert settings["attention"].startswith("sdpa ") and settings["experts"] == "eager"
+    assert settings["dtype"] == "float32 weights, bf16 autocast"
     for m in ("tc", "thr"):
         assert rows[m]["max_abs_dlogprob"] == 0.0 and rows[m]["bitwise_identical"], rows[m]
         assert rows[m]["routing_changed"] == 0.0, rows[m]
