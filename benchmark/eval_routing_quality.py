@@ -70,15 +70,16 @@ Results are written after every stage.
 Writes ``routing_quality.md``, ``routing_quality.json`` and ``routing_quality.png`` (dppl vs
 load max/mean, one point per mode and composition) to ``--out`` (default: the ckpt).
 
-Files: the routing modes, the router patch and the routing timings are in
-``benchmark/quality_modes.py``, the tables and the plot in ``benchmark/quality_report.py``; this
-file holds the forwards (compositions, batch invariance, thr calibration), the stages and the CLI.
+Files: the routing modes, the router patch, the forward and the routing timings are in
+``benchmark/quality_modes.py``, the batch-invariance measurement (and its
+``--batch-invariant-ops`` pass) in ``benchmark/quality_invariance.py``, the tables and the plot
+in ``benchmark/quality_report.py``; this file holds the compositions, the thr calibration, the
+stages and the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -105,14 +106,23 @@ from quality_modes import (  # noqa: E402
     DEFAULT_MODES,
     Mode,
     ROUTER_PATHS,
-    SGLANG_KINDS,
     RoutingState,
     SglangTopK,
+    forward_logprobs,
+    mode_path,
     patch_routers,
     probe_router_paths,
     resolve_router_path,
     routers,  # noqa: F401 - callers reach it as eval_routing_quality.routers
     routing_timings,
+)
+from quality_invariance import (  # noqa: E402
+    BI_MODES,
+    batch_invariance,
+    batch_invariant_ops_run,  # noqa: F401 - callers reach it as eval_routing_quality.*
+    load_batch_invariant_ops,
+    print_invariance,
+    run_invariance_bi,
 )
 from quality_report import markdown, plot  # noqa: E402
 
@@ -122,13 +132,6 @@ ROUTING_PATH = (
     "top_k=num_experts_per_tok); token choice through token_choice_topk_reference (same "
     "scoring); SGLang's TopK itself is not in this process"
 )
-
-
-def print_invariance(tag: str, rows: Sequence[Dict]) -> None:
-    for r in rows:
-        print(f"[eval] {tag} {r['mode']:<22} max |dlogprob| {r['max_abs_dlogprob']:.3e} "
-              f"mean {r['mean_abs_dlogprob']:.3e} routing changed {r['routing_changed']:.2%}",
-              flush=True)
 
 
 def routing_path_text(path: str, sglang: Optional[SglangTopK], note: str) -> str:
@@ -182,34 +185,6 @@ def parse_compositions(spec: str) -> List[Composition]:
     return out
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@torch.no_grad()
-def forward_logprobs(model, x: torch.Tensor, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run ``x [B, L]`` ``chunk`` tokens at a time (KV cache); next-token log-probs of the
-    targets ``[B, L-1]`` (fp32) and the argmax predictions ``[B, L-1]``."""
-    from transformers import DynamicCache
-
-    b, length = x.shape
-    device = x.device
-    with _autocast(device):
-        if chunk >= length:
-            logits = model(input_ids=x, use_cache=False, output_router_logits=False).logits
-        else:
-            cache = DynamicCache(config=model.config)
-            parts = []
-            for s in range(0, length, chunk):
-                out = model(input_ids=x[:, s:s + chunk], past_key_values=cache, use_cache=True,
-                            output_router_logits=False)
-                parts.append(out.logits)
-            logits = torch.cat(parts, 1)
-    logits = logits[:, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None]).squeeze(-1)
-    return lp, logits.argmax(-1)
-
-
 def batches_for(comp: Composition, code: np.ndarray, prose: np.ndarray
                 ) -> List[Tuple[np.ndarray, np.ndarray]]:
     """``[(tokens [B, L], domain flags [B] (0 code, 1 prose))]`` covering every sequence once."""
@@ -230,10 +205,6 @@ def batches_for(comp: Composition, code: np.ndarray, prose: np.ndarray
         for i in range(0, len(seqs) - comp.seqs + 1, comp.seqs):
             out.append((seqs[i:i + comp.seqs], np.full(comp.seqs, flag)))
     return out
-
-
-def _mode_path(mode: Mode, sglang: Optional[SglangTopK]) -> str:
-    return "sglang TopK" if sglang is not None and mode.kind in SGLANG_KINDS else "dispatch"
 
 
 @torch.no_grad()
@@ -278,7 +249,7 @@ def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, pros
             shape=comp.describe(comp.seq_len or code.shape[1]),
             mode=mode.name, capacity_factor=mode.capacity_factor if mode.kind == "ec" else None,
             min_tokens=mode.min_tokens if mode.kind == "ec" else None,
-            kind=mode.kind, router_path=_mode_path(mode, sglang),
+            kind=mode.kind, router_path=mode_path(mode, sglang),
             ppl=math.exp((nll[0] + nll[1]) / tot),
             ppl_code=math.exp(nll[0] / cnt[0]) if cnt[0] else None,
             ppl_prose=math.exp(nll[1] / cnt[1]) if cnt[1] else None,
@@ -290,146 +261,6 @@ def eval_composition(model, comp: Composition, modes: Sequence[Mode], code, pros
     for r in rows:
         r["dppl_pct"] = 100.0 * (r["ppl"] / base - 1.0)
     return rows
-
-
-@torch.no_grad()
-def batch_invariance(model, modes: Sequence[Mode], seqs: np.ndarray, n_prompts: int,
-                     n_trials: int, batch: int, device, backend: str, seed: int,
-                     biases: Optional[Dict[int, torch.Tensor]] = None,
-                     deadline: float = float("inf"), sglang: Optional[SglangTopK] = None
-                     ) -> List[Dict]:
-    """Per mode: max / mean |delta logprob| of fixed prompts' tokens across random batch mates,
-    and the share of the prompt's (layer, token) expert sets that differ from the first
-    batch's (``routing_changed``)."""
-    rng = np.random.default_rng(seed)
-    n = len(seqs)
-    prompt_idx = np.linspace(0, n - 1, num=n_prompts).astype(np.int64)
-    plans = []
-    for p in prompt_idx:
-        others = np.array([i for i in range(n) if i != p])
-        plans.append([(p, rng.choice(others, size=batch - 1, replace=len(others) < batch - 1))
-                      for _ in range(n_trials)])
-    out = []
-    for mode in modes:
-        if time.time() > deadline:
-            print(f"[eval] time cap: invariance {mode.name} skipped", flush=True)
-            continue
-        state = RoutingState(mode, backend, biases, sglang=sglang)
-        state.record = False
-        state.capture_rows = seqs.shape[1]  # the prompt is row 0: its tokens come first
-        deltas_max, deltas_sum, deltas_cnt = 0.0, 0.0, 0
-        changed, compared = 0, 0
-        with patch_routers(model, state):
-            for plan in plans:
-                ref = ref_ids = None
-                for p, mates in plan:
-                    x = torch.from_numpy(
-                        np.concatenate([seqs[p:p + 1], seqs[mates]]).astype(np.int64)).to(device)
-                    state.captured = []
-                    lp, _ = forward_logprobs(model, x, x.shape[1])
-                    lp, ids = lp[0], torch.stack(state.captured)  # [layers, L, k]
-                    if ref is None:
-                        ref, ref_ids = lp, ids
-                        continue
-                    d = (lp - ref).abs()
-                    deltas_max = max(deltas_max, d.max().item())
-                    deltas_sum += d.sum().item()
-                    deltas_cnt += d.numel()
-                    changed += (ids != ref_ids).any(-1).sum().item()
-                    compared += ids.shape[0] * ids.shape[1]
-        out.append(dict(mode=mode.name, router_path=_mode_path(mode, sglang),
-                        prompts=int(n_prompts), trials=int(n_trials),
-                        batch_seqs=int(batch), T=int(batch * seqs.shape[1]),
-                        max_abs_dlogprob=deltas_max,
-                        mean_abs_dlogprob=deltas_sum / max(deltas_cnt, 1),
-                        bitwise_identical=deltas_max == 0.0,
-                        routing_changed=changed / max(compared, 1)))
-    return out
-
-
-BI_MODES = ("tc", "thr", "ec1.25")  # the modes measured again under --batch-invariant-ops
-BI_OPS = "sglang batch-invariant"
-
-
-def load_batch_invariant_ops(device: torch.device):
-    """SGLang's ``set_batch_invariant_mode`` for ``--batch-invariant-ops``; one-line
-    ``SystemExit`` off CUDA (its kernels are Triton on the CUDA dispatch key) or without
-    sglang."""
-    if device.type != "cuda":
-        raise SystemExit(f"error: --batch-invariant-ops needs a CUDA device (SGLang's "
-                         f"batch-invariant ops are Triton kernels on the CUDA dispatch key); "
-                         f"the eval runs on {device}")
-    try:
-        from sglang.srt.batch_invariant_ops import set_batch_invariant_mode
-    except Exception as exc:  # noqa: BLE001 - ImportError or whatever sglang raises on import
-        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        raise SystemExit(f"error: --batch-invariant-ops: sglang.srt.batch_invariant_ops is not "
-                         f"importable ({msg})") from None
-    return set_batch_invariant_mode
-
-
-def _bi_mm_kernel() -> str:
-    """Which GEMM SGLang's batch-invariant mm takes for bf16 (read from its module)."""
-    bio = sys.modules.get("sglang.srt.batch_invariant_ops.batch_invariant_ops")
-    if bio is None:
-        return "unknown"
-    deepgemm = bool(getattr(bio, "_ENABLE_MM_DEEPGEMM", False)
-                    and getattr(bio, "ENABLE_JIT_DEEPGEMM", False))
-    return ("DeepGEMM deterministic bf16 GEMM where aligned, else Triton persistent matmul"
-            if deepgemm else "Triton persistent matmul")
-
-
-SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-
-
-def _sdpa_ctx(backend: Optional[str]):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def batch_invariant_ops_run(model, set_mode, probe: torch.Tensor):
-    """Inside: SGLang's batch-invariant ops (``set_mode(True)``), the model's experts
-    ``eager``, and one sdpa backend (the first of :data:`SDPA_BACKENDS` that runs the model on
-    ``probe``; the others are disabled). Yields the settings for the rows. Afterwards the
-    experts implementation and ``torch.bmm`` come back (SGLang's context manager leaves
-    ``torch.bmm`` patched on exit, and skips its own clean-up when the body raises: the body's
-    error is re-raised only after it has exited normally)."""
-    impl = model.config._experts_implementation
-    bmm = torch.bmm
-    attn = getattr(model.config, "_attn_implementation", None) or "eager"
-    model.set_experts_implementation("eager")
-    error: Optional[BaseException] = None
-    try:
-        with set_mode(True):
-            try:
-                backend, errors = None, []
-                for name in SDPA_BACKENDS if attn == "sdpa" else (None,):
-                    try:
-                        with _sdpa_ctx(name):
-                            forward_logprobs(model, probe, probe.shape[1])
-                    except RuntimeError as exc:
-                        errors.append(f"{name}: {' '.join(str(exc).split())[:120]}")
-                        continue
-                    backend = name
-                    break
-                else:
-                    raise RuntimeError(f"no sdpa backend runs the model ({'; '.join(errors)})")
-                dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-                if probe.device.type == "cuda":  # forward_logprobs' autocast
-                    dtype = f"{dtype} weights, bf16 autocast"
-                with _sdpa_ctx(backend):
-                    yield dict(ops=BI_OPS, experts="eager", dtype=dtype,
-                               attention=f"sdpa {backend} only" if backend else attn,
-                               mm_kernel=_bi_mm_kernel())
-            except Exception as exc:  # noqa: BLE001 - re-raised below, outside set_mode
-                error = exc
-        if error is not None:
-            raise error
-    finally:
-        torch.bmm = bmm
-        model.set_experts_implementation(impl)
 
 
 # ----------------------------------------------------------------------------- threshold mode
@@ -455,39 +286,6 @@ def calibrate_threshold(model, cal_seqs: np.ndarray, device, backend: str, iters
                 load_max_mean_calibrated=[state.cal_info[i]["best"]
                                           for i in sorted(state.cal_info)])
     return state.biases, info
-
-
-def run_invariance_bi(result: Dict, model, set_mode, modes: Sequence[Mode], seqs: np.ndarray,
-                      args: argparse.Namespace, device, biases, deadline: float,
-                      sglang: Optional[SglangTopK]) -> None:
-    """The ``--batch-invariant-ops`` stage: :func:`batch_invariance` for ``modes`` inside
-    :func:`batch_invariant_ops_run`; rows (with its settings) to ``result["invariance_bi"]``,
-    modes left out (time cap, failure) to ``result["skipped"]`` as ``invariance_bi/<mode>``."""
-    rows, why = [], ""
-    if time.time() > deadline:
-        print("[eval] time cap: invariance(bi-ops) skipped", flush=True)
-    else:
-        batch = args.inv_batch or 8
-        probe = torch.from_numpy(seqs[:batch].astype(np.int64)).to(device)
-        try:
-            with batch_invariant_ops_run(model, set_mode, probe) as settings:
-                rows = batch_invariance(
-                    model, modes, seqs, args.inv_prompts or (2 if args.tiny else 4),
-                    args.inv_trials, batch, device, args.backend, args.seed, biases, deadline,
-                    sglang)
-            for r in rows:
-                r.update(settings)
-        except Exception as exc:  # noqa: BLE001 - the later stages still run
-            why = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
-            print(f"[eval] invariance(bi-ops) failed{why}", flush=True)
-            rows = []
-    result["invariance_bi"] = rows
-    result["skipped"] += [f"invariance_bi/{m.name}{why}" for m in modes
-                          if m.name not in {r["mode"] for r in rows}]
-    print_invariance("invariance(bi-ops)", rows)
-    if rows:
-        print(f"[eval] invariance(bi-ops) settings: experts {rows[0]['experts']}, attention "
-              f"{rows[0]['attention']}, {rows[0]['dtype']}, mm {rows[0]['mm_kernel']}", flush=True)
 
 
 # ----------------------------------------------------------------------------- main

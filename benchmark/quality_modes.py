@@ -357,6 +357,42 @@ def patch_routers(model, state: RoutingState) -> Iterator[RoutingState]:
             del r._layer_idx
 
 
+# ----------------------------------------------------------------------------- forward
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def forward_logprobs(model, x: torch.Tensor, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run ``x [B, L]`` ``chunk`` tokens at a time (KV cache); next-token log-probs of the
+    targets ``[B, L-1]`` (fp32) and the argmax predictions ``[B, L-1]``."""
+    from transformers import DynamicCache
+
+    b, length = x.shape
+    device = x.device
+    with _autocast(device):
+        if chunk >= length:
+            logits = model(input_ids=x, use_cache=False, output_router_logits=False).logits
+        else:
+            cache = DynamicCache(config=model.config)
+            parts = []
+            for s in range(0, length, chunk):
+                out = model(input_ids=x[:, s:s + chunk], past_key_values=cache, use_cache=True,
+                            output_router_logits=False)
+                parts.append(out.logits)
+            logits = torch.cat(parts, 1)
+    logits = logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+    return lp, logits.argmax(-1)
+
+
+def mode_path(mode: Mode, sglang: Optional["SglangTopK"]) -> str:
+    """The table's router-path column for ``mode``: SGLang's TopK where it routes that kind."""
+    return "sglang TopK" if sglang is not None and mode.kind in SGLANG_KINDS else "dispatch"
+
+
 # ----------------------------------------------------------------------------- routing time
 
 

@@ -24,6 +24,7 @@ from test_quality_router_path import CPU, _eval_inputs, _tiny_model  # noqa: E40
 
 import eval_routing_quality as erq  # noqa: E402
 import quality_modes as qm  # noqa: E402
+import quality_invariance as qi  # noqa: E402
 
 
 class FakeBiOps:
@@ -83,6 +84,7 @@ def _spy(monkeypatch, model, fake, fail=False):
         return real(m, x, chunk)
 
     monkeypatch.setattr(erq, "forward_logprobs", spy)
+    monkeypatch.setattr(qi, "forward_logprobs", spy)  # the invariance passes' forwards
     return calls
 
 
