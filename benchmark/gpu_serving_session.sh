@@ -40,7 +40,7 @@ for s in ${STAGES:-server}; do
     units) stage units ${UNITS_LIMIT:-240} python3 -m pytest -q -n 12 -p no:cacheprovider -rfE --durations=25 \
               test/test_expert_choice_gpu.py test/test_expert_choice_gpu_stream.py \
               test/test_eplb_gpu.py test/test_omni_gpu.py test/test_omni_lane.py \
-              test/test_omni_packed.py test/test_threshold_routing.py ;;
+              test/test_omni_packed.py test/test_threshold_routing.py test/test_batch_invariance_gpu.py ;;
     timing) stage timing ${TIMING_LIMIT:-120} python3 -m pytest -q -p no:cacheprovider -rA -m gpu_timing \
               test/test_eplb_gpu.py ;;
     bench) TAIL=60 stage bench ${BENCH_LIMIT:-540} python3 benchmark/bench_serving.py --out /tmp/bench_serving ${BENCH_ARGS:-}
