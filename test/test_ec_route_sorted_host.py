@@ -1,8 +1,9 @@
 """CPU checks of the three-launch route kernel's per-lane sort (``sgl-kernel/csrc/ec_route.cu``).
 
-1. ``net_pair`` (the compile-time comparator list, cut out of ec_route.cu and compiled with
-   the host C++ compiler) is a sorting network for every ITER in 2..16: all 0/1 inputs
-   (the 0-1 principle) and random 64-bit inputs with repeated values and zeros.
+1. ``sort_desc`` (the compile-time comparator list ``net_pair`` and ``cmp_swap``, cut out of
+   ec_route.cu and compiled with the host C++ compiler) sorts descending for every ITER in
+   2..16: all 0/1 inputs (the 0-1 principle: a sorting network) and random 64-bit inputs
+   with repeated values and zeros.
 2. A host model of the warp (32 lanes x ITER slots, expert e = it * 32 + lane): the order in
    which ``route_row_sorted`` takes experts (per-lane descending composites
    ``picked << 63 | rkey << 31 | (0x7fffffff - e)``, a max over the lanes' heads, high word
@@ -30,12 +31,7 @@ _CPP = r"""
 #include <random>
 #include <utility>
 #include <vector>
-NET_PAIR
-template <int A, int B, int N> void cmp_swap(unsigned long long (&c)[N]) {
-  const unsigned long long x = c[A], y = c[B]; const bool gt = x > y; c[A] = gt ? x : y; c[B] = gt ? y : x; }
-template <int N, std::size_t... I> void net(unsigned long long (&c)[N], std::index_sequence<I...>) {
-  (cmp_swap<net_pair(N, (int)I, 0), net_pair(N, (int)I, 1)>(c), ...); }
-template <int N> void sort_desc(unsigned long long (&c)[N]) { net(c, std::make_index_sequence<net_pair(N, -1, 0)>{}); }
+SORT_DESC
 
 template <int N> bool check_net() {
   for (int i = 0; i < net_pair(N, -1, 0); ++i) {
@@ -134,10 +130,12 @@ int main() {
 """
 
 
-def _net_pair_source() -> str:
-    m = re.search(r"^constexpr int net_pair\(.*?^}\n", SRC.read_text(), re.S | re.M)
-    assert m is not None, f"net_pair not found in {SRC}"
-    return m.group(0)
+def _sort_source() -> str:
+    """ec_route.cu from ``net_pair`` to the end of ``sort_desc``, as host code."""
+    m = re.search(r"^constexpr int net_pair\(.*?^__device__ __forceinline__ void sort_desc\(.*?^}\n",
+                  SRC.read_text(), re.S | re.M)
+    assert m is not None, f"net_pair ... sort_desc not found in {SRC}"
+    return m.group(0).replace("__device__ __forceinline__ ", "")
 
 
 def test_route_sort_network_and_order(tmp_path):
@@ -145,7 +143,7 @@ def test_route_sort_network_and_order(tmp_path):
     if cxx is None:
         pytest.skip("needs a host C++ compiler")
     src = tmp_path / "check.cpp"
-    src.write_text(_CPP.replace("NET_PAIR", _net_pair_source()))
+    src.write_text(_CPP.replace("SORT_DESC", _sort_source()))
     exe = tmp_path / "check"
     subprocess.run([cxx, "-std=c++17", "-O2", str(src), "-o", str(exe)], check=True,
                    capture_output=True, text=True, timeout=300)

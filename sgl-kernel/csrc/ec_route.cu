@@ -44,13 +44,14 @@ constexpr int net_pair(int n, int idx, int which) {
   return cnt;
 }
 
-// Compare-exchange: the larger of c[A], c[B] to c[A].
+// Compare-exchange: the larger of c[A], c[B] to c[A], the other to c[B] (as x ^ y ^ max:
+// one 3-input LOP3 per word instead of a second compare and select).
 template <int A, int B, int N>
 __device__ __forceinline__ void cmp_swap(unsigned long long (&c)[N]) {
   const unsigned long long x = c[A], y = c[B];
-  const bool gt = x > y;
-  c[A] = gt ? x : y;
-  c[B] = gt ? y : x;
+  const unsigned long long hi = x > y ? x : y;
+  c[A] = hi;
+  c[B] = x ^ y ^ hi;
 }
 
 template <int N, std::size_t... I>
