@@ -221,11 +221,11 @@ static void launch_route_pow2(const Params& p, int pow2, bool pdl, cudaStream_t 
     case 128: launch_route_t<32, 4, scalar_t>(p, pdl, stream); break;
     case 256: launch_route_t<32, 8, scalar_t>(p, pdl, stream); break;
     // E in 257..384: the `it` slots 12..15 (experts >= 384) would be padding only. Dropping
-    // them leaves every score bit for bit equal: PyTorch's softmax pads with -inf, which
-    // leaves each lane's max unchanged unless the row holds a NaN or is all -inf, and adds
-    // exp(-inf - m) = +0 to the lane sum (for finite or +inf m); where the pads would differ
-    // (a NaN logit, or m = -inf) the real experts already make the sum NaN, so every score is
-    // NaN either way.
+    // them leaves every score bit for bit equal. Softmax (PyTorch's layout pads with -inf):
+    // a -inf pad leaves the lane's running max unchanged unless that max is NaN (a NaN
+    // logit), and adds exp(-inf - m) = +0 to the lane sum unless m = -inf (every logit
+    // -inf); in both exceptions the real experts already make the row's sum NaN (exp(NaN)
+    // or exp(-inf + inf)), so every score is NaN either way. Sigmoid is per element.
     case 512:
       if (p.E <= 384) {
         launch_route_t<32, 12, scalar_t>(p, pdl, stream);
