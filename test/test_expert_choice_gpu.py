@@ -340,7 +340,7 @@ def test_route_three_launch_bitwise_one_launch(E):
     from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda, token_choice_topk_cuda
 
     g = torch.Generator(device="cuda").manual_seed(100 + E)
-    T = 300
+    T = 300 if E <= 256 else 128  # the one-launch kernel's shared memory holds these (H100/H200)
     ng = next(n for n in (8, 4, 3, 2, 1) if E % n == 0)
     cases = [
         (min(E, 8), {}),
