@@ -329,6 +329,59 @@ def test_one_launch_limits():
         assert torch.equal(keys_by_path["one_launch"], keys_by_path["three_launch"]), (T, E, k)
 
 
+@pytest.mark.parametrize("E", [33, 60, 72, 100, 128, 200, 256, 300, 383, 384, 512])
+def test_route_three_launch_bitwise_one_launch(E):
+    """The three-launch route kernel (E > 32: per-lane sorted composites, ec_route.cu
+    route_row_sorted; 257..384 experts with 12 register slots per lane instead of 16) gives
+    the one-launch kernel's ids and weights bit for bit (that kernel keeps ec_device.cuh
+    route_row and 16 slots), and the reference's ids: softmax / sigmoid, bias + grouped top-k,
+    no renormalisation + scaling, T' < T, exact ties, NaN / inf rows, k from 1 to 32,
+    bf16 / fp16 / fp32. Token choice (no pick) against the reference too."""
+    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda, token_choice_topk_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(100 + E)
+    T = 300 if E <= 256 else 128  # the one-launch kernel's shared memory holds these (H100/H200)
+    ng = next(n for n in (8, 4, 3, 2, 1) if E % n == 0)
+    cases = [
+        (min(E, 8), {}),
+        (1, {}),
+        (min(E, 32), dict(renormalize=False, routed_scaling_factor=2.5,
+                          apply_routed_scaling_factor_on_output=True)),
+        (min(E, 8), dict(scoring_func="sigmoid", num_expert_group=ng, topk_group=max(1, ng // 2),
+                         correction_bias=torch.randn(E, device="cuda", generator=g) * 0.05)),
+        (min(E, 8), dict(num_token_non_padded=torch.tensor([T // 3], device="cuda"))),
+    ]
+    for i, (k, kw) in enumerate(cases):
+        dtype = DTYPES[(i + E) % 3]
+        logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(dtype)
+        if i == 1:  # exact ties in every row
+            logits = (torch.randint(-3, 4, (T, E), device="cuda", generator=g).float() / 2).to(dtype)
+        if i == 2:
+            logits[5] = float("nan")
+            logits[9, 3] = float("nan")
+            logits[11, : E // 2] = float("-inf")
+            logits[13] = float("-inf")
+            logits[17, 4] = float("inf")
+        if "num_expert_group" in kw and kw["topk_group"] * (E // ng) < k:
+            kw["topk_group"] = ng
+        spec = RoutingSpec(k, 1.25, **{a: b for a, b in kw.items() if a != "num_token_non_padded"})
+        ntnp = kw.get("num_token_non_padded")
+        what = describe(logits, k, kw)
+        rw, rids = expert_choice_topk_reference(logits, spec, ntnp)
+        ow, oids = expert_choice_topk_cuda(logits, spec, ntnp, path="one_launch")
+        tw, tids = expert_choice_topk_cuda(logits, spec, ntnp, path="three_launch")
+        assert_matches_reference("cuda_three_launch", what, tw, tids, rw, rids)
+        assert torch.equal(tids, oids), f"three_launch vs one_launch ids: {what}"
+        assert torch.equal(tw.view(torch.int32), ow.view(torch.int32)), (
+            f"three_launch vs one_launch weights: {what}")
+    spec = RoutingSpec(min(E, 8))
+    logits = (torch.randn(2000, E, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    w, ids = token_choice_topk_cuda(logits, spec)
+    rw, rids = token_choice_topk_reference(logits, spec)
+    assert torch.equal(ids, rids), f"token choice E={E}"
+    torch.testing.assert_close(w, rw, atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- custom op / torch.compile
 # GPU twins of test/test_expert_choice_op.py: the op ``sglang_moe_routing::expert_choice_topk``
 # with the cuda and triton backends, eager vs torch.compile(fullgraph=True), and a CUDA-graph

@@ -5,12 +5,134 @@
 // segment-wide max, picked experts first. Lane j of the segment keeps slot j, so k <= WS.
 // With token_choice = 1 the pick is skipped: this is then a fused token-choice top-k
 // (the benchmark's yardstick, same scoring code).
+//
+// With WS == 32 and ITER >= 2 (E > 32) the k rounds use route_row_sorted below instead of
+// route_row (EC_ROUTE_SORTED=0 at compile time restores route_row; the one-launch kernel
+// ec_fused.cu always uses route_row). Rows of 257..384 experts run with ITER = 12 instead
+// of 16 (the four missing `it` slots only ever hold padding, see launch_route_pow2).
+#include <utility>
+
 #include "ec_device.cuh"
+
+#ifndef EC_ROUTE_SORTED
+#define EC_ROUTE_SORTED 1
+#endif
 
 namespace ec {
 
+// Batcher's odd-even merge sort network on next_pow2(n) inputs, restricted to the
+// comparators (a, b), a < b, with b < n: the inputs n.. would be minimal constants that no
+// comparator moves (each puts the larger value at the lower index), so the restricted
+// network sorts n inputs. net_pair(n, i, 0 / 1) is comparator i's a / b; net_pair(n, -1, 0)
+// is the number of comparators. Evaluated at compile time only (template arguments).
+constexpr int net_pair(int n, int idx, int which) {
+  int m = 1;
+  while (m < n) m <<= 1;
+  int cnt = 0;
+  for (int p = 1; p < m; p <<= 1) {
+    for (int k = p; k >= 1; k >>= 1) {
+      for (int j = k % p; j + k < m; j += 2 * k) {
+        for (int i = 0; i < k && i + j + k < m; ++i) {
+          if ((i + j) / (2 * p) == (i + j + k) / (2 * p) && i + j + k < n) {
+            if (cnt == idx) return which ? i + j + k : i + j;
+            ++cnt;
+          }
+        }
+      }
+    }
+  }
+  return cnt;
+}
+
+// Compare-exchange: the larger of c[A], c[B] to c[A], the other to c[B] (as x ^ y ^ max:
+// one 3-input LOP3 per word instead of a second compare and select).
+template <int A, int B, int N>
+__device__ __forceinline__ void cmp_swap(unsigned long long (&c)[N]) {
+  const unsigned long long x = c[A], y = c[B];
+  const unsigned long long hi = x > y ? x : y;
+  c[A] = hi;
+  c[B] = x ^ y ^ hi;
+}
+
+template <int N, std::size_t... I>
+__device__ __forceinline__ void sort_desc_net(unsigned long long (&c)[N], std::index_sequence<I...>) {
+  (cmp_swap<net_pair(N, static_cast<int>(I), 0), net_pair(N, static_cast<int>(I), 1)>(c), ...);
+}
+
+// Sorts c descending with a static network (all register indices compile-time constants).
+template <int N>
+__device__ __forceinline__ void sort_desc(unsigned long long (&c)[N]) {
+  sort_desc_net(c, std::make_index_sequence<net_pair(N, -1, 0)>{});
+}
+
+// route_row for a whole-warp row (WS == 32), same result bit for bit. route_row's order of
+// the k winners is: the picked experts by (rkey desc, expert id asc), then (once every
+// picked expert is taken) the other experts e < E by (rkey desc, id asc); rkey > 0 for
+// e < E, rkey = 0 for padding e >= E, never chosen (k <= E). That is the descending order
+// of the composite
+//   c = picked << 63 | rkey << 31 | (0x7fffffff - e)    (c = 0 for rkey == 0)
+// (distinct for distinct e, since e < 512). Each lane sorts its ITER composites once; a
+// round is then a warp max over the lanes' heads c[0] (high word, then low word among the
+// lanes with the maximal high word), the winner id e read from the low word, its lane
+// (e & 31) drops its head. The weights s come from the warp's slice `ws` of shared memory
+// (ws[e] = s of expert e), read in round order so wsum is summed as route_row sums it.
+template <int ITER>
+__device__ __forceinline__ void route_row_sorted(const Params& p, int t, bool row_in, int sub,
+                                                 const bool (&picked)[ITER],
+                                                 const uint32_t (&rkey)[ITER],
+                                                 const float (&s)[ITER], float* ws) {
+  unsigned long long c[ITER];
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    const uint32_t e = static_cast<uint32_t>(it * 32 + sub);
+    const unsigned long long v = (static_cast<unsigned long long>(picked[it]) << 63) |
+                                 (static_cast<unsigned long long>(rkey[it]) << 31) |
+                                 static_cast<unsigned long long>(0x7fffffffu - e);
+    c[it] = rkey[it] != 0u ? v : 0ull;
+  }
+  sort_desc(c);
+  __syncwarp();  // the previous row's reads of ws are done
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) ws[it * 32 + sub] = s[it];
+  __syncwarp();
+  int my_id = 0;
+  float my_w = 0.0f, wsum = 0.0f;
+  const int k = p.top_k;
+  for (int j = 0; j < k; ++j) {
+    const uint32_t hh = static_cast<uint32_t>(c[0] >> 32);
+    const uint32_t hl = static_cast<uint32_t>(c[0]);
+    const uint32_t mh = __reduce_max_sync(kFull, hh);
+    const uint32_t ml = __reduce_max_sync(kFull, hh == mh ? hl : 0u);
+    const int win = static_cast<int>(0x7fffffffu - (ml & 0x7fffffffu));
+    const float w = ws[win];
+    if (sub == (win & 31)) {
+#pragma unroll
+      for (int i = 0; i + 1 < ITER; ++i) c[i] = c[i + 1];
+      c[ITER - 1] = 0ull;
+    }
+    if (sub == j) {
+      my_id = win;
+      my_w = w;
+    }
+    wsum += w;
+  }
+  if (row_in && sub < k) {
+    float w = p.renormalize ? my_w / wsum : my_w;
+    if (p.apply_scale) w = w * p.scale;
+    p.out_w[static_cast<long long>(t) * k + sub] = w;
+    p.out_ids[static_cast<long long>(t) * k + sub] = my_id;
+  }
+}
+
+// Minimum resident CTAs per SM asked of ptxas (0 = none): 8 (<= 64 registers) at ITER = 8
+// and 6 (<= 80) at ITER = 12 fit without spills with route_row_sorted (sm_90a, nvcc 13).
+template <int WS, int ITER>
+constexpr int route_min_blocks() {
+  return (EC_ROUTE_SORTED && WS == 32) ? (ITER == 8 ? 8 : (ITER == 12 ? 6 : 0)) : 0;
+}
+
 template <int WS, int ITER, typename scalar_t>
-__global__ void __launch_bounds__(128) ec_route_kernel(const Params p) {
+__global__ void __launch_bounds__(128, (route_min_blocks<WS, ITER>())) ec_route_kernel(const Params p) {
   constexpr int P = WS * ITER;
   constexpr int RPW = 32 / WS;
   constexpr int PW = 32 * ITER;
@@ -21,6 +143,10 @@ __global__ void __launch_bounds__(128) ec_route_kernel(const Params p) {
   const int sub = lane % WS;
   const int seg_base = seg * WS;
 
+#if EC_ROUTE_SORTED
+  // Weight scores of the warp's row (route_row_sorted); one element for WS < 32 (unused).
+  __shared__ float wsm[4][(WS == 32 && ITER >= 2) ? 32 * ITER : 1];
+#endif
   GroupScratch scr{nullptr, nullptr, nullptr};
   if (p.num_groups > 0) {
     float* sel = reinterpret_cast<float*>(smem) + warp * PW + seg * P;
@@ -48,6 +174,12 @@ __global__ void __launch_bounds__(128) ec_route_kernel(const Params p) {
     bool picked[ITER];
 #pragma unroll
     for (int it = 0; it < ITER; ++it) picked[it] = pkey[it] != 0u && pick_composite(pkey[it], t) >= thr[it];
+#if EC_ROUTE_SORTED
+    if constexpr (WS == 32 && ITER >= 2) {
+      route_row_sorted<ITER>(p, t, row_in, sub, picked, rkey, s, wsm[warp]);
+      continue;
+    }
+#endif
     // The weight score of the winner, shuffled from the lane that holds it.
     auto weight_of = [&](int win_it, int win_sub) {
       float w_local = 0.0f;
@@ -88,7 +220,19 @@ static void launch_route_pow2(const Params& p, int pow2, bool pdl, cudaStream_t 
     case 64: launch_route_t<32, 2, scalar_t>(p, pdl, stream); break;
     case 128: launch_route_t<32, 4, scalar_t>(p, pdl, stream); break;
     case 256: launch_route_t<32, 8, scalar_t>(p, pdl, stream); break;
-    case 512: launch_route_t<32, 16, scalar_t>(p, pdl, stream); break;
+    // E in 257..384: the `it` slots 12..15 (experts >= 384) would be padding only. Dropping
+    // them leaves every score bit for bit equal. Softmax (PyTorch's layout pads with -inf):
+    // a -inf pad leaves the lane's running max unchanged unless that max is NaN (a NaN
+    // logit), and adds exp(-inf - m) = +0 to the lane sum unless m = -inf (every logit
+    // -inf); in both exceptions the real experts already make the row's sum NaN (exp(NaN)
+    // or exp(-inf + inf)), so every score is NaN either way. Sigmoid is per element.
+    case 512:
+      if (p.E <= 384) {
+        launch_route_t<32, 12, scalar_t>(p, pdl, stream);
+      } else {
+        launch_route_t<32, 16, scalar_t>(p, pdl, stream);
+      }
+      break;
     default: break;
   }
 }
