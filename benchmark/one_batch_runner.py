@@ -137,7 +137,8 @@ def host_table(batch_sizes: Sequence[int], columns: Sequence[tuple], lead: Seque
     later column's median minus the first's (us), first for that host time, then for its
     on-CPU part (``<phase>_host_cpu``, ``time.thread_time``), then each column's CUDA-graph
     segments per step (``<phase>_segments``: the distinct counts of its runs, "-" where not
-    recorded; one "-" where no column has them). ``columns``: ``[(name, runs)]``; ``lead``: cells put before B (e.g. Doge's n)."""
+    recorded; one "-" where no column has them). ``columns``: ``[(name, runs)]``; ``lead``:
+    cells put before B (e.g. Doge's n)."""
     from harness import fmt
 
     def used(runs, b):
