@@ -127,46 +127,76 @@ def report_head(title: str, meta: dict, runs: Sequence[dict],
             f"- re-judged: {meta['rejudged']}" if meta.get("rejudged") else ""]
 
 
+PHASES = ("prefill", "decode")
+
+
 def host_table(batch_sizes: Sequence[int], columns: Sequence[tuple], lead: Sequence = ()) -> List[list]:
-    """Rows of the host-time table: per B, each column's decode-step host time per run (ms,
-    ``decode_host`` of ``one_batch_timing.parse``: ``time.perf_counter`` around
-    ``ModelRunner.forward``), then each later column's median minus the first's (us), first
-    for that host time, then for its on-CPU part (``decode_host_cpu``, ``time.thread_time``).
-    ``columns``: ``[(name, runs)]``; ``lead``: cells put before B (e.g. Doge's n)."""
+    """Rows of the host-time table, one per (B, phase) where a column has that phase's host
+    time: each column's host time per run (ms, ``<phase>_host`` of ``one_batch_timing.parse``:
+    ``time.perf_counter`` around ``ModelRunner.forward``, a prefill's steps summed), then each
+    later column's median minus the first's (us), first for that host time, then for its
+    on-CPU part (``<phase>_host_cpu``, ``time.thread_time``), then each column's CUDA-graph
+    segments per step (``<phase>_segments``: the distinct counts of its runs, "-" where not
+    recorded; one "-" where no column has them). ``columns``: ``[(name, runs)]``; ``lead``:
+    cells put before B (e.g. Doge's n)."""
     from harness import fmt
 
+    def used(runs, b):
+        return [r["points"][b] for r in runs
+                if not r.get("failure") and b in (r.get("points") or {})]
+
     def values(runs, b, key):
-        return [r["points"][b][key] * 1e3 for r in runs
-                if not r.get("failure") and r.get("points", {}).get(b, {}).get(key) is not None]
+        return [p[key] * 1e3 for p in used(runs, b) if p.get(key) is not None]
+
+    def median(v):
+        return statistics.median(v) if v else None
 
     def diffs(meds):
         return [fmt((m - meds[0]) * 1e3, "+.0f") if m is not None and meds[0] is not None
                 else "-" for m in meds[1:]]
 
+    def segments(runs, b, key):
+        return "/".join(str(x) for x in sorted({p[key] for p in used(runs, b)
+                                                if p.get(key) is not None})) or "-"
+
     rows = []
     for b in batch_sizes:
-        vals = [values(runs, b, "decode_host") for _, runs in columns]
-        if not any(vals):
-            continue
-        med = [statistics.median(v) if v else None for v in vals]
-        cpu = [values(runs, b, "decode_host_cpu") for _, runs in columns]
-        cmed = [statistics.median(v) if v else None for v in cpu]
-        rows.append(list(lead) + [b] + [", ".join(f"{x:.3f}" for x in v) or "-" for v in vals]
-                    + diffs(med) + diffs(cmed))
+        for phase in PHASES:
+            vals = [values(runs, b, f"{phase}_host") for _, runs in columns]
+            if not any(vals):
+                continue
+            med = [median(v) for v in vals]
+            cmed = [median(values(runs, b, f"{phase}_host_cpu")) for _, runs in columns]
+            segs = [segments(runs, b, f"{phase}_segments") for _, runs in columns]
+            rows.append(list(lead) + [b, phase]
+                        + [", ".join(f"{x:.3f}" for x in v) or "-" for v in vals]
+                        + diffs(med) + diffs(cmed)
+                        + [", ".join(f"{n} {s}" for (n, _), s in zip(columns, segs))
+                           if any(s != "-" for s in segs) else "-"])
     return rows
 
 
 def host_header(names: Sequence[str], lead: Sequence[str] = ()) -> List[str]:
-    return (list(lead) + ["B"] + [f"{n} host ms per decode step (runs)" for n in names]
+    return (list(lead) + ["B", "phase"] + [f"{n} host ms per step (runs)" for n in names]
             + [f"{n} - {names[0]} (us)" for n in names[1:]]
-            + [f"{n} - {names[0]} on CPU (us)" for n in names[1:]])
+            + [f"{n} - {names[0]} on CPU (us)" for n in names[1:]]
+            + ["graph segments per step"])
 
 
-HOST_NOTE = ("host time of each decode step's `ModelRunner.forward` call (`time.perf_counter`; "
-             "a graph replay is asynchronous, so this is the host's work) and its on-CPU part "
-             "(`time.thread_time`: host time above it was spent descheduled, e.g. by other "
-             "load on the machine). Not judged: it shows whether a mode costs host time where "
-             "its graphs cost nothing")
+HOST_NOTE = ("host time of each prefill and decode step's `ModelRunner.forward` call "
+             "(`time.perf_counter` around the call; a prefill's calls summed) and its on-CPU "
+             "part (`time.thread_time`: host time above it was spent descheduled, e.g. by "
+             "other load on the machine). A CUDA-graph segment's replay is asynchronous, so "
+             "this is the host's work, not device time: in a prefill that replays a breakable "
+             "graph, the eager attention between its segments is launched from the host and "
+             "counts here as host launch work; a prefill above the captured sizes runs eagerly "
+             "(every kernel launched from the host). one_batch's wall-clock latencies also "
+             "hold the work outside this call (batch preparation, sampling, the "
+             "synchronisation). \"graph segments per step\": the most CUDA-graph segments a "
+             "step of that phase replayed, per column (its runs' distinct counts; 0: no graph "
+             "replayed; -: not recorded, e.g. by older runs), so a mode that adds graph "
+             "breaks shows. Not judged: it shows whether a mode costs host time where its "
+             "graphs cost nothing")
 
 
 def write_tokenizer(path: Path) -> str:

@@ -29,7 +29,7 @@ Each point becomes one JSON line in the file named by ``ONEBATCH_GPU_TIME_FILE``
 ``{"point", "warmup", "batch_size", "prefill": [step], "decode": [step]}`` with
 ``step = {"graph_ms", "replays", "seg_ms", "segments", "fwd_ms", "host_ms", "cpu_ms"}``.
 :func:`parse` turns the lines into per-batch-size medians of :func:`step_ms`, ``host_ms`` and
-``cpu_ms``.
+``cpu_ms`` (both phases) and the graph segments per step.
 """
 
 from __future__ import annotations
@@ -169,28 +169,57 @@ def step_ms(step: dict) -> float:
     return step["graph_ms"] if step["replays"] else step["fwd_ms"]
 
 
+def step_segments(step: dict) -> Optional[int]:
+    """A pass's CUDA-graph segment replays: 0 where no graph replayed; None for a record from
+    before ``segments`` that replayed a graph."""
+    if "segments" in step:
+        return int(step["segments"])
+    return None if step["replays"] else 0
+
+
+def _max_segments(used: Sequence[dict], phase: str) -> Optional[int]:
+    """The most segments of any ``phase`` step of the passes ``used`` (None where a step's
+    count is unknown or there is no step)."""
+    segs = [step_segments(s) for r in used for s in r[phase]]
+    return None if not segs or None in segs else max(segs)
+
+
 def parse(text: str, batch_sizes: Sequence[int], passes: int) -> Dict[int, dict]:
-    """The child's lines -> ``{B: {"prefill_gpu", "decode_gpu", "decode_host",
-    "decode_host_cpu", "gpu_samples", "graph"}}`` (seconds, like one_batch's latencies): per
-    pass the prefill's device time, the median decode step and the median decode step's host
-    and on-CPU time (``host_ms``, ``cpu_ms``; None for records without them); the median over
-    the passes after the first when ``passes`` >= 2 (as
-    ``one_batch_runner.parse_jsonl``). ``graph`` says whether every counted prefill / decode
-    step replayed a CUDA graph. A B with fewer than ``passes`` points is left out."""
+    """The child's lines -> ``{B: {"prefill_gpu", "decode_gpu", "prefill_host",
+    "prefill_host_cpu", "decode_host", "decode_host_cpu", "prefill_segments",
+    "decode_segments", "gpu_samples", "graph"}}`` (seconds, like one_batch's latencies): per
+    pass the prefill's device time, host and on-CPU time (``host_ms``, ``cpu_ms``), each summed
+    over its prefill steps, the median decode step and the median decode step's host and
+    on-CPU time (host and on-CPU times None for records without them); the median over the
+    passes after the first when ``passes`` >= 2 (as ``one_batch_runner.parse_jsonl``).
+    ``<phase>_segments``: the most CUDA-graph segments any counted step of the phase replayed
+    (0 where no graph replayed; None for records without segment counts). ``graph`` says
+    whether every counted prefill / decode step replayed a CUDA graph. A B with fewer than
+    ``passes`` points is left out."""
     out: Dict[int, dict] = {}
     records = [r for r in json_lines(text) if not r.get("warmup")]
+
+    def median(xs):
+        return statistics.median(xs) if xs else None
+
+    def known(steps, key):
+        return steps and all(s.get(key) is not None for s in steps)
+
     for b, used in counted_passes(records, batch_sizes, passes).items():
         pre = [sum(step_ms(s) for s in r["prefill"]) * 1e-3 for r in used if r["prefill"]]
         dec = [statistics.median(step_ms(s) for s in r["decode"]) * 1e-3
                for r in used if r["decode"]]
         host, cpu = ([statistics.median(s[key] for s in r["decode"]) * 1e-3
-                      for r in used if r["decode"] and all(s.get(key) is not None
-                                                            for s in r["decode"])]
+                      for r in used if known(r["decode"], key)]
                      for key in ("host_ms", "cpu_ms"))
-        out[b] = {"prefill_gpu": statistics.median(pre) if pre else None,
-                  "decode_gpu": statistics.median(dec) if dec else None,
-                  "decode_host": statistics.median(host) if host else None,
-                  "decode_host_cpu": statistics.median(cpu) if cpu else None,
+        pre_host, pre_cpu = ([sum(s[key] for s in r["prefill"]) * 1e-3
+                              for r in used if known(r["prefill"], key)]
+                             for key in ("host_ms", "cpu_ms"))
+        out[b] = {"prefill_gpu": median(pre), "decode_gpu": median(dec),
+                  "prefill_host": median(pre_host), "prefill_host_cpu": median(pre_cpu),
+                  "decode_host": median(host), "decode_host_cpu": median(cpu),
+                  "prefill_segments": _max_segments(used, "prefill"),
+                  "decode_segments": _max_segments(used, "decode"),
                   "gpu_samples": {"prefill": pre, "decode": dec},
                   "graph": {ph: all(s["replays"] for r in used for s in r[ph])
                             for ph in ("prefill", "decode")}}

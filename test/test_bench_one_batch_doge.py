@@ -225,15 +225,53 @@ def test_device_time_table_beside_the_wall_clock_goals():
     assert "**Goal 1 (triton >= 1.5x reference, n=512 B=128 decode): MISSED**" in md
     assert "judged on device time: met** (wall clock: met)" in md
     assert "### Device time per pass" in md and "| 5.00 |" in md
-    assert "host time of each decode step" not in md  # no host times recorded
-    for r, h in zip(runs, (0.30, 0.40, 0.35, 0.35, 0.42, 0.31)):  # mirrored order
-        r["points"][128]["decode_host"] = h / 1e3
+    assert "host time of each" not in md  # no host times recorded
+    # mirrored order: triton1, torch1, reference1, reference2, torch2, triton2
+    for r, h, ph, seg in zip(runs, (0.30, 0.40, 0.35, 0.35, 0.42, 0.31),
+                             (4.0, 3.0, 3.5, 3.5, 3.2, 4.4), (7, 5, 5, 5, 5, 7)):
+        r["points"][128].update(decode_host=h / 1e3, prefill_host=ph / 1e3,
+                                prefill_segments=seg, decode_segments=1)
     md = obd.markdown(meta, runs, res)
-    # triton 0.300, 0.310 (median 0.305); torch 0.400, 0.420 (+105 us); reference +45 us
-    assert "| 512 | 128 | 0.300, 0.310 | 0.400, 0.420 | 0.350, 0.350 | +105 | +45 | - | - |" in md
+    assert ("| n | B | phase | triton host ms per step (runs) | torch host ms per step (runs) "
+            "| reference host ms per step (runs) | torch - triton (us) | reference - triton (us) "
+            "| torch - triton on CPU (us) | reference - triton on CPU (us) "
+            "| graph segments per step |") in md
+    # prefill: triton 4.0, 4.4 (median 4.2); torch 3.0, 3.2 (-1100 us); reference -700 us;
+    # triton's prefill replays more graph segments (more breaks, each launched by the host)
+    assert ("| 512 | 128 | prefill | 4.000, 4.400 | 3.000, 3.200 | 3.500, 3.500 | -1100 | -700 "
+            "| - | - | triton 7, torch 5, reference 5 |") in md
+    # decode: triton 0.300, 0.310 (median 0.305); torch 0.400, 0.420 (+105 us); reference +45
+    assert ("| 512 | 128 | decode | 0.300, 0.310 | 0.400, 0.420 | 0.350, 0.350 | +105 | +45 "
+            "| - | - | triton 1, torch 1, reference 1 |") in md
     # a run without device times: goal 2 back on the wall clock
     del runs[0]["points"][128]["decode_gpu"]
     assert obd.judged(runs, [512], [128], 64, 512, 128, 1.5, 0.05)["goal2_measure"] == "wall clock"
+
+
+def test_rejudge_of_a_stored_report_without_host_times(tmp_path, monkeypatch):
+    """docs/results' Doge run recorded no host times: re-judged, it renders (device-time table
+    included) without a host table."""
+    saved = (Path(__file__).resolve().parents[1] / "docs" / "results"
+             / "bench_one_batch_doge_n64_n256_2026-11-29.json")
+    monkeypatch.setattr(obd.Bench, "run_plan", lambda *a, **k: pytest.fail("ran something"))
+    out = tmp_path / "out"
+    obd.Bench(obd.parse_args(["--rejudge", str(saved), "--out", str(out)])).main()
+    md = (out / "bench_one_batch_doge.md").read_text()
+    assert "- re-judged: " in md and "### Device time per pass" in md
+    assert "| 256 | 128 | decode | 128 | 0.451, 0.450 |" in md
+    assert "host time of each" not in md
+    # with host times added to one n's runs, that n's rows render; the other n has none
+    saved_runs = json.loads(saved.read_text())
+    for r in saved_runs["runs"]:
+        if r["n"] == 64:
+            r["points"]["128"].update(prefill_host=2e-3, decode_host=0.3e-3)
+    path = tmp_path / "with_host.json"
+    path.write_text(json.dumps(saved_runs))
+    obd.Bench(obd.parse_args(["--rejudge", str(path), "--out", str(out)])).main()
+    table = (out / "bench_one_batch_doge.md").read_text().split("host time of each")[1]
+    assert "| 64 | 128 | prefill | 2.000, 2.000 | 2.000, 2.000 | 2.000 | +0 | +0 | - | - | - |" \
+        in table
+    assert "| 64 | 128 | decode |" in table and "| 256 |" not in table
 
 
 def test_parse_args():

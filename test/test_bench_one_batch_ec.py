@@ -363,22 +363,61 @@ def test_host_time_table_shows_each_run_and_the_ec_minus_tc_difference():
             _with_gpu(_run("tc2", "tc", {1: 10.0, 32: 10.0}), {1: 5.0, 32: 5.0})]
     host = {"tc1": 0.380, "ec1": 0.402, "ec2": 0.416, "tc2": 0.384}  # ms, B = 1 only
     cpu = {"tc1": 0.370, "ec1": 0.371, "ec2": 0.373, "tc2": 0.372}  # on-CPU part: equal
+    pre = {"tc1": 2.0, "ec1": 3.1, "ec2": 2.9, "tc2": 2.2}  # prefill host ms
+    pre_cpu = {"tc1": 1.9, "ec1": 2.5, "ec2": 2.5, "tc2": 2.1}
+    segs = {"tc1": 5, "ec1": 7, "ec2": 7, "tc2": 5}  # EC's prefill graph has more breaks
     for r in runs:
-        r["points"][1]["decode_host"] = host[r["label"]] / 1e3
-        r["points"][1]["decode_host_cpu"] = cpu[r["label"]] / 1e3
+        r["points"][1].update(decode_host=host[r["label"]] / 1e3,
+                              decode_host_cpu=cpu[r["label"]] / 1e3,
+                              prefill_host=pre[r["label"]] / 1e3,
+                              prefill_host_cpu=pre_cpu[r["label"]] / 1e3,
+                              prefill_segments=segs[r["label"]], decode_segments=1)
     res = ob.judged(runs, [1, 32], 256, 32, 0.97, 0.01)
-    md = ob.markdown({"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
-                      "model": "m", "timing": "t", "goal": 0.97}, runs, res)
-    assert "### Shown, not judged: host time of each decode step" in md
-    # medians: TC 0.382, EC 0.409 -> +27 us; on CPU 0.371 vs 0.372 -> +1 us (descheduled,
-    # not more work); B = 32 has no host times: no row
-    assert "| 1 | 0.380, 0.384 | 0.402, 0.416 | +27 | +1 |" in md
-    assert "| 32 |" not in md.split("### Shown, not judged: host time")[1]
+    meta = {"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
+            "model": "m", "timing": "t", "goal": 0.97}
+    md = ob.markdown(meta, runs, res)
+    note = "### Shown, not judged: host time of each prefill and decode step"
+    assert note in md
+    table = md.split(note)[1]
+    assert ("| B | phase | TC host ms per step (runs) | EC host ms per step (runs) | EC - TC (us) "
+            "| EC - TC on CPU (us) | graph segments per step |") in table
+    # prefill medians: TC 2.1, EC 3.0 -> +900 us; on CPU 2.0 vs 2.5 -> +500 us
+    assert "| 1 | prefill | 2.000, 2.200 | 3.100, 2.900 | +900 | +500 | TC 5, EC 7 |" in table
+    # decode medians: TC 0.382, EC 0.409 -> +27 us; on CPU 0.371 vs 0.372 -> +1 us
+    # (descheduled, not more work); B = 32 has no host times: no row
+    assert "| 1 | decode | 0.380, 0.384 | 0.402, 0.416 | +27 | +1 | TC 1, EC 1 |" in table
+    assert table.index("| 1 | prefill |") < table.index("| 1 | decode |")
+    assert "| 32 |" not in table
+    # runs that disagree on the segments show each count; older records: "-"
+    runs[3]["points"][1]["prefill_segments"] = 6
+    for r in runs:
+        del r["points"][1]["decode_segments"]
+    table = ob.markdown(meta, runs, res).split(note)[1]
+    assert "| +900 | +500 | TC 5/6, EC 7 |" in table and "| +27 | +1 | - |" in table
+    # a saved report from before prefill host times: the decode row alone
+    for r in runs:
+        del r["points"][1]["prefill_host"], r["points"][1]["prefill_host_cpu"]
+    table = ob.markdown(meta, runs, res).split(note)[1]
+    assert "| prefill |" not in table and "| 1 | decode | 0.380, 0.384 |" in table
     for r in runs:
         del r["points"][1]["decode_host"]
-    md = ob.markdown({"device": "H200", "date": "d", "torch": "t", "sglang": "s", "command": "c",
-                      "model": "m", "timing": "t", "goal": 0.97}, runs, res)
-    assert "host time of each decode step" not in md  # older records: no table
+    md = ob.markdown(meta, runs, res)
+    assert "host time of each" not in md  # older records: no table
+
+
+def test_rejudge_of_a_stored_report_renders_the_host_table(tmp_path):
+    """docs/results' EC run with decode host times (from before prefill host times and
+    segment counts): re-judged, its host table has the decode rows, segments "-"."""
+    saved = (Path(__file__).resolve().parents[1] / "docs" / "results"
+             / "bench_one_batch_ec_a3b_host_2026-11-30.json")
+    out = tmp_path / "out"
+    ob.Bench(ob.parse_args(["--rejudge", str(saved), "--out", str(out)])).main()
+    md = (out / "bench_one_batch_ec.md").read_text()
+    table = md.split("### Shown, not judged: host time of each prefill and decode step")[1]
+    assert "| B | phase | TC host ms per step (runs) |" in table
+    assert "| 1 | decode | 0.828, 0.507, 0.492 | 0.490, 0.540, 0.497 |" in table
+    assert "| 64 | decode |" in table and "| prefill |" not in table
+    assert table.split("\n\n")[1].splitlines()[2].endswith("| - |")
 
 
 @pytest.mark.parametrize("content", [None, "not json", '{"runs": []}', '{"meta": {}, "runs": 3}'])

@@ -53,6 +53,10 @@ def test_parse_drops_warmup_and_first_pass_and_prefers_graph_time():
     assert got[32]["prefill_gpu"] == pytest.approx(21e-3)  # eager: the forward's events
     assert got[1]["graph"] == {"prefill": True, "decode": True}
     assert got[1]["decode_host"] is None  # records from before host_ms
+    assert got[1]["prefill_host"] is None and got[1]["prefill_host_cpu"] is None
+    # records from before segment counts: unknown where a graph replayed, 0 where none did
+    assert got[1]["prefill_segments"] is None and got[1]["decode_segments"] is None
+    assert got[32]["prefill_segments"] == 0
     assert got[32]["graph"] == {"prefill": False, "decode": True}
     # a batch size short of its passes is left out
     assert set(obt.parse("\n".join(lines[:6]) + "\n", [1, 32], passes=3)) == {1}
@@ -67,6 +71,42 @@ def test_parse_takes_the_median_host_time_of_the_decode_steps():
              _line(3, 4, _step(3, 4), dec([0.7, 0.7, 0.8]))]      # pass 3: 0.7
     got = obt.parse("\n".join(lines) + "\n", [4], passes=3)
     assert got[4]["decode_host"] == pytest.approx(0.6e-3)
+
+
+def test_parse_sums_the_prefill_steps_host_time_and_counts_graph_segments():
+    def step(host, cpu, segments, replays=1):
+        return {"graph_ms": 1.0, "replays": replays, "seg_ms": 0.5 * segments,
+                "segments": segments, "fwd_ms": 2.0, "host_ms": host, "cpu_ms": cpu}
+
+    def line(point, prefill, decode, warmup=False):
+        return json.dumps({"point": point, "warmup": warmup, "batch_size": 8,
+                           "prefill": prefill, "decode": decode})
+    lines = [line(0, [step(50, 50, 9)], [step(9, 9, 9)], warmup=True),
+             line(1, [step(40, 40, 9)], [step(9, 9, 9)]),                # pass 1, discarded
+             # pass 2: a prefill of two forward calls (2.0 + 0.8 ms), one eager
+             line(2, [step(2.0, 1.2, 5), step(0.8, 0.6, 0, replays=0)],
+                  [step(0.3, 0.2, 1), step(0.5, 0.3, 1), step(0.4, 0.25, 1)]),
+             line(3, [step(3.0, 2.0, 6)], [step(0.6, 0.4, 1)] * 3),      # pass 3
+             line(4, [step(2.5, 1.5, 5)], [step(0.8, 0.5, 1)] * 3)]      # pass 4
+    got = obt.parse("\n".join(lines) + "\n", [8], passes=4)[8]
+    assert got["prefill_host"] == pytest.approx(2.8e-3)      # median of 2.8, 3.0, 2.5
+    assert got["prefill_host_cpu"] == pytest.approx(1.8e-3)  # median of 1.8, 2.0, 1.5
+    assert got["decode_host"] == pytest.approx(0.6e-3)       # median of 0.4, 0.6, 0.8
+    assert got["decode_host_cpu"] == pytest.approx(0.4e-3)   # median of 0.25, 0.4, 0.5
+    assert got["prefill_segments"] == 6  # the most of any counted step (not the warm-up's 9)
+    assert got["decode_segments"] == 1
+    assert got["prefill_gpu"] == pytest.approx(3.0e-3)       # 2.5 + 2, 3.0, 2.5 -> 3.0
+    assert got["graph"] == {"prefill": False, "decode": True}
+    # a pass whose prefill lacks host_ms is not counted; with none left: None
+    old = [line(i, [dict(step(1.0, 1.0, 5), host_ms=None)], [step(0.5, 0.5, 1)])
+           for i in range(1, 3)]
+    got = obt.parse("\n".join(old) + "\n", [8], passes=2)[8]
+    assert got["prefill_host"] is None and got["decode_host"] == pytest.approx(0.5e-3)
+    # an eager decode (no graph) has 0 segments
+    eager = [line(i, [step(1.0, 1.0, 0, replays=0)], [step(0.5, 0.5, 0, replays=0)])
+             for i in range(1, 3)]
+    got = obt.parse("\n".join(eager) + "\n", [8], passes=2)[8]
+    assert got["prefill_segments"] == got["decode_segments"] == 0
 
 
 def test_probes_attach_to_sglang_names():
@@ -177,3 +217,6 @@ def test_probes_nest_as_sglang_calls_them(tmp_path):
     got = obt.parse(path.read_text(), [8], passes=1)
     assert 6e-3 <= got[8]["prefill_gpu"] < 9e-3 and 2e-3 <= got[8]["decode_gpu"] < 3.5e-3
     assert 3e-3 <= got[8]["decode_host"] < 5e-3 and 0 < got[8]["decode_host_cpu"] < 5e-3
+    # the prefill's host time holds the eager work between its segments (10 ms here)
+    assert got[8]["prefill_host"] >= 17e-3 and 0 < got[8]["prefill_host_cpu"]
+    assert (got[8]["prefill_segments"], got[8]["decode_segments"]) == (3, 1)
