@@ -178,6 +178,23 @@ TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, to
             warmup=5, max_code_mb=2.0, max_prose_mb=1.0, lr=3e-3)
 
 
+SPEED_FROM = 20  # steps before it carry compile / autotune time, not the training speed
+
+
+def horizon_step(warmup: int) -> int:
+    """The step at which the cosine horizon is fixed: the end of the LR warm-up (the LR does
+    not depend on the horizon before it), and at least 20 steps after ``SPEED_FROM``."""
+    return max(warmup, SPEED_FROM + 20)
+
+
+def cosine_horizon(step: int, budget_left_s: float, per_step_s: float, eval_s: float,
+                   eval_every: int) -> int:
+    """The step count that fits ``budget_left_s`` after ``step``: each step costs
+    ``per_step_s`` plus its share of a validation (``eval_s`` every ``eval_every`` steps)."""
+    per = per_step_s + eval_s / max(1, eval_every)
+    return step + max(1, int(max(0.0, budget_left_s) / per))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,13 +334,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                           * (1 + math.cos(math.pi * prog)))
 
     history: List[Dict] = []
+    t_v0 = time.time()
     v0 = val_loss(model, val_win, args.batch, device)
+    eval_s = time.time() - t_v0
     history.append(dict(step=0, val_loss=v0, elapsed_s=0.0))
     log(f"[train] step 0 val_loss {v0:.4f} (ppl {math.exp(v0):.1f})")
     best, since_best, stop_reason = v0, 0, "max_steps"
     step, tokens_seen = 0, 0
     t_train = time.time()
     t_window, tok_window = time.time(), 0
+    t_speed = t_train  # reset at step SPEED_FROM
     model.train()
     while True:
         if args.max_steps and step >= args.max_steps:
@@ -345,11 +365,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         step += 1
         tokens_seen += x.numel()
         tok_window += x.numel()
-        if step == 20 and not args.max_steps:
-            # cosine horizon from the measured speed and the remaining budget
-            per_step = (time.time() - t_train) / step
-            horizon = max(step + 1, int(budget_s / per_step))
-            log(f"[train] cosine horizon {horizon} steps ({per_step * 1e3:.0f} ms/step)")
+        if step == SPEED_FROM:
+            t_speed = time.time()
+        if step == horizon_step(args.warmup) and not args.max_steps:
+            # cosine horizon from the steady speed (steps SPEED_FROM.., after the first steps'
+            # compiles) plus the validations still to come; fixed once, at the end of the LR
+            # warm-up, so the schedule never jumps
+            per_step = (time.time() - t_speed) / (step - SPEED_FROM)
+            horizon = cosine_horizon(step, budget_s - (time.time() - t_train), per_step,
+                                     eval_s, args.eval_every)
+            log(f"[train] cosine horizon {horizon} steps ({per_step * 1e3:.0f} ms/step from step "
+                f"{SPEED_FROM}, validation {eval_s:.1f}s every {args.eval_every} steps)")
         if step % args.log_every == 0:
             dt = time.time() - t_window
             aux = out_m.aux_loss.item() if getattr(out_m, "aux_loss", None) is not None else 0.0

@@ -214,3 +214,18 @@ def test_eval_table(trained, tmp_path):
     # routing timings (CPU here) for token choice, thr and EC; the plot
     assert {t["method"].split(":")[0] for t in res["timings"]} >= {"tc", "thr", "ec1.25"}
     assert (tmp_path / "routing_quality.png").stat().st_size > 10_000
+
+
+def test_cosine_horizon_counts_steady_steps_and_the_validations_to_come():
+    """The horizon of the 2026-11-30 session's TC model came out at 778 steps, estimated from
+    its first 20 steps (179 ms/step with the compiles); it then ran 1174 steps in the same
+    budget, 396 of them at the floor LR. The horizon is now fixed at the end of the warm-up
+    from the steady speed, and the validations still to come take their share."""
+    assert tml.horizon_step(100) == 100 and tml.horizon_step(5) == tml.SPEED_FROM + 20
+    # 100 s left at 0.1 s/step with a 2 s validation every 100 steps: 0.12 s per step
+    assert tml.cosine_horizon(100, 100.0, 0.1, 2.0, 100) == 100 + 833
+    # nothing left: one more step, never fewer than the step reached
+    assert tml.cosine_horizon(100, -5.0, 0.1, 2.0, 100) == 101
+    # steady 118 ms steps over 139 s less the 100 warm-up steps' time: ~1.1k steps, not 778
+    h = tml.cosine_horizon(100, 139.0 - 100 * 0.118, 0.118, 1.0, 100)
+    assert 1050 <= h <= 1180
