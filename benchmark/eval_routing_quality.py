@@ -120,6 +120,7 @@ from quality_invariance import (  # noqa: E402
     BI_MODES,
     batch_invariance,
     batch_invariant_ops_run,  # noqa: F401 - callers reach it as eval_routing_quality.*
+    invariance_plan,
     load_batch_invariant_ops,
     print_invariance,
     run_invariance_bi,
@@ -503,8 +504,8 @@ def run_eval(args: argparse.Namespace, device: torch.device, sglang: Optional[Sg
             run_comp(comp)
     inv_seqs = np.concatenate([code, prose])
     result["invariance"] = batch_invariance(
-        model, modes, inv_seqs, args.inv_prompts or (2 if args.tiny else 4), args.inv_trials,
-        args.inv_batch or 8, device, args.backend, args.seed, biases, deadline, sglang)
+        model, modes, inv_seqs, *invariance_plan(args), device, args.backend, args.seed, biases,
+        deadline, sglang)
     result["skipped"] += [f"invariance/{m.name}" for m in modes
                           if m.name not in {r["mode"] for r in result["invariance"]}]
     print_invariance("invariance", result["invariance"])

@@ -24,7 +24,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -188,6 +188,12 @@ def batch_invariant_ops_run(model, set_mode, probe: torch.Tensor):
         model.set_experts_implementation(impl)
 
 
+def invariance_plan(args: argparse.Namespace) -> Tuple[int, int, int]:
+    """``(prompts, trials, batch sequences)`` of both invariance passes: ``--inv-prompts``
+    (default 4, ``--tiny`` 2), ``--inv-trials``, ``--inv-batch`` (default 8)."""
+    return args.inv_prompts or (2 if args.tiny else 4), args.inv_trials, args.inv_batch or 8
+
+
 def run_invariance_bi(result: Dict, model, set_mode, modes: Sequence[Mode], seqs: np.ndarray,
                       args: argparse.Namespace, device, biases, deadline: float,
                       sglang: Optional[SglangTopK]) -> None:
@@ -198,14 +204,13 @@ def run_invariance_bi(result: Dict, model, set_mode, modes: Sequence[Mode], seqs
     if time.time() > deadline:
         print("[eval] time cap: invariance(bi-ops) skipped", flush=True)
     else:
-        batch = args.inv_batch or 8
+        prompts, trials, batch = invariance_plan(args)
         probe = torch.from_numpy(seqs[:batch].astype(np.int64)).to(device)
         try:
             with batch_invariant_ops_run(model, set_mode, probe) as settings:
                 rows = batch_invariance(
-                    model, modes, seqs, args.inv_prompts or (2 if args.tiny else 4),
-                    args.inv_trials, batch, device, args.backend, args.seed, biases, deadline,
-                    sglang)
+                    model, modes, seqs, prompts, trials, batch, device, args.backend, args.seed,
+                    biases, deadline, sglang)
             for r in rows:
                 r.update(settings)
         except Exception as exc:  # noqa: BLE001 - the later stages still run
