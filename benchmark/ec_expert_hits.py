@@ -5,11 +5,10 @@ Question it answers: does EC's extra prefill device time at small batches (B = 1
 tokens) come from EC spreading the tokens over more experts than TC does (the fused MoE
 kernel reads each active expert's weights, and runs one program row per 32-token block)?
 
-Model: ``tools.models.qwen3_moe``'s construction (``torch.manual_seed(seed)`` then
-transformers' ``Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3_SIZES[size]))``), built on the
-CPU. The GPU benchmark builds it under ``torch.device("cuda")``, whose generator differs, so
-these are weights from the same distribution, not the same weights (``--device cuda``
-builds them as the benchmark does, for the exact weights). Weights are rounded to
+Model: ``tools.models.qwen3_moe_model``, the model ``tools.models.qwen3_moe`` saves for the
+benchmark, built on the CPU. The GPU benchmark builds it under ``torch.device("cuda")``, whose
+generator differs, so these are weights from the same distribution, not the same weights
+(``--device cuda`` builds them as the benchmark does, for the exact weights). Weights are rounded to
 bf16 (the checkpoint's dtype) and the forward runs in fp32 (``--dtype`` to change).
 
 Input ids: one_batch's generator replayed: ``np.random.seed(seed)``, the warm-up's
@@ -77,19 +76,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from transformers.models.qwen3_moe import modeling_qwen3_moe as mq
 
     from sglang_moe_routing.expert_choice import dispatch
-    from sglang_moe_routing.tools.models import QWEN3_SIZES
+    from sglang_moe_routing.tools.models import QWEN3_SIZES, qwen3_moe_model
 
     if QWEN3_SIZES[a.size]["vocab_size"] < 10000:
         raise SystemExit(f"--size {a.size}: vocab_size < 10000, one_batch's ids (< 10000) do not fit")
     torch.set_grad_enabled(False)
     t0 = time.time()
-    torch.manual_seed(a.seed)
-    with torch.device(a.device):
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3_SIZES[a.size], torch_dtype="bfloat16"))
+    model = qwen3_moe_model(a.size, seed=a.seed, device=a.device)
     dtype = getattr(torch, a.dtype)
     for p in model.parameters():  # the checkpoint's bf16 values, computed in `dtype`
         p.data = p.data.to(torch.bfloat16).to(dtype)

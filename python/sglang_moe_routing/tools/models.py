@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -77,17 +77,23 @@ def _save(model: torch.nn.Module, path: str, dtype: torch.dtype) -> Dict[str, An
         return json.load(f)
 
 
-def qwen3_moe(path: str, size: str = "small", dtype: torch.dtype = torch.bfloat16,
-              seed: int = 0, **overrides) -> Dict[str, Any]:
+def qwen3_moe_model(size: str = "small", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                    device: Optional[str] = None, **overrides) -> torch.nn.Module:
+    """The random-weight ``Qwen3MoeForCausalLM`` that :func:`qwen3_moe` saves, in memory (built
+    on ``device``, default the GPU when there is one: the weights depend on its generator)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     if size not in QWEN3_SIZES:
         raise ValueError(f"qwen3_moe size must be one of {list(QWEN3_SIZES)}, got {size!r}")
     kw = {**QWEN3_SIZES[size], **overrides}
     torch.manual_seed(seed)
-    with torch.device(_device()):
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw, torch_dtype=str(dtype).split(".")[-1]))
-    return _save(model, path, dtype)
+    with torch.device(device or _device()):
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw, torch_dtype=str(dtype).split(".")[-1]))
+
+
+def qwen3_moe(path: str, size: str = "small", dtype: torch.dtype = torch.bfloat16,
+              seed: int = 0, **overrides) -> Dict[str, Any]:
+    return _save(qwen3_moe_model(size, dtype, seed, **overrides), path, dtype)
 
 
 def hot_expert_bias(num_layers: int, num_experts: int, fraction: float, bias: float,
