@@ -26,11 +26,7 @@ p.add_argument("--k", type=int, default=8)
 p.add_argument("--profile", default="256x128")
 a = p.parse_args()
 g = torch.Generator(device="cuda").manual_seed(0)
-
-
-def spec():
-    return RoutingSpec(top_k=a.k, capacity_factor=1.25, min_tokens=0)
-
+spec = RoutingSpec(top_k=a.k, capacity_factor=1.25, min_tokens=0)
 
 print(f"E={a.e} k={a.k}: T path pdl n_valid us (CUDA graph, 20 calls per graph)")
 for T in [int(t) for t in a.graph_t.split(",") if t]:
@@ -38,7 +34,7 @@ for T in [int(t) for t in a.graph_t.split(",") if t]:
     n = torch.tensor([T], device="cuda", dtype=torch.int32)
     for pdl in (True, False):
         for nv in (None, n):
-            us = harness.time_graph(lambda: ecc.expert_choice_topk_cuda(x, spec(), nv, pdl=pdl))
+            us = harness.time_graph(lambda: ecc.expert_choice_topk_cuda(x, spec, nv, pdl=pdl))
             print(T, ecc.choose_path(T, a.e), pdl, "tensor" if nv is not None else "none",
                   f"{us:.1f}", flush=True)
 for shape in [s for s in a.profile.split(",") if s]:
@@ -46,11 +42,11 @@ for shape in [s for s in a.profile.split(",") if s]:
     x = torch.randn(T, E, device="cuda", dtype=torch.bfloat16, generator=g)
     n = torch.tensor([T], device="cuda", dtype=torch.int32)
     for _ in range(3):
-        ecc.expert_choice_topk_cuda(x, spec(), n)
+        ecc.expert_choice_topk_cuda(x, spec, n)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            ecc.expert_choice_topk_cuda(x, spec(), n)
+            ecc.expert_choice_topk_cuda(x, spec, n)
         torch.cuda.synchronize()
     print(f"--- T={T} E={E} k={a.k} path={ecc.choose_path(T, E)}: per-kernel us (10 eager calls)")
     for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
