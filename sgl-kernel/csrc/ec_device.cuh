@@ -216,6 +216,26 @@ __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool
   }
 }
 
+// Writes slot `slot` (< k) of row t when `store`: the weight w (divided by the k winners' sum
+// wsum when renormalising, then scaled) and the expert id.
+__device__ __forceinline__ void store_slot(const Params& p, long long t, int slot, bool store,
+                                           int id, float w, float wsum) {
+  if (!store) return;
+  if (p.renormalize) w = w / wsum;
+  if (p.apply_scale) w = w * p.scale;
+  p.out_w[t * p.top_k + slot] = w;
+  p.out_ids[t * p.top_k + slot] = id;
+}
+
+// Whether a whole-warp row of E experts (next power of two 512) runs with 12 `it` slots per
+// lane instead of 16: E in 257..384, where the slots 12..15 (experts >= 384) of the next power of two would be padding only, and
+// dropping them leaves every score bit for bit equal. Softmax (PyTorch's layout pads with
+// -inf): a -inf pad leaves the lane's running max unchanged unless that max is NaN (a NaN
+// logit), and adds exp(-inf - m) = +0 to the lane sum unless m = -inf (every logit -inf); in
+// both exceptions the real experts already make the row's sum NaN (exp(NaN) or
+// exp(-inf + inf)), so every score is NaN either way. Sigmoid is per element.
+__host__ __device__ constexpr bool fits_iter12(int E) { return E > 256 && E <= 384; }
+
 // Steps 4-5 for one row (token t) held by a segment of WS lanes; all lanes of the warp call
 // this together. k rounds of a segment-wide max over the row-order keys: first among the
 // picked experts (best first), then, once those are taken, among the rest (best first);
@@ -289,12 +309,7 @@ __device__ __forceinline__ void route_row(const Params& p, int t, bool row_in, i
     }
     wsum += w;
   }
-  if (row_in && sub < k) {
-    float w = p.renormalize ? my_w / wsum : my_w;
-    if (p.apply_scale) w = w * p.scale;
-    p.out_w[static_cast<long long>(t) * k + sub] = w;
-    p.out_ids[static_cast<long long>(t) * k + sub] = my_id;
-  }
+  store_slot(p, t, sub, row_in && sub < k, my_id, my_w, wsum);
 }
 
 __device__ __forceinline__ void grid_dependency_wait() {

@@ -6,20 +6,14 @@
 // With token_choice = 1 the pick is skipped: this is then a fused token-choice top-k
 // (the benchmark's yardstick, same scoring code).
 //
-// With EC_ROUTE_SORTED=1 at compile time (default 0, see below), WS == 32 and ITER >= 2
-// (E > 32) the k rounds use route_row_sorted below instead of route_row (the one-launch
-// kernel ec_fused.cu always uses route_row), and rows of 257..384 experts run with ITER = 12
-// instead of 16 (the four missing `it` slots only ever hold padding, see launch_route_pow2).
+// With WS == 32 and ITER >= 2 (E > 32) the k rounds use route_row_sorted below instead of
+// route_row (the one-launch kernel ec_fused.cu always uses route_row); rows of 257..384
+// experts run with ITER = 12 instead of 16 (fits_iter12 in ec_device.cuh). Both measured on
+// an H200 on 2026-11-30: bit-exact with the reference and the one-launch kernel, route kernel
+// 68.9 -> 57.7 us at T = 32768, E = 256 and 148.0 -> 88.0 us at E = 384 (docs/benchmarks.md).
 #include <utility>
 
 #include "ec_device.cuh"
-
-// Off by default until its GPU tests and timings have run (written 2026-11-30 without a GPU
-// run; bit-exactness argued, not measured): -DEC_ROUTE_SORTED=1 (e.g. in
-// _EXTRA_CUDA_CFLAGS of expert_choice/cuda.py) turns it on.
-#ifndef EC_ROUTE_SORTED
-#define EC_ROUTE_SORTED 0
-#endif
 
 namespace ec {
 
@@ -119,19 +113,14 @@ __device__ __forceinline__ void route_row_sorted(const Params& p, int t, bool ro
     }
     wsum += w;
   }
-  if (row_in && sub < k) {
-    float w = p.renormalize ? my_w / wsum : my_w;
-    if (p.apply_scale) w = w * p.scale;
-    p.out_w[static_cast<long long>(t) * k + sub] = w;
-    p.out_ids[static_cast<long long>(t) * k + sub] = my_id;
-  }
+  store_slot(p, t, sub, row_in && sub < k, my_id, my_w, wsum);
 }
 
 // Minimum resident CTAs per SM asked of ptxas (0 = none): 8 (<= 64 registers) at ITER = 8
 // and 6 (<= 80) at ITER = 12 fit without spills with route_row_sorted (sm_90a, nvcc 13).
 template <int WS, int ITER>
 constexpr int route_min_blocks() {
-  return (EC_ROUTE_SORTED && WS == 32) ? (ITER == 8 ? 8 : (ITER == 12 ? 6 : 0)) : 0;
+  return WS == 32 ? (ITER == 8 ? 8 : (ITER == 12 ? 6 : 0)) : 0;
 }
 
 template <int WS, int ITER, typename scalar_t>
@@ -146,10 +135,8 @@ __global__ void __launch_bounds__(128, (route_min_blocks<WS, ITER>())) ec_route_
   const int sub = lane % WS;
   const int seg_base = seg * WS;
 
-#if EC_ROUTE_SORTED
   // Weight scores of the warp's row (route_row_sorted); one element for WS < 32 (unused).
   __shared__ float wsm[4][(WS == 32 && ITER >= 2) ? 32 * ITER : 1];
-#endif
   GroupScratch scr{nullptr, nullptr, nullptr};
   if (p.num_groups > 0) {
     float* sel = reinterpret_cast<float*>(smem) + warp * PW + seg * P;
@@ -177,12 +164,10 @@ __global__ void __launch_bounds__(128, (route_min_blocks<WS, ITER>())) ec_route_
     bool picked[ITER];
 #pragma unroll
     for (int it = 0; it < ITER; ++it) picked[it] = pkey[it] != 0u && pick_composite(pkey[it], t) >= thr[it];
-#if EC_ROUTE_SORTED
     if constexpr (WS == 32 && ITER >= 2) {
       route_row_sorted<ITER>(p, t, row_in, sub, picked, rkey, s, wsm[warp]);
       continue;
     }
-#endif
     // The weight score of the winner, shuffled from the lane that holds it.
     auto weight_of = [&](int win_it, int win_sub) {
       float w_local = 0.0f;
@@ -223,20 +208,12 @@ static void launch_route_pow2(const Params& p, int pow2, bool pdl, cudaStream_t 
     case 64: launch_route_t<32, 2, scalar_t>(p, pdl, stream); break;
     case 128: launch_route_t<32, 4, scalar_t>(p, pdl, stream); break;
     case 256: launch_route_t<32, 8, scalar_t>(p, pdl, stream); break;
-    // E in 257..384: the `it` slots 12..15 (experts >= 384) would be padding only. Dropping
-    // them leaves every score bit for bit equal. Softmax (PyTorch's layout pads with -inf):
-    // a -inf pad leaves the lane's running max unchanged unless that max is NaN (a NaN
-    // logit), and adds exp(-inf - m) = +0 to the lane sum unless m = -inf (every logit
-    // -inf); in both exceptions the real experts already make the row's sum NaN (exp(NaN)
-    // or exp(-inf + inf)), so every score is NaN either way. Sigmoid is per element.
     case 512:
-#if EC_ROUTE_SORTED
-      if (p.E <= 384) {
+      if (fits_iter12(p.E)) {
         launch_route_t<32, 12, scalar_t>(p, pdl, stream);
-        break;
+      } else {
+        launch_route_t<32, 16, scalar_t>(p, pdl, stream);
       }
-#endif
-      launch_route_t<32, 16, scalar_t>(p, pdl, stream);
       break;
     default: break;
   }

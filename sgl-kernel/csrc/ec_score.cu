@@ -94,7 +94,13 @@ static void launch_score_pow2(const Params& p, int pow2, cudaStream_t stream) {
     case 64: launch_score_t<32, 2, scalar_t>(p, stream); break;
     case 128: launch_score_t<32, 4, scalar_t>(p, stream); break;
     case 256: launch_score_t<32, 8, scalar_t>(p, stream); break;
-    case 512: launch_score_t<32, 16, scalar_t>(p, stream); break;
+    case 512:  // E in 257..384 with 12 slots per lane (fits_iter12)
+      if (fits_iter12(p.E)) {
+        launch_score_t<32, 12, scalar_t>(p, stream);
+      } else {
+        launch_score_t<32, 16, scalar_t>(p, stream);
+      }
+      break;
     default: break;
   }
 }
