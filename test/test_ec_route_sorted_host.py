@@ -1,15 +1,16 @@
-"""CPU checks of the three-launch route kernel's per-lane sort (``sgl-kernel/csrc/ec_route.cu``).
+"""CPU checks of the per-lane sort of the sorted route rounds (``sgl-kernel/csrc/ec_device.cuh``;
+used by ec_route.cu route_row_sorted and, built with EC_FUSED_SORTED = 1, by ec_fused.cu).
 
 1. ``sort_desc`` (the compile-time comparator list ``net_pair`` and ``cmp_swap``, cut out of
-   ec_route.cu and compiled with the host C++ compiler) sorts descending for every ITER in
+   ec_device.cuh and compiled with the host C++ compiler) sorts descending for every ITER in
    2..16: all 0/1 inputs (the 0-1 principle: a sorting network) and random 64-bit inputs
    with repeated values and zeros.
 2. A host model of the warp (32 lanes x ITER slots, expert e = it * 32 + lane): the order in
-   which ``route_row_sorted`` takes experts (per-lane descending composites
-   ``picked << 63 | rkey << 31 | (0x7fffffff - e)``, a max over the lanes' heads, high word
-   then low word) equals ``route_row``'s (picked experts by key, then the others, equal keys
-   to the lower id), with ties, padding slots (e >= E), no / some / all experts picked,
-   k up to 32. This models the rule, not the CUDA code (that is
+   which the sorted rounds (``sorted_composites`` + ``sorted_rounds``) take experts
+   (per-lane descending composites ``picked << 63 | rkey << 31 | (0x7fffffff - e)``, a max
+   over the lanes' heads, high word then low word) equals ``route_row``'s (picked experts by
+   key, then the others, equal keys to the lower id), with ties, padding slots (e >= E),
+   no / some / all experts picked, k up to 32. This models the rule, not the CUDA code (that is
    ``test_expert_choice_gpu.py::test_route_three_launch_bitwise_one_launch``).
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "sgl-kernel" / "csrc" / "ec_route.cu"
+SRC = Path(__file__).resolve().parents[1] / "sgl-kernel" / "csrc" / "ec_device.cuh"
 
 _CPP = r"""
 #include <algorithm>
@@ -131,7 +132,7 @@ int main() {
 
 
 def _sort_source() -> str:
-    """ec_route.cu from ``net_pair`` to the end of ``sort_desc``, as host code."""
+    """ec_device.cuh from ``net_pair`` to the end of ``sort_desc``, as host code."""
     m = re.search(r"^constexpr int net_pair\(.*?^__device__ __forceinline__ void sort_desc\(.*?^}\n",
                   SRC.read_text(), re.S | re.M)
     assert m is not None, f"net_pair ... sort_desc not found in {SRC}"

@@ -12,6 +12,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <utility>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -305,6 +306,108 @@ __device__ __forceinline__ void route_row(const Params& p, int t, bool row_in, i
     }
     if (sub == j) {
       my_id = win_it * WS + win_sub;
+      my_w = w;
+    }
+    wsum += w;
+  }
+  store_slot(p, t, sub, row_in && sub < k, my_id, my_w, wsum);
+}
+
+// Batcher's odd-even merge sort network on next_pow2(n) inputs, restricted to the
+// comparators (a, b), a < b, with b < n: the inputs n.. would be minimal constants that no
+// comparator moves (each puts the larger value at the lower index), so the restricted
+// network sorts n inputs. net_pair(n, i, 0 / 1) is comparator i's a / b; net_pair(n, -1, 0)
+// is the number of comparators. Evaluated at compile time only (template arguments).
+constexpr int net_pair(int n, int idx, int which) {
+  int m = 1;
+  while (m < n) m <<= 1;
+  int cnt = 0;
+  for (int p = 1; p < m; p <<= 1) {
+    for (int k = p; k >= 1; k >>= 1) {
+      for (int j = k % p; j + k < m; j += 2 * k) {
+        for (int i = 0; i < k && i + j + k < m; ++i) {
+          if ((i + j) / (2 * p) == (i + j + k) / (2 * p) && i + j + k < n) {
+            if (cnt == idx) return which ? i + j + k : i + j;
+            ++cnt;
+          }
+        }
+      }
+    }
+  }
+  return cnt;
+}
+
+// Compare-exchange: the larger of c[A], c[B] to c[A], the other to c[B] (as x ^ y ^ max:
+// one 3-input LOP3 per word instead of a second compare and select).
+template <int A, int B, int N>
+__device__ __forceinline__ void cmp_swap(unsigned long long (&c)[N]) {
+  const unsigned long long x = c[A], y = c[B];
+  const unsigned long long hi = x > y ? x : y;
+  c[A] = hi;
+  c[B] = x ^ y ^ hi;
+}
+
+template <int N, std::size_t... I>
+__device__ __forceinline__ void sort_desc_net(unsigned long long (&c)[N], std::index_sequence<I...>) {
+  (cmp_swap<net_pair(N, static_cast<int>(I), 0), net_pair(N, static_cast<int>(I), 1)>(c), ...);
+}
+
+// Sorts c descending with a static network (all register indices compile-time constants).
+template <int N>
+__device__ __forceinline__ void sort_desc(unsigned long long (&c)[N]) {
+  sort_desc_net(c, std::make_index_sequence<net_pair(N, -1, 0)>{});
+}
+
+// route_row for a whole-warp row (WS == 32), same result bit for bit, in two steps:
+// sorted_composites, then sorted_rounds. route_row's order of the k winners is: the picked
+// experts by (rkey desc, expert id asc), then (once every picked expert is taken) the other
+// experts e < E by (rkey desc, id asc); rkey > 0 for e < E, rkey = 0 for padding e >= E, never
+// chosen (k <= E). That is the descending order of the composite
+//   c = picked << 63 | rkey << 31 | (0x7fffffff - e)    (c = 0 for rkey == 0)
+// (distinct for distinct e, since e < 512). sorted_composites: each lane builds and sorts its
+// ITER composites once (expert it * 32 + sub in slot it).
+template <int ITER>
+__device__ __forceinline__ void sorted_composites(int sub, const bool (&picked)[ITER],
+                                                  const uint32_t (&rkey)[ITER],
+                                                  unsigned long long (&c)[ITER]) {
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    const uint32_t e = static_cast<uint32_t>(it * 32 + sub);
+    const unsigned long long v = (static_cast<unsigned long long>(picked[it]) << 63) |
+                                 (static_cast<unsigned long long>(rkey[it]) << 31) |
+                                 static_cast<unsigned long long>(0x7fffffffu - e);
+    c[it] = rkey[it] != 0u ? v : 0ull;
+  }
+  sort_desc(c);
+}
+
+// sorted_rounds: the k rounds over the sorted composites c of row t (all 32 lanes of the warp
+// call it together). A round is a warp max over the lanes' heads c[0] (high word, then low
+// word among the lanes with the maximal high word), the winner id e read from the low word,
+// its lane (e & 31) drops its head. `ws` is the row's weight scores (ws[e] = s of expert e,
+// e < E; read only at winners, in round order so wsum is summed as route_row sums it); at
+// least one lane must hold a non-zero composite in each of the k rounds (k <= E experts with
+// rkey > 0), else the winner id is out of range. Lane j < k writes slot j of row t when row_in.
+template <int ITER>
+__device__ __forceinline__ void sorted_rounds(const Params& p, int t, bool row_in, int sub,
+                                              unsigned long long (&c)[ITER], const float* ws) {
+  int my_id = 0;
+  float my_w = 0.0f, wsum = 0.0f;
+  const int k = p.top_k;
+  for (int j = 0; j < k; ++j) {
+    const uint32_t hh = static_cast<uint32_t>(c[0] >> 32);
+    const uint32_t hl = static_cast<uint32_t>(c[0]);
+    const uint32_t mh = __reduce_max_sync(kFull, hh);
+    const uint32_t ml = __reduce_max_sync(kFull, hh == mh ? hl : 0u);
+    const int win = static_cast<int>(0x7fffffffu - (ml & 0x7fffffffu));
+    const float w = ws[win];
+    if (sub == (win & 31)) {
+#pragma unroll
+      for (int i = 0; i + 1 < ITER; ++i) c[i] = c[i + 1];
+      c[ITER - 1] = 0ull;
+    }
+    if (sub == j) {
+      my_id = win;
       my_w = w;
     }
     wsum += w;
