@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "ec_params.h"
@@ -55,6 +56,14 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   if (num_groups > 0) {
     TORCH_CHECK(E % num_groups == 0 && topk_group >= 1 && topk_group <= num_groups,
                 "expert choice CUDA kernel: bad grouped top-k config");
+  }
+  // Experimental select kernel (ec_select.cu): a cluster of 2 or 4 CTAs per expert.
+  int select_cluster = 0;
+  if (const char* env = std::getenv("SGLANG_MOE_EC_SELECT_CLUSTER")) {
+    const std::string v(env);
+    TORCH_CHECK(v.empty() || v == "0" || v == "2" || v == "4", "expert choice CUDA kernel: "
+                "$SGLANG_MOE_EC_SELECT_CLUSTER must be unset, 0, 2 or 4, got '", v, "'");
+    select_cluster = v.empty() ? 0 : v[0] - '0';
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options();
@@ -159,7 +168,7 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   if (!token_choice) {
     ec::launch_score(p, kind, pow2, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ec::launch_select(p, pdl, stream);
+    ec::launch_select(p, pdl, stream, select_cluster);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   ec::launch_route(p, kind, pow2, pdl && !token_choice, stream);

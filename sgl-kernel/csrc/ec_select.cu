@@ -12,8 +12,20 @@
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
 // Short columns (T <= kShortSelectMaxT) take one warp per expert instead
 // (ec_warp_select.cuh), which is faster there (timings: docs/benchmarks.md, appendix).
+//
+// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_CLUSTER = "2" or "4" runs, for
+// T > 4096 on Hopper or later, ec_select_cluster_kernel instead: a thread-block cluster of
+// that many CTAs per expert, each streaming a contiguous slice of the column, with the
+// histograms summed across the cluster through distributed shared memory (same thresholds,
+// bit for bit). Unset / "" / "0": ec_select_kernel as before; any other value is an error
+// (checked per call in ec_ops.cpp). Read on the host at each call (a CUDA graph keeps the
+// kernel it captured). Not yet measured on a GPU.
+#include <cooperative_groups.h>
+
 #include "ec_device.cuh"
 #include "ec_warp_select.cuh"
+
+namespace cg = cooperative_groups;
 
 namespace ec {
 
@@ -188,6 +200,240 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
   if (tid == 0) p.thr[e] = prefix;
 }
 
+// Address of `p` (this CTA's shared memory) in CTA `rank`'s window of the cluster's shared
+// memory, and a load from such an address (32-bit addresses: fewer registers than the
+// generic pointers of cluster.map_shared_rank).
+__device__ __forceinline__ uint32_t dsmem_addr(const void* p, uint32_t rank) {
+  uint32_t r = 0u;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+#endif
+  return r;
+}
+
+__device__ __forceinline__ uint32_t ld_dsmem(uint32_t addr) {
+  uint32_t v = 0u;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+#endif
+  return v;
+}
+
+// The same radix select with a cluster of CS CTAs per expert (grid E * CS, cluster dim CS):
+// CTA `rank` streams the column slice [lo, hi) (S tokens, a multiple of 32, per rank) and
+// caches its own candidates; the min / max / count and every digit's histogram are summed
+// over the cluster (distributed shared memory), and every CTA runs the same scan on the
+// same sums, so all agree on each digit without a broadcast. The sums equal the one-CTA
+// kernel's histograms, hence the same threshold. The candidate decision uses the cluster's
+// bin count (>= any CTA's share) against the per-CTA capacity, so it is cluster-uniform.
+// Barriers per digit: clear, cluster.sync (histograms complete), cluster.sync (every
+// remote read of the histograms done: they may be cleared, or the CTA may exit), one more
+// for the selected bin.
+template <int BITS, int THREADS, int U, int CS>
+__global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
+    ec_select_cluster_kernel(const Params p, int cand_cap) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  constexpr int NB = 1 << BITS;
+  constexpr int BPT = NB / THREADS;  // bins per thread in the scan
+  constexpr int NW = THREADS / 32;
+  static_assert(BPT >= 1, "need at least one bin per thread");
+  __shared__ uint32_t hist[NB];
+  extern __shared__ unsigned long long cand[];  // [cand_cap], this CTA's slice only
+  __shared__ uint32_t warp_tot[NW];
+  __shared__ int s_ncand;
+  __shared__ uint32_t s_bin, s_above, s_cnt;
+  __shared__ uint32_t s_stat[3];  // this CTA's max, min, count of eligible keys
+
+  cg::cluster_group cluster = cg::this_cluster();
+  grid_dependency_wait();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int e = static_cast<int>(blockIdx.x) / CS;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const bool writer = rank == 0 && tid == 0;
+  const uint32_t* col = p.keysT + static_cast<long long>(e) * p.T;
+  const int S = ((p.T + CS - 1) / CS + 31) & ~31;
+  const int lo = rank * S < p.T ? rank * S : p.T;
+  const int hi = p.T - lo < S ? p.T : lo + S;
+  const long long tv = num_valid_rows(p);
+  const long long cap = capacity_of(p, tv);
+  if (cap <= 0) {  // cluster-uniform; no shared memory was touched
+    if (writer) p.thr[e] = ~0ull;  // nothing is picked
+    return;
+  }
+  if (tid == 0) s_ncand = 0;
+  // Shared-window (32-bit) addresses of every CTA's histogram in the cluster.
+  uint32_t hs[CS];
+#pragma unroll
+  for (int c = 0; c < CS; ++c) hs[c] = dsmem_addr(hist, c);
+
+  unsigned long long prefix = 0ull, pmask = 0ull;
+  uint32_t r = static_cast<uint32_t>(cap);  // rank (1-based) still wanted inside the prefix
+  bool cached = false;
+  bool collect = S <= cand_cap;
+  bool synced = false;  // a cluster barrier after the last remote read (exit is safe)
+  int shift = 64;
+  int low_bits = 32;  // bits of ~t that vary over t < T
+  {
+    __shared__ uint32_t s_mx[NW], s_mn[NW], s_ne[NW];
+    ColStats st;
+    for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
+      uint32_t kk[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int t = t0 + u * THREADS + tid;
+        kk[u] = t < hi ? col[t] : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) st.add(kk[u]);
+    }
+    const uint32_t wmx = __reduce_max_sync(kFull, st.mx);
+    const uint32_t wmn = __reduce_min_sync(kFull, st.mn);
+    const uint32_t wne = __reduce_add_sync(kFull, st.ne);
+    if (lane == 0) {
+      s_mx[warp] = wmx;
+      s_mn[warp] = wmn;
+      s_ne[warp] = wne;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      uint32_t mx = 0u, mn = 0xffffffffu, ne = 0u;
+      for (int w = 0; w < NW; ++w) {
+        mx = s_mx[w] > mx ? s_mx[w] : mx;
+        mn = s_mn[w] < mn ? s_mn[w] : mn;
+        ne += s_ne[w];
+      }
+      s_stat[0] = mx;
+      s_stat[1] = mn;
+      s_stat[2] = ne;
+    }
+    cluster.sync();
+    uint32_t mx = 0u, mn = 0xffffffffu, ne = 0u;
+#pragma unroll
+    for (int c = 0; c < CS; ++c) {
+      const uint32_t* q = cluster.map_shared_rank(s_stat, c);
+      mx = q[0] > mx ? q[0] : mx;
+      mn = q[1] < mn ? q[1] : mn;
+      ne += q[2];
+    }
+    if (cap >= static_cast<long long>(ne)) {
+      cluster.sync();  // the other CTAs' reads of s_stat are done
+      if (writer) p.thr[e] = 1ull;  // every eligible token is picked
+      return;
+    }
+    const int L = (mx == mn) ? 32 : __clz(mx ^ mn);
+    prefix = L == 0 ? 0ull : (static_cast<unsigned long long>(mx >> (32 - L)) << (64 - L));
+    pmask = L == 0 ? 0ull : (~0ull << (64 - L));
+    shift = 64 - L;
+    low_bits = p.T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(p.T - 1));
+  }
+  while (true) {
+    if (shift == 32) {
+      const unsigned long long fix =
+          low_bits >= 32 ? 0ull : ((0xffffffffull >> low_bits) << low_bits);
+      prefix |= fix;
+      pmask |= fix;
+      shift = low_bits;
+      if (shift == 0) break;
+    }
+    const int dlo = shift > 32 ? 32 : 0;  // digits never straddle the two words
+    const int width = (shift - dlo) < BITS ? (shift - dlo) : BITS;
+    shift -= width;
+    const unsigned long long dmask = (1ull << width) - 1ull;
+    for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
+    __syncthreads();
+    if (cached) {
+      const int n = s_ncand;
+      for (int i0 = 0; i0 < n; i0 += THREADS) {
+        const int i = i0 + tid;
+        uint32_t bin = 0xffffffffu;
+        if (i < n) {
+          const unsigned long long c = cand[i];
+          if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+        }
+        if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+      }
+    } else {
+      for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
+        uint32_t kk[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = t0 + u * THREADS + tid;
+          kk[u] = t < hi ? col[t] : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = t0 + u * THREADS + tid;
+          uint32_t bin = 0xffffffffu;
+          unsigned long long c = 0ull;
+          if (t < hi) {
+            c = pick_composite(kk[u], t);
+            if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+          }
+          if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+          if (collect) {  // warp-aggregated append (collect is cluster-uniform)
+            const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
+            int base = 0;
+            if (want != 0u && lane == __ffs(want) - 1) base = atomicAdd(&s_ncand, __popc(want));
+            base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
+            if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
+          }
+        }
+      }
+    }
+    cluster.sync();  // every CTA's histogram of this digit is complete
+    if (collect) cached = true;
+    collect = false;
+
+    // The cluster's histogram (sum over the CS CTAs), scanned from the top bin down.
+    uint32_t loc[BPT];
+    uint32_t lsum = 0;
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) {
+      const int b = NB - 1 - (tid * BPT + j);
+      uint32_t v = 0u;
+#pragma unroll
+      for (int c = 0; c < CS; ++c) v += ld_dsmem(hs[c] + 4u * static_cast<uint32_t>(b));
+      loc[j] = v;
+      lsum += v;
+    }
+    uint32_t incl = lsum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint32_t o = __shfl_up_sync(kFull, incl, off);
+      if (lane >= off) incl += o;
+    }
+    if (lane == 31) warp_tot[warp] = incl;
+    cluster.sync();  // remote reads done (histograms may be cleared); warp_tot visible
+    synced = true;
+    uint32_t run = incl - lsum;
+    for (int w = 0; w < warp; ++w) run += warp_tot[w];
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) {
+      if (run < r && r <= run + loc[j]) {
+        s_bin = static_cast<uint32_t>(NB - 1 - (tid * BPT + j));
+        s_above = run;
+        s_cnt = loc[j];
+      }
+      run += loc[j];
+    }
+    __syncthreads();
+    const uint32_t bin = s_bin, above = s_above, cnt = s_cnt;
+    r -= above;
+    prefix |= static_cast<unsigned long long>(bin) << shift;
+    pmask |= dmask << shift;
+    if (r == cnt || shift == 0) break;  // the whole bin is taken: threshold = its minimum
+    if (!cached && cnt <= static_cast<uint32_t>(cand_cap)) collect = true;
+    // No barrier needed here: s_bin is next written after the next digit's two cluster
+    // barriers, warp_tot was read before the __syncthreads above.
+  }
+  if (!synced) cluster.sync();  // (T <= 1 only) the other CTAs' reads of s_stat are done
+  if (writer) p.thr[e] = prefix;
+#endif
+}
+
 // Short columns: one warp per expert, 8 per CTA; the column is copied into shared memory
 // once, then ec_warp_select.cuh (also used by the one-launch kernel, ec_fused.cu).
 __global__ void __launch_bounds__(256) ec_select_short_kernel(const Params p) {
@@ -227,10 +473,61 @@ static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int 
   cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U>, p, cand_cap);
 }
 
-void launch_select(const Params& p, bool pdl, cudaStream_t stream) {
+// Cluster variant: CS CTAs per expert. CTAs of 1024 threads (one per SM) while E * CS
+// clusters' CTAs fit one wave of an H200 (132 SMs), else CTAs of 512 threads with half the
+// candidate slots (two per SM).
+template <int BITS, int THREADS, int U, int CS>
+static void launch_select_cluster_t(const Params& p, bool pdl, cudaStream_t stream,
+                                    int cand_cap) {
+  auto kernel = ec_select_cluster_kernel<BITS, THREADS, U, CS>;
+  const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
+  static int opted_in = 0;  // per instantiation, once per process (first call is eager)
+  if (smem > 48 * 1024 && opted_in < static_cast<int>(smem)) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(smem));
+    opted_in = static_cast<int>(smem);
+  }
+  LaunchCfg lc(dim3(p.E * CS), dim3(THREADS), smem, pdl, stream);
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1] = lc.attr[0];  // PDL, as configured by LaunchCfg
+  lc.cfg.attrs = attr;
+  lc.cfg.numAttrs = pdl ? 2 : 1;
+  cudaLaunchKernelEx(&lc.cfg, kernel, p, cand_cap);
+}
+
+template <int CS>
+static void launch_select_cluster(const Params& p, bool pdl, cudaStream_t stream) {
+  if (p.E * CS <= 132) {
+    launch_select_cluster_t<11, 1024, 4, CS>(p, pdl, stream, kSelectCapLarge);
+  } else {
+    launch_select_cluster_t<11, 512, 4, CS>(p, pdl, stream, kSelectCapLarge / 2);
+  }
+}
+
+static int device_major() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major;
+}
+
+void launch_select(const Params& p, bool pdl, cudaStream_t stream, int cluster) {
   if (p.T <= kShortSelectMaxT) {
     LaunchCfg lc(dim3((p.E + 7) / 8), dim3(256), 0, pdl, stream);
     cudaLaunchKernelEx(&lc.cfg, ec_select_short_kernel, p);
+    return;
+  }
+  // Experimental cluster variant ($SGLANG_MOE_EC_SELECT_CLUSTER, see the top of this file).
+  if (cluster != 0 && p.T > 4096 && device_major() >= 9) {
+    if (cluster == 2) {
+      launch_select_cluster<2>(p, pdl, stream);
+    } else {
+      launch_select_cluster<4>(p, pdl, stream);
+    }
     return;
   }
   // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
