@@ -227,9 +227,10 @@ __device__ __forceinline__ uint32_t ld_dsmem(uint32_t addr) {
 // same sums, so all agree on each digit without a broadcast. The sums equal the one-CTA
 // kernel's histograms, hence the same threshold. The candidate decision uses the cluster's
 // bin count (>= any CTA's share) against the per-CTA capacity, so it is cluster-uniform.
-// Barriers per digit: clear, cluster.sync (histograms complete), cluster.sync (every
-// remote read of the histograms done: they may be cleared, or the CTA may exit), one more
-// for the selected bin.
+// Two histogram buffers, alternating by digit: a CTA clears one only after the cluster
+// barrier that follows every CTA's reads of it (the previous digit's), so each digit needs
+// one cluster barrier (histograms complete) and two CTA barriers (clear; selected bin), and
+// one more cluster barrier before exit (no CTA leaves while another reads its memory).
 template <int BITS, int THREADS, int U, int CS>
 __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     ec_select_cluster_kernel(const Params p, int cand_cap) {
@@ -238,7 +239,7 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
   constexpr int BPT = NB / THREADS;  // bins per thread in the scan
   constexpr int NW = THREADS / 32;
   static_assert(BPT >= 1, "need at least one bin per thread");
-  __shared__ uint32_t hist[NB];
+  __shared__ uint32_t hist2[2][NB];
   extern __shared__ unsigned long long cand[];  // [cand_cap], this CTA's slice only
   __shared__ uint32_t warp_tot[NW];
   __shared__ int s_ncand;
@@ -264,16 +265,11 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     return;
   }
   if (tid == 0) s_ncand = 0;
-  // Shared-window (32-bit) addresses of every CTA's histogram in the cluster.
-  uint32_t hs[CS];
-#pragma unroll
-  for (int c = 0; c < CS; ++c) hs[c] = dsmem_addr(hist, c);
 
   unsigned long long prefix = 0ull, pmask = 0ull;
   uint32_t r = static_cast<uint32_t>(cap);  // rank (1-based) still wanted inside the prefix
   bool cached = false;
   bool collect = S <= cand_cap;
-  bool synced = false;  // a cluster barrier after the last remote read (exit is safe)
   int shift = 64;
   int low_bits = 32;  // bits of ~t that vary over t < T
   {
@@ -329,6 +325,11 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     shift = 64 - L;
     low_bits = p.T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(p.T - 1));
   }
+  // Shared-window (32-bit) addresses of every CTA's histograms in the cluster.
+  uint32_t hs[CS];
+#pragma unroll
+  for (int c = 0; c < CS; ++c) hs[c] = dsmem_addr(hist2, c);
+  int buf = 0;  // histogram buffer of this digit
   while (true) {
     if (shift == 32) {
       const unsigned long long fix =
@@ -342,6 +343,7 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     const int width = (shift - dlo) < BITS ? (shift - dlo) : BITS;
     shift -= width;
     const unsigned long long dmask = (1ull << width) - 1ull;
+    uint32_t* hist = hist2[buf];
     for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
     __syncthreads();
     if (cached) {
@@ -392,10 +394,10 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     uint32_t lsum = 0;
 #pragma unroll
     for (int j = 0; j < BPT; ++j) {
-      const int b = NB - 1 - (tid * BPT + j);
+      const uint32_t off = 4u * static_cast<uint32_t>(buf * NB + NB - 1 - (tid * BPT + j));
       uint32_t v = 0u;
 #pragma unroll
-      for (int c = 0; c < CS; ++c) v += ld_dsmem(hs[c] + 4u * static_cast<uint32_t>(b));
+      for (int c = 0; c < CS; ++c) v += ld_dsmem(hs[c] + off);
       loc[j] = v;
       lsum += v;
     }
@@ -406,8 +408,7 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
       if (lane >= off) incl += o;
     }
     if (lane == 31) warp_tot[warp] = incl;
-    cluster.sync();  // remote reads done (histograms may be cleared); warp_tot visible
-    synced = true;
+    __syncthreads();
     uint32_t run = incl - lsum;
     for (int w = 0; w < warp; ++w) run += warp_tot[w];
 #pragma unroll
@@ -426,11 +427,12 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     pmask |= dmask << shift;
     if (r == cnt || shift == 0) break;  // the whole bin is taken: threshold = its minimum
     if (!cached && cnt <= static_cast<uint32_t>(cand_cap)) collect = true;
-    // No barrier needed here: s_bin is next written after the next digit's two cluster
-    // barriers, warp_tot was read before the __syncthreads above.
+    buf ^= 1;
+    // No CTA barrier needed here: s_bin and warp_tot are next written after the next
+    // digit's cluster barrier, the other buffer was last read before this digit's.
   }
-  if (!synced) cluster.sync();  // (T <= 1 only) the other CTAs' reads of s_stat are done
   if (writer) p.thr[e] = prefix;
+  cluster.sync();  // every other CTA's reads of this CTA's histograms (and s_stat) are done
 #endif
 }
 
@@ -473,8 +475,9 @@ static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int 
   cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U>, p, cand_cap);
 }
 
-// Cluster variant: CS CTAs per expert. CTAs of 1024 threads (one per SM) while E * CS
-// clusters' CTAs fit one wave of an H200 (132 SMs), else CTAs of 512 threads with half the
+// Cluster variant: CS CTAs per expert. CTAs of 1024 threads (one per SM: 146 KB of shared
+// memory) while the E * CS CTAs fit one wave of an H200 in clusters (132 SMs in 8 GPCs of
+// >= 16: at most 128 CTAs in clusters of 4), else CTAs of 512 threads with half the
 // candidate slots (two per SM).
 template <int BITS, int THREADS, int U, int CS>
 static void launch_select_cluster_t(const Params& p, bool pdl, cudaStream_t stream,
@@ -501,7 +504,7 @@ static void launch_select_cluster_t(const Params& p, bool pdl, cudaStream_t stre
 
 template <int CS>
 static void launch_select_cluster(const Params& p, bool pdl, cudaStream_t stream) {
-  if (p.E * CS <= 132) {
+  if (p.E * CS <= 128) {
     launch_select_cluster_t<11, 1024, 4, CS>(p, pdl, stream, kSelectCapLarge);
   } else {
     launch_select_cluster_t<11, 512, 4, CS>(p, pdl, stream, kSelectCapLarge / 2);
