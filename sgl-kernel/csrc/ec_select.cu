@@ -32,6 +32,19 @@ namespace ec {
 constexpr int kSelectCap = 4096;       // candidates kept in shared memory (default)
 constexpr int kSelectCapLarge = 16384; // few experts: 128 KB of candidates
 
+// The radix starts below the top L bits that every eligible key shares (mx, mn: the
+// column's largest and smallest eligible key); low_bits: the bits of ~t that vary over t < T.
+__device__ __forceinline__ void radix_start(uint32_t mx, uint32_t mn, int T,
+                                            unsigned long long& prefix,
+                                            unsigned long long& pmask, int& shift,
+                                            int& low_bits) {
+  const int L = (mx == mn) ? 32 : __clz(mx ^ mn);
+  prefix = L == 0 ? 0ull : (static_cast<unsigned long long>(mx >> (32 - L)) << (64 - L));
+  pmask = L == 0 ? 0ull : (~0ull << (64 - L));
+  shift = 64 - L;
+  low_bits = T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(T - 1));
+}
+
 // U: column elements each thread loads before using them (memory-level parallelism).
 template <int BITS, int THREADS, int U>
 __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int cand_cap) {
@@ -97,11 +110,7 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
       if (tid == 0) p.thr[e] = 1ull;  // every eligible token is picked
       return;
     }
-    const int L = (mx == mn) ? 32 : __clz(mx ^ mn);
-    prefix = L == 0 ? 0ull : (static_cast<unsigned long long>(mx >> (32 - L)) << (64 - L));
-    pmask = L == 0 ? 0ull : (~0ull << (64 - L));
-    shift = 64 - L;
-    low_bits = p.T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(p.T - 1));
+    radix_start(mx, mn, p.T, prefix, pmask, shift, low_bits);
   }
   while (true) {
     if (shift == 32) {
@@ -231,6 +240,9 @@ __device__ __forceinline__ uint32_t ld_dsmem(uint32_t addr) {
 // barrier that follows every CTA's reads of it (the previous digit's), so each digit needs
 // one cluster barrier (histograms complete) and two CTA barriers (clear; selected bin), and
 // one more cluster barrier before exit (no CTA leaves while another reads its memory).
+// The code repeats ec_select_kernel's rather than sharing device functions with it: moving
+// those lines into inlined helpers changed ec_select_kernel's SASS (nvcc 13, sm_90a), and
+// the default kernels were to stay byte-identical (radix_start alone leaves it unchanged).
 template <int BITS, int THREADS, int U, int CS>
 __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     ec_select_cluster_kernel(const Params p, int cand_cap) {
@@ -319,11 +331,7 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
       if (writer) p.thr[e] = 1ull;  // every eligible token is picked
       return;
     }
-    const int L = (mx == mn) ? 32 : __clz(mx ^ mn);
-    prefix = L == 0 ? 0ull : (static_cast<unsigned long long>(mx >> (32 - L)) << (64 - L));
-    pmask = L == 0 ? 0ull : (~0ull << (64 - L));
-    shift = 64 - L;
-    low_bits = p.T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(p.T - 1));
+    radix_start(mx, mn, p.T, prefix, pmask, shift, low_bits);
   }
   // Shared-window (32-bit) addresses of every CTA's histograms in the cluster.
   uint32_t hs[CS];
