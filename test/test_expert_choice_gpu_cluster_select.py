@@ -57,6 +57,11 @@ def _run(monkeypatch, cs, logits, spec, ntnp, pdl=False):
     return w, ids, thr
 
 
+def _k(E: int) -> int:
+    """k 8, but 2 at E = 8 (k 8 of 8 experts with cf >= 1 makes cap = T': no radix at all)."""
+    return 2 if E == 8 else 8
+
+
 def _bits(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous().view(torch.int32)
 
@@ -90,7 +95,7 @@ def test_grid(monkeypatch, cs, E, T):
     for scoring in ("softmax", "sigmoid"):
         for b in (None, bias):
             for n in (None, n_dev):
-                _check(monkeypatch, cs, logits, 8, num_token_non_padded=n,
+                _check(monkeypatch, cs, logits, _k(E), num_token_non_padded=n,
                        scoring_func=scoring, correction_bias=b)
 
 
@@ -100,24 +105,32 @@ def test_ties(monkeypatch, cs):
     g = torch.Generator(device="cuda").manual_seed(9 + cs)
     for T, E in ((8192, 64), (32768, 8), (32768, 128), (70001, 256)):
         quant = torch.round(torch.randn(T, E, device="cuda", generator=g) * 2) / 2
-        _check(monkeypatch, cs, quant.to(torch.bfloat16), 8)
-        _check(monkeypatch, cs, quant, 8, scoring_func="sigmoid")
+        _check(monkeypatch, cs, quant.to(torch.bfloat16), _k(E))
+        _check(monkeypatch, cs, quant, _k(E), scoring_func="sigmoid")
 
 
 @pytest.mark.parametrize("cs", CLUSTER_SIZES)
 def test_constant_logits(monkeypatch, cs):
-    """Every key of a column equal: the radix runs over the token index only; the first bin
-    holds T tokens (> the 16384 / 8192 candidate slots at T = 65536); at T = 32768, CS = 4 a
-    CTA's slice is exactly 8192 tokens (the 512-thread shape's slots), at T = 65536, CS = 4
-    exactly 16384 (the 1024-thread shape's). cf 1.25, k 8, E 64: cap = T / 6.4 (r == cnt stops
-    early where the cap is a multiple of the bin size)."""
+    """Every key of a column equal: the radix runs over the token index only, starting from
+    a prefix that holds all T tokens (more than the 16384 / 8192 candidate slots); at
+    T = 32768, CS = 4, E >= 64 a CTA's slice is exactly the 8192 slots of the 512-thread
+    shape, at T = 65536, CS = 4, E = 8 exactly the 16384 of the 1024-thread shape. The caps
+    (T / 6.4 at k 8, E 64) are multiples of the 32-token bins at T = 65536: the early stop
+    (whole bin taken). Then a constant row in 40000 of 65536 rows, random rows elsewhere:
+    for the experts that rank that row high, the threshold lies in a key bin of 40000
+    tokens."""
     for T in (32768, 65536, 70001):
         for E in (8, 64, 128):
-            _check(monkeypatch, cs, torch.zeros(T, E, device="cuda"), 8)
-            _check(monkeypatch, cs, torch.zeros(T, E, device="cuda"), 8, 1.0,
+            _check(monkeypatch, cs, torch.zeros(T, E, device="cuda"), _k(E))
+            _check(monkeypatch, cs, torch.zeros(T, E, device="cuda"), _k(E), 1.0,
                    scoring_func="sigmoid")
-    row = torch.randn(1, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
-    _check(monkeypatch, cs, row.expand(65536, 64).contiguous(), 8)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for E in (8, 64, 128):
+        x = torch.randn(65536, E, device="cuda", generator=g)
+        x[:40000] = torch.randn(1, E, device="cuda", generator=g) * 2
+        x = x[torch.randperm(65536, device="cuda", generator=g)]
+        _check(monkeypatch, cs, x, _k(E))
+        _check(monkeypatch, cs, x.to(torch.bfloat16), _k(E), scoring_func="sigmoid")
 
 
 @pytest.mark.parametrize("cs", CLUSTER_SIZES)
@@ -187,12 +200,8 @@ def test_cuda_graph_pdl_replay(monkeypatch, cs):
     def run():
         return expert_choice_topk_cuda(static, spec, n_dev, pdl=True, path="three_launch")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
+    run()  # eager first: the kernel's shared-memory opt-in happens outside the capture
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         w, ids = run()
