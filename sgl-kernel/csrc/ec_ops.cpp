@@ -57,13 +57,21 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
     TORCH_CHECK(E % num_groups == 0 && topk_group >= 1 && topk_group <= num_groups,
                 "expert choice CUDA kernel: bad grouped top-k config");
   }
-  // Experimental select kernel (ec_select.cu): a cluster of 2 or 4 CTAs per expert.
-  int select_cluster = 0;
+  // Experimental select variants (ec_select.cu), off by default: a cluster of 2 or 4 CTAs
+  // per expert at T > 4096; one warp per expert up to T = 1024 or 2048 (default 256).
+  ec::SelectOpts sel;
   if (const char* env = std::getenv("SGLANG_MOE_EC_SELECT_CLUSTER")) {
     const std::string v(env);
     TORCH_CHECK(v.empty() || v == "0" || v == "2" || v == "4", "expert choice CUDA kernel: "
                 "$SGLANG_MOE_EC_SELECT_CLUSTER must be unset, 0, 2 or 4, got '", v, "'");
-    select_cluster = v.empty() ? 0 : v[0] - '0';
+    sel.cluster = v.empty() ? 0 : v[0] - '0';
+  }
+  if (const char* env = std::getenv("SGLANG_MOE_EC_SHORT_SELECT_MAX_T")) {
+    const std::string v(env);
+    TORCH_CHECK(v.empty() || v == "256" || v == "1024" || v == "2048", "expert choice CUDA "
+                "kernel: $SGLANG_MOE_EC_SHORT_SELECT_MAX_T must be unset, 256, 1024 or 2048, got '",
+                v, "'");
+    sel.short_max_t = v.empty() ? ec::kShortSelectMaxT : std::stoi(v);
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options();
@@ -168,7 +176,7 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   if (!token_choice) {
     ec::launch_score(p, kind, pow2, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ec::launch_select(p, pdl, stream, select_cluster);
+    ec::launch_select(p, pdl, stream, sel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   ec::launch_route(p, kind, pow2, pdl && !token_choice, stream);

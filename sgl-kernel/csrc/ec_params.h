@@ -89,9 +89,16 @@ struct StreamWs {
 
 // Launchers (ec_score.cu, ec_select.cu, ec_route.cu). `pow2` = next power of two >= E.
 void launch_score(const Params& p, int kind, int pow2, cudaStream_t stream);
-// cluster: 0 = one CTA per expert; 2 / 4 = the experimental cluster kernel for T > 4096
-// ($SGLANG_MOE_EC_SELECT_CLUSTER, parsed in ec_ops.cpp; ec_select.cu explains).
-void launch_select(const Params& p, bool pdl, cudaStream_t stream, int cluster = 0);
+// Experimental select variants, both off by default (parsed in ec_ops.cpp from the
+// environment; ec_select.cu explains). cluster: 0 = one CTA per expert; 2 / 4 = the cluster
+// kernel for T > 4096 ($SGLANG_MOE_EC_SELECT_CLUSTER). short_max_t: the largest T selected by
+// one warp per expert (default kShortSelectMaxT; 1024 or 2048 with
+// $SGLANG_MOE_EC_SHORT_SELECT_MAX_T).
+struct SelectOpts {
+  int cluster = 0;
+  int short_max_t = kShortSelectMaxT;
+};
+void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts = {});
 void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t stream);
 // ec_fused.cu, one launch: returns false, launching nothing, where it does not apply
 // (T > kFusedMaxT, pre-Hopper device, shared memory too large).

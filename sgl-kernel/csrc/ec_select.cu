@@ -12,6 +12,11 @@
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
 // Short columns (T <= kShortSelectMaxT) take one warp per expert instead
 // (ec_warp_select.cuh), which is faster there (timings: docs/benchmarks.md, appendix).
+// Experimental, OFF by default: $SGLANG_MOE_EC_SHORT_SELECT_MAX_T = "1024" or "2048" extends
+// the warp-per-expert select to columns of that many tokens (2 warps per CTA, so E / 2 CTAs
+// spread over the SMs); unset / "" / "256" = today's rule; other values are an error
+// (ec_ops.cpp). Same thresholds bit for bit (the same warp_select_threshold). Aim: the
+// block-wide select takes 4.7-5.2 us at T = 1024 (H200, 2026-11-30). Not yet run on a GPU.
 //
 // Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_CLUSTER = "2" or "4" runs, for
 // T > 4096 on Hopper or later, ec_select_cluster_kernel instead: a thread-block cluster of
@@ -444,15 +449,18 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
 #endif
 }
 
-// Short columns: one warp per expert, 8 per CTA; the column is copied into shared memory
-// once, then ec_warp_select.cuh (also used by the one-launch kernel, ec_fused.cu).
-__global__ void __launch_bounds__(256) ec_select_short_kernel(const Params p) {
-  __shared__ __align__(16) uint32_t hist_all[8][256];
-  __shared__ uint32_t col_all[8][kShortSelectMaxT];
+// Short columns: one warp per expert, WARPS per CTA, columns of up to MAXT tokens; the column
+// is copied into shared memory once, then ec_warp_select.cuh (also used by the one-launch
+// kernel, ec_fused.cu). Default <8, kShortSelectMaxT>; <2, 1024> and <2, 2048> are the
+// experimental longer columns of $SGLANG_MOE_EC_SHORT_SELECT_MAX_T.
+template <int WARPS, int MAXT>
+__global__ void __launch_bounds__(WARPS * 32) ec_select_short_kernel(const Params p) {
+  __shared__ __align__(16) uint32_t hist_all[WARPS][256];
+  __shared__ uint32_t col_all[WARPS][MAXT];
   grid_dependency_wait();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int e = blockIdx.x * 8 + warp;
+  const int e = blockIdx.x * WARPS + warp;
   if (e >= p.E) return;  // whole warp
   const long long tv = num_valid_rows(p);
   const long long cap = capacity_of(p, tv);
@@ -526,15 +534,29 @@ static int device_major() {
   return major;
 }
 
-void launch_select(const Params& p, bool pdl, cudaStream_t stream, int cluster) {
+template <int WARPS, int MAXT>
+static void launch_select_short(const Params& p, bool pdl, cudaStream_t stream) {
+  LaunchCfg lc(dim3((p.E + WARPS - 1) / WARPS), dim3(WARPS * 32), 0, pdl, stream);
+  cudaLaunchKernelEx(&lc.cfg, ec_select_short_kernel<WARPS, MAXT>, p);
+}
+
+void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts) {
   if (p.T <= kShortSelectMaxT) {
-    LaunchCfg lc(dim3((p.E + 7) / 8), dim3(256), 0, pdl, stream);
-    cudaLaunchKernelEx(&lc.cfg, ec_select_short_kernel, p);
+    launch_select_short<8, kShortSelectMaxT>(p, pdl, stream);
+    return;
+  }
+  // Experimental longer warp-per-expert columns ($SGLANG_MOE_EC_SHORT_SELECT_MAX_T).
+  if (p.T <= opts.short_max_t) {
+    if (p.T <= 1024) {
+      launch_select_short<2, 1024>(p, pdl, stream);
+    } else {
+      launch_select_short<2, 2048>(p, pdl, stream);
+    }
     return;
   }
   // Experimental cluster variant ($SGLANG_MOE_EC_SELECT_CLUSTER, see the top of this file).
-  if (cluster != 0 && p.T > 4096 && device_major() >= 9) {
-    if (cluster == 2) {
+  if (opts.cluster != 0 && p.T > 4096 && device_major() >= 9) {
+    if (opts.cluster == 2) {
       launch_select_cluster<2>(p, pdl, stream);
     } else {
       launch_select_cluster<4>(p, pdl, stream);
