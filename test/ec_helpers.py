@@ -90,20 +90,25 @@ def check_env_variant(monkeypatch, var: str, value: str, logits, k: int, cf: flo
     return cthr
 
 
+def cuda_kernel_names(fn) -> str:
+    """Names of the CUDA kernels one call of ``fn`` runs (after an eager warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(ev.key for ev in prof.key_averages())
+
+
 def kernels_launched(monkeypatch, var: str, value: Optional[str], T: int, E: int = 64) -> str:
-    """Names of the CUDA kernels one three-launch call runs (after an eager warm-up) with
-    ``var`` = ``value``."""
+    """Names of the CUDA kernels one three-launch call runs with ``var`` = ``value``."""
     from sglang_moe_routing.expert_choice import RoutingSpec
     from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
 
     set_env(monkeypatch, var, value)
     x = torch.randn(T, E, device="cuda")
-    expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
-        torch.cuda.synchronize()
-    return " ".join(ev.key for ev in prof.key_averages())
+    return cuda_kernel_names(
+        lambda: expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch"))
 
 
 def check_graph_replay(monkeypatch, var: str, value: str, T: int, E: int, ns, seed: int = 31):

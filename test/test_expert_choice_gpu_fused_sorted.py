@@ -5,7 +5,8 @@ Written for phase 3 by the sorted rounds (ec_fused.cu built with ``EC_FUSED_SORT
 E > 32), and valid for either build: ids equal to the reference, weights within 1e-6 of it,
 ids and weight bits equal to the three-launch path's (same float operations). Every case
 is one the one-launch kernel takes (T <= 1024, its shared memory within the device's opt-in
-limit: checked below, so a case cannot fall back to three launches unnoticed). Covers
+limit: the profiler checks that `ec_fused_kernel` runs, with and without grouped top-k, so a
+case cannot fall back to three launches unnoticed). Covers
 E in {33, 64, 128, 200, 256, 384, 512} at T in {1, 9, 32, 77, 128} (and T = 300 / 1024 where
 the shared memory holds them), softmax / sigmoid, correction bias + grouped top-k, a device
 and a host ``num_token_non_padded``, exact ties, NaN / inf rows, k from 1 to 32, no
@@ -17,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ec_helpers import assert_matches_reference, describe
+from ec_helpers import assert_matches_reference, cuda_kernel_names, describe
 
 from sglang_moe_routing.expert_choice import RoutingSpec
 from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
@@ -33,24 +34,6 @@ def _needs_hopper():
         pytest.skip("needs a CUDA GPU")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the one-launch kernel needs thread-block clusters (Hopper or later)")
-
-
-def _one_launch_smem(T: int, E: int, groups: bool) -> int:
-    """Shared memory of the one-launch kernel (ec_fused.cu fused_layout, cluster of 8 CTAs,
-    16 warps): the kernel falls back to three launches when this exceeds the opt-in limit."""
-    a16 = lambda x: (x + 15) & ~15  # noqa: E731
-    R = (T + 7) // 8
-    nsw = min((E + 7) // 8, 16)
-    it = max(1, (1 << (E - 1).bit_length()) // 32)
-    o = a16(8 * E)
-    o = a16(o + 4 * 256 * nsw)
-    o = a16(o + 4 * E * (R | 1))
-    o = a16(o + 4 * R * E)
-    o = a16(o + 4 * R * E)
-    o = a16(o + 4 * nsw * T)
-    if groups:
-        o = a16(o + 16 * 32 * it * 9)
-    return o
 
 
 def _t_values(E: int):
@@ -86,14 +69,10 @@ def _cases(g, T, E):
 def test_one_launch_small_t_reference_and_three_launch_bitwise(E):
     from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
 
-    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     g = torch.Generator(device="cuda").manual_seed(1000 + E)
     n = 0
     for T in _t_values(E):
         for i, (name, k, kw) in enumerate(_cases(g, T, E)):
-            groups = "num_expert_group" in kw
-            assert _one_launch_smem(T, E, groups) <= optin, (
-                f"test case T={T} E={E} {name} would not run the one-launch kernel")
             dtype = DTYPES[(i + T + E) % 3]
             logits = (torch.randn(T, E, device="cuda", generator=g) * 2).to(dtype)
             if name.startswith("ties"):  # exact ties in every row and every column
@@ -110,6 +89,10 @@ def test_one_launch_small_t_reference_and_three_launch_bitwise(E):
             rw, rids = expert_choice_topk_reference(logits, spec, ntnp)
             ow, oids = expert_choice_topk_cuda(logits, spec, ntnp, path="one_launch")
             assert_matches_reference("cuda_one_launch", what, ow, oids, rw, rids)
+            if name in ("softmax", "grouped_bias_sigmoid"):  # without and with groups
+                names = cuda_kernel_names(
+                    lambda: expert_choice_topk_cuda(logits, spec, ntnp, path="one_launch"))
+                assert "ec_fused_kernel" in names, f"not run by the one-launch kernel: {what}"
             tw, tids = expert_choice_topk_cuda(logits, spec, ntnp, path="three_launch")
             assert torch.equal(oids, tids), f"one_launch vs three_launch ids: {what}"
             assert torch.equal(ow.view(torch.int32), tw.view(torch.int32)), (
