@@ -198,13 +198,6 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
 #endif
 }
 
-namespace {
-
-struct DeviceInfo {
-  int major = 0;
-  int smem_optin = 0;
-};
-
 DeviceInfo device_info() {
   // Per device (at most 64 devices), read once; host-side queries only (capture-safe).
   static DeviceInfo cache[64];
@@ -221,8 +214,6 @@ DeviceInfo device_info() {
   }
   return cache[dev];
 }
-
-}  // namespace
 
 template <int WS, int ITER, typename scalar_t>
 static bool launch_fused_t(const Params& p, const DeviceInfo& dev, cudaStream_t stream) {

@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,22 @@ int next_pow2(int x) {
   int p = 1;
   while (p < x) p <<= 1;
   return p;
+}
+
+// The value of environment variable `var`: `dflt` when unset or empty, else one of
+// `allowed` written in decimal; anything else is an error naming the variable.
+int env_choice(const char* var, std::initializer_list<int> allowed, int dflt) {
+  const char* env = std::getenv(var);
+  if (env == nullptr || *env == '\0') return dflt;
+  const std::string v(env);
+  std::string want;
+  for (int a : allowed) {
+    if (v == std::to_string(a)) return a;
+    want += (want.empty() ? "" : ", ") + std::to_string(a);
+  }
+  TORCH_CHECK(false, "expert choice CUDA kernel: $", var, " must be unset or one of ", want,
+              ", got '", v, "'");
+  return dflt;
 }
 
 }  // namespace
@@ -60,19 +77,9 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   // Experimental select variants (ec_select.cu), off by default: a cluster of 2 or 4 CTAs
   // per expert at T > 4096; one warp per expert up to T = 1024 or 2048 (default 256).
   ec::SelectOpts sel;
-  if (const char* env = std::getenv("SGLANG_MOE_EC_SELECT_CLUSTER")) {
-    const std::string v(env);
-    TORCH_CHECK(v.empty() || v == "0" || v == "2" || v == "4", "expert choice CUDA kernel: "
-                "$SGLANG_MOE_EC_SELECT_CLUSTER must be unset, 0, 2 or 4, got '", v, "'");
-    sel.cluster = v.empty() ? 0 : v[0] - '0';
-  }
-  if (const char* env = std::getenv("SGLANG_MOE_EC_SHORT_SELECT_MAX_T")) {
-    const std::string v(env);
-    TORCH_CHECK(v.empty() || v == "256" || v == "1024" || v == "2048", "expert choice CUDA "
-                "kernel: $SGLANG_MOE_EC_SHORT_SELECT_MAX_T must be unset, 256, 1024 or 2048, got '",
-                v, "'");
-    sel.short_max_t = v.empty() ? ec::kShortSelectMaxT : std::stoi(v);
-  }
+  sel.cluster = env_choice("SGLANG_MOE_EC_SELECT_CLUSTER", {0, 2, 4}, 0);
+  sel.short_max_t = env_choice("SGLANG_MOE_EC_SHORT_SELECT_MAX_T",
+                               {ec::kShortSelectMaxT, 1024, 2048}, ec::kShortSelectMaxT);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options();
   at::Tensor out_w = at::empty({T, top_k}, opts.dtype(at::kFloat));

@@ -100,6 +100,13 @@ struct SelectOpts {
 };
 void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts = {});
 void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t stream);
+// The current device's compute-capability major and shared-memory opt-in limit per block,
+// read once per device (host-side queries only, capture-safe; ec_fused.cu).
+struct DeviceInfo {
+  int major = 0;
+  int smem_optin = 0;
+};
+DeviceInfo device_info();
 // ec_fused.cu, one launch: returns false, launching nothing, where it does not apply
 // (T > kFusedMaxT, pre-Hopper device, shared memory too large).
 bool launch_fused(const Params& p, int kind, int pow2, cudaStream_t stream);

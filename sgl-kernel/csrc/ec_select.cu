@@ -527,13 +527,6 @@ static void launch_select_cluster(const Params& p, bool pdl, cudaStream_t stream
   }
 }
 
-static int device_major() {
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  return major;
-}
-
 template <int WARPS, int MAXT>
 static void launch_select_short(const Params& p, bool pdl, cudaStream_t stream) {
   LaunchCfg lc(dim3((p.E + WARPS - 1) / WARPS), dim3(WARPS * 32), 0, pdl, stream);
@@ -555,7 +548,7 @@ void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts op
     return;
   }
   // Experimental cluster variant ($SGLANG_MOE_EC_SELECT_CLUSTER, see the top of this file).
-  if (opts.cluster != 0 && p.T > 4096 && device_major() >= 9) {
+  if (opts.cluster != 0 && p.T > 4096 && device_info().major >= 9) {
     if (opts.cluster == 2) {
       launch_select_cluster<2>(p, pdl, stream);
     } else {
