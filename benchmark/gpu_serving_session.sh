@@ -13,9 +13,10 @@
 #           ONEBATCH_DOGE_ARGS, within ONEBATCH_DOGE_LIMIT seconds (default 540)
 #   kernels bench_routing.py (ROUTING_ARGS; ROUTING_PROFILE=1 adds its per-kernel profile) and
 #           bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
-#   ecvariants  the off-by-default EC kernel variants (benchmark/NOTES_ec.md, "Written 2026-11-30
-#           (second session)"): their GPU tests, then the probe per variant; the fused variant
-#           is built from a copy of the sources with EC_FUSED_SORTED 1 (ecvariants.tgz)
+#   ectests     the expert-choice GPU tests of the default kernels
+#   ecvariants  the cluster select (SGLANG_MOE_EC_SELECT_CLUSTER): its GPU tests, then the probe
+#           per forced cluster size 0 / 2 / 4 for E in ECV_E (default "8 32 64"; ecvariants.tgz)
+#   script      bash $SCRIPT in this environment (one-off probes)
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
 # SAVE_CACHE=1 also returns cache_ec_build.tgz / cache_triton.tgz (< 16 MB each; SAVE_CACHE_DIRS
@@ -63,26 +64,19 @@ for s in ${STAGES:-server}; do
               --out /tmp/kbench/routing ${ROUTING_ARGS:-}
            TAIL=45 stage bench_omni ${KERNELS_LIMIT:-200} python3 benchmark/bench_omni.py --out /tmp/kbench/omni ${OMNI_ARGS:-}
            tar -czf "$OUT/kernels.tgz" -C /tmp kbench 2>/dev/null ;;
-    ecvariants) V=/tmp/ecv; mkdir -p $V; S=/tmp/csrc_fsort; rm -rf $S; cp -r sgl-kernel/csrc $S
-           sed -i 's/^#define EC_FUSED_SORTED 0$/#define EC_FUSED_SORTED 1/' $S/ec_fused.cu
-           F="SGLANG_MOE_ROUTING_KERNEL_DIR=$S SGLANG_MOE_ROUTING_BUILD_DIR=/tmp/cache/ec_fsort"
-           stage build_fsort 150 env $F python3 sgl-kernel/build.py
+    ectests) stage ectests ${ECTESTS_LIMIT:-300} python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
+              test/test_expert_choice_gpu.py test/test_expert_choice_gpu_stream.py \
+              test/test_expert_choice_gpu_fused_sorted.py test/test_threshold_routing.py \
+              test/test_batch_invariance_gpu.py ;;
+    ecvariants) V=/tmp/ecv; mkdir -p $V
            TAIL=6 stage ecv_tests 240 python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
-              test/test_expert_choice_gpu_cluster_select.py test/test_expert_choice_gpu_short_select.py
-           TAIL=6 stage ecv_fused_tests 150 env $F python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
-              test/test_expert_choice_gpu_fused_sorted.py test/test_expert_choice_gpu.py -k "one_launch or fused"
-           for cs in 0 2 4; do for e in 64 128; do SGLANG_MOE_EC_SELECT_CLUSTER=$cs timeout 60 python3 \
-              benchmark/probe_ec_small_t.py --e $e --graph-t 8192,32768,65536 --profile 32768x$e; done; done \
-              > $V/probe_cluster.txt 2>&1
-           for m in 256 1024 2048; do for e in 64 128 256; do SGLANG_MOE_EC_SHORT_SELECT_MAX_T=$m timeout 60 \
-              python3 benchmark/probe_ec_small_t.py --e $e --graph-t 512,1024,2048 --profile 1024x$e; done; done \
-              > $V/probe_short.txt 2>&1
-           for b in base fsort; do X=""; [ $b = fsort ] && X="$F"; env $X timeout 90 python3 benchmark/bench_routing.py \
-              --no-profile --t-values 32,128,1024 --e-values 64,128,256,384 --k-values 8 --paths one_launch \
-              --skip torch_tc,ec_dense,ec_ref,ec_triton --max-seconds 60 --out $V/bench_$b > $V/bench_$b.txt 2>&1; done
+              test/test_expert_choice_gpu_cluster_select.py
+           for cs in 0 2 4; do for e in ${ECV_E:-8 32 64}; do k=8; [ $e -gt 8 ] || k=2
+              SGLANG_MOE_EC_SELECT_CLUSTER=$cs timeout 60 python3 benchmark/probe_ec_small_t.py \
+              --e $e --k $k --graph-t 8192,32768,65536 --profile 32768x$e; done; done > $V/probe_cluster.txt 2>&1
            grep -hE "^E=|three_launch True none|ec::ec_select|^SGLANG" $V/probe_*.txt | cut -c1-120
-           grep -hE "^\| (32|128|1024) " $V/bench_*.txt
            tar -czf "$OUT/ecvariants.tgz" -C /tmp ecv 2>/dev/null ;;
+    script) stage script ${SCRIPT_LIMIT:-300} bash "$SCRIPT" ;;  # any $SCRIPT in this environment
   esac
 done
 if [ -n "${SAVE_CACHE:-}" ]; then  # warm caches for later calls: put them into .gpuenv/cache/

@@ -68,25 +68,26 @@ def run_three_launch(monkeypatch, var: str, value: Optional[str], logits, spec, 
 
 
 def check_env_variant(monkeypatch, var: str, value: str, logits, k: int, cf: float = 1.25,
-                      num_token_non_padded=None, **kw):
-    """The variant (``var`` = ``value``) equals the default kernel (thresholds, ids, weights
-    bit for bit) and the reference; returns the variant's thresholds."""
+                      num_token_non_padded=None, base: Optional[str] = None, **kw):
+    """The variant (``var`` = ``value``) equals the baseline kernel (``var`` = ``base``; None:
+    unset) in thresholds, ids and weights bit for bit, and the reference; returns the
+    variant's thresholds."""
     from sglang_moe_routing.expert_choice import RoutingSpec
     from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
 
     spec = RoutingSpec(k, cf, **kw)
     rw, rids = expert_choice_topk_reference(logits, spec, num_token_non_padded)
-    dw, dids, dthr = run_three_launch(monkeypatch, var, None, logits, spec, num_token_non_padded)
+    dw, dids, dthr = run_three_launch(monkeypatch, var, base, logits, spec, num_token_non_padded)
     cw, cids, cthr = run_three_launch(monkeypatch, var, value, logits, spec, num_token_non_padded)
     what = f"{var}={value} " + describe(logits, k, kw, cf) + (
         "" if num_token_non_padded is None else f" T'={int(num_token_non_padded.item())}")
     bad = (cthr != dthr).nonzero().flatten()[:4].tolist()
     assert not bad, (f"{what}: thresholds differ at experts {bad}: variant "
-                     f"{cthr[bad].tolist()} default {dthr[bad].tolist()}")
+                     f"{cthr[bad].tolist()} baseline {var}={base} {dthr[bad].tolist()}")
     assert_matches_reference("variant", what, cw, cids, rw, rids)
-    assert torch.equal(cids, dids), f"{what}: ids differ from the default kernel"
+    assert torch.equal(cids, dids), f"{what}: ids differ from the baseline kernel"
     assert torch.equal(cw.contiguous().view(torch.int32), dw.contiguous().view(torch.int32)), \
-        f"{what}: weights differ from the default kernel"
+        f"{what}: weights differ from the baseline kernel"
     return cthr
 
 
@@ -147,7 +148,8 @@ def k_for_e(E: int) -> int:
     return 2 if E == 8 else 8
 
 
-def check_env_variant_grid(monkeypatch, var: str, value: str, T: int, E: int, seed: int) -> None:
+def check_env_variant_grid(monkeypatch, var: str, value: str, T: int, E: int, seed: int,
+                           base: Optional[str] = None) -> None:
     """check_env_variant on random logits of shape (T, E) (dtype by T + E) for softmax and
     sigmoid, without and with a correction bias, T' unset and T - T // 5 on the device."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -159,5 +161,5 @@ def check_env_variant_grid(monkeypatch, var: str, value: str, T: int, E: int, se
         for b in (None, bias):
             for n in (None, n_dev):
                 check_env_variant(monkeypatch, var, value, logits, k_for_e(E),
-                                  num_token_non_padded=n, scoring_func=scoring,
+                                  num_token_non_padded=n, base=base, scoring_func=scoring,
                                   correction_bias=b)

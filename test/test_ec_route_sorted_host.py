@@ -1,5 +1,5 @@
 """CPU checks of the per-lane sort of the sorted route rounds (``sgl-kernel/csrc/ec_device.cuh``;
-used by ec_route.cu route_row_sorted and, built with EC_FUSED_SORTED = 1, by ec_fused.cu).
+used by ec_route.cu route_row_sorted and by ec_fused.cu for E > 32).
 
 1. ``sort_desc`` (the compile-time comparator list ``net_pair`` and ``cmp_swap``, cut out of
    ec_device.cuh and compiled with the host C++ compiler) sorts descending for every ITER in

@@ -1,18 +1,23 @@
-"""The experimental thread-block-cluster select kernel on a GPU (``sgl-kernel/csrc/ec_select.cu``,
-``ec_select_cluster_kernel``, on with ``$SGLANG_MOE_EC_SELECT_CLUSTER`` = 2 or 4 for T > 4096).
+"""The thread-block-cluster select on a GPU (``sgl-kernel/csrc/ec_select.cu``,
+``ec_select_kernel<..., CS>`` with CS = 2 or 4 CTAs per expert: the default for E <= 64 at
+T > 32768 and E <= 8 at T > 16384 on Hopper, forced or switched off with
+``$SGLANG_MOE_EC_SELECT_CLUSTER``).
 
-It must find each expert's threshold exactly as the one-CTA-per-expert kernel does. Each check
-runs the three-launch path twice, with the variable unset (today's kernel) and set, and asserts
-the thresholds, ids and weights of the two equal bit for bit, and both equal to the reference
+It must find each expert's threshold exactly as one CTA per expert does. Each check runs the
+three-launch path twice, with the variable "0" (one CTA per expert) and set, and asserts the
+thresholds, ids and weights of the two equal bit for bit, and both equal to the reference
 (ids bit for bit, weights within 1e-6 as in ``test_expert_choice_gpu.py``). Covered: CS in {2, 4}
-x E in {8, 64, 128, 256} (both CTA shapes: E * CS <= 128 and above) x T in {4097, 8192, 32768,
-70001} x softmax / sigmoid x bias or not x T' unset or a device tensor; exact ties, columns
-with few or no eligible tokens (cap >= eligible), T' = 0 (cap = 0), constant logits (one bin
-of more tokens than the candidate slots; slices exactly as large as the slots), outputs from
-NaN-filled memory, CUDA-graph replay with PDL, and the variable's validation.
+x E in {8, 32, 64, 128, 256} (both CTA shapes: E * CS <= 128 and above) x T in {4097, 8192,
+32768, 70001} x softmax / sigmoid x bias or not x T' unset or a device tensor; exact ties,
+columns with few or no eligible tokens (cap >= eligible), T' = 0 (cap = 0), constant logits
+(one bin of more tokens than the candidate slots; slices exactly as large as the slots),
+outputs from NaN-filled memory, CUDA-graph replay with PDL, which kernel each setting runs
+(the rule by E and T when unset), and the variable's validation.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -27,20 +32,23 @@ pytestmark = pytest.mark.gpu
 
 VAR = "SGLANG_MOE_EC_SELECT_CLUSTER"
 CLUSTER_SIZES = [2, 4]
-E_VALUES = [8, 64, 128, 256]
+E_VALUES = [8, 32, 64, 128, 256]
+OFF = "0"  # the baseline: one CTA per expert
 T_VALUES = [4097, 8192, 32768, 70001]
 
 
 def _check(monkeypatch, cs, logits, k, cf=1.25, num_token_non_padded=None, **kw):
-    """Cluster kernel == default kernel (thr, ids, weights bitwise) == reference."""
-    return check_env_variant(monkeypatch, VAR, str(cs), logits, k, cf, num_token_non_padded, **kw)
+    """Cluster kernel == one CTA per expert (thr, ids, weights bitwise) == reference."""
+    return check_env_variant(monkeypatch, VAR, str(cs), logits, k, cf, num_token_non_padded,
+                             base=OFF, **kw)
 
 
 @pytest.mark.parametrize("T", T_VALUES)
 @pytest.mark.parametrize("E", E_VALUES)
 @pytest.mark.parametrize("cs", CLUSTER_SIZES)
 def test_grid(monkeypatch, cs, E, T):
-    check_env_variant_grid(monkeypatch, VAR, str(cs), T, E, seed=100 * E + T % 97 + cs)
+    check_env_variant_grid(monkeypatch, VAR, str(cs), T, E, seed=100 * E + T % 97 + cs,
+                           base=OFF)
 
 
 @pytest.mark.parametrize("cs", CLUSTER_SIZES)
@@ -102,19 +110,36 @@ def test_few_or_no_eligible(monkeypatch, cs):
            num_token_non_padded=few)
 
 
-@pytest.mark.parametrize("cs", CLUSTER_SIZES)
-def test_cluster_kernel_runs(monkeypatch, cs):
-    """The variable really selects the cluster kernel on Hopper (so the checks above compare
-    two different kernels), only for T > 4096, and unset runs today's kernel."""
+def test_kernel_choice(monkeypatch):
+    """Which select kernel runs (so the checks above compare two different kernels): when the
+    variable is unset, 4 CTAs per expert for E <= 8 at T > 16384, 2 for E <= 64 at
+    T > 32768, else one; the forced sizes (1024-thread CTAs while E * CS <= 128, else 512),
+    only for T > 4096."""
     if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("cluster kernel needs sm_90+")
-    def kernels(T, env):
-        return kernels_launched(monkeypatch, VAR, env, T)
+        pytest.skip("thread-block clusters need sm_90+")
 
-    assert "ec_select_cluster_kernel" in kernels(8192, str(cs))
-    assert "ec_select_cluster_kernel" not in kernels(4096, str(cs))
-    assert "ec_select_cluster_kernel" not in kernels(8192, None)
-    assert "ec_select_cluster_kernel" not in kernels(8192, "0")
+    def select(T, E, env):
+        names = kernels_launched(monkeypatch, VAR, env, T, E)
+        found = re.findall(r"ec_select_kernel<(\d+), (\d+), (\d+), (\d+)>", names)
+        assert len(set(found)) == 1, names
+        return tuple(int(v) for v in found[0])
+
+    assert select(65536, 64, None) == (11, 1024, 4, 2)
+    assert select(32769, 64, "") == (11, 1024, 4, 2)
+    assert select(32768, 64, None) == (11, 1024, 4, 1)
+    assert select(65536, 32, None) == (11, 1024, 4, 2)
+    assert select(16385, 8, None) == (11, 1024, 4, 4)
+    assert select(16384, 8, None) == (11, 1024, 4, 1)
+    assert select(65536, 128, None) == (11, 1024, 4, 1)
+    assert select(65536, 256, None) == (11, 512, 4, 1)
+    assert select(8192, 64, None) == (11, 1024, 4, 1)
+    assert select(65536, 64, "0") == (11, 1024, 4, 1)
+    assert select(8192, 64, "2") == (11, 1024, 4, 2)
+    assert select(8192, 64, "4") == (11, 512, 4, 4)
+    assert select(8192, 128, "2") == (11, 512, 4, 2)
+    assert select(8192, 32, "4") == (11, 1024, 4, 4)
+    for env in (None, "2", "4"):
+        assert select(4096, 64, env) == (8, 256, 4, 1)
 
 
 @pytest.mark.parametrize("cs", CLUSTER_SIZES)

@@ -12,9 +12,10 @@
 //     the threshold (ec_warp_select.cuh) and stores it into every CTA's shared memory;
 //   cluster barrier;
 //   phase 3 (route): each warp routes the rows it scored (ec_device.cuh route_row), from
-//     shared memory (no second read of the logits, no recomputation); with EC_FUSED_SORTED
-//     and E > 32 by the sorted rounds instead (ec_device.cuh sorted_composites /
-//     sorted_rounds, the three-launch route kernel's route_row_sorted).
+//     shared memory (no second read of the logits, no recomputation); for E > 32 by the
+//     sorted rounds (ec_device.cuh sorted_composites / sorted_rounds, as the three-launch
+//     route kernel's route_row_sorted; H200, 2026-11-30: bit-exact, 0-13% faster at
+//     T = 32 / 128 than route_row here).
 // No global workspace is touched except thr (kept for tests) and, with write_keys, keysT.
 #include <cooperative_groups.h>
 
@@ -22,14 +23,6 @@
 #include "ec_warp_select.cuh"
 
 namespace cg = cooperative_groups;
-
-// Phase 3 by the sorted rounds for whole-warp rows with ITER >= 2 (E > 32), as the
-// three-launch route kernel does (ec_route.cu route_row_sorted; measured there on an H200:
-// bit-exact, 17-40% faster). Written without a GPU on 2026-11-30, not yet measured in this
-// kernel: off by default; flip to 1 to test (test/test_expert_choice_gpu_fused_sorted.py).
-#ifndef EC_FUSED_SORTED
-#define EC_FUSED_SORTED 0
-#endif
 
 namespace ec {
 
@@ -174,8 +167,7 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
       const uint32_t pk = ok ? keys[e * LD + r] : 0u;
       picked[it] = pk != 0u && pick_composite(pk, t) >= thr[it];
     }
-#if EC_FUSED_SORTED
-    if constexpr (WS == 32 && ITER >= 2) {
+    if constexpr (WS == 32 && ITER >= 2) {  // E > 32: the sorted rounds
       // The row's weight scores srow[r * E + e] are the rounds' ws[e] as they are. A row is
       // the whole warp here (r = r0 < R, so row_ok holds); a row past R would have only zero
       // composites (winner id out of range), so it is skipped, by the whole warp at once
@@ -186,7 +178,6 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 1) ec_fused_kernel(const Par
       sorted_rounds<ITER>(p, t, row_in, sub, c, srow + r * E);
       continue;
     }
-#endif
     // The weight score of the winner, from shared memory (rows past R, the last CTA's
     // tail, read a valid address and are never written).
     auto weight_of = [&](int win_it, int win_sub) {

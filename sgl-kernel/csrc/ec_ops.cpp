@@ -74,12 +74,10 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
     TORCH_CHECK(E % num_groups == 0 && topk_group >= 1 && topk_group <= num_groups,
                 "expert choice CUDA kernel: bad grouped top-k config");
   }
-  // Experimental select variants (ec_select.cu), off by default: a cluster of 2 or 4 CTAs
-  // per expert at T > 4096; one warp per expert up to T = 1024 or 2048 (default 256).
+  // CTAs per expert in the select at T > 4096 (ec_select.cu): -1 = by E and T (unset), 0 = one,
+  // 2 / 4 = a cluster of that many.
   ec::SelectOpts sel;
-  sel.cluster = env_choice("SGLANG_MOE_EC_SELECT_CLUSTER", {0, 2, 4}, 0);
-  sel.short_max_t = env_choice("SGLANG_MOE_EC_SHORT_SELECT_MAX_T",
-                               {ec::kShortSelectMaxT, 1024, 2048}, ec::kShortSelectMaxT);
+  sel.cluster = env_choice("SGLANG_MOE_EC_SELECT_CLUSTER", {0, 2, 4}, -1);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options();
   at::Tensor out_w = at::empty({T, top_k}, opts.dtype(at::kFloat));

@@ -89,14 +89,11 @@ struct StreamWs {
 
 // Launchers (ec_score.cu, ec_select.cu, ec_route.cu). `pow2` = next power of two >= E.
 void launch_score(const Params& p, int kind, int pow2, cudaStream_t stream);
-// Experimental select variants, both off by default (parsed in ec_ops.cpp from the
-// environment; ec_select.cu explains). cluster: 0 = one CTA per expert; 2 / 4 = the cluster
-// kernel for T > 4096 ($SGLANG_MOE_EC_SELECT_CLUSTER). short_max_t: the largest T selected by
-// one warp per expert (default kShortSelectMaxT; 1024 or 2048 with
-// $SGLANG_MOE_EC_SHORT_SELECT_MAX_T).
+// Select options (parsed in ec_ops.cpp from the environment; ec_select.cu explains).
+// cluster: CTAs per expert at T > 4096 on sm_90+ ($SGLANG_MOE_EC_SELECT_CLUSTER): -1 = chosen
+// by E and T, 0 = one, 2 / 4 = a cluster of that many.
 struct SelectOpts {
-  int cluster = 0;
-  int short_max_t = kShortSelectMaxT;
+  int cluster = -1;
 };
 void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts = {});
 void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t stream);

@@ -7,7 +7,7 @@
 // (the benchmark's yardstick, same scoring code).
 //
 // With WS == 32 and ITER >= 2 (E > 32) the k rounds use route_row_sorted below instead of
-// route_row (so does the one-launch kernel ec_fused.cu when built with EC_FUSED_SORTED = 1;
+// route_row (so does the one-launch kernel ec_fused.cu;
 // the sort and the rounds are ec_device.cuh sorted_composites / sorted_rounds); rows of
 // 257..384 experts run with ITER = 12 instead of 16 (fits_iter12 in ec_device.cuh). Both
 // measured on an H200 on 2026-11-30: bit-exact with the reference and the one-launch kernel,

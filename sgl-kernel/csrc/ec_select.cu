@@ -12,19 +12,22 @@
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
 // Short columns (T <= kShortSelectMaxT) take one warp per expert instead
 // (ec_warp_select.cuh), which is faster there (timings: docs/benchmarks.md, appendix).
-// Experimental, OFF by default: $SGLANG_MOE_EC_SHORT_SELECT_MAX_T = "1024" or "2048" extends
-// the warp-per-expert select to columns of that many tokens (2 warps per CTA, so E / 2 CTAs
-// spread over the SMs); unset / "" / "256" = today's rule; other values are an error
-// (ec_ops.cpp). Same thresholds bit for bit (the same warp_select_threshold). Aim: the
-// block-wide select takes 4.7-5.2 us at T = 1024 (H200, 2026-11-30). Not yet run on a GPU.
+// Longer warp-per-expert columns lose: 2 warps per CTA at T = 1024 took 7.2-8.4 us against
+// this kernel's 4.1-5.0 us (H200, 2026-11-30, third session; benchmark/NOTES_ec.md).
 //
-// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_CLUSTER = "2" or "4" runs, for
-// T > 4096 on Hopper or later, ec_select_cluster_kernel instead: a thread-block cluster of
-// that many CTAs per expert, each streaming a contiguous slice of the column, with the
-// histograms summed across the cluster through distributed shared memory (same thresholds,
-// bit for bit). Unset / "" / "0": ec_select_kernel as before; any other value is an error
-// (checked per call in ec_ops.cpp). Read on the host at each call (a CUDA graph keeps the
-// kernel it captured). Not yet measured on a GPU.
+// Few experts and long columns on Hopper or later: a thread-block cluster of CS CTAs per
+// expert, each streaming a contiguous slice of the column, with the histograms summed across
+// the cluster through distributed shared memory (same thresholds, bit for bit). CS = 4 for
+// E <= 8 at T > 16384, CS = 2 for E <= 64 at T > 32768, else one CTA per expert: the
+// cluster's barriers cost ~1 us, which only long slices repay. H200, 2026-11-30 (third
+// session), graph replay of the three launches, us at T = 8192 / 32768 / 65536 for one CTA,
+// CS = 2, CS = 4: E = 8 (k 2) 12.5 / 24.6 / 41.3, 13.3 / 22.9 / 32.0, 15.0 / 21.1 / 29.4;
+// E = 32 16.7 / 43.6 / 78.6, 17.6 / 44.1 / 69.0, 30.1 / 52.5 / 82.1; E = 64 18.6 / 50.4 /
+// 90.3, 19.7 / 51.3 / 82.6, 40.8 / 73.3 / 108.1 (512-thread CTAs). The thresholds between
+// the measured T are a choice. $SGLANG_MOE_EC_SELECT_CLUSTER overrides the rule at T > 4096:
+// "0" one CTA per expert, "2" / "4" that cluster size; unset or "" = the rule; any other
+// value is an error (checked per call in ec_ops.cpp; a CUDA graph keeps the kernel it
+// captured).
 #include <cooperative_groups.h>
 
 #include "ec_device.cuh"
@@ -50,231 +53,80 @@ __device__ __forceinline__ void radix_start(uint32_t mx, uint32_t mn, int T,
   low_bits = T <= 1 ? 0 : 32 - __clz(static_cast<uint32_t>(T - 1));
 }
 
+// Thread-block-cluster helpers of ec_select_kernel (CS > 1 runs only on sm_90+, where
+// launch_select takes it; CS == 1 compiles to the plain one-CTA kernel on every arch).
+template <int CS>
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  if constexpr (CS > 1) return static_cast<int>(cg::this_cluster().block_rank());
+#endif
+  return 0;
+}
+
+// CS == 1: a CTA barrier; else a cluster barrier (which also orders shared-memory writes
+// before the other CTAs' distributed-shared-memory reads).
+template <int CS>
+__device__ __forceinline__ void cluster_or_cta_sync() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  if constexpr (CS > 1) {
+    cg::this_cluster().sync();
+    return;
+  }
+#else
+  if constexpr (CS > 1) __trap();  // never launched below sm_90
+#endif
+  __syncthreads();
+}
+
+// `p` (this CTA's shared memory) in CTA `rank` of the cluster. A generic pointer on purpose:
+// ptxas lowers ld.shared::cluster of a 32-bit address to a 64-bit generic load and folded
+// part of the 32-bit index arithmetic into the 64-bit offset, so a rank-0 base that dipped
+// below 0 carried into the high word (compute-sanitizer on the H200, 2026-11-30 third
+// session: out-of-bounds reads at the shared window's high word + 1).
+template <int CS>
+__device__ __forceinline__ const uint32_t* in_rank(uint32_t* p, int rank) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  if constexpr (CS > 1) return cg::this_cluster().map_shared_rank(p, rank);
+#endif
+  return p;
+}
+
 // U: column elements each thread loads before using them (memory-level parallelism).
-template <int BITS, int THREADS, int U>
+// CS: CTAs per expert (grid E * CS, cluster dim CS when CS > 1). CTA `rank` streams the
+// column slice [lo, hi) (S tokens, a multiple of 32, per rank) and caches its own
+// candidates; with CS > 1 the min / max / count and every digit's histogram are summed over
+// the cluster (distributed shared memory) and every CTA runs the same scan on the same sums,
+// so all agree on each digit without a broadcast. The sums equal the one-CTA histograms,
+// hence the same threshold. The candidate decision uses the cluster's bin count (>= any
+// CTA's share) against the per-CTA capacity, so it is cluster-uniform. CS > 1 keeps two
+// histogram buffers, alternating by digit: a CTA clears one only after the cluster barrier
+// that follows every CTA's reads of it (the previous digit's), so a digit needs one cluster
+// barrier and two CTA barriers, plus one cluster barrier before exit (no CTA leaves while
+// another reads its memory). CS == 1: one buffer, a CTA barrier before the next clear.
+template <int BITS, int THREADS, int U, int CS>
 __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int cand_cap) {
   constexpr int NB = 1 << BITS;
   constexpr int BPT = NB / THREADS;  // bins per thread in the scan
   constexpr int NW = THREADS / 32;
+  constexpr int NBUF = CS > 1 ? 2 : 1;
   static_assert(BPT >= 1, "need at least one bin per thread");
-  __shared__ uint32_t hist[NB];
-  extern __shared__ unsigned long long cand[];  // [cand_cap]
-  __shared__ uint32_t warp_tot[NW];
-  __shared__ int s_ncand;
-  __shared__ uint32_t s_bin, s_above, s_cnt;
-
-  grid_dependency_wait();
-  const int e = blockIdx.x;
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const uint32_t* col = p.keysT + static_cast<long long>(e) * p.T;
-  const long long tv = num_valid_rows(p);
-  const long long cap = capacity_of(p, tv);
-  if (cap <= 0) {
-    if (tid == 0) p.thr[e] = ~0ull;  // nothing is picked
-    return;
-  }
-  if (tid == 0) s_ncand = 0;
-
-  unsigned long long prefix = 0ull, pmask = 0ull;
-  uint32_t r = static_cast<uint32_t>(cap);  // rank (1-based) still wanted inside the prefix
-  bool cached = false;
-  bool collect = p.T <= cand_cap;
-  int shift = 64;
-  int low_bits = 32;  // bits of ~t that vary over t < T
-  {
-    __shared__ uint32_t s_mx[NW], s_mn[NW], s_ne[NW];
-    ColStats st;
-    for (int t0 = 0; t0 < p.T; t0 += THREADS * U) {
-      uint32_t kk[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int t = t0 + u * THREADS + tid;
-        kk[u] = t < p.T ? col[t] : 0u;
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) st.add(kk[u]);
-    }
-    const uint32_t wmx = __reduce_max_sync(kFull, st.mx);
-    const uint32_t wmn = __reduce_min_sync(kFull, st.mn);
-    const uint32_t wne = __reduce_add_sync(kFull, st.ne);
-    if (lane == 0) {
-      s_mx[warp] = wmx;
-      s_mn[warp] = wmn;
-      s_ne[warp] = wne;
-    }
-    __syncthreads();
-    uint32_t mx = 0u, mn = 0xffffffffu, ne = 0u;
-    for (int w = 0; w < NW; ++w) {
-      mx = s_mx[w] > mx ? s_mx[w] : mx;
-      mn = s_mn[w] < mn ? s_mn[w] : mn;
-      ne += s_ne[w];
-    }
-    if (cap >= static_cast<long long>(ne)) {
-      if (tid == 0) p.thr[e] = 1ull;  // every eligible token is picked
-      return;
-    }
-    radix_start(mx, mn, p.T, prefix, pmask, shift, low_bits);
-  }
-  while (true) {
-    if (shift == 32) {
-      const unsigned long long fix =
-          low_bits >= 32 ? 0ull : ((0xffffffffull >> low_bits) << low_bits);
-      prefix |= fix;
-      pmask |= fix;
-      shift = low_bits;
-      if (shift == 0) break;
-    }
-    const int lo = shift > 32 ? 32 : 0;  // digits never straddle the two words
-    const int width = (shift - lo) < BITS ? (shift - lo) : BITS;
-    shift -= width;
-    const unsigned long long dmask = (1ull << width) - 1ull;
-    for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
-    __syncthreads();
-    if (cached) {
-      const int n = s_ncand;
-      for (int i0 = 0; i0 < n; i0 += THREADS) {
-        const int i = i0 + tid;
-        uint32_t bin = 0xffffffffu;
-        if (i < n) {
-          const unsigned long long c = cand[i];
-          if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
-        }
-        if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-      }
-    } else {
-      for (int t0 = 0; t0 < p.T; t0 += THREADS * U) {
-        uint32_t kk[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int t = t0 + u * THREADS + tid;
-          kk[u] = t < p.T ? col[t] : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int t = t0 + u * THREADS + tid;
-          uint32_t bin = 0xffffffffu;
-          unsigned long long c = 0ull;
-          if (t < p.T) {
-            c = pick_composite(kk[u], t);
-            if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
-          }
-          if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-          if (collect) {  // warp-aggregated append (collect is block-uniform)
-            const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
-            int base = 0;
-            if (want != 0u && lane == __ffs(want) - 1) base = atomicAdd(&s_ncand, __popc(want));
-            base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
-            if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
-          }
-        }
-      }
-    }
-    __syncthreads();
-    if (collect) cached = true;
-    collect = false;
-
-    // Bin holding the r-th largest: scan the histogram from the top bin down.
-    uint32_t loc[BPT];
-    uint32_t lsum = 0;
-#pragma unroll
-    for (int j = 0; j < BPT; ++j) {
-      loc[j] = hist[NB - 1 - (tid * BPT + j)];
-      lsum += loc[j];
-    }
-    uint32_t incl = lsum;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const uint32_t o = __shfl_up_sync(kFull, incl, off);
-      if (lane >= off) incl += o;
-    }
-    if (lane == 31) warp_tot[warp] = incl;
-    __syncthreads();
-    uint32_t run = incl - lsum;
-    for (int w = 0; w < warp; ++w) run += warp_tot[w];
-#pragma unroll
-    for (int j = 0; j < BPT; ++j) {
-      if (run < r && r <= run + loc[j]) {
-        s_bin = static_cast<uint32_t>(NB - 1 - (tid * BPT + j));
-        s_above = run;
-        s_cnt = loc[j];
-      }
-      run += loc[j];
-    }
-    __syncthreads();
-    const uint32_t bin = s_bin, above = s_above, cnt = s_cnt;
-    r -= above;
-    prefix |= static_cast<unsigned long long>(bin) << shift;
-    pmask |= dmask << shift;
-    if (r == cnt || shift == 0) break;  // the whole bin is taken: threshold = its minimum
-    if (!cached && cnt <= static_cast<uint32_t>(cand_cap)) collect = true;
-    __syncthreads();
-  }
-  if (tid == 0) p.thr[e] = prefix;
-}
-
-// Address of `p` (this CTA's shared memory) in CTA `rank`'s window of the cluster's shared
-// memory, and a load from such an address (32-bit addresses: fewer registers than the
-// generic pointers of cluster.map_shared_rank).
-__device__ __forceinline__ uint32_t dsmem_addr(const void* p, uint32_t rank) {
-  uint32_t r = 0u;
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-#endif
-  return r;
-}
-
-__device__ __forceinline__ uint32_t ld_dsmem(uint32_t addr) {
-  uint32_t v = 0u;
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
-#endif
-  return v;
-}
-
-// The same radix select with a cluster of CS CTAs per expert (grid E * CS, cluster dim CS):
-// CTA `rank` streams the column slice [lo, hi) (S tokens, a multiple of 32, per rank) and
-// caches its own candidates; the min / max / count and every digit's histogram are summed
-// over the cluster (distributed shared memory), and every CTA runs the same scan on the
-// same sums, so all agree on each digit without a broadcast. The sums equal the one-CTA
-// kernel's histograms, hence the same threshold. The candidate decision uses the cluster's
-// bin count (>= any CTA's share) against the per-CTA capacity, so it is cluster-uniform.
-// Two histogram buffers, alternating by digit: a CTA clears one only after the cluster
-// barrier that follows every CTA's reads of it (the previous digit's), so each digit needs
-// one cluster barrier (histograms complete) and two CTA barriers (clear; selected bin), and
-// one more cluster barrier before exit (no CTA leaves while another reads its memory).
-// The code repeats ec_select_kernel's rather than sharing device functions with it: moving
-// those lines into inlined helpers changed ec_select_kernel's SASS (nvcc 13, sm_90a), and
-// the default kernels were to stay byte-identical (radix_start alone leaves it unchanged).
-template <int BITS, int THREADS, int U, int CS>
-__global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
-    ec_select_cluster_kernel(const Params p, int cand_cap) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-  constexpr int NB = 1 << BITS;
-  constexpr int BPT = NB / THREADS;  // bins per thread in the scan
-  constexpr int NW = THREADS / 32;
-  static_assert(BPT >= 1, "need at least one bin per thread");
-  __shared__ uint32_t hist2[2][NB];
+  __shared__ uint32_t hist2[NBUF][NB];
   extern __shared__ unsigned long long cand[];  // [cand_cap], this CTA's slice only
   __shared__ uint32_t warp_tot[NW];
   __shared__ int s_ncand;
   __shared__ uint32_t s_bin, s_above, s_cnt;
-  __shared__ uint32_t s_stat[3];  // this CTA's max, min, count of eligible keys
 
-  cg::cluster_group cluster = cg::this_cluster();
   grid_dependency_wait();
-  const int rank = static_cast<int>(cluster.block_rank());
+  const int rank = cluster_rank<CS>();
   const int e = static_cast<int>(blockIdx.x) / CS;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const bool writer = rank == 0 && tid == 0;
   const uint32_t* col = p.keysT + static_cast<long long>(e) * p.T;
-  const int S = ((p.T + CS - 1) / CS + 31) & ~31;
-  const int lo = rank * S < p.T ? rank * S : p.T;
-  const int hi = p.T - lo < S ? p.T : lo + S;
+  const int S = CS == 1 ? p.T : ((p.T + CS - 1) / CS + 31) & ~31;
+  const int lo = CS == 1 ? 0 : (rank * S < p.T ? rank * S : p.T);
+  const int hi = CS == 1 ? p.T : (p.T - lo < S ? p.T : lo + S);
   const long long tv = num_valid_rows(p);
   const long long cap = capacity_of(p, tv);
   if (cap <= 0) {  // cluster-uniform; no shared memory was touched
@@ -311,37 +163,36 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
       s_ne[warp] = wne;
     }
     __syncthreads();
-    if (tid == 0) {
-      uint32_t mx = 0u, mn = 0xffffffffu, ne = 0u;
-      for (int w = 0; w < NW; ++w) {
-        mx = s_mx[w] > mx ? s_mx[w] : mx;
-        mn = s_mn[w] < mn ? s_mn[w] : mn;
-        ne += s_ne[w];
-      }
-      s_stat[0] = mx;
-      s_stat[1] = mn;
-      s_stat[2] = ne;
-    }
-    cluster.sync();
     uint32_t mx = 0u, mn = 0xffffffffu, ne = 0u;
+    for (int w = 0; w < NW; ++w) {
+      mx = s_mx[w] > mx ? s_mx[w] : mx;
+      mn = s_mn[w] < mn ? s_mn[w] : mn;
+      ne += s_ne[w];
+    }
+    if constexpr (CS > 1) {  // the cluster's max, min and count
+      __shared__ uint32_t s_stat[3];
+      if (tid == 0) {
+        s_stat[0] = mx;
+        s_stat[1] = mn;
+        s_stat[2] = ne;
+      }
+      cluster_or_cta_sync<CS>();
+      mx = 0u, mn = 0xffffffffu, ne = 0u;
 #pragma unroll
-    for (int c = 0; c < CS; ++c) {
-      const uint32_t* q = cluster.map_shared_rank(s_stat, c);
-      mx = q[0] > mx ? q[0] : mx;
-      mn = q[1] < mn ? q[1] : mn;
-      ne += q[2];
+      for (int c = 0; c < CS; ++c) {
+        const uint32_t* q = in_rank<CS>(s_stat, c);
+        mx = q[0] > mx ? q[0] : mx;
+        mn = q[1] < mn ? q[1] : mn;
+        ne += q[2];
+      }
     }
     if (cap >= static_cast<long long>(ne)) {
-      cluster.sync();  // the other CTAs' reads of s_stat are done
+      if constexpr (CS > 1) cluster_or_cta_sync<CS>();  // the others' reads of s_stat are done
       if (writer) p.thr[e] = 1ull;  // every eligible token is picked
       return;
     }
     radix_start(mx, mn, p.T, prefix, pmask, shift, low_bits);
   }
-  // Shared-window (32-bit) addresses of every CTA's histograms in the cluster.
-  uint32_t hs[CS];
-#pragma unroll
-  for (int c = 0; c < CS; ++c) hs[c] = dsmem_addr(hist2, c);
   int buf = 0;  // histogram buffer of this digit
   while (true) {
     if (shift == 32) {
@@ -398,22 +249,23 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
         }
       }
     }
-    cluster.sync();  // every CTA's histogram of this digit is complete
+    cluster_or_cta_sync<CS>();  // every CTA's histogram of this digit is complete
     if (collect) cached = true;
     collect = false;
 
-    // The cluster's histogram (sum over the CS CTAs), scanned from the top bin down.
+    // Bin holding the r-th largest: scan the (cluster's) histogram from the top bin down.
     uint32_t loc[BPT];
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) loc[j] = 0u;
+#pragma unroll
+    for (int c = 0; c < CS; ++c) {
+      const uint32_t* h = in_rank<CS>(hist, c);
+#pragma unroll
+      for (int j = 0; j < BPT; ++j) loc[j] += h[NB - 1 - (tid * BPT + j)];
+    }
     uint32_t lsum = 0;
 #pragma unroll
-    for (int j = 0; j < BPT; ++j) {
-      const uint32_t off = 4u * static_cast<uint32_t>(buf * NB + NB - 1 - (tid * BPT + j));
-      uint32_t v = 0u;
-#pragma unroll
-      for (int c = 0; c < CS; ++c) v += ld_dsmem(hs[c] + off);
-      loc[j] = v;
-      lsum += v;
-    }
+    for (int j = 0; j < BPT; ++j) lsum += loc[j];
     uint32_t incl = lsum;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -440,19 +292,21 @@ __global__ void __launch_bounds__(THREADS, THREADS >= 1024 ? 1 : 2)
     pmask |= dmask << shift;
     if (r == cnt || shift == 0) break;  // the whole bin is taken: threshold = its minimum
     if (!cached && cnt <= static_cast<uint32_t>(cand_cap)) collect = true;
-    buf ^= 1;
-    // No CTA barrier needed here: s_bin and warp_tot are next written after the next
-    // digit's cluster barrier, the other buffer was last read before this digit's.
+    if constexpr (CS > 1) {
+      // No barrier: s_bin and warp_tot are next written after the next digit's cluster
+      // barrier; the other buffer was last read before this digit's.
+      buf ^= 1;
+    } else {
+      __syncthreads();  // the scan's reads of hist before the next digit clears it
+    }
   }
   if (writer) p.thr[e] = prefix;
-  cluster.sync();  // every other CTA's reads of this CTA's histograms (and s_stat) are done
-#endif
+  if constexpr (CS > 1) cluster_or_cta_sync<CS>();  // the others' reads of this CTA are done
 }
 
 // Short columns: one warp per expert, WARPS per CTA, columns of up to MAXT tokens; the column
 // is copied into shared memory once, then ec_warp_select.cuh (also used by the one-launch
-// kernel, ec_fused.cu). Default <8, kShortSelectMaxT>; <2, 1024> and <2, 2048> are the
-// experimental longer columns of $SGLANG_MOE_EC_SHORT_SELECT_MAX_T.
+// kernel, ec_fused.cu).
 template <int WARPS, int MAXT>
 __global__ void __launch_bounds__(WARPS * 32) ec_select_short_kernel(const Params p) {
   __shared__ __align__(16) uint32_t hist_all[WARPS][256];
@@ -475,55 +329,45 @@ __global__ void __launch_bounds__(WARPS * 32) ec_select_short_kernel(const Param
   if (lane == 0) p.thr[e] = th;
 }
 
-template <int BITS, int THREADS, int U>
+// CS > 1: a cluster of CS CTAs per expert (sm_90+ only).
+template <int BITS, int THREADS, int U, int CS = 1>
 static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
+  auto kernel = ec_select_kernel<BITS, THREADS, U, CS>;
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
   if (smem > 48 * 1024) {
-    // Once per process (normally before any CUDA-graph capture: the first call is eager).
+    // Once per instantiation and process (normally before any CUDA-graph capture: the
+    // first call is eager).
     static int opted_in = 0;
     if (opted_in < static_cast<int>(smem)) {
-      cudaFuncSetAttribute(ec_select_kernel<BITS, THREADS, U>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem));
       opted_in = static_cast<int>(smem);
     }
   }
-  LaunchCfg lc(dim3(p.E), dim3(THREADS), smem, pdl, stream);
-  cudaLaunchKernelEx(&lc.cfg, ec_select_kernel<BITS, THREADS, U>, p, cand_cap);
-}
-
-// Cluster variant: CS CTAs per expert. CTAs of 1024 threads (one per SM: 146 KB of shared
-// memory) while the E * CS CTAs fit one wave of an H200 in clusters (132 SMs in 8 GPCs of
-// >= 16: at most 128 CTAs in clusters of 4), else CTAs of 512 threads with half the
-// candidate slots (two per SM).
-template <int BITS, int THREADS, int U, int CS>
-static void launch_select_cluster_t(const Params& p, bool pdl, cudaStream_t stream,
-                                    int cand_cap) {
-  auto kernel = ec_select_cluster_kernel<BITS, THREADS, U, CS>;
-  const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
-  static int opted_in = 0;  // per instantiation, once per process (first call is eager)
-  if (smem > 48 * 1024 && opted_in < static_cast<int>(smem)) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(smem));
-    opted_in = static_cast<int>(smem);
-  }
   LaunchCfg lc(dim3(p.E * CS), dim3(THREADS), smem, pdl, stream);
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CS;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1] = lc.attr[0];  // PDL, as configured by LaunchCfg
-  lc.cfg.attrs = attr;
-  lc.cfg.numAttrs = pdl ? 2 : 1;
+  if constexpr (CS > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CS;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1] = lc.attr[0];  // PDL, as configured by LaunchCfg
+    lc.cfg.attrs = attr;
+    lc.cfg.numAttrs = pdl ? 2 : 1;
+  }
   cudaLaunchKernelEx(&lc.cfg, kernel, p, cand_cap);
 }
 
+// Clusters of CS CTAs per expert: CTAs of 1024 threads (one per SM: 146 KB of shared
+// memory) while the E * CS CTAs fit one wave of an H200 in clusters (132 SMs in 8 GPCs of
+// >= 16: at most 128 CTAs in clusters of 4), else CTAs of 512 threads with half the
+// candidate slots (two per SM; slower, only taken when forced through the variable).
 template <int CS>
 static void launch_select_cluster(const Params& p, bool pdl, cudaStream_t stream) {
   if (p.E * CS <= 128) {
-    launch_select_cluster_t<11, 1024, 4, CS>(p, pdl, stream, kSelectCapLarge);
+    launch_select_t<11, 1024, 4, CS>(p, pdl, stream, kSelectCapLarge);
   } else {
-    launch_select_cluster_t<11, 512, 4, CS>(p, pdl, stream, kSelectCapLarge / 2);
+    launch_select_t<11, 512, 4, CS>(p, pdl, stream, kSelectCapLarge / 2);
   }
 }
 
@@ -533,27 +377,28 @@ static void launch_select_short(const Params& p, bool pdl, cudaStream_t stream) 
   cudaLaunchKernelEx(&lc.cfg, ec_select_short_kernel<WARPS, MAXT>, p);
 }
 
+// CTAs per expert at T > 4096 on sm_90+: the variable's value when set, else the rule at the
+// top of this file.
+static int select_cluster_size(int E, int T, SelectOpts opts) {
+  if (opts.cluster >= 0) return opts.cluster == 0 ? 1 : opts.cluster;
+  if (E <= 8 && T > 16384) return 4;
+  if (E <= 64 && T > 32768) return 2;
+  return 1;
+}
+
 void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts) {
   if (p.T <= kShortSelectMaxT) {
     launch_select_short<8, kShortSelectMaxT>(p, pdl, stream);
     return;
   }
-  // Experimental longer warp-per-expert columns ($SGLANG_MOE_EC_SHORT_SELECT_MAX_T).
-  if (p.T <= opts.short_max_t) {
-    if (p.T <= 1024) {
-      launch_select_short<2, 1024>(p, pdl, stream);
-    } else {
-      launch_select_short<2, 2048>(p, pdl, stream);
-    }
+  // Thread-block clusters per expert (see the top of this file).
+  const int cs = p.T > 4096 && device_info().major >= 9 ? select_cluster_size(p.E, p.T, opts) : 1;
+  if (cs == 2) {
+    launch_select_cluster<2>(p, pdl, stream);
     return;
   }
-  // Experimental cluster variant ($SGLANG_MOE_EC_SELECT_CLUSTER, see the top of this file).
-  if (opts.cluster != 0 && p.T > 4096 && device_info().major >= 9) {
-    if (opts.cluster == 2) {
-      launch_select_cluster<2>(p, pdl, stream);
-    } else {
-      launch_select_cluster<4>(p, pdl, stream);
-    }
+  if (cs == 4) {
+    launch_select_cluster<4>(p, pdl, stream);
     return;
   }
   // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
