@@ -5,8 +5,9 @@
 // key, i.e. exactly the composites >= the C-th largest, which is found MSB-first a digit at
 // a time with a shared-memory histogram: no sort, no host sync, C read on the device.
 // After each digit the search stops as soon as the whole selected bin is taken (then the
-// threshold is the bin's smallest possible value). The first passes stream the column from
-// global memory; once the candidate bin holds <= CAP tokens they are kept in shared memory.
+// threshold is the bin's smallest possible value). A column of at most CAP tokens is kept
+// whole in shared memory by the first (min / max) pass; a longer one is streamed from global
+// memory until the candidate bin holds <= CAP tokens, which are then kept.
 // A min/max pass comes first, so the radix starts below the bits every eligible key shares
 // (and skips the constant top bits of ~t): the first digit already spreads the keys.
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
@@ -103,8 +104,11 @@ __device__ __forceinline__ const uint32_t* in_rank(uint32_t* p, int rank) {
 // that follows every CTA's reads of it (the previous digit's), so a digit needs one cluster
 // barrier and two CTA barriers, plus one cluster barrier before exit (no CTA leaves while
 // another reads its memory). CS == 1: one buffer, a CTA barrier before the next clear.
+// One CTA per expert: at most 32 registers (a full SM of threads; the 512-thread kernel needs
+// four CTAs per SM for E = 512 in one wave and took 40 after the whole-column cache without
+// the bound). Clusters: one CTA per SM is the plan anyway (32 would spill).
 template <int BITS, int THREADS, int U, int CS>
-__global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int cand_cap) {
+__global__ void __launch_bounds__(THREADS, CS == 1 ? 2048 / THREADS : 1) ec_select_kernel(const Params p, int cand_cap) {
   constexpr int NB = 1 << BITS;
   constexpr int BPT = NB / THREADS;  // bins per thread in the scan
   constexpr int NW = THREADS / 32;
@@ -133,12 +137,16 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
     if (writer) p.thr[e] = ~0ull;  // nothing is picked
     return;
   }
-  if (tid == 0) s_ncand = 0;
+  // A slice that fits the candidate slots is cached whole by the min / max pass (every
+  // composite, at its index), so the column is read from global memory once; the digits
+  // then filter the cache by the prefix, which gives the same histograms as streaming.
+  const bool whole = S <= cand_cap;  // cluster-uniform
+  if (tid == 0) s_ncand = whole ? hi - lo : 0;
 
   unsigned long long prefix = 0ull, pmask = 0ull;
   uint32_t r = static_cast<uint32_t>(cap);  // rank (1-based) still wanted inside the prefix
-  bool cached = false;
-  bool collect = S <= cand_cap;
+  bool cached = whole;
+  bool collect = false;
   int shift = 64;
   int low_bits = 32;  // bits of ~t that vary over t < T
   {
@@ -152,7 +160,11 @@ __global__ void __launch_bounds__(THREADS) ec_select_kernel(const Params p, int 
         kk[u] = t < hi ? col[t] : 0u;
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) st.add(kk[u]);
+      for (int u = 0; u < U; ++u) {
+        st.add(kk[u]);
+        const int t = t0 + u * THREADS + tid;
+        if (whole && t < hi) cand[t - lo] = pick_composite(kk[u], t);
+      }
     }
     const uint32_t wmx = __reduce_max_sync(kFull, st.mx);
     const uint32_t wmn = __reduce_min_sync(kFull, st.mn);
