@@ -14,8 +14,10 @@
 #   kernels bench_routing.py (ROUTING_ARGS; ROUTING_PROFILE=1 adds its per-kernel profile) and
 #           bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 #   ectests     the expert-choice GPU tests of the default kernels
-#   ecvariants  the cluster select (SGLANG_MOE_EC_SELECT_CLUSTER): its GPU tests, then the probe
-#           per forced cluster size 0 / 2 / 4 for E in ECV_E (default "8 32 64"; ecvariants.tgz)
+#   ecvariants  the select variants: GPU tests of the cluster select (SGLANG_MOE_EC_SELECT_CLUSTER)
+#           and of the 8-element unroll (SGLANG_MOE_EC_SELECT_UNROLL), then the probe per forced
+#           cluster size 0 / 2 / 4 for E in ECV_E (default "8 32 64") and per unroll 4 / 8
+#           (ecvariants.tgz)
 #   script      bash $SCRIPT in this environment (one-off probes)
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
@@ -70,10 +72,17 @@ for s in ${STAGES:-server}; do
               test/test_batch_invariance_gpu.py ;;
     ecvariants) V=/tmp/ecv; mkdir -p $V
            TAIL=6 stage ecv_tests 240 python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
-              test/test_expert_choice_gpu_cluster_select.py
+              test/test_expert_choice_gpu_cluster_select.py test/test_expert_choice_gpu_select_unroll.py
            for cs in 0 2 4; do for e in ${ECV_E:-8 32 64}; do k=8; [ $e -gt 8 ] || k=2
               SGLANG_MOE_EC_SELECT_CLUSTER=$cs timeout 60 python3 benchmark/probe_ec_small_t.py \
               --e $e --k $k --graph-t 8192,32768,65536 --profile 32768x$e; done; done > $V/probe_cluster.txt 2>&1
+           for u in 4 8; do for e in 64 128 256 384; do SGLANG_MOE_EC_SELECT_UNROLL=$u timeout 60 python3 \
+              benchmark/probe_ec_small_t.py --e $e --graph-t 1024,4096,8192,32768,65536 --profile 32768x$e
+              done; done > $V/probe_unroll.txt 2>&1
+           for u in 4 8; do SGLANG_MOE_EC_SELECT_UNROLL=$u timeout 120 python3 benchmark/bench_routing.py \
+              --no-profile --t-values 1024,8192,32768,65536 --e-values 64,128,256,384 --k-values 8 \
+              --skip torch_tc,ec_ref,ec_triton --max-seconds 100 --out $V/bench_u$u > $V/bench_u$u.txt 2>&1
+              echo "unroll $u:"; grep -E "10x_vs|within_2x" $V/bench_u$u.txt | cut -c1-300; done
            grep -hE "^E=|three_launch True none|ec::ec_select|^SGLANG" $V/probe_*.txt | cut -c1-120
            tar -czf "$OUT/ecvariants.tgz" -C /tmp ecv 2>/dev/null ;;
     script) stage script ${SCRIPT_LIMIT:-300} bash "$SCRIPT" ;;  # any $SCRIPT in this environment

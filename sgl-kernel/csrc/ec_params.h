@@ -92,8 +92,11 @@ void launch_score(const Params& p, int kind, int pow2, cudaStream_t stream);
 // Select options (parsed in ec_ops.cpp from the environment; ec_select.cu explains).
 // cluster: CTAs per expert at T > 4096 on sm_90+ ($SGLANG_MOE_EC_SELECT_CLUSTER): -1 = chosen
 // by E and T, 0 = one, 2 / 4 = a cluster of that many.
+// unroll: column elements in flight per thread in the block-wide select's streaming passes
+// ($SGLANG_MOE_EC_SELECT_UNROLL: 4, the default, or 8, experimental).
 struct SelectOpts {
   int cluster = -1;
+  int unroll = 4;
 };
 void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts = {});
 void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t stream);

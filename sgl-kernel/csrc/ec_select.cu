@@ -11,6 +11,13 @@
 // A min/max pass comes first, so the radix starts below the bits every eligible key shares
 // (and skips the constant top bits of ~t): the first digit already spreads the keys.
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
+// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_UNROLL = "8" loads 8 column elements per
+// thread before using them instead of 4 (U), for more memory-level parallelism in the
+// streaming passes (32 registers, no spills: nvcc 13, sm_90a). Aim: the passes are
+// latency-bound where few CTAs stream long columns (T = 32768, E = 64: 64 CTAs, 17.7 us for
+// three passes of 128 KB each). Same thresholds (integer histograms). Unset / "" / "4" = as
+// before; other values are an error (ec_ops.cpp). Written 2026-11-30 (third session) after the
+// last device call: not yet run on a GPU (tests: test/test_expert_choice_gpu_select_unroll.py).
 // Short columns (T <= kShortSelectMaxT) take one warp per expert instead
 // (ec_warp_select.cuh), which is faster there (timings: docs/benchmarks.md, appendix).
 // Longer warp-per-expert columns lose: 2 warps per CTA at T = 1024 took 7.2-8.4 us against
@@ -374,12 +381,12 @@ static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int 
 // memory) while the E * CS CTAs fit one wave of an H200 in clusters (132 SMs in 8 GPCs of
 // >= 16: at most 128 CTAs in clusters of 4), else CTAs of 512 threads with half the
 // candidate slots (two per SM; slower, only taken when forced through the variable).
-template <int CS>
+template <int CS, int U>
 static void launch_select_cluster(const Params& p, bool pdl, cudaStream_t stream) {
   if (p.E * CS <= 128) {
-    launch_select_t<11, 1024, 4, CS>(p, pdl, stream, kSelectCapLarge);
+    launch_select_t<11, 1024, U, CS>(p, pdl, stream, kSelectCapLarge);
   } else {
-    launch_select_t<11, 512, 4, CS>(p, pdl, stream, kSelectCapLarge / 2);
+    launch_select_t<11, 512, U, CS>(p, pdl, stream, kSelectCapLarge / 2);
   }
 }
 
@@ -398,29 +405,39 @@ static int select_cluster_size(int E, int T, SelectOpts opts) {
   return 1;
 }
 
-void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts) {
-  if (p.T <= kShortSelectMaxT) {
-    launch_select_short<8, kShortSelectMaxT>(p, pdl, stream);
-    return;
-  }
+// The block-wide selects with U column elements in flight per thread per pass.
+template <int U>
+static void launch_select_u(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts) {
   // Thread-block clusters per expert (see the top of this file).
   const int cs = p.T > 4096 && device_info().major >= 9 ? select_cluster_size(p.E, p.T, opts) : 1;
   if (cs == 2) {
-    launch_select_cluster<2>(p, pdl, stream);
+    launch_select_cluster<2, U>(p, pdl, stream);
     return;
   }
   if (cs == 4) {
-    launch_select_cluster<4>(p, pdl, stream);
+    launch_select_cluster<4, U>(p, pdl, stream);
     return;
   }
   // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
   const bool few = p.E < 132 && p.T > kSelectCap;
   if (p.T <= 4096) {
-    launch_select_t<8, 256, 4>(p, pdl, stream, kSelectCap);
+    launch_select_t<8, 256, U>(p, pdl, stream, kSelectCap);
   } else if (few) {
-    launch_select_t<11, 1024, 4>(p, pdl, stream, kSelectCapLarge);
+    launch_select_t<11, 1024, U>(p, pdl, stream, kSelectCapLarge);
   } else {
-    launch_select_t<11, 512, 4>(p, pdl, stream, kSelectCap);
+    launch_select_t<11, 512, U>(p, pdl, stream, kSelectCap);
+  }
+}
+
+void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts) {
+  if (p.T <= kShortSelectMaxT) {
+    launch_select_short<8, kShortSelectMaxT>(p, pdl, stream);
+    return;
+  }
+  if (opts.unroll == 8) {
+    launch_select_u<8>(p, pdl, stream, opts);
+  } else {
+    launch_select_u<4>(p, pdl, stream, opts);
   }
 }
 
