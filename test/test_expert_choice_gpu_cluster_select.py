@@ -120,7 +120,7 @@ def test_kernel_choice(monkeypatch):
 
     def select(T, E, env):
         names = kernels_launched(monkeypatch, VAR, env, T, E)
-        found = re.findall(r"ec_select_kernel<(\d+), (\d+), (\d+), (\d+)>", names)
+        found = re.findall(r"ec_select_kernel<(\d+), (\d+), (\d+), (\d+)(?:, \w+)?>", names)
         assert len(set(found)) == 1, names
         return tuple(int(v) for v in found[0])
 

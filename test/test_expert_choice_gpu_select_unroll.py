@@ -70,7 +70,8 @@ def test_kernel_runs(monkeypatch):
     """The variable really switches the instantiation (so the checks compare two kernels)."""
     def unrolls(T, E, env):
         names = kernels_launched(monkeypatch, VAR, env, T, E)
-        return {int(u) for u in re.findall(r"ec_select_kernel<\d+, \d+, (\d+), \d+>", names)}
+        return {int(u) for u in re.findall(r"ec_select_kernel<\d+, \d+, (\d+), \d+(?:, \w+)?>",
+                                            names)}
 
     assert unrolls(8192, 64, "8") == {8}
     assert unrolls(8192, 64, None) == {4}

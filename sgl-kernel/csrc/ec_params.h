@@ -94,9 +94,12 @@ void launch_score(const Params& p, int kind, int pow2, cudaStream_t stream);
 // by E and T, 0 = one, 2 / 4 = a cluster of that many.
 // unroll: column elements in flight per thread in the block-wide select's streaming passes
 // ($SGLANG_MOE_EC_SELECT_UNROLL: 4, the default, or 8, experimental).
+// fused_first: the min / max pass also builds the first digit's histogram (experimental,
+// $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT = 1).
 struct SelectOpts {
   int cluster = -1;
   int unroll = 4;
+  int fused_first = 0;
 };
 void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts = {});
 void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t stream);

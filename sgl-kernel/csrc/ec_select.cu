@@ -11,6 +11,13 @@
 // A min/max pass comes first, so the radix starts below the bits every eligible key shares
 // (and skips the constant top bits of ~t): the first digit already spreads the keys.
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
+// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT = "1" builds a streamed
+// column's first digit histogram in the min / max pass (ec_select_kernel, FF), so a column
+// that does not fit the candidate slots is streamed twice instead of three times when the
+// first tile predicts the radix start (one CTA per expert; the cluster kernels are
+// unchanged). Aim: T = 32768, E = 256: the select streams 3 x 32 MB in ~33 us of 123.
+// "0" / unset = as before. Written 2026-11-30 (third session) after the last device call:
+// not yet run on a GPU (tests: test/test_expert_choice_gpu_select_fused_first.py).
 // Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_UNROLL = "8" loads 8 column elements per
 // thread before using them instead of 4 (U), for more memory-level parallelism in the
 // streaming passes (32 registers, no spills: nvcc 13, sm_90a). Aim: the passes are
@@ -99,6 +106,27 @@ __device__ __forceinline__ const uint32_t* in_rank(uint32_t* p, int rank) {
   return p;
 }
 
+// The next digit below `shift`: at 32 the constant top bits of ~t are skipped (prefix and
+// pmask take them); digits never straddle the two words. Returns false when no bit is left;
+// else lowers `shift` to the digit's lowest bit and sets its mask.
+__device__ __forceinline__ bool next_digit(unsigned long long& prefix, unsigned long long& pmask,
+                                           int& shift, int low_bits, int bits,
+                                           unsigned long long& dmask) {
+  if (shift == 32) {
+    const unsigned long long fix =
+        low_bits >= 32 ? 0ull : ((0xffffffffull >> low_bits) << low_bits);
+    prefix |= fix;
+    pmask |= fix;
+    shift = low_bits;
+    if (shift == 0) return false;
+  }
+  const int dlo = shift > 32 ? 32 : 0;
+  const int width = (shift - dlo) < bits ? (shift - dlo) : bits;
+  shift -= width;
+  dmask = (1ull << width) - 1ull;
+  return true;
+}
+
 // U: column elements each thread loads before using them (memory-level parallelism).
 // CS: CTAs per expert (grid E * CS, cluster dim CS when CS > 1). CTA `rank` streams the
 // column slice [lo, hi) (S tokens, a multiple of 32, per rank) and caches its own
@@ -113,9 +141,18 @@ __device__ __forceinline__ const uint32_t* in_rank(uint32_t* p, int rank) {
 // another reads its memory). CS == 1: one buffer, a CTA barrier before the next clear.
 // One CTA per expert: at most 32 registers (a full SM of threads; the 512-thread kernel needs
 // four CTAs per SM for E = 512 in one wave and took 40 after the whole-column cache without
-// the bound). Clusters: one CTA per SM is the plan anyway (32 would spill).
-template <int BITS, int THREADS, int U, int CS>
-__global__ void __launch_bounds__(THREADS, CS == 1 ? 2048 / THREADS : 1) ec_select_kernel(const Params p, int cand_cap) {
+// the bound). Clusters: one CTA per SM is the plan anyway (32 would spill); FF spilled at 32
+// (nvcc 13, sm_90a) and gets 64, so its 512-thread CTAs fit two per SM (E <= 264 in one wave).
+// FF (experimental, $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT; one CTA per expert): a streamed
+// column's min / max pass also builds the first digit's histogram, at the radix start of a
+// sample (the first tile's keys). When the column's start equals the sample's (the common
+// top bits of every eligible key are the sample's), the first digit is done and the column is
+// streamed once less; else the histogram is discarded (same digits either way, so the same
+// thresholds bit for bit).
+template <int BITS, int THREADS, int U, int CS, bool FF = false>
+__global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : (FF ? 1024 : 2048) / THREADS)
+    ec_select_kernel(const Params p, int cand_cap) {
+  static_assert(!FF || CS == 1, "the fused first digit is for one CTA per expert");
   constexpr int NB = 1 << BITS;
   constexpr int BPT = NB / THREADS;  // bins per thread in the scan
   constexpr int NW = THREADS / 32;
@@ -156,8 +193,45 @@ __global__ void __launch_bounds__(THREADS, CS == 1 ? 2048 / THREADS : 1) ec_sele
   bool collect = false;
   int shift = 64;
   int low_bits = 32;  // bits of ~t that vary over t < T
+  bool have_first = false;  // FF: hist holds the first digit's histogram
   {
     __shared__ uint32_t s_mx[NW], s_mn[NW], s_ne[NW];
+    // FF: the sample's radix start (sp, spm, ssh) and its first digit (gp, gpm, gsh, gdm).
+    unsigned long long sp = 0ull, spm = 0ull, gp = 0ull, gpm = 0ull, gdm = 0ull;
+    int ssh = 64, gsh = 0;
+    bool guess = false;
+    if constexpr (FF) {
+      if (!whole) {
+        ColStats ss;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = lo + u * THREADS + tid;
+          if (t < hi) ss.add(col[t]);
+        }
+        const uint32_t gmx = __reduce_max_sync(kFull, ss.mx);
+        const uint32_t gmn = __reduce_min_sync(kFull, ss.mn);
+        if (lane == 0) {
+          s_mx[warp] = gmx;
+          s_mn[warp] = gmn;
+        }
+        for (int i = tid; i < NB; i += THREADS) hist2[0][i] = 0u;
+        __syncthreads();
+        uint32_t smx = 0u, smn = 0xffffffffu;
+        for (int w = 0; w < NW; ++w) {
+          smx = s_mx[w] > smx ? s_mx[w] : smx;
+          smn = s_mn[w] < smn ? s_mn[w] : smn;
+        }
+        __syncthreads();  // s_mx / s_mn are reused below
+        if (smx != 0u) {  // an eligible key in the sample
+          int lb = 32;
+          radix_start(smx, smn, p.T, sp, spm, ssh, lb);
+          gp = sp;
+          gpm = spm;
+          gsh = ssh;
+          guess = next_digit(gp, gpm, gsh, lb, BITS, gdm);
+        }
+      }
+    }
     ColStats st;
     for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
       uint32_t kk[U];
@@ -171,6 +245,14 @@ __global__ void __launch_bounds__(THREADS, CS == 1 ? 2048 / THREADS : 1) ec_sele
         st.add(kk[u]);
         const int t = t0 + u * THREADS + tid;
         if (whole && t < hi) cand[t - lo] = pick_composite(kk[u], t);
+        if constexpr (FF) {
+          if (guess && t < hi) {
+            const unsigned long long c = pick_composite(kk[u], t);
+            if ((c & gpm) == gp) {
+              atomicAdd(&hist2[0][static_cast<uint32_t>((c >> gsh) & gdm)], 1u);
+            }
+          }
+        }
       }
     }
     const uint32_t wmx = __reduce_max_sync(kFull, st.mx);
@@ -211,63 +293,59 @@ __global__ void __launch_bounds__(THREADS, CS == 1 ? 2048 / THREADS : 1) ec_sele
       return;
     }
     radix_start(mx, mn, p.T, prefix, pmask, shift, low_bits);
+    if constexpr (FF) have_first = guess && prefix == sp && pmask == spm && shift == ssh;
   }
   int buf = 0;  // histogram buffer of this digit
   while (true) {
-    if (shift == 32) {
-      const unsigned long long fix =
-          low_bits >= 32 ? 0ull : ((0xffffffffull >> low_bits) << low_bits);
-      prefix |= fix;
-      pmask |= fix;
-      shift = low_bits;
-      if (shift == 0) break;
-    }
-    const int dlo = shift > 32 ? 32 : 0;  // digits never straddle the two words
-    const int width = (shift - dlo) < BITS ? (shift - dlo) : BITS;
-    shift -= width;
-    const unsigned long long dmask = (1ull << width) - 1ull;
+    unsigned long long dmask = 0ull;
+    if (!next_digit(prefix, pmask, shift, low_bits, BITS, dmask)) break;
     uint32_t* hist = hist2[buf];
-    for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
-    __syncthreads();
-    if (cached) {
-      const int n = s_ncand;
-      for (int i0 = 0; i0 < n; i0 += THREADS) {
-        const int i = i0 + tid;
-        uint32_t bin = 0xffffffffu;
-        if (i < n) {
-          const unsigned long long c = cand[i];
-          if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
-        }
-        if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-      }
-    } else {
-      for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
-        uint32_t kk[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int t = t0 + u * THREADS + tid;
-          kk[u] = t < hi ? col[t] : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int t = t0 + u * THREADS + tid;
+    if (!have_first) {  // (FF: else the min / max pass built this digit's histogram)
+      for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
+      __syncthreads();
+      if (cached) {
+        const int n = s_ncand;
+        for (int i0 = 0; i0 < n; i0 += THREADS) {
+          const int i = i0 + tid;
           uint32_t bin = 0xffffffffu;
-          unsigned long long c = 0ull;
-          if (t < hi) {
-            c = pick_composite(kk[u], t);
+          if (i < n) {
+            const unsigned long long c = cand[i];
             if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
           }
           if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-          if (collect) {  // warp-aggregated append (collect is cluster-uniform)
-            const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
-            int base = 0;
-            if (want != 0u && lane == __ffs(want) - 1) base = atomicAdd(&s_ncand, __popc(want));
-            base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
-            if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
+        }
+      } else {
+        for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
+          uint32_t kk[U];
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int t = t0 + u * THREADS + tid;
+            kk[u] = t < hi ? col[t] : 0u;
+          }
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int t = t0 + u * THREADS + tid;
+            uint32_t bin = 0xffffffffu;
+            unsigned long long c = 0ull;
+            if (t < hi) {
+              c = pick_composite(kk[u], t);
+              if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+            }
+            if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+            if (collect) {  // warp-aggregated append (collect is cluster-uniform)
+              const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
+              int base = 0;
+              if (want != 0u && lane == __ffs(want) - 1) {
+                base = atomicAdd(&s_ncand, __popc(want));
+              }
+              base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
+              if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
+            }
           }
         }
       }
     }
+    have_first = false;
     cluster_or_cta_sync<CS>();  // every CTA's histogram of this digit is complete
     if (collect) cached = true;
     collect = false;
@@ -348,10 +426,10 @@ __global__ void __launch_bounds__(WARPS * 32) ec_select_short_kernel(const Param
   if (lane == 0) p.thr[e] = th;
 }
 
-// CS > 1: a cluster of CS CTAs per expert (sm_90+ only).
-template <int BITS, int THREADS, int U, int CS = 1>
+// CS > 1: a cluster of CS CTAs per expert (sm_90+ only). FF: see ec_select_kernel.
+template <int BITS, int THREADS, int U, int CS = 1, bool FF = false>
 static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
-  auto kernel = ec_select_kernel<BITS, THREADS, U, CS>;
+  auto kernel = ec_select_kernel<BITS, THREADS, U, CS, FF>;
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
   if (smem > 48 * 1024) {
     // Once per instantiation and process (normally before any CUDA-graph capture: the
@@ -421,9 +499,15 @@ static void launch_select_u(const Params& p, bool pdl, cudaStream_t stream, Sele
   // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
   const bool few = p.E < 132 && p.T > kSelectCap;
   if (p.T <= 4096) {
-    launch_select_t<8, 256, U>(p, pdl, stream, kSelectCap);
+    launch_select_t<8, 256, U>(p, pdl, stream, kSelectCap);  // whole columns: nothing to fuse
   } else if (few) {
-    launch_select_t<11, 1024, U>(p, pdl, stream, kSelectCapLarge);
+    if (opts.fused_first && p.T > kSelectCapLarge) {
+      launch_select_t<11, 1024, U, 1, true>(p, pdl, stream, kSelectCapLarge);
+    } else {
+      launch_select_t<11, 1024, U>(p, pdl, stream, kSelectCapLarge);
+    }
+  } else if (opts.fused_first) {
+    launch_select_t<11, 512, U, 1, true>(p, pdl, stream, kSelectCap);
   } else {
     launch_select_t<11, 512, U>(p, pdl, stream, kSelectCap);
   }
