@@ -11,20 +11,6 @@
 // A min/max pass comes first, so the radix starts below the bits every eligible key shares
 // (and skips the constant top bits of ~t): the first digit already spreads the keys.
 // Histograms use plain shared atomics, candidate appends are warp-aggregated.
-// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT = "1" builds a streamed
-// column's first digit histogram in the min / max pass (ec_select_kernel, FF), so a column
-// that does not fit the candidate slots is streamed twice instead of three times when the
-// first tile predicts the radix start (one CTA per expert; the cluster kernels are
-// unchanged). Aim: T = 32768, E = 256: the select streams 3 x 32 MB in ~33 us of 123.
-// "0" / unset = as before. Written 2026-11-30 (third session) after the last device call:
-// not yet run on a GPU (tests: test/test_expert_choice_gpu_select_fused_first.py).
-// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_UNROLL = "8" loads 8 column elements per
-// thread before using them instead of 4 (U), for more memory-level parallelism in the
-// streaming passes (32 registers, no spills: nvcc 13, sm_90a). Aim: the passes are
-// latency-bound where few CTAs stream long columns (T = 32768, E = 64: 64 CTAs, 17.7 us for
-// three passes of 128 KB each). Same thresholds (integer histograms). Unset / "" / "4" = as
-// before; other values are an error (ec_ops.cpp). Written 2026-11-30 (third session) after the
-// last device call: not yet run on a GPU (tests: test/test_expert_choice_gpu_select_unroll.py).
 // Short columns (T <= kShortSelectMaxT) take one warp per expert instead
 // (ec_warp_select.cuh), which is faster there (timings: docs/benchmarks.md, appendix).
 // Longer warp-per-expert columns lose: 2 warps per CTA at T = 1024 took 7.2-8.4 us against
@@ -43,6 +29,21 @@
 // "0" one CTA per expert, "2" / "4" that cluster size; unset or "" = the rule; any other
 // value is an error (checked per call in ec_ops.cpp; a CUDA graph keeps the kernel it
 // captured).
+//
+// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT = "1" builds a streamed
+// column's first digit histogram in the min / max pass (ec_select_kernel, FF), so a column
+// that does not fit the candidate slots is streamed twice instead of three times when the
+// first tile predicts the radix start (one CTA per expert; the cluster kernels are
+// unchanged). Aim: T = 32768, E = 256: the select streams 3 x 32 MB in ~33 us of 123.
+// "0" / unset = as before. Written 2026-11-30 (third session) after the last device call:
+// not yet run on a GPU (tests: test/test_expert_choice_gpu_select_fused_first.py).
+// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_UNROLL = "8" loads 8 column elements per
+// thread before using them instead of 4 (U), for more memory-level parallelism in the
+// streaming passes (32 registers, no spills: nvcc 13, sm_90a). Aim: the passes are
+// latency-bound where few CTAs stream long columns (T = 32768, E = 64: 64 CTAs, 17.7 us for
+// three passes of 128 KB each). Same thresholds (integer histograms). Unset / "" / "4" = as
+// before; other values are an error (ec_ops.cpp). Written 2026-11-30 (third session) after the
+// last device call: not yet run on a GPU (tests: test/test_expert_choice_gpu_select_unroll.py).
 #include <cooperative_groups.h>
 
 #include "ec_device.cuh"
