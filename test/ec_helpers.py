@@ -1,10 +1,13 @@
-"""The one assertion the expert-choice GPU tests share: a kernel's ``(weights, ids)`` against
-the reference's (ids bit for bit, weights within 1e-6, NaN where the reference has NaN)."""
+"""Helpers the expert-choice GPU tests share: a kernel's ``(weights, ids)`` against the
+reference's (ids bit for bit, weights within 1e-6, NaN where the reference has NaN), and the
+checks of a kernel variant switched by an environment variable (bit for bit against the
+baseline kernel, CUDA-graph replay, which kernels run, the variable's validation)."""
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import pytest
 import torch
 
 
@@ -163,3 +166,27 @@ def check_env_variant_grid(monkeypatch, var: str, value: str, T: int, E: int, se
                 check_env_variant(monkeypatch, var, value, logits, k_for_e(E),
                                   num_token_non_padded=n, base=base, scoring_func=scoring,
                                   correction_bias=b)
+
+
+def check_bad_env_value(monkeypatch, var: str, value: str, T: int, E: int) -> None:
+    """With ``var`` = ``value`` the three-launch call raises an error that names ``var``."""
+    from sglang_moe_routing.expert_choice import RoutingSpec
+    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
+
+    monkeypatch.setenv(var, value)
+    x = torch.randn(T, E, device="cuda")
+    with pytest.raises(RuntimeError, match=var):
+        expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
+
+
+def check_good_env_value(monkeypatch, var: str, value: str, T: int, E: int) -> None:
+    """With ``var`` = ``value`` the three-launch call runs and matches the reference."""
+    from sglang_moe_routing.expert_choice import RoutingSpec
+    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
+    from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
+
+    monkeypatch.setenv(var, value)
+    x = torch.randn(T, E, device="cuda")
+    w, ids = expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
+    rw, rids = expert_choice_topk_reference(x, RoutingSpec(8, 1.25))
+    assert_matches_reference(f"{var} env", f"{var}={value!r}", w, ids, rw, rids)

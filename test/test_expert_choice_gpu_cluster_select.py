@@ -22,11 +22,8 @@ import re
 import pytest
 import torch
 
-from ec_helpers import (assert_matches_reference, check_env_variant, check_env_variant_grid,
-                        check_graph_replay, k_for_e, kernels_launched)
-
-from sglang_moe_routing.expert_choice import RoutingSpec
-from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
+from ec_helpers import (check_bad_env_value, check_env_variant, check_env_variant_grid,
+                        check_good_env_value, check_graph_replay, k_for_e, kernels_launched)
 
 pytestmark = pytest.mark.gpu
 
@@ -150,20 +147,9 @@ def test_cuda_graph_pdl_replay(monkeypatch, cs):
 
 @pytest.mark.parametrize("value", ["1", "3", "8", "2x", "two", " 2"])
 def test_bad_value_raises(monkeypatch, value):
-    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
-
-    monkeypatch.setenv(VAR, value)
-    x = torch.randn(8192, 64, device="cuda")
-    with pytest.raises(RuntimeError, match=VAR):
-        expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
+    check_bad_env_value(monkeypatch, VAR, value, 8192, 64)
 
 
 @pytest.mark.parametrize("value", ["", "0", "2", "4"])
 def test_good_values_accepted(monkeypatch, value):
-    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
-
-    monkeypatch.setenv(VAR, value)
-    x = torch.randn(300, 64, device="cuda")  # T <= 4096: the variable changes nothing here
-    w, ids = expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
-    rw, rids = expert_choice_topk_reference(x, RoutingSpec(8, 1.25))
-    assert_matches_reference("cluster env", f"{VAR}={value!r}", w, ids, rw, rids)
+    check_good_env_value(monkeypatch, VAR, value, 300, 64)  # T <= 4096: the variable is a no-op

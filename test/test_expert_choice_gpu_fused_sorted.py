@@ -1,8 +1,9 @@
 """The one-launch kernel (ec_fused.cu) at the small T where ``cuda.choose_path`` runs it, vs
 the reference and, bit for bit, vs the three-launch path (marked ``gpu``).
 
-Phase 3 runs the sorted rounds for E > 32 (ec_fused.cu, default since 2026-11-30): ids equal to the reference, weights within 1e-6 of it,
-ids and weight bits equal to the three-launch path's (same float operations). Every case
+Phase 3 runs the sorted rounds for E > 32 (ec_fused.cu, default since 2026-11-30): ids
+equal to the reference, weights within 1e-6 of it, ids and weight bits equal to the
+three-launch path's (same float operations). Every case
 is one the one-launch kernel takes (T <= 1024, its shared memory within the device's opt-in
 limit: the profiler checks that `ec_fused_kernel` runs, with and without grouped top-k, so a
 case cannot fall back to three launches unnoticed). Covers

@@ -21,11 +21,8 @@ import re
 import pytest
 import torch
 
-from ec_helpers import (assert_matches_reference, check_env_variant, check_env_variant_grid,
-                        check_graph_replay, k_for_e, kernels_launched)
-
-from sglang_moe_routing.expert_choice import RoutingSpec
-from sglang_moe_routing.expert_choice.reference import expert_choice_topk_reference
+from ec_helpers import (check_bad_env_value, check_env_variant, check_env_variant_grid,
+                        check_good_env_value, check_graph_replay, k_for_e, kernels_launched)
 
 pytestmark = pytest.mark.gpu
 
@@ -113,20 +110,9 @@ def test_cuda_graph_pdl_replay(monkeypatch):
 
 @pytest.mark.parametrize("value", ["2", "true", "yes", " 1"])
 def test_bad_value_raises(monkeypatch, value):
-    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
-
-    monkeypatch.setenv(VAR, value)
-    x = torch.randn(8192, 256, device="cuda")
-    with pytest.raises(RuntimeError, match=VAR):
-        expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
+    check_bad_env_value(monkeypatch, VAR, value, 8192, 256)
 
 
 @pytest.mark.parametrize("value", ["", "0", "1"])
 def test_good_values_accepted(monkeypatch, value):
-    from sglang_moe_routing.expert_choice.cuda import expert_choice_topk_cuda
-
-    monkeypatch.setenv(VAR, value)
-    x = torch.randn(8192, 256, device="cuda")
-    w, ids = expert_choice_topk_cuda(x, RoutingSpec(8, 1.25), path="three_launch")
-    rw, rids = expert_choice_topk_reference(x, RoutingSpec(8, 1.25))
-    assert_matches_reference("fused-first env", f"{VAR}={value!r}", w, ids, rw, rids)
+    check_good_env_value(monkeypatch, VAR, value, 8192, 256)
