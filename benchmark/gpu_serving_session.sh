@@ -14,11 +14,8 @@
 #   kernels bench_routing.py (ROUTING_ARGS; ROUTING_PROFILE=1 adds its per-kernel profile) and
 #           bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 #   ectests     the expert-choice GPU tests of the default kernels
-#   ecvariants  the select variants: GPU tests of the cluster select (SGLANG_MOE_EC_SELECT_CLUSTER),
-#           the 8-element unroll (SGLANG_MOE_EC_SELECT_UNROLL) and the fused first digit
-#           (SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT), then probes per unroll x fused-first setting
-#           and bench_routing at T >= 8192 per setting (ecvariants.tgz); ECV_CLUSTER_PROBE=1 adds
-#           the probe per forced cluster size 0 / 2 / 4 for E in ECV_E (default "8 32 64")
+#   ecprobe     probe_ec_small_t.py per E in ECPROBE_E (default "64 128 256 384"): in-graph time
+#           at T = 4096..65536 and the per-kernel profile at T = 32768 (ecprobe.txt)
 #   script      bash $SCRIPT in this environment (one-off probes)
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
@@ -70,24 +67,10 @@ for s in ${STAGES:-server}; do
     ectests) stage ectests ${ECTESTS_LIMIT:-300} python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
               test/test_expert_choice_gpu.py test/test_expert_choice_gpu_stream.py \
               test/test_expert_choice_gpu_fused_sorted.py test/test_threshold_routing.py \
-              test/test_batch_invariance_gpu.py ;;
-    ecvariants) V=/tmp/ecv; mkdir -p $V
-           TAIL=6 stage ecv_tests 240 python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
-              test/test_expert_choice_gpu_cluster_select.py test/test_expert_choice_gpu_select_unroll.py \
-              test/test_expert_choice_gpu_select_fused_first.py
-           [ -z "${ECV_CLUSTER_PROBE:-}" ] || for cs in 0 2 4; do for e in ${ECV_E:-8 32 64}; do k=8; [ $e -gt 8 ] || k=2
-              SGLANG_MOE_EC_SELECT_CLUSTER=$cs timeout 60 python3 benchmark/probe_ec_small_t.py \
-              --e $e --k $k --graph-t 8192,32768,65536 --profile 32768x$e; done; done > $V/probe_cluster.txt 2>&1
-           for v in 4,0 8,0 4,1 8,1; do for e in 64 128 256 384; do SGLANG_MOE_EC_SELECT_UNROLL=${v%,*} \
-              SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT=${v#*,} timeout 60 python3 benchmark/probe_ec_small_t.py \
-              --e $e --graph-t 4096,8192,32768,65536 --profile 32768x$e; done; done > $V/probe_select.txt 2>&1
-           for v in 4,0 8,0 4,1 8,1; do SGLANG_MOE_EC_SELECT_UNROLL=${v%,*} SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT=${v#*,} \
-              timeout 120 python3 benchmark/bench_routing.py --no-profile --t-values 8192,32768,65536 \
-              --e-values 64,128,256,384 --k-values 8 --skip torch_tc,ec_ref,ec_triton --max-seconds 100 \
-              --out $V/bench_$v > $V/bench_$v.txt 2>&1
-              echo "unroll,fused_first $v:"; grep -E "10x_vs|within_2x" $V/bench_$v.txt | cut -c1-300; done
-           grep -hE "^E=|three_launch True none|ec::ec_select|^SGLANG" $V/probe_*.txt | cut -c1-120
-           tar -czf "$OUT/ecvariants.tgz" -C /tmp ecv 2>/dev/null ;;
+              test/test_batch_invariance_gpu.py test/test_expert_choice_gpu_cluster_select.py ;;
+    ecprobe) for e in ${ECPROBE_E:-64 128 256 384}; do timeout 60 python3 benchmark/probe_ec_small_t.py \
+              --e $e --graph-t 4096,8192,32768,65536 --profile 32768x$e; done > "$OUT/ecprobe.txt" 2>&1
+           grep -E "^E=|three_launch True none|ec::" "$OUT/ecprobe.txt" | cut -c1-110 ;;
     script) stage script ${SCRIPT_LIMIT:-300} bash "$SCRIPT" ;;  # any $SCRIPT in this environment
   esac
 done

@@ -8,9 +8,9 @@ time goes (score / select / route).
 
 Usage (GPU): python3 benchmark/probe_ec_small_t.py [--graph-t 64,256,2048] [--e 128]
              [--profile 256x128,8192x256]
-$SGLANG_MOE_EC_SELECT_CLUSTER (0 / 2 / 4 CTAs per expert in the select for T > 4096) and
-$SGLANG_MOE_EC_SELECT_UNROLL (4 / 8 column elements in flight per thread; ec_select.cu) are read
-by the extension at each call, so setting one before this script times that kernel.
+$SGLANG_MOE_EC_SELECT_CLUSTER (0 / 2 / 4 CTAs per expert in the select for T > 4096;
+ec_select.cu) is read by the extension at each call, so setting it before this script times
+that kernel.
 """
 import argparse
 import os
@@ -32,8 +32,7 @@ a = p.parse_args()
 g = torch.Generator(device="cuda").manual_seed(0)
 spec = RoutingSpec(top_k=a.k, capacity_factor=1.25, min_tokens=0)
 
-for var in ("SGLANG_MOE_EC_SELECT_CLUSTER", "SGLANG_MOE_EC_SELECT_UNROLL"):
-    print(f"{var}={os.environ.get(var, '')!r}")
+print(f"SGLANG_MOE_EC_SELECT_CLUSTER={os.environ.get('SGLANG_MOE_EC_SELECT_CLUSTER', '')!r}")
 print(f"E={a.e} k={a.k}: T path pdl n_valid us (CUDA graph, 20 calls per graph)")
 for T in [int(t) for t in a.graph_t.split(",") if t]:
     x = torch.randn(T, a.e, device="cuda", dtype=torch.bfloat16, generator=g)

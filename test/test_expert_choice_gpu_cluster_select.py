@@ -29,7 +29,7 @@ pytestmark = pytest.mark.gpu
 
 VAR = "SGLANG_MOE_EC_SELECT_CLUSTER"
 CLUSTER_SIZES = [2, 4]
-E_VALUES = [8, 32, 64, 128, 256]
+E_VALUES = [8, 32, 64, 128, 256, 384]
 OFF = "0"  # the baseline: one CTA per expert
 T_VALUES = [4097, 8192, 32768, 70001]
 
@@ -111,30 +111,30 @@ def test_kernel_choice(monkeypatch):
     """Which select kernel runs (so the checks above compare two different kernels): when the
     variable is unset, 4 CTAs per expert for E <= 8 at T > 16384, 2 for E <= 64 at
     T > 32768, else one; the forced sizes (1024-thread CTAs while E * CS <= 128, else 512),
-    only for T > 4096."""
+    only for T > 4096; 8 column elements in flight per thread above T = 4096, 4 at or below."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90+")
 
     def select(T, E, env):
         names = kernels_launched(monkeypatch, VAR, env, T, E)
-        found = re.findall(r"ec_select_kernel<(\d+), (\d+), (\d+), (\d+)(?:, \w+)?>", names)
+        found = re.findall(r"ec_select_kernel<(\d+), (\d+), (\d+), (\d+)>", names)
         assert len(set(found)) == 1, names
         return tuple(int(v) for v in found[0])
 
-    assert select(65536, 64, None) == (11, 1024, 4, 2)
-    assert select(32769, 64, "") == (11, 1024, 4, 2)
-    assert select(32768, 64, None) == (11, 1024, 4, 1)
-    assert select(65536, 32, None) == (11, 1024, 4, 2)
-    assert select(16385, 8, None) == (11, 1024, 4, 4)
-    assert select(16384, 8, None) == (11, 1024, 4, 1)
-    assert select(65536, 128, None) == (11, 1024, 4, 1)
-    assert select(65536, 256, None) == (11, 512, 4, 1)
-    assert select(8192, 64, None) == (11, 1024, 4, 1)
-    assert select(65536, 64, "0") == (11, 1024, 4, 1)
-    assert select(8192, 64, "2") == (11, 1024, 4, 2)
-    assert select(8192, 64, "4") == (11, 512, 4, 4)
-    assert select(8192, 128, "2") == (11, 512, 4, 2)
-    assert select(8192, 32, "4") == (11, 1024, 4, 4)
+    assert select(65536, 64, None) == (11, 1024, 8, 2)
+    assert select(32769, 64, "") == (11, 1024, 8, 2)
+    assert select(32768, 64, None) == (11, 1024, 8, 1)
+    assert select(65536, 32, None) == (11, 1024, 8, 2)
+    assert select(16385, 8, None) == (11, 1024, 8, 4)
+    assert select(16384, 8, None) == (11, 1024, 8, 1)
+    assert select(65536, 128, None) == (11, 1024, 8, 1)
+    assert select(65536, 256, None) == (11, 512, 8, 1)
+    assert select(8192, 64, None) == (11, 1024, 8, 1)
+    assert select(65536, 64, "0") == (11, 1024, 8, 1)
+    assert select(8192, 64, "2") == (11, 1024, 8, 2)
+    assert select(8192, 64, "4") == (11, 512, 8, 4)
+    assert select(8192, 128, "2") == (11, 512, 8, 2)
+    assert select(8192, 32, "4") == (11, 1024, 8, 4)
     for env in (None, "2", "4"):
         assert select(4096, 64, env) == (8, 256, 4, 1)
 

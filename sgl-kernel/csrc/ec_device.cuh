@@ -104,13 +104,21 @@ __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool
                                            uint32_t (&pkey)[ITER], RowStat* rs = nullptr) {
   const scalar_t* x = reinterpret_cast<const scalar_t*>(p.logits);
   float v[ITER];
+  if (p.stride_e == 1) {  // contiguous rows (the usual case): one row address, constant offsets
+    const scalar_t* xr = x + static_cast<long long>(row_in ? t : 0) * p.stride_t + sub;
 #pragma unroll
-  for (int it = 0; it < ITER; ++it) {
-    const int e = it * WS + sub;
-    v[it] = -INFINITY;
-    if (row_in && e < p.E) {
-      v[it] = load_f(x + static_cast<long long>(t) * p.stride_t +
-                     static_cast<long long>(e) * p.stride_e);
+    for (int it = 0; it < ITER; ++it) {
+      v[it] = (row_in && it * WS + sub < p.E) ? load_f(xr + it * WS) : -INFINITY;
+    }
+  } else {
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const int e = it * WS + sub;
+      v[it] = -INFINITY;
+      if (row_in && e < p.E) {
+        v[it] = load_f(x + static_cast<long long>(t) * p.stride_t +
+                       static_cast<long long>(e) * p.stride_e);
+      }
     }
   }
   if (p.scoring == 0) {
@@ -206,14 +214,17 @@ __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool
 
 #pragma unroll
   for (int it = 0; it < ITER; ++it) {
-    const int e = it * WS + sub;
+    const bool in_e = it * WS + sub < p.E;
     const float q = sel[it];
-    // torch.nan_to_num(q, nan=-inf): NaN -> -inf, +inf -> FLT_MAX, -inf -> -FLT_MAX.
-    const float qn = (q != q) ? -INFINITY
-                              : (q == INFINITY ? FLT_MAX : (q == -INFINITY ? -FLT_MAX : q));
-    rkey[it] = (e < p.E) ? order_key(qn) : 0u;
-    const bool elig = tok_valid && (e < p.E) && (q > -INFINITY);
-    pkey[it] = elig ? order_key(q) : 0u;
+    // rkey = order_key(torch.nan_to_num(q, nan=-inf)): NaN -> -inf, +inf -> FLT_MAX,
+    // -inf -> -FLT_MAX. order_key is monotone and every finite key lies in
+    // [order_key(-FLT_MAX), order_key(FLT_MAX)] = [0x00800000, 0xff7fffff], so the infinities'
+    // replacements are a clamp of the key, and NaN's is order_key(-inf) = 0x007fffff
+    // (select-free integer form of the float chain; same keys bit for bit).
+    const uint32_t k = order_key(q);
+    const uint32_t kc = k < 0x00800000u ? 0x00800000u : (k > 0xff7fffffu ? 0xff7fffffu : k);
+    rkey[it] = in_e ? ((q != q) ? 0x007fffffu : kc) : 0u;
+    pkey[it] = (tok_valid && in_e && q > -INFINITY) ? k : 0u;
   }
 }
 
@@ -381,31 +392,28 @@ __device__ __forceinline__ void sorted_composites(int sub, const bool (&picked)[
   sort_desc(c);
 }
 
-// sorted_rounds: the k rounds over the sorted composites c of row t (all 32 lanes of the warp
-// call it together). A round is a warp max over the lanes' heads c[0] (high word, then low
-// word among the lanes with the maximal high word), the winner id e read from the low word,
-// its lane (e & 31) drops its head. `ws` is the row's weight scores (ws[e] = s of expert e,
+// sorted_rounds: the k rounds over the lanes' sorted composites of row t (all 32 lanes of the
+// warp call it together). `head` is the lane's largest composite not yet taken; `pop(me)`, called
+// by every lane each round, replaces it by the lane's next one (0 when none is left) where `me`. A round is a warp max over the heads (high
+// word, then low word among the lanes with the maximal high word), the winner id e read from
+// the low word, its lane (e & 31) pops. `ws` is the row's weight scores (ws[e] = s of expert e,
 // e < E; read only at winners, in round order so wsum is summed as route_row sums it); at
 // least one lane must hold a non-zero composite in each of the k rounds (k <= E experts with
 // rkey > 0), else the winner id is out of range. Lane j < k writes slot j of row t when row_in.
-template <int ITER>
+template <typename Pop>
 __device__ __forceinline__ void sorted_rounds(const Params& p, int t, bool row_in, int sub,
-                                              unsigned long long (&c)[ITER], const float* ws) {
+                                              unsigned long long& head, const float* ws, Pop pop) {
   int my_id = 0;
   float my_w = 0.0f, wsum = 0.0f;
   const int k = p.top_k;
   for (int j = 0; j < k; ++j) {
-    const uint32_t hh = static_cast<uint32_t>(c[0] >> 32);
-    const uint32_t hl = static_cast<uint32_t>(c[0]);
+    const uint32_t hh = static_cast<uint32_t>(head >> 32);
+    const uint32_t hl = static_cast<uint32_t>(head);
     const uint32_t mh = __reduce_max_sync(kFull, hh);
     const uint32_t ml = __reduce_max_sync(kFull, hh == mh ? hl : 0u);
     const int win = static_cast<int>(0x7fffffffu - (ml & 0x7fffffffu));
     const float w = ws[win];
-    if (sub == (win & 31)) {
-#pragma unroll
-      for (int i = 0; i + 1 < ITER; ++i) c[i] = c[i + 1];
-      c[ITER - 1] = 0ull;
-    }
+    pop(sub == (win & 31));
     if (sub == j) {
       my_id = win;
       my_w = w;
@@ -413,6 +421,40 @@ __device__ __forceinline__ void sorted_rounds(const Params& p, int t, bool row_i
     wsum += w;
   }
   store_slot(p, t, sub, row_in && sub < k, my_id, my_w, wsum);
+}
+
+// The rounds with the sorted composites c kept in registers: a pop shifts them by one.
+template <int ITER>
+__device__ __forceinline__ void sorted_rounds(const Params& p, int t, bool row_in, int sub,
+                                              unsigned long long (&c)[ITER], const float* ws) {
+  sorted_rounds(p, t, row_in, sub, c[0], ws, [&](bool me) {
+    if (me) {
+#pragma unroll
+      for (int i = 0; i + 1 < ITER; ++i) c[i] = c[i + 1];
+      c[ITER - 1] = 0ull;
+    }
+  });
+}
+
+// The rounds with the lane's composites c[1..ITER-1] parked in the warp's shared slice `lst`
+// (ITER * 32 entries, lane-interleaved): a pop is a select of the lane's next entry, which
+// every lane loads at the start of the round (off the rounds' dependency chain), instead of an
+// ITER-long register shift (the route kernel, where the rounds are most of the instructions).
+template <int ITER>
+__device__ __forceinline__ void sorted_rounds_shared(const Params& p, int t, bool row_in, int sub,
+                                                     unsigned long long (&c)[ITER],
+                                                     unsigned long long* lst, const float* ws) {
+#pragma unroll
+  for (int i = 1; i < ITER; ++i) lst[i * 32 + sub] = c[i];
+  __syncwarp();
+  const unsigned long long* q = lst + 32 + sub;  // the lane's next entry
+  const unsigned long long* const qend = lst + ITER * 32;
+  unsigned long long head = c[0];
+  sorted_rounds(p, t, row_in, sub, head, ws, [&](bool me) {
+    const unsigned long long nxt = q < qend ? *q : 0ull;
+    head = me ? nxt : head;
+    q += me ? 32 : 0;
+  });
 }
 
 __device__ __forceinline__ void grid_dependency_wait() {

@@ -200,6 +200,7 @@ DeviceInfo device_info() {
     DeviceInfo d;
     cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
     cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
     cache[dev] = d;
     have[dev] = true;
   }

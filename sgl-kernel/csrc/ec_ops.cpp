@@ -78,10 +78,6 @@ std::vector<at::Tensor> ec_topk(const at::Tensor& logits, const c10::optional<at
   // 2 / 4 = a cluster of that many.
   ec::SelectOpts sel;
   sel.cluster = env_choice("SGLANG_MOE_EC_SELECT_CLUSTER", {0, 2, 4}, -1);
-  // Experimental, off by default: 8 column elements in flight per thread (ec_select.cu).
-  sel.unroll = env_choice("SGLANG_MOE_EC_SELECT_UNROLL", {4, 8}, 4);
-  // Experimental, off by default: the first digit in the min / max pass (ec_select.cu).
-  sel.fused_first = env_choice("SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT", {0, 1}, 0);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options();
   at::Tensor out_w = at::empty({T, top_k}, opts.dtype(at::kFloat));

@@ -92,22 +92,17 @@ void launch_score(const Params& p, int kind, int pow2, cudaStream_t stream);
 // Select options (parsed in ec_ops.cpp from the environment; ec_select.cu explains).
 // cluster: CTAs per expert at T > 4096 on sm_90+ ($SGLANG_MOE_EC_SELECT_CLUSTER): -1 = chosen
 // by E and T, 0 = one, 2 / 4 = a cluster of that many.
-// unroll: column elements in flight per thread in the block-wide select's streaming passes
-// ($SGLANG_MOE_EC_SELECT_UNROLL: 4, the default, or 8, experimental).
-// fused_first: the min / max pass also builds the first digit's histogram (experimental,
-// $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT = 1).
 struct SelectOpts {
   int cluster = -1;
-  int unroll = 4;
-  int fused_first = 0;
 };
 void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts = {});
 void launch_route(const Params& p, int kind, int pow2, bool pdl, cudaStream_t stream);
-// The current device's compute-capability major and shared-memory opt-in limit per block,
-// read once per device (host-side queries only, capture-safe; ec_fused.cu).
+// The current device's compute-capability major, shared-memory opt-in limit per block and
+// SM count, read once per device (host-side queries only, capture-safe; ec_fused.cu).
 struct DeviceInfo {
   int major = 0;
   int smem_optin = 0;
+  int sms = 0;
 };
 DeviceInfo device_info();
 // ec_fused.cu, one launch: returns false, launching nothing, where it does not apply

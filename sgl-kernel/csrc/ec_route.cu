@@ -12,7 +12,10 @@
 // 257..384 experts run with ITER = 12 instead of 16 (fits_iter12 in ec_device.cuh). Both
 // measured on an H200 on 2026-11-30: bit-exact with the reference and the one-launch kernel,
 // route kernel 68.9 -> 57.7 us at T = 32768, E = 256 and 148.0 -> 88.0 us at E = 384
-// (docs/benchmarks.md).
+// (docs/benchmarks.md). From ITER = 8 up the rounds pop each lane's next composite from
+// shared memory (sorted_rounds_shared) instead of shifting ITER registers: route kernel 52.3 ->
+// 48.6 us at T = 32768, E = 256, 88.2 -> 77.5 at E = 384 together with row_scores' contiguous
+// loads and select-free keys (H200, 2026-11-30 fourth session).
 #include "ec_device.cuh"
 
 namespace ec {
@@ -24,14 +27,21 @@ template <int ITER>
 __device__ __forceinline__ void route_row_sorted(const Params& p, int t, bool row_in, int sub,
                                                  const bool (&picked)[ITER],
                                                  const uint32_t (&rkey)[ITER],
-                                                 const float (&s)[ITER], float* ws) {
+                                                 const float (&s)[ITER], float* ws,
+                                                 unsigned long long* lst) {
   unsigned long long c[ITER];
   sorted_composites<ITER>(sub, picked, rkey, c);
-  __syncwarp();  // the previous row's reads of ws are done
+  __syncwarp();  // the previous row's reads of ws and lst are done
 #pragma unroll
   for (int it = 0; it < ITER; ++it) ws[it * 32 + sub] = s[it];
-  __syncwarp();
-  sorted_rounds<ITER>(p, t, row_in, sub, c, ws);
+  // Pops from shared memory from ITER = 8 up; the register shift is as fast below (H200,
+  // 2026-11-30 fourth session: route kernel 21.1 vs 22.7 us at T = 32768, E = 64).
+  if constexpr (ITER >= 8) {
+    sorted_rounds_shared<ITER>(p, t, row_in, sub, c, lst, ws);  // syncs the warp before its reads
+  } else {
+    __syncwarp();
+    sorted_rounds<ITER>(p, t, row_in, sub, c, ws);
+  }
 }
 
 // Minimum resident CTAs per SM asked of ptxas (0 = none): 8 (<= 64 registers) at ITER = 8
@@ -55,6 +65,8 @@ __global__ void __launch_bounds__(128, (route_min_blocks<WS, ITER>())) ec_route_
 
   // Weight scores of the warp's row (route_row_sorted); one element for WS < 32 (unused).
   __shared__ float wsm[4][(WS == 32 && ITER >= 2) ? 32 * ITER : 1];
+  // Each lane's sorted composites past its head (route_row_sorted), per warp.
+  __shared__ unsigned long long lsm[4][(WS == 32 && ITER >= 8) ? 32 * ITER : 1];
   GroupScratch scr{nullptr, nullptr, nullptr};
   if (p.num_groups > 0) {
     float* sel = reinterpret_cast<float*>(smem) + warp * PW + seg * P;
@@ -83,7 +95,7 @@ __global__ void __launch_bounds__(128, (route_min_blocks<WS, ITER>())) ec_route_
 #pragma unroll
     for (int it = 0; it < ITER; ++it) picked[it] = pkey[it] != 0u && pick_composite(pkey[it], t) >= thr[it];
     if constexpr (WS == 32 && ITER >= 2) {
-      route_row_sorted<ITER>(p, t, row_in, sub, picked, rkey, s, wsm[warp]);
+      route_row_sorted<ITER>(p, t, row_in, sub, picked, rkey, s, wsm[warp], lsm[warp]);
       continue;
     }
     // The weight score of the winner, shuffled from the lane that holds it.
@@ -106,6 +118,9 @@ static void launch_route_t(const Params& p, bool pdl, cudaStream_t stream) {
   constexpr int RPW = 32 / WS;
   const int rows_per_cta = 4 * RPW;
   int blocks = (p.T + rows_per_cta - 1) / rows_per_cta;
+  // One row group per warp up to 8192 CTAs (a grid of one wave of resident CTAs, each warp
+  // looping over rows, was slower: T = 65536, E = 256: 248.0 vs 237.2 us for the three
+  // launches; H200, 2026-11-30 fourth session).
   if (blocks > 8192) blocks = 8192;
   if (blocks < 1) blocks = 1;
   size_t smem = 0;

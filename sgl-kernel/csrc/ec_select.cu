@@ -30,20 +30,13 @@
 // value is an error (checked per call in ec_ops.cpp; a CUDA graph keeps the kernel it
 // captured).
 //
-// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT = "1" builds a streamed
-// column's first digit histogram in the min / max pass (ec_select_kernel, FF), so a column
-// that does not fit the candidate slots is streamed twice instead of three times when the
-// first tile predicts the radix start (one CTA per expert; the cluster kernels are
-// unchanged). Aim: T = 32768, E = 256: the select streams 3 x 32 MB in ~33 us of 123.
-// "0" / unset = as before. Written 2026-11-30 (third session) after the last device call:
-// not yet run on a GPU (tests: test/test_expert_choice_gpu_select_fused_first.py).
-// Experimental, OFF by default: $SGLANG_MOE_EC_SELECT_UNROLL = "8" loads 8 column elements per
-// thread before using them instead of 4 (U), for more memory-level parallelism in the
-// streaming passes (32 registers, no spills: nvcc 13, sm_90a). Aim: the passes are
-// latency-bound where few CTAs stream long columns (T = 32768, E = 64: 64 CTAs, 17.7 us for
-// three passes of 128 KB each). Same thresholds (integer histograms). Unset / "" / "4" = as
-// before; other values are an error (ec_ops.cpp). Written 2026-11-30 (third session) after the
-// last device call: not yet run on a GPU (tests: test/test_expert_choice_gpu_select_unroll.py).
+// U (column elements each thread loads before using them): 8 for T > 4096, 4 below. 8 was
+// measured against 4 on the H200 (2026-11-30, fourth session; the former
+// $SGLANG_MOE_EC_SELECT_UNROLL switch): the same or up to 2% faster at T = 8192..65536,
+// E = 64..384 (more loads in flight where few CTAs stream long columns); 32 registers, no
+// spills. A first-digit histogram fused into the min / max pass at a sample-predicted radix
+// start (the former $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT) was slower: 47-48 registers,
+// T = 32768: E = 128 66.9 -> 71.4 us, E = 384 192.6 -> 220.6 us; removed.
 #include <cooperative_groups.h>
 
 #include "ec_device.cuh"
@@ -142,18 +135,10 @@ __device__ __forceinline__ bool next_digit(unsigned long long& prefix, unsigned 
 // another reads its memory). CS == 1: one buffer, a CTA barrier before the next clear.
 // One CTA per expert: at most 32 registers (a full SM of threads; the 512-thread kernel needs
 // four CTAs per SM for E = 512 in one wave and took 40 after the whole-column cache without
-// the bound). Clusters: one CTA per SM is the plan anyway (32 would spill); FF spilled at 32
-// (nvcc 13, sm_90a) and gets 64, so its 512-thread CTAs fit two per SM (E <= 264 in one wave).
-// FF (experimental, $SGLANG_MOE_EC_SELECT_FUSED_FIRST_DIGIT; one CTA per expert): a streamed
-// column's min / max pass also builds the first digit's histogram, at the radix start of a
-// sample (the first tile's keys). When the column's start equals the sample's (the common
-// top bits of every eligible key are the sample's), the first digit is done and the column is
-// streamed once less; else the histogram is discarded (same digits either way, so the same
-// thresholds bit for bit).
-template <int BITS, int THREADS, int U, int CS, bool FF = false>
-__global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : (FF ? 1024 : 2048) / THREADS)
+// the bound). Clusters: one CTA per SM is the plan anyway (32 would spill).
+template <int BITS, int THREADS, int U, int CS>
+__global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     ec_select_kernel(const Params p, int cand_cap) {
-  static_assert(!FF || CS == 1, "the fused first digit is for one CTA per expert");
   constexpr int NB = 1 << BITS;
   constexpr int BPT = NB / THREADS;  // bins per thread in the scan
   constexpr int NW = THREADS / 32;
@@ -194,46 +179,11 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : (FF ? 1024 : 2048) / THR
   bool collect = false;
   int shift = 64;
   int low_bits = 32;  // bits of ~t that vary over t < T
-  bool have_first = false;  // FF: hist holds the first digit's histogram
   {
     __shared__ uint32_t s_mx[NW], s_mn[NW], s_ne[NW];
-    // FF: the sample's radix start (sp, spm, ssh) and its first digit (gp, gpm, gsh, gdm).
-    unsigned long long sp = 0ull, spm = 0ull, gp = 0ull, gpm = 0ull, gdm = 0ull;
-    int ssh = 64, gsh = 0;
-    bool guess = false;
-    if constexpr (FF) {
-      if (!whole) {
-        ColStats ss;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int t = lo + u * THREADS + tid;
-          if (t < hi) ss.add(col[t]);
-        }
-        const uint32_t gmx = __reduce_max_sync(kFull, ss.mx);
-        const uint32_t gmn = __reduce_min_sync(kFull, ss.mn);
-        if (lane == 0) {
-          s_mx[warp] = gmx;
-          s_mn[warp] = gmn;
-        }
-        for (int i = tid; i < NB; i += THREADS) hist2[0][i] = 0u;
-        __syncthreads();
-        uint32_t smx = 0u, smn = 0xffffffffu;
-        for (int w = 0; w < NW; ++w) {
-          smx = s_mx[w] > smx ? s_mx[w] : smx;
-          smn = s_mn[w] < smn ? s_mn[w] : smn;
-        }
-        __syncthreads();  // s_mx / s_mn are reused below
-        if (smx != 0u) {  // an eligible key in the sample
-          int lb = 32;
-          radix_start(smx, smn, p.T, sp, spm, ssh, lb);
-          gp = sp;
-          gpm = spm;
-          gsh = ssh;
-          guess = next_digit(gp, gpm, gsh, lb, BITS, gdm);
-        }
-      }
-    }
     ColStats st;
+    // The min / max pass; a cached slice also stores every composite at its index. (Two
+    // instances of the loop, cached and streamed, made ptxas spill at 32 registers.)
     for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
       uint32_t kk[U];
 #pragma unroll
@@ -246,14 +196,6 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : (FF ? 1024 : 2048) / THR
         st.add(kk[u]);
         const int t = t0 + u * THREADS + tid;
         if (whole && t < hi) cand[t - lo] = pick_composite(kk[u], t);
-        if constexpr (FF) {
-          if (guess && t < hi) {
-            const unsigned long long c = pick_composite(kk[u], t);
-            if ((c & gpm) == gp) {
-              atomicAdd(&hist2[0][static_cast<uint32_t>((c >> gsh) & gdm)], 1u);
-            }
-          }
-        }
       }
     }
     const uint32_t wmx = __reduce_max_sync(kFull, st.mx);
@@ -294,59 +236,55 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : (FF ? 1024 : 2048) / THR
       return;
     }
     radix_start(mx, mn, p.T, prefix, pmask, shift, low_bits);
-    if constexpr (FF) have_first = guess && prefix == sp && pmask == spm && shift == ssh;
   }
   int buf = 0;  // histogram buffer of this digit
   while (true) {
     unsigned long long dmask = 0ull;
     if (!next_digit(prefix, pmask, shift, low_bits, BITS, dmask)) break;
     uint32_t* hist = hist2[buf];
-    if (!have_first) {  // (FF: else the min / max pass built this digit's histogram)
-      for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
-      __syncthreads();
-      if (cached) {
-        const int n = s_ncand;
-        for (int i0 = 0; i0 < n; i0 += THREADS) {
-          const int i = i0 + tid;
+    for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
+    __syncthreads();
+    if (cached) {
+      const int n = s_ncand;
+      for (int i0 = 0; i0 < n; i0 += THREADS) {
+        const int i = i0 + tid;
+        uint32_t bin = 0xffffffffu;
+        if (i < n) {
+          const unsigned long long c = cand[i];
+          if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+        }
+        if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+      }
+    } else {
+      for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
+        uint32_t kk[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = t0 + u * THREADS + tid;
+          kk[u] = t < hi ? col[t] : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = t0 + u * THREADS + tid;
           uint32_t bin = 0xffffffffu;
-          if (i < n) {
-            const unsigned long long c = cand[i];
+          unsigned long long c = 0ull;
+          if (t < hi) {
+            c = pick_composite(kk[u], t);
             if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
           }
           if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-        }
-      } else {
-        for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
-          uint32_t kk[U];
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int t = t0 + u * THREADS + tid;
-            kk[u] = t < hi ? col[t] : 0u;
-          }
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int t = t0 + u * THREADS + tid;
-            uint32_t bin = 0xffffffffu;
-            unsigned long long c = 0ull;
-            if (t < hi) {
-              c = pick_composite(kk[u], t);
-              if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+          if (collect) {  // warp-aggregated append (collect is cluster-uniform)
+            const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
+            int base = 0;
+            if (want != 0u && lane == __ffs(want) - 1) {
+              base = atomicAdd(&s_ncand, __popc(want));
             }
-            if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
-            if (collect) {  // warp-aggregated append (collect is cluster-uniform)
-              const unsigned want = __ballot_sync(kFull, bin != 0xffffffffu);
-              int base = 0;
-              if (want != 0u && lane == __ffs(want) - 1) {
-                base = atomicAdd(&s_ncand, __popc(want));
-              }
-              base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
-              if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
-            }
+            base = __shfl_sync(kFull, base, want != 0u ? __ffs(want) - 1 : 0);
+            if (bin != 0xffffffffu) cand[base + __popc(want & ((1u << lane) - 1u))] = c;
           }
         }
       }
     }
-    have_first = false;
     cluster_or_cta_sync<CS>();  // every CTA's histogram of this digit is complete
     if (collect) cached = true;
     collect = false;
@@ -427,10 +365,10 @@ __global__ void __launch_bounds__(WARPS * 32) ec_select_short_kernel(const Param
   if (lane == 0) p.thr[e] = th;
 }
 
-// CS > 1: a cluster of CS CTAs per expert (sm_90+ only). FF: see ec_select_kernel.
-template <int BITS, int THREADS, int U, int CS = 1, bool FF = false>
+// CS > 1: a cluster of CS CTAs per expert (sm_90+ only).
+template <int BITS, int THREADS, int U, int CS = 1>
 static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
-  auto kernel = ec_select_kernel<BITS, THREADS, U, CS, FF>;
+  auto kernel = ec_select_kernel<BITS, THREADS, U, CS>;
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
   if (smem > 48 * 1024) {
     // Once per instantiation and process (normally before any CUDA-graph capture: the
@@ -460,12 +398,12 @@ static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int 
 // memory) while the E * CS CTAs fit one wave of an H200 in clusters (132 SMs in 8 GPCs of
 // >= 16: at most 128 CTAs in clusters of 4), else CTAs of 512 threads with half the
 // candidate slots (two per SM; slower, only taken when forced through the variable).
-template <int CS, int U>
+template <int CS>
 static void launch_select_cluster(const Params& p, bool pdl, cudaStream_t stream) {
   if (p.E * CS <= 128) {
-    launch_select_t<11, 1024, U, CS>(p, pdl, stream, kSelectCapLarge);
+    launch_select_t<11, 1024, 8, CS>(p, pdl, stream, kSelectCapLarge);
   } else {
-    launch_select_t<11, 512, U, CS>(p, pdl, stream, kSelectCapLarge / 2);
+    launch_select_t<11, 512, 8, CS>(p, pdl, stream, kSelectCapLarge / 2);
   }
 }
 
@@ -484,45 +422,26 @@ static int select_cluster_size(int E, int T, SelectOpts opts) {
   return 1;
 }
 
-// The block-wide selects with U column elements in flight per thread per pass.
-template <int U>
-static void launch_select_u(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts) {
-  // Thread-block clusters per expert (see the top of this file).
-  const int cs = p.T > 4096 && device_info().major >= 9 ? select_cluster_size(p.E, p.T, opts) : 1;
-  if (cs == 2) {
-    launch_select_cluster<2, U>(p, pdl, stream);
-    return;
-  }
-  if (cs == 4) {
-    launch_select_cluster<4, U>(p, pdl, stream);
-    return;
-  }
-  // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
-  const bool few = p.E < 132 && p.T > kSelectCap;
-  if (p.T <= 4096) {
-    launch_select_t<8, 256, U>(p, pdl, stream, kSelectCap);  // whole columns: nothing to fuse
-  } else if (few) {
-    if (opts.fused_first && p.T > kSelectCapLarge) {
-      launch_select_t<11, 1024, U, 1, true>(p, pdl, stream, kSelectCapLarge);
-    } else {
-      launch_select_t<11, 1024, U>(p, pdl, stream, kSelectCapLarge);
-    }
-  } else if (opts.fused_first) {
-    launch_select_t<11, 512, U, 1, true>(p, pdl, stream, kSelectCap);
-  } else {
-    launch_select_t<11, 512, U>(p, pdl, stream, kSelectCap);
-  }
-}
-
 void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts opts) {
   if (p.T <= kShortSelectMaxT) {
     launch_select_short<8, kShortSelectMaxT>(p, pdl, stream);
     return;
   }
-  if (opts.unroll == 8) {
-    launch_select_u<8>(p, pdl, stream, opts);
+  if (p.T <= 4096) {  // whole columns (cached by the min / max pass)
+    launch_select_t<8, 256, 4>(p, pdl, stream, kSelectCap);
+    return;
+  }
+  // Thread-block clusters per expert (see the top of this file).
+  const int cs = device_info().major >= 9 ? select_cluster_size(p.E, p.T, opts) : 1;
+  if (cs == 2) {
+    launch_select_cluster<2>(p, pdl, stream);
+  } else if (cs == 4) {
+    launch_select_cluster<4>(p, pdl, stream);
+  } else if (p.E < 132 && p.T > kSelectCap) {
+    // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
+    launch_select_t<11, 1024, 8>(p, pdl, stream, kSelectCapLarge);
   } else {
-    launch_select_u<4>(p, pdl, stream, opts);
+    launch_select_t<11, 512, 8>(p, pdl, stream, kSelectCap);
   }
 }
 

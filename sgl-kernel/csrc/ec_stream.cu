@@ -357,27 +357,6 @@ __global__ void __launch_bounds__(kFinalThreads) ec_stream_final_kernel(const Pa
   if (tid == 0) p.thr[e] = th;
 }
 
-struct StreamDevice {
-  int sms = 0;
-  int smem_optin = 0;
-};
-
-StreamDevice stream_device() {
-  static StreamDevice cache[64];
-  static bool have[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return StreamDevice{};
-  if (!have[dev]) {
-    StreamDevice d;
-    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    cache[dev] = d;
-    have[dev] = true;
-  }
-  return cache[dev];
-}
-
 int blocks_for(int T, int rows_per_cta, int limit) {
   long long b = (static_cast<long long>(T) + rows_per_cta - 1) / rows_per_cta;
   if (b > limit) b = limit;
@@ -388,7 +367,7 @@ template <int WS, int ITER, typename scalar_t>
 bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t stream) {
   constexpr int RPW = 32 / WS;
   constexpr size_t per_warp_scratch = 32 * ITER * 9;  // sel + gkey + gsel
-  const StreamDevice dev = stream_device();
+  const DeviceInfo dev = device_info();
   if (dev.sms <= 0 || p.E > 512 || p.num_groups > 32) return false;
   const bool groups = p.num_groups > 0;
   // Pass 1: the histogram needs E * nb * 4 bytes, plus the group scratch per warp.
