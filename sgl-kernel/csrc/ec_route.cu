@@ -13,9 +13,9 @@
 // measured on an H200 on 2026-11-30: bit-exact with the reference and the one-launch kernel,
 // route kernel 68.9 -> 57.7 us at T = 32768, E = 256 and 148.0 -> 88.0 us at E = 384
 // (docs/benchmarks.md). From ITER = 8 up the rounds pop each lane's next composite from
-// shared memory (sorted_rounds_shared) instead of shifting ITER registers: route kernel 52.3 ->
-// 48.6 us at T = 32768, E = 256, 88.2 -> 77.5 at E = 384 together with row_scores' contiguous
-// loads and select-free keys (H200, 2026-11-30 fourth session).
+// shared memory (sorted_rounds_shared) instead of shifting ITER registers; together with
+// row_scores' contiguous loads and select-free keys: route kernel 57.8 -> 48.5 us at
+// T = 32768, E = 256, 88.2 -> 73.9 at E = 384 (H200, 2026-11-30 fourth session).
 #include "ec_device.cuh"
 
 namespace ec {
