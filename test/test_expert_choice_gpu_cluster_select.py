@@ -61,9 +61,9 @@ def test_ties(monkeypatch, cs):
 @pytest.mark.parametrize("cs", CLUSTER_SIZES)
 def test_constant_logits(monkeypatch, cs):
     """Every key of a column equal: the radix runs over the token index only, starting from
-    a prefix that holds all T tokens (more than the 16384 / 8192 candidate slots); at
-    T = 32768, CS = 4, E >= 64 a CTA's slice is exactly the 8192 slots of the 512-thread
-    shape, at T = 65536, CS = 4, E = 8 exactly the 16384 of the 1024-thread shape. The caps
+    a prefix that holds all T tokens (more than the 16384 candidate slots); at T = 32768 with
+    one CTA per expert, and at T = 65536 with CS = 2, a column / slice is exactly the 32768
+    keys the 1024-thread shape caches whole, at T = 70001 it is streamed. The caps
     (T / 6.4 at k 8, E 64) are multiples of the 32-token bins at T = 65536: the early stop
     (whole bin taken). Then a constant row in 40000 of 65536 rows, random rows elsewhere:
     for the experts that rank that row high, the threshold lies in a key bin of 40000
@@ -110,8 +110,8 @@ def test_few_or_no_eligible(monkeypatch, cs):
 def test_kernel_choice(monkeypatch):
     """Which select kernel runs (so the checks above compare two different kernels): when the
     variable is unset, 4 CTAs per expert for E <= 8 at T > 16384, 2 for E <= 64 at
-    T > 32768, else one; the forced sizes (1024-thread CTAs while E * CS <= 128, else 512),
-    only for T > 4096; 8 column elements in flight per thread above T = 4096, 4 at or below."""
+    T > 32768, else one; the forced sizes (always 1024-thread CTAs, in several waves when
+    E * CS > 128), only for T > 4096; 8 column elements in flight per thread above T = 4096, 4 at or below."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90+")
 
@@ -132,8 +132,9 @@ def test_kernel_choice(monkeypatch):
     assert select(8192, 64, None) == (11, 1024, 8, 1)
     assert select(65536, 64, "0") == (11, 1024, 8, 1)
     assert select(8192, 64, "2") == (11, 1024, 8, 2)
-    assert select(8192, 64, "4") == (11, 512, 8, 4)
-    assert select(8192, 128, "2") == (11, 512, 8, 2)
+    assert select(8192, 64, "4") == (11, 1024, 8, 4)
+    assert select(8192, 128, "2") == (11, 1024, 8, 2)
+    assert select(65536, 256, "2") == (11, 1024, 8, 2)
     assert select(8192, 32, "4") == (11, 1024, 8, 4)
     for env in (None, "2", "4"):
         assert select(4096, 64, env) == (8, 256, 4, 1)

@@ -5,7 +5,8 @@
 // key, i.e. exactly the composites >= the C-th largest, which is found MSB-first a digit at
 // a time with a shared-memory histogram: no sort, no host sync, C read on the device.
 // After each digit the search stops as soon as the whole selected bin is taken (then the
-// threshold is the bin's smallest possible value). A column of at most CAP tokens is kept
+// threshold is the bin's smallest possible value). A column of at most CAP tokens (2 * CAP
+// as 32-bit keys in the 1024-thread and cluster kernels: T <= 32768 for E < 132) is kept
 // whole in shared memory by the first (min / max) pass; a longer one is streamed from global
 // memory until the candidate bin holds <= CAP tokens, which are then kept.
 // A min/max pass comes first, so the radix starts below the bits every eligible key shares
@@ -167,10 +168,15 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     if (writer) p.thr[e] = ~0ull;  // nothing is picked
     return;
   }
-  // A slice that fits the candidate slots is cached whole by the min / max pass (every
-  // composite, at its index), so the column is read from global memory once; the digits
-  // then filter the cache by the prefix, which gives the same histograms as streaming.
-  const bool whole = S <= cand_cap;  // cluster-uniform
+  // A slice that fits is cached whole by the min / max pass, so the column is read from global
+  // memory once; the digits then filter the cache by the prefix, which gives the same
+  // histograms as streaming. kKeyCache: the 32-bit keys at their index (the composite's low
+  // word, ~t, is implied by the index), so twice as many tokens fit the candidate slots'
+  // memory (T = 32768 with one 1024-thread CTA per expert); else whole composites (the
+  // 512-thread one-CTA kernel, which spilled at its 32 registers with the key cache).
+  constexpr bool kKeyCache = THREADS >= 1024 || CS > 1;
+  const bool whole = S <= (kKeyCache ? 2 : 1) * cand_cap;  // cluster-uniform
+  uint32_t* const ckey = reinterpret_cast<uint32_t*>(cand);
   if (tid == 0) s_ncand = whole ? hi - lo : 0;
 
   unsigned long long prefix = 0ull, pmask = 0ull;
@@ -195,7 +201,13 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
       for (int u = 0; u < U; ++u) {
         st.add(kk[u]);
         const int t = t0 + u * THREADS + tid;
-        if (whole && t < hi) cand[t - lo] = pick_composite(kk[u], t);
+        if (whole && t < hi) {
+          if constexpr (kKeyCache) {
+            ckey[t - lo] = kk[u];
+          } else {
+            cand[t - lo] = pick_composite(kk[u], t);
+          }
+        }
       }
     }
     const uint32_t wmx = __reduce_max_sync(kFull, st.mx);
@@ -245,15 +257,23 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
     __syncthreads();
     if (cached) {
-      const int n = s_ncand;
-      for (int i0 = 0; i0 < n; i0 += THREADS) {
-        const int i = i0 + tid;
-        uint32_t bin = 0xffffffffu;
-        if (i < n) {
-          const unsigned long long c = cand[i];
-          if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+      // The digit's histogram of the cached keys / candidates under the prefix.
+      auto count = [&](auto composite_at) {
+        const int n = s_ncand;
+        for (int i0 = 0; i0 < n; i0 += THREADS) {
+          const int i = i0 + tid;
+          uint32_t bin = 0xffffffffu;
+          if (i < n) {
+            const unsigned long long c = composite_at(i);
+            if ((c & pmask) == prefix) bin = static_cast<uint32_t>((c >> shift) & dmask);
+          }
+          if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
         }
-        if (bin != 0xffffffffu) atomicAdd(&hist[bin], 1u);
+      };
+      if (kKeyCache && whole) {
+        count([&](int i) { return pick_composite(ckey[i], lo + i); });
+      } else {
+        count([&](int i) { return cand[i]; });
       }
     } else {
       for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
@@ -394,17 +414,14 @@ static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int 
   cudaLaunchKernelEx(&lc.cfg, kernel, p, cand_cap);
 }
 
-// Clusters of CS CTAs per expert: CTAs of 1024 threads (one per SM: 146 KB of shared
-// memory) while the E * CS CTAs fit one wave of an H200 in clusters (132 SMs in 8 GPCs of
-// >= 16: at most 128 CTAs in clusters of 4), else CTAs of 512 threads with half the
-// candidate slots (two per SM; slower, only taken when forced through the variable).
+// Clusters of CS CTAs per expert: CTAs of 1024 threads (one per SM: 146 KB of shared memory,
+// slices of up to 32768 tokens cached whole as keys), in as many waves as E * CS needs (one
+// wave of an H200 holds 128 CTAs in clusters of 4: 132 SMs in 8 GPCs of >= 16). (Until
+// 2026-11-30, fourth session, E * CS > 128 took two 512-thread CTAs per SM with half the
+// slots, which cached no slice above 8192 tokens.)
 template <int CS>
 static void launch_select_cluster(const Params& p, bool pdl, cudaStream_t stream) {
-  if (p.E * CS <= 128) {
-    launch_select_t<11, 1024, 8, CS>(p, pdl, stream, kSelectCapLarge);
-  } else {
-    launch_select_t<11, 512, 8, CS>(p, pdl, stream, kSelectCapLarge / 2);
-  }
+  launch_select_t<11, 1024, 8, CS>(p, pdl, stream, kSelectCapLarge);
 }
 
 template <int WARPS, int MAXT>
