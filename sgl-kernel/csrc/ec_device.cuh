@@ -91,6 +91,35 @@ struct RowStat {
   uint32_t gmask;
 };
 
+// s[it] = s[it] / sum (IEEE division) for a softmax row: s[it] = exp(v - max) in [0, 1] (or
+// NaN) and sum >= 1 (the max's own term is 1) or NaN. nvcc expands each `/` into MUFU.RCP, one
+// Newton step for the reciprocal r, q0 = x * r, rem = fma(-sum, q0, x), q = fma(r, rem, q0),
+// and an FCHK test that sends operands whose intermediates could under- or overflow to a slow
+// path. Here the reciprocal and its Newton step are computed once per lane (the same three
+// operations, so the same r) and each element costs the last three; the lane takes the plain
+// `/` unless sum >= 1 and every x >= 2^-60 (with x <= 1 and sum <= 512 no intermediate can
+// leave the normal range there, so FCHK passes and the compiler's own expansion computes
+// exactly these operations: the same bits). NaN fails both tests.
+template <int ITER>
+__device__ __forceinline__ void softmax_divide(float (&s)[ITER], float sum) {
+  bool fast = sum >= 1.0f;
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) fast = fast && s[it] >= 0x1p-60f;
+  if (fast) {
+    float r0;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(sum));
+    const float r = __fmaf_rn(r0, __fmaf_rn(-sum, r0, 1.0f), r0);
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const float q0 = __fmul_rn(s[it], r);
+      s[it] = __fmaf_rn(r, __fmaf_rn(-sum, q0, s[it]), q0);
+    }
+  } else {
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) s[it] = s[it] / sum;
+  }
+}
+
 // Scores of one row (token t) in the segment layout.
 //   s     : weight score (softmax / sigmoid), fp32
 //   rkey  : row-order key of nan_to_num(select, nan=-inf) (0 for padding lanes e >= E)
@@ -140,8 +169,7 @@ __device__ __forceinline__ void row_scores(const Params& p, int t, int sub, bool
     }
 #pragma unroll
     for (int off = WS / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off, WS);
-#pragma unroll
-    for (int it = 0; it < ITER; ++it) s[it] = s[it] / sum;
+    softmax_divide<ITER>(s, sum);
     if (rs != nullptr) {
       rs->m = m;
       rs->sum = sum;
