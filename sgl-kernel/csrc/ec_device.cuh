@@ -99,7 +99,9 @@ struct RowStat {
 // operations, so the same r) and each element costs the last three; the lane takes the plain
 // `/` unless sum >= 1 and every x >= 2^-60 (with x <= 1 and sum <= 512 no intermediate can
 // leave the normal range there, so FCHK passes and the compiler's own expansion computes
-// exactly these operations: the same bits). NaN fails both tests.
+// exactly these operations: the same bits). NaN fails both tests. The three operations give
+// the correctly rounded quotient for any r within 2 ulp of 1 / sum there (CPU check with exact
+// rounding: benchmark/check_softmax_divide.py).
 template <int ITER>
 __device__ __forceinline__ void softmax_divide(float (&s)[ITER], float sum) {
   bool fast = sum >= 1.0f;
