@@ -15,7 +15,8 @@
 #           bench_omni.py (OMNI_ARGS), KERNELS_LIMIT seconds each
 #   ectests     the expert-choice GPU tests of the default kernels
 #   ecprobe     probe_ec_small_t.py per E in ECPROBE_E (default "64 128 256 384"): in-graph time
-#           at T = 4096..65536 and the per-kernel profile at T = 32768 (ecprobe.txt)
+#           at T = 4096..65536 and the per-kernel profile at T = 32768 (ecprobe.txt); ECPROBE_CS
+#           (e.g. "rule 0 2") repeats it per select cluster setting (rule = the variable unset)
 #   script      bash $SCRIPT in this environment (one-off probes)
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
@@ -68,9 +69,12 @@ for s in ${STAGES:-server}; do
               test/test_expert_choice_gpu.py test/test_expert_choice_gpu_stream.py \
               test/test_expert_choice_gpu_fused_sorted.py test/test_threshold_routing.py \
               test/test_batch_invariance_gpu.py test/test_expert_choice_gpu_cluster_select.py ;;
-    ecprobe) for e in ${ECPROBE_E:-64 128 256 384}; do timeout 60 python3 benchmark/probe_ec_small_t.py \
-              --e $e --graph-t 4096,8192,32768,65536 --profile 32768x$e; done > "$OUT/ecprobe.txt" 2>&1
-           grep -E "^E=|three_launch True none|ec::" "$OUT/ecprobe.txt" | cut -c1-110 ;;
+    ecprobe) for cs in ${ECPROBE_CS:-rule}; do for e in ${ECPROBE_E:-64 128 256 384}; do
+              if [ "$cs" = rule ]; then unset SGLANG_MOE_EC_SELECT_CLUSTER; else export SGLANG_MOE_EC_SELECT_CLUSTER=$cs; fi
+              timeout 60 python3 benchmark/probe_ec_small_t.py \
+              --e $e --graph-t 4096,8192,32768,65536 --profile 32768x$e; done; done > "$OUT/ecprobe.txt" 2>&1
+           unset SGLANG_MOE_EC_SELECT_CLUSTER
+           grep -E "^SGLANG|^E=|three_launch True none|ec::" "$OUT/ecprobe.txt" | cut -c1-110 ;;
     script) stage script ${SCRIPT_LIMIT:-300} bash "$SCRIPT" ;;  # any $SCRIPT in this environment
   esac
 done
