@@ -17,6 +17,8 @@
 #   ecprobe     probe_ec_small_t.py per E in ECPROBE_E (default "64 128 256 384"): in-graph time
 #           at T = 4096..65536 and the per-kernel profile at T = 32768 (ecprobe.txt); ECPROBE_CS
 #           (e.g. "rule 0 2") repeats it per select cluster setting (rule = the variable unset)
+#   ecgrid      bench_routing.py's full EC grid (T 32..65536, E 64..384, k 8; the goals' grid):
+#           ecgrid.log, bench_routing.json / .png
 #   script      bash $SCRIPT in this environment (one-off probes)
 # Usage (device tool, carry [".gpuenv"]): STAGES="server units" bash benchmark/gpu_serving_session.sh
 # Logs and results go to $OUT (at most 8 files come back: server logs are tarred).
@@ -75,6 +77,10 @@ for s in ${STAGES:-server}; do
               --e $e --graph-t 4096,8192,32768,65536 --profile 32768x$e; done; done > "$OUT/ecprobe.txt" 2>&1
            unset SGLANG_MOE_EC_SELECT_CLUSTER
            grep -E "^SGLANG|^E=|three_launch True none|ec::" "$OUT/ecprobe.txt" | cut -c1-110 ;;
+    ecgrid) TAIL=12 stage ecgrid ${ECGRID_LIMIT:-200} python3 benchmark/bench_routing.py --no-profile \
+              --t-values 32,128,1024,8192,32768,65536 --e-values 64,128,256,384 --k-values 8 \
+              --max-seconds $(( ${ECGRID_LIMIT:-200} - 30 )) --out /tmp/ecgrid
+           cp /tmp/ecgrid/bench_routing.json /tmp/ecgrid/bench_routing.png "$OUT/" 2>/dev/null ;;
     script) stage script ${SCRIPT_LIMIT:-300} bash "$SCRIPT" ;;  # any $SCRIPT in this environment
   esac
 done
