@@ -122,6 +122,18 @@ __device__ __forceinline__ bool next_digit(unsigned long long& prefix, unsigned 
   return true;
 }
 
+// The U keys col[t0 + u * THREADS + tid] (0 at t >= hi) of one streamed tile, all loads issued
+// before any is used.
+template <int THREADS, int U>
+__device__ __forceinline__ void load_tile(const uint32_t* col, int t0, int hi, int tid,
+                                          uint32_t (&kk)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int t = t0 + u * THREADS + tid;
+    kk[u] = t < hi ? col[t] : 0u;
+  }
+}
+
 // U: column elements each thread loads before using them (memory-level parallelism).
 // CS: CTAs per expert (grid E * CS, cluster dim CS when CS > 1). CTA `rank` streams the
 // column slice [lo, hi) (S tokens, a multiple of 32, per rank) and caches its own
@@ -192,11 +204,7 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     // instances of the loop, cached and streamed, made ptxas spill at 32 registers.)
     for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
       uint32_t kk[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int t = t0 + u * THREADS + tid;
-        kk[u] = t < hi ? col[t] : 0u;
-      }
+      load_tile<THREADS, U>(col, t0, hi, tid, kk);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         st.add(kk[u]);
@@ -278,11 +286,7 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     } else {
       for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
         uint32_t kk[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int t = t0 + u * THREADS + tid;
-          kk[u] = t < hi ? col[t] : 0u;
-        }
+        load_tile<THREADS, U>(col, t0, hi, tid, kk);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int t = t0 + u * THREADS + tid;
