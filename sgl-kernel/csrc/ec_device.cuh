@@ -493,6 +493,16 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` when that is above `allowed` (the
+// caller's static, one per kernel instantiation, starting at the default 48 KB). A host-side
+// function attribute: capture-safe, normally set by the first (eager) call.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes, size_t& allowed) {
+  if (bytes <= allowed) return;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  allowed = bytes;
+}
+
 // Launch configuration with optional programmatic dependent launch (PDL: the kernel may
 // start while the previous one in the stream finishes; it waits in grid_dependency_wait).
 struct LaunchCfg {

@@ -394,16 +394,8 @@ template <int BITS, int THREADS, int U, int CS = 1>
 static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
   auto kernel = ec_select_kernel<BITS, THREADS, U, CS>;
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
-  if (smem > 48 * 1024) {
-    // Once per instantiation and process (normally before any CUDA-graph capture: the
-    // first call is eager).
-    static int opted_in = 0;
-    if (opted_in < static_cast<int>(smem)) {
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
-      opted_in = static_cast<int>(smem);
-    }
-  }
+  static size_t allowed = 48 * 1024;  // per instantiation
+  allow_smem(kernel, smem, allowed);
   LaunchCfg lc(dim3(p.E * CS), dim3(THREADS), smem, pdl, stream);
   cudaLaunchAttribute attr[2];
   if constexpr (CS > 1) {
