@@ -393,10 +393,11 @@ __device__ __forceinline__ void sorted_composites(int sub, const bool (&picked)[
 }
 
 // sorted_rounds: the k rounds over the lanes' sorted composites of row t (all 32 lanes of the
-// warp call it together). `head` is the lane's largest composite not yet taken; `pop(me)`, called
-// by every lane each round, replaces it by the lane's next one (0 when none is left) where `me`. A round is a warp max over the heads (high
-// word, then low word among the lanes with the maximal high word), the winner id e read from
-// the low word, its lane (e & 31) pops. `ws` is the row's weight scores (ws[e] = s of expert e,
+// warp call it together). `head` is the lane's largest composite not yet taken; `pop(me)` is
+// called by every lane each round and, where `me`, replaces it by the lane's next one (0 when
+// none is left). A round is a warp max over the heads (high word, then low word among the
+// lanes with the maximal high word), the winner id e read from the low word, its lane
+// (e & 31) pops. `ws` is the row's weight scores (ws[e] = s of expert e,
 // e < E; read only at winners, in round order so wsum is summed as route_row sums it); at
 // least one lane must hold a non-zero composite in each of the k rounds (k <= E experts with
 // rkey > 0), else the winner id is out of range. Lane j < k writes slot j of row t when row_in.
@@ -461,6 +462,16 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` when that is above `allowed` (the
+// caller's static, one per kernel instantiation, starting at the default 48 KB). A host-side
+// function attribute: capture-safe, normally set by the first (eager) call.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes, size_t& allowed) {
+  if (bytes <= allowed) return;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  allowed = bytes;
 }
 
 // Launch configuration with optional programmatic dependent launch (PDL: the kernel may

@@ -213,11 +213,8 @@ static bool launch_fused_t(const Params& p, const DeviceInfo& dev, cudaStream_t 
   const FusedLayout L = fused_layout(p.T, p.E, CS, ITER, p.num_groups > 0);
   if (L.total > static_cast<size_t>(dev.smem_optin)) return false;
   auto kernel = ec_fused_kernel<WS, ITER, scalar_t>;
-  static bool configured = false;  // per instantiation, once per process (before capture)
-  if (!configured) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
-    configured = true;
-  }
+  static size_t allowed = 48 * 1024;  // per instantiation: the device's whole opt-in, once
+  allow_smem(kernel, static_cast<size_t>(dev.smem_optin), allowed);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(CS);
   cfg.blockDim = dim3(kFusedWarps * 32);

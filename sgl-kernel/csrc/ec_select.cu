@@ -370,16 +370,8 @@ template <int BITS, int THREADS, int U, int CS = 1>
 static void launch_select_t(const Params& p, bool pdl, cudaStream_t stream, int cand_cap) {
   auto kernel = ec_select_kernel<BITS, THREADS, U, CS>;
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(cand_cap);
-  if (smem > 48 * 1024) {
-    // Once per instantiation and process (normally before any CUDA-graph capture: the
-    // first call is eager).
-    static int opted_in = 0;
-    if (opted_in < static_cast<int>(smem)) {
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
-      opted_in = static_cast<int>(smem);
-    }
-  }
+  static size_t allowed = 48 * 1024;  // per instantiation
+  allow_smem(kernel, smem, allowed);
   LaunchCfg lc(dim3(p.E * CS), dim3(THREADS), smem, pdl, stream);
   cudaLaunchAttribute attr[2];
   if constexpr (CS > 1) {
@@ -427,7 +419,7 @@ void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts op
     launch_select_short<8, kShortSelectMaxT>(p, pdl, stream);
     return;
   }
-  if (p.T <= 4096) {  // whole columns (cached by the min / max pass)
+  if (p.T <= kSelectCap) {  // whole columns (cached by the min / max pass)
     launch_select_t<8, 256, 4>(p, pdl, stream, kSelectCap);
     return;
   }
@@ -437,7 +429,7 @@ void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts op
     launch_select_cluster<2>(p, pdl, stream);
   } else if (cs == 4) {
     launch_select_cluster<4>(p, pdl, stream);
-  } else if (p.E < 132 && p.T > kSelectCap) {
+  } else if (p.E < 132) {  // (T > kSelectCap here)
     // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
     launch_select_t<11, 1024, 8>(p, pdl, stream, kSelectCapLarge);
   } else {

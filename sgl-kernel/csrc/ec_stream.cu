@@ -381,11 +381,8 @@ bool launch_stream_t(const Params& p, const StreamWs& w, bool pdl, cudaStream_t 
   if (smem0 > static_cast<size_t>(dev.smem_optin)) return false;
   auto k0 = ec_stream_hist_kernel<WS, ITER, scalar_t>;
   auto k1 = ec_stream_collect_kernel<scalar_t>;
-  static size_t allowed0 = 48 * 1024;  // per instantiation (host-side attribute, capture-safe)
-  if (smem0 > allowed0) {
-    cudaFuncSetAttribute(k0, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem0));
-    allowed0 = smem0;
-  }
+  static size_t allowed0 = 48 * 1024;  // per instantiation
+  allow_smem(k0, smem0, allowed0);
   int occ0 = 0, occ1 = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ0, k0, nw0 * 32, smem0);
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ1, k1, 256, 0);
