@@ -423,10 +423,11 @@ __device__ __forceinline__ void sorted_composites(int sub, const bool (&picked)[
 }
 
 // sorted_rounds: the k rounds over the lanes' sorted composites of row t (all 32 lanes of the
-// warp call it together). `head` is the lane's largest composite not yet taken; `pop(me)`, called
-// by every lane each round, replaces it by the lane's next one (0 when none is left) where `me`. A round is a warp max over the heads (high
-// word, then low word among the lanes with the maximal high word), the winner id e read from
-// the low word, its lane (e & 31) pops. `ws` is the row's weight scores (ws[e] = s of expert e,
+// warp call it together). `head` is the lane's largest composite not yet taken; `pop(me)` is
+// called by every lane each round and, where `me`, replaces it by the lane's next one (0 when
+// none is left). A round is a warp max over the heads (high word, then low word among the
+// lanes with the maximal high word), the winner id e read from the low word, its lane
+// (e & 31) pops. `ws` is the row's weight scores (ws[e] = s of expert e,
 // e < E; read only at winners, in round order so wsum is summed as route_row sums it); at
 // least one lane must hold a non-zero composite in each of the k rounds (k <= E experts with
 // rkey > 0), else the winner id is out of range. Lane j < k writes slot j of row t when row_in.

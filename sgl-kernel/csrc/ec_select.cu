@@ -440,7 +440,7 @@ void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts op
     launch_select_short<8, kShortSelectMaxT>(p, pdl, stream);
     return;
   }
-  if (p.T <= 4096) {  // whole columns (cached by the min / max pass)
+  if (p.T <= kSelectCap) {  // whole columns (cached by the min / max pass)
     launch_select_t<8, 256, 4>(p, pdl, stream, kSelectCap);
     return;
   }
@@ -450,7 +450,7 @@ void launch_select(const Params& p, bool pdl, cudaStream_t stream, SelectOpts op
     launch_select_cluster<2>(p, pdl, stream);
   } else if (cs == 4) {
     launch_select_cluster<4>(p, pdl, stream);
-  } else if (p.E < 132 && p.T > kSelectCap) {
+  } else if (p.E < 132) {  // (T > kSelectCap here)
     // With few experts (< one CTA per SM): wider CTAs and 4x the candidates.
     launch_select_t<11, 1024, 8>(p, pdl, stream, kSelectCapLarge);
   } else {
