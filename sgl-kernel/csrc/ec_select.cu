@@ -20,8 +20,12 @@
 // Few experts and long columns on Hopper or later: a thread-block cluster of CS CTAs per
 // expert, each streaming a contiguous slice of the column, with the histograms summed across
 // the cluster through distributed shared memory (same thresholds, bit for bit). CS = 4 for
-// E <= 8 at T > 16384, CS = 2 for E <= 64 at T > 32768, else one CTA per expert: the
-// cluster's barriers cost ~1 us, which only long slices repay. H200, 2026-11-30 (third
+// E <= 8 at T > 16384, CS = 2 for E <= 256 at T > 32768, else one CTA per expert: the
+// cluster's barriers cost ~1 us, which only long slices repay. (E 65..256 since 2026-11-30,
+// fifth session, after the key-word histogram count below: three launches at T = 65536, one
+// CTA vs CS = 2, E = 128 119.2 vs 116.0 us, E = 256 232.5 vs 209.2 us; at T = 32768 CS = 2
+// lost: E = 64 41.0 vs 41.1, E = 128 56.9 vs 64.3, E = 256 111.5 vs 118.2. Before that change
+// E = 256 at T = 65536 was 232.6 vs 224.6 and E = 384 320.6 vs 328.0, so E = 384 keeps one CTA.) H200, 2026-11-30 (third
 // session), graph replay of the three launches, us at T = 8192 / 32768 / 65536 for one CTA,
 // CS = 2, CS = 4: E = 8 (k 2) 12.5 / 24.6 / 41.3, 13.3 / 22.9 / 32.0, 15.0 / 21.1 / 29.4;
 // E = 32 16.7 / 43.6 / 78.6, 17.6 / 44.1 / 69.0, 30.1 / 52.5 / 82.1; E = 64 18.6 / 50.4 /
@@ -132,6 +136,11 @@ __device__ __forceinline__ void load_tile(const uint32_t* col, int t0, int hi, i
     const int t = t0 + u * THREADS + tid;
     kk[u] = t < hi ? col[t] : 0u;
   }
+}
+
+// *addr += 1 in shared memory (a 32-bit shared-window address), no return value.
+__device__ __forceinline__ void shared_inc(uint32_t addr) {
+  asm volatile("red.shared.add.u32 [%0], 1;" ::"r"(addr) : "memory");
 }
 
 // U: column elements each thread loads before using them (memory-level parallelism).
@@ -264,7 +273,31 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     uint32_t* hist = hist2[buf];
     for (int i = tid; i < NB; i += THREADS) hist[i] = 0u;
     __syncthreads();
-    if (cached) {
+    if (kKeyCache && cached && shift >= 32) {
+      // The digit lies in the key word, and the prefix has no bit of ~t yet (its low word and
+      // pmask's are 0 until a digit goes below bit 32): the same test and bin on the key alone,
+      // 32-bit instead of 64-bit arithmetic per element. (Kernels with the key cache only: the
+      // 512-thread kernel spilled at its 32 registers with it.)
+      const uint32_t pf = static_cast<uint32_t>(prefix >> 32), pm = static_cast<uint32_t>(pmask >> 32);
+      const uint32_t dm = static_cast<uint32_t>(dmask);
+      const int sh = shift - 32;
+      const int n = s_ncand;
+      // The histogram's shared-window address once (atomicAdd on the generic pointer re-derived
+      // the window base per element).
+      const uint32_t hbase = static_cast<uint32_t>(__cvta_generic_to_shared(hist));
+      auto count_keys = [&](auto key_at) {
+#pragma unroll 4
+        for (int i = tid; i < n; i += THREADS) {
+          const uint32_t k = key_at(i);
+          if ((k & pm) == pf) shared_inc(hbase + 4u * ((k >> sh) & dm));
+        }
+      };
+      if (kKeyCache && whole) {
+        count_keys([&](int i) { return ckey[i]; });
+      } else {
+        count_keys([&](int i) { return static_cast<uint32_t>(cand[i] >> 32); });
+      }
+    } else if (cached) {
       // The digit's histogram of the cached keys / candidates under the prefix.
       auto count = [&](auto composite_at) {
         const int n = s_ncand;
@@ -334,8 +367,16 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     }
     if (lane == 31) warp_tot[warp] = incl;
     __syncthreads();
-    uint32_t run = incl - lsum;
-    for (int w = 0; w < warp; ++w) run += warp_tot[w];
+    // Plus the totals of the warps before this one: a shuffle scan of warp_tot (lane w holds
+    // warp w's) instead of a serial loop of up to NW - 1 shared-memory loads.
+    uint32_t wsum = lane < NW ? warp_tot[lane] : 0u;
+    const uint32_t wown = wsum;
+#pragma unroll
+    for (int off = 1; off < NW; off <<= 1) {
+      const uint32_t o = __shfl_up_sync(kFull, wsum, off);
+      if (lane >= off) wsum += o;
+    }
+    uint32_t run = incl - lsum + __shfl_sync(kFull, wsum - wown, warp);
 #pragma unroll
     for (int j = 0; j < BPT; ++j) {
       if (run < r && r <= run + loc[j]) {
@@ -431,7 +472,7 @@ static void launch_select_short(const Params& p, bool pdl, cudaStream_t stream) 
 static int select_cluster_size(int E, int T, SelectOpts opts) {
   if (opts.cluster >= 0) return opts.cluster == 0 ? 1 : opts.cluster;
   if (E <= 8 && T > 16384) return 4;
-  if (E <= 64 && T > 32768) return 2;
+  if (E <= 256 && T > 32768) return 2;
   return 1;
 }
 
