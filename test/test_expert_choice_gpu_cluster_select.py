@@ -1,5 +1,5 @@
 """The thread-block-cluster select on a GPU (``sgl-kernel/csrc/ec_select.cu``,
-``ec_select_kernel<..., CS>`` with CS = 2 or 4 CTAs per expert: the default for E <= 256 at
+``ec_select_kernel<..., CS>`` with CS = 2 or 4 CTAs per expert: the default for E <= 384 at
 T > 32768 and E <= 8 at T > 16384 on Hopper, forced or switched off with
 ``$SGLANG_MOE_EC_SELECT_CLUSTER``).
 
@@ -109,7 +109,7 @@ def test_few_or_no_eligible(monkeypatch, cs):
 
 def test_kernel_choice(monkeypatch):
     """Which select kernel runs (so the checks above compare two different kernels): when the
-    variable is unset, 4 CTAs per expert for E <= 8 at T > 16384, 2 for E <= 256 at
+    variable is unset, 4 CTAs per expert for E <= 8 at T > 16384, 2 for E <= 384 at
     T > 32768, else one; the forced sizes (always 1024-thread CTAs, in several waves when
     E * CS > 128), only for T > 4096; 8 column elements in flight per thread above T = 4096, 4 at or below."""
     if torch.cuda.get_device_capability()[0] < 9:
@@ -131,8 +131,9 @@ def test_kernel_choice(monkeypatch):
     assert select(65536, 256, None) == (11, 1024, 8, 2)
     assert select(32769, 160, None) == (11, 1024, 8, 2)
     assert select(32768, 256, None) == (11, 512, 8, 1)
-    assert select(65536, 257, None) == (11, 512, 8, 1)
-    assert select(65536, 384, None) == (11, 512, 8, 1)
+    assert select(65536, 384, None) == (11, 1024, 8, 2)
+    assert select(65536, 385, None) == (11, 512, 8, 1)
+    assert select(32768, 384, None) == (11, 512, 8, 1)
     assert select(8192, 64, None) == (11, 1024, 8, 1)
     assert select(65536, 64, "0") == (11, 1024, 8, 1)
     assert select(8192, 64, "2") == (11, 1024, 8, 2)

@@ -20,16 +20,17 @@
 // Few experts and long columns on Hopper or later: a thread-block cluster of CS CTAs per
 // expert, each streaming a contiguous slice of the column, with the histograms summed across
 // the cluster through distributed shared memory (same thresholds, bit for bit). CS = 4 for
-// E <= 8 at T > 16384, CS = 2 for E <= 256 at T > 32768, else one CTA per expert: the
-// cluster's barriers cost ~1 us, which only long slices repay. (E 65..256 since 2026-11-30,
-// fifth session, after the key-word histogram count below: three launches at T = 65536, one
-// CTA vs CS = 2, E = 128 119.2 vs 116.0 us, E = 256 232.5 vs 209.2 us; at T = 32768 CS = 2
-// lost: E = 64 41.0 vs 41.1, E = 128 56.9 vs 64.3, E = 256 111.5 vs 118.2. Before that change
-// E = 256 at T = 65536 was 232.6 vs 224.6 and E = 384 320.6 vs 328.0, so E = 384 keeps one CTA.) H200, 2026-11-30 (third
-// session), graph replay of the three launches, us at T = 8192 / 32768 / 65536 for one CTA,
-// CS = 2, CS = 4: E = 8 (k 2) 12.5 / 24.6 / 41.3, 13.3 / 22.9 / 32.0, 15.0 / 21.1 / 29.4;
-// E = 32 16.7 / 43.6 / 78.6, 17.6 / 44.1 / 69.0, 30.1 / 52.5 / 82.1; E = 64 18.6 / 50.4 /
-// 90.3, 19.7 / 51.3 / 82.6, 40.8 / 73.3 / 108.1 (512-thread CTAs). The thresholds between
+// E <= 8 at T > 16384, CS = 2 for E <= 384 at T > 32768, else one CTA per expert: the
+// cluster's barriers cost ~1 us, which only long slices repay. First measured on the H200,
+// 2026-11-30 (third session), graph replay of the three launches, us at T = 8192 / 32768 /
+// 65536 for one CTA, CS = 2, CS = 4: E = 8 (k 2) 12.5 / 24.6 / 41.3, 13.3 / 22.9 / 32.0,
+// 15.0 / 21.1 / 29.4; E = 32 16.7 / 43.6 / 78.6, 17.6 / 44.1 / 69.0, 30.1 / 52.5 / 82.1;
+// E = 64 18.6 / 50.4 / 90.3, 19.7 / 51.3 / 82.6, 40.8 / 73.3 / 108.1 (512-thread CTAs).
+// E = 65..384 take CS = 2 since the fifth session of that day (after the key-word histogram
+// count below; probe_ec_small_t.py, k 8): T = 65536, one CTA vs CS = 2, E = 128 119.2 vs
+// 116.0 us, E = 256 232.5 vs 209.2, E = 384 320.3 vs 304.5; at T = 32768 CS = 2 lost:
+// E = 64 41.0 vs 41.1, E = 128 56.9 vs 64.3, E = 256 111.5 vs 118.2, E = 384 166.9 vs 174.4.
+// E > 384 was not measured and keeps one CTA. The thresholds between
 // the measured T are a choice. $SGLANG_MOE_EC_SELECT_CLUSTER overrides the rule at T > 4096:
 // "0" one CTA per expert, "2" / "4" that cluster size; unset or "" = the rule; any other
 // value is an error (checked per call in ec_ops.cpp; a CUDA graph keeps the kernel it
@@ -276,8 +277,11 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
     if (kKeyCache && cached && shift >= 32) {
       // The digit lies in the key word, and the prefix has no bit of ~t yet (its low word and
       // pmask's are 0 until a digit goes below bit 32): the same test and bin on the key alone,
-      // 32-bit instead of 64-bit arithmetic per element. (Kernels with the key cache only: the
-      // 512-thread kernel spilled at its 32 registers with it.)
+      // 32-bit instead of 64-bit arithmetic per element: ~13 instead of ~23 instructions per
+      // cached key (sm_90a); with the shuffle scan of warp_tot below, this kernel at T = 32768,
+      // E = 64 went from 14.07 to 10.52 us (H200, 2026-11-30 fifth session; ncu had the count
+      // loop at 57% of its instructions). Kernels with the key cache only: the 512-thread
+      // kernel spilled at its 32 registers with it.
       const uint32_t pf = static_cast<uint32_t>(prefix >> 32), pm = static_cast<uint32_t>(pmask >> 32);
       const uint32_t dm = static_cast<uint32_t>(dmask);
       const int sh = shift - 32;
@@ -472,7 +476,7 @@ static void launch_select_short(const Params& p, bool pdl, cudaStream_t stream) 
 static int select_cluster_size(int E, int T, SelectOpts opts) {
   if (opts.cluster >= 0) return opts.cluster == 0 ? 1 : opts.cluster;
   if (E <= 8 && T > 16384) return 4;
-  if (E <= 256 && T > 32768) return 2;
+  if (E <= 384 && T > 32768) return 2;
   return 1;
 }
 
