@@ -19,6 +19,8 @@ from sglang_moe_routing.expert_choice import (
         (128, 64, "one_launch"),
         (128, 128, "one_launch"),  # T * E = 16384
         (128, 256, "three_launch"),  # T * E > 16384
+        (1, 257, "three_launch"),  # E > 256 (slower in one launch on the H200)
+        (32, 384, "three_launch"),
         (129, 8, "three_launch"),  # T > 128
         (8191, 256, "three_launch"),
         (8192, 8, "three_launch"),  # the stream path is opt-in until measured on a GPU

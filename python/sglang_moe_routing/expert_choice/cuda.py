@@ -278,7 +278,10 @@ def _pdl_default() -> bool:
 # sync, CUDA-graph safe) from the H100 runs of 2026-11-23 (docs/benchmarks.md, run 5):
 #   one launch (``ec_fused.cu``: a Hopper thread-block cluster of 8 CTAs does score ->
 #     select -> route with cluster barriers and distributed shared memory) for small
-#     problems: T <= 128 and T * E <= 16384 (4.2-8.7 us there vs 6.5-11.6 us);
+#     problems: T <= 128 and T * E <= 16384 (4.2-8.7 us there vs 6.5-11.6 us) and E <= 256
+#     (E = 384 runs three launches: on the H200, k 8, three vs one launch 10.2 vs 10.9 us at
+#     T = 1 and 10.1 vs 12.9 us at T = 32, the same order in the three runs of 2026-11-30,
+#     docs/benchmarks.md "Runs of 2026-11-30, fifth session");
 #   three launches (score, select, route with programmatic dependent launch) elsewhere.
 #   stream (``ec_stream.cu``: per-expert histograms of the keys while streaming the logits,
 #     the threshold bin's tokens collected, then the route kernel; no [E, T] key matrix)
@@ -290,6 +293,7 @@ def _pdl_default() -> bool:
 PATHS = ("one_launch", "three_launch", "stream")
 ONE_LAUNCH_MAX_T = 128
 ONE_LAUNCH_MAX_ELEMENTS = 16384
+ONE_LAUNCH_MAX_E = 256
 STREAM_MIN_T = None  # e.g. 8192 once measured; None: never chosen by auto
 
 
@@ -297,7 +301,8 @@ def choose_path(num_tokens: int, num_experts: int, path: Optional[str] = None) -
     """The CUDA path for a static shape: ``path``, else ``$SGLANG_MOE_EC_PATH``, else by shape."""
     path = path or os.environ.get("SGLANG_MOE_EC_PATH") or "auto"
     if path == "auto":
-        small = num_tokens <= ONE_LAUNCH_MAX_T and num_tokens * num_experts <= ONE_LAUNCH_MAX_ELEMENTS
+        small = (num_tokens <= ONE_LAUNCH_MAX_T and num_experts <= ONE_LAUNCH_MAX_E
+                 and num_tokens * num_experts <= ONE_LAUNCH_MAX_ELEMENTS)
         if small:
             return "one_launch"
         return ("stream" if STREAM_MIN_T is not None and num_tokens >= STREAM_MIN_T
