@@ -321,6 +321,23 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
         count([&](int i) { return cand[i]; });
       }
     } else {
+      if (THREADS >= 512 && !collect && shift >= 32) {
+        // As the cached count above: the test and bin on the 32-bit key while the digit lies
+        // in the key word (no append in this digit). Not in the 256-thread kernel, which
+        // never streams (whole columns of T <= 4096) and spilled with this copy of the loop.
+        const uint32_t pf = static_cast<uint32_t>(prefix >> 32), pm = static_cast<uint32_t>(pmask >> 32);
+        const uint32_t dm = static_cast<uint32_t>(dmask);
+        const int sh = shift - 32;
+        for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
+          uint32_t kk[U];
+          load_tile<THREADS, U>(col, t0, hi, tid, kk);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int t = t0 + u * THREADS + tid;
+            if (t < hi && (kk[u] & pm) == pf) atomicAdd(&hist[(kk[u] >> sh) & dm], 1u);
+          }
+        }
+      } else
       for (int t0 = lo; t0 < hi; t0 += THREADS * U) {
         uint32_t kk[U];
         load_tile<THREADS, U>(col, t0, hi, tid, kk);
