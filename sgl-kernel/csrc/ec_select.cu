@@ -325,6 +325,8 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
         // As the cached count above: the test and bin on the 32-bit key while the digit lies
         // in the key word (no append in this digit). Not in the 256-thread kernel, which
         // never streams (whole columns of T <= 4096) and spilled with this copy of the loop.
+        // H200, 2026-11-30 fifth session: the 512-thread kernel at T = 32768, E = 256 / 384
+        // 34.3 -> 32.1 / 56.1 -> 51.8 us (one loop with both forms spilled instead).
         const uint32_t pf = static_cast<uint32_t>(prefix >> 32), pm = static_cast<uint32_t>(pmask >> 32);
         const uint32_t dm = static_cast<uint32_t>(dmask);
         const int sh = shift - 32;
