@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(THREADS, CS > 1 ? 1 : 2048 / THREADS)
           if ((k & pm) == pf) shared_inc(hbase + 4u * ((k >> sh) & dm));
         }
       };
-      if (kKeyCache && whole) {
+      if (whole) {  // (kKeyCache holds here)
         count_keys([&](int i) { return ckey[i]; });
       } else {
         count_keys([&](int i) { return static_cast<uint32_t>(cand[i] >> 32); });
